@@ -1,0 +1,1 @@
+"""msq_fx: MSQ mixed-precision quantization for PyTorch models."""
