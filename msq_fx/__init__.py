@@ -1,1 +1,20 @@
-"""msq_fx: MSQ mixed-precision quantization for PyTorch models."""
+"""msq_fx: MSQ mixed-precision quantization (Han et al. 2025) for any PyTorch model.
+
+    qmodel = msq_fx.prepare(model, example_inputs, msq_fx.MSQConfig())
+    ...train with quantization-aware training...
+    int_model = msq_fx.convert(qmodel)
+    print(msq_fx.report(int_model))
+"""
+from .api import MSQError, convert, prepare
+from .config import MSQConfig
+from .models import SmallCNN, resnet20
+from .modules import (ActivationFakeQuant, LoweredWeight, QuantizedWeight, WeightFakeQuant,
+                      iter_quantized_weights)
+from .report import FloatRow, LayerRow, Report, report
+
+__all__ = [
+    "MSQConfig", "MSQError", "prepare", "convert", "report", "Report", "LayerRow", "FloatRow",
+    "WeightFakeQuant", "LoweredWeight", "ActivationFakeQuant", "QuantizedWeight",
+    "iter_quantized_weights", "resnet20", "SmallCNN",
+]
+__version__ = "0.1.0"

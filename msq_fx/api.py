@@ -1,0 +1,122 @@
+"""prepare() and convert(): the two entry points that run the passes on a private copy."""
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import MSQConfig
+from .modules import LoweredWeight, WeightFakeQuant
+from .report import FLOAT_WEIGHTS_ATTR
+
+logger = logging.getLogger("msq_fx")
+
+
+class MSQError(RuntimeError):
+    """A model or its inputs cannot be processed; the message says what and how to fix it."""
+
+
+def prepare(model: nn.Module, example_inputs: Any = None, config: MSQConfig | None = None) -> nn.Module:
+    """Return an MSQ-quantized copy of ``model`` for quantization-aware training.
+
+    Traces the model (leaf-aware, never failing for a model that runs eagerly), finds every conv,
+    depthwise conv, linear and attention weight, and routes each through a RoundClamp quantizer at
+    ``config.init_bits``. ``model`` itself is never modified. ``example_inputs`` (a tensor or a tuple
+    of positional inputs) is optional; when given, it must run the model, and it calibrates the
+    activation quantizers when ``config.act_bits`` is set.
+    """
+    from msq_fx.passes.discover import discover
+    from msq_fx.passes.rewrite import RewriteError, rewrite
+    from msq_fx.passes.trace import trace
+
+    config = MSQConfig() if config is None else config
+    if not isinstance(config, MSQConfig):
+        raise TypeError(f"config must be an msq_fx.MSQConfig, got {type(config).__name__}")
+    _require_module(model, "prepare")
+    if _quantizers(model):
+        raise MSQError(f"prepare() was given a model that is already MSQ-prepared or converted "
+                       f"({type(model).__name__} holds MSQ quantizers). Pass the original float "
+                       f"model, or keep training the prepared one.")
+    inputs = _as_tuple(example_inputs)
+    if inputs is not None:
+        _run_or_explain(model, inputs, "the model given to prepare()")
+
+    qmodel = copy.deepcopy(model)
+    captured = trace(qmodel, leaf_modules=config.leaf_modules, concrete_args=config.concrete_args)
+    discovery = discover(qmodel, captured.graph_module, config)
+    try:
+        rewrite(qmodel, discovery, config)
+    except RewriteError as error:
+        raise MSQError(str(error)) from error
+    setattr(qmodel, FLOAT_WEIGHTS_ATTR, list(discovery.float_weights))
+    logger.info("prepared %s: %d weights quantized, %d left in float, %d graph nodes, %d leaves",
+                type(model).__name__, len(discovery.targets), len(discovery.float_weights),
+                captured.num_nodes, len(captured.leaves))
+    if inputs is not None:
+        _run_or_explain(qmodel, inputs, "the MSQ-prepared model")
+    return qmodel
+
+
+def convert(qmodel: nn.Module) -> nn.Module:
+    """Return a copy of a prepared model whose quantized weights are int8 codes + step + bit width.
+
+    In eval mode its output equals the prepared model's output: both rebuild each weight with the
+    same formula from the same codes.
+    """
+    from msq_fx.passes.lower import LowerError, lower
+
+    _require_module(qmodel, "convert")
+    kinds = {type(q) for q in _quantizers(qmodel)}
+    if WeightFakeQuant not in kinds:
+        detail = ("it is already converted" if LoweredWeight in kinds
+                  else "it holds no MSQ quantizer")
+        raise MSQError(f"convert() expects a model returned by msq_fx.prepare(), but "
+                       f"{type(qmodel).__name__}: {detail}. Call msq_fx.prepare(model, "
+                       f"example_inputs) and train it first.")
+    int_model = copy.deepcopy(qmodel)
+    try:
+        lower(int_model)
+    except LowerError as error:
+        raise MSQError(str(error)) from error
+    return int_model
+
+
+def _quantizers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, (WeightFakeQuant, LoweredWeight))]
+
+
+def _require_module(model: Any, caller: str) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{caller}() expects a torch.nn.Module, got {type(model).__name__}")
+
+
+def _as_tuple(example_inputs: Any) -> tuple | None:
+    if example_inputs is None:
+        return None
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    raise TypeError(f"example_inputs must be a tensor or a tuple of positional inputs, "
+                    f"got {type(example_inputs).__name__}")
+
+
+def _run_or_explain(model: nn.Module, inputs: tuple, what: str) -> None:
+    """Run ``model(*inputs)`` without changing it (eval mode, no grad), or raise a clear error."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    except Exception as error:  # any failure of user code is reported, then re-raised as MSQError
+        shapes = ", ".join(str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
+                           for x in inputs)
+        raise MSQError(f"example_inputs do not run {what} ({type(model).__name__}): "
+                       f"{type(error).__name__}: {error}. Inputs were ({shapes}); pass a tuple of "
+                       f"the positional inputs model(*example_inputs) accepts.") from error
+    finally:
+        for module, training in modes:  # restore per module: some may be frozen in eval mode
+            module.training = training

@@ -1,0 +1,160 @@
+"""MSQConfig: every knob of prepare() and of the MSQ training algorithm, validated on construction."""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from .quant import GRIDS
+
+FIRST_LAST_POLICIES = ("quantize", "fixed", "float")
+PRUNE_STEP_POLICIES = ("hessian", "fixed")
+
+#: Fields that hold callables or classes; they do not round-trip through to_dict/from_dict.
+_RUNTIME_ONLY = ("filter_fn", "leaf_modules", "concrete_args")
+
+
+@dataclass(frozen=True)
+class MSQConfig:
+    """Configuration of MSQ quantization and training (defaults: paper's CNN settings, Table 2).
+
+    Quantization
+        init_bits: width every quantized weight starts at (paper: 8).
+        min_bits: floor no prune crosses (a 2-LSB prune is clipped to it).
+        act_bits: width of layer-input activations; None keeps them float (paper: FP on ImageNet CNNs).
+        grid: "nested" (default; grids nest, signed integers) or "literal" (paper Eq. 4 as printed).
+        first_last: "quantize" the first and last layer like any other, keep them "fixed" at
+            init_bits (never pruned), or leave them "float".
+        exclude: regular expressions; a weight whose FQN matches any (re.search) stays float.
+        filter_fn: optional ``filter_fn(module, fqn) -> bool``; False keeps that weight float.
+        groups: each entry a tuple of FQN regexes; matching weights share one precision decision.
+    Capture
+        leaf_modules: FQNs, class names or classes the tracer keeps opaque.
+        concrete_args: passed to the tracer (e.g. ``{"flag": False}``).
+    Training (Algorithm 1)
+        reg_strength: lambda, L1 strength on the LSBs (in n-bit step units, summed over weights).
+        prune_threshold: alpha; a group whose LSB non-zero rate beta is below it loses p LSBs.
+        prune_interval: I; pruning runs at the end of every I-th epoch.
+        target_compression: Gamma; pruning and regularization stop once it is reached.
+        prune_step_policy: "hessian" (p = 2 where Omega < mean Omega, else 1) or "fixed" (p = 1).
+        hessian_max_samples / hessian_min_samples / hessian_tol: Hutchinson estimator limits.
+        hessian_batches: batches of the given iterable used for the Hessian at each prune.
+        seed: seeds the Rademacher vectors, so decisions are reproducible and resumable.
+    """
+
+    init_bits: int = 8
+    min_bits: int = 2
+    act_bits: int | None = None
+    grid: str = "nested"
+    first_last: str = "quantize"
+    exclude: tuple[str, ...] = ()
+    filter_fn: Callable[[Any, str], bool] | None = field(default=None, compare=False)
+    groups: tuple[tuple[str, ...], ...] = ()
+    leaf_modules: tuple[Any, ...] = ()
+    concrete_args: Mapping[str, Any] | None = field(default=None, compare=False)
+    reg_strength: float = 5e-5
+    prune_threshold: float = 0.3
+    prune_interval: int = 10
+    target_compression: float = 8.0
+    prune_step_policy: str = "hessian"
+    hessian_max_samples: int = 32
+    hessian_min_samples: int = 4
+    hessian_tol: float = 1e-2
+    hessian_batches: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        # Normalise sequences to tuples so the frozen config is hashable-ish and compares by value.
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        object.__setattr__(self, "groups", tuple(tuple(g) for g in self.groups))
+        object.__setattr__(self, "leaf_modules", tuple(self.leaf_modules))
+        self._validate()
+
+    def _validate(self) -> None:
+        _require(_is_int(self.init_bits) and 2 <= self.init_bits <= 8, "init_bits", self.init_bits,
+                 "an integer in 2..8 (weights are stored in int8 containers)")
+        _require(_is_int(self.min_bits) and 1 <= self.min_bits <= self.init_bits, "min_bits",
+                 self.min_bits, f"an integer in 1..init_bits ({self.init_bits})")
+        _require(self.act_bits is None or (_is_int(self.act_bits) and 2 <= self.act_bits <= 16),
+                 "act_bits", self.act_bits, "None (float activations) or an integer in 2..16")
+        _require(self.grid in GRIDS, "grid", self.grid, f"one of {GRIDS}")
+        _require(self.first_last in FIRST_LAST_POLICIES, "first_last", self.first_last,
+                 f"one of {FIRST_LAST_POLICIES}")
+        for pattern in self.exclude + tuple(p for g in self.groups for p in g):
+            _require(isinstance(pattern, str) and _compiles(pattern), "exclude/groups", pattern,
+                     "valid regular expressions (str)")
+        _require(all(len(g) >= 1 for g in self.groups), "groups", self.groups,
+                 "a tuple of non-empty tuples of FQN regexes")
+        _require(self.filter_fn is None or callable(self.filter_fn), "filter_fn", self.filter_fn,
+                 "None or a callable filter_fn(module, fqn) -> bool")
+        _require(_is_number(self.reg_strength) and self.reg_strength >= 0, "reg_strength",
+                 self.reg_strength, "a number >= 0 (lambda)")
+        _require(_is_number(self.prune_threshold) and 0 < self.prune_threshold <= 1,
+                 "prune_threshold", self.prune_threshold, "a number in (0, 1] (alpha)")
+        _require(_is_int(self.prune_interval) and self.prune_interval >= 1, "prune_interval",
+                 self.prune_interval, "an integer >= 1 (epochs between prunes)")
+        _require(_is_number(self.target_compression) and self.target_compression > 1,
+                 "target_compression", self.target_compression,
+                 f"a number > 1 (32 / average bits; at most {32 / self.min_bits:g} with min_bits="
+                 f"{self.min_bits})")
+        _require(self.target_compression <= 32 / self.min_bits, "target_compression",
+                 self.target_compression,
+                 f"reachable: at most 32/min_bits = {32 / self.min_bits:g}; lower min_bits or the target")
+        _require(self.prune_step_policy in PRUNE_STEP_POLICIES, "prune_step_policy",
+                 self.prune_step_policy, f"one of {PRUNE_STEP_POLICIES}")
+        _require(_is_int(self.hessian_min_samples) and self.hessian_min_samples >= 1,
+                 "hessian_min_samples", self.hessian_min_samples, "an integer >= 1")
+        _require(_is_int(self.hessian_max_samples)
+                 and self.hessian_max_samples >= self.hessian_min_samples,
+                 "hessian_max_samples", self.hessian_max_samples,
+                 f"an integer >= hessian_min_samples ({self.hessian_min_samples})")
+        _require(_is_number(self.hessian_tol) and self.hessian_tol > 0, "hessian_tol",
+                 self.hessian_tol, "a number > 0")
+        _require(_is_int(self.hessian_batches) and self.hessian_batches >= 1, "hessian_batches",
+                 self.hessian_batches, "an integer >= 1")
+        _require(_is_int(self.seed), "seed", self.seed, "an integer")
+
+    def replace(self, **changes: Any) -> "MSQConfig":
+        """A copy with ``changes`` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (JSON-able); callables and classes are left out."""
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)
+                if f.name not in _RUNTIME_ONLY}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "MSQConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"MSQConfig.from_dict: unknown field(s) {unknown}; known: {sorted(known)}")
+        return cls(**dict(data))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _compiles(pattern: str) -> bool:
+    try:
+        re.compile(pattern)
+    except re.error:
+        return False
+    return True
+
+
+def _require(ok: bool, name: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"MSQConfig.{name}={value!r} is invalid: expected {expected}.")

@@ -1,0 +1,239 @@
+"""MSQ runtime modules: weight quantizers, activation quantizers, and the owner-class swap.
+
+A quantized weight stays where the user's model keeps it: the latent float Parameter remains in
+its owner's ``_parameters`` under its own name (so ``state_dict`` keys, ``named_parameters`` and
+optimizers are unchanged), and the owner's class is swapped for a subclass whose attribute of that
+name is a property returning the quantized tensor. Every read of ``owner.weight`` (the owner's own
+forward, a parent's ``F.linear(x, self.qkv.weight)``, ``nn.MultiheadAttention``'s fused kernels, a
+tied use elsewhere) therefore sees the quantized weight.
+
+The quantizer lives beside the Parameter as the child module ``<name>_quantizer``; tied weights
+share one quantizer instance, so they share one precision decision. All quantizer state that must
+survive a ``state_dict`` round trip (bits, prune step, integer codes, scale) is in buffers.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from . import quant
+
+QUANTIZER_SUFFIX = "_quantizer"
+INPUT_QUANTIZER = "input_quantizer"
+KINDS = ("conv", "depthwise", "linear", "attention")
+
+
+class WeightFakeQuant(nn.Module):
+    """RoundClamp fake quantization of one weight tensor during training.
+
+    Buffers: ``bits`` (current width q), ``prune_step`` (p, LSBs removed at the next prune).
+    Plain attributes (re-created by ``prepare``): ``kind``, ``names`` (every FQN of the tensor),
+    ``grid``, ``prunable`` (False for layers whose width a policy fixes).
+    """
+
+    def __init__(self, bits: int, kind: str, names: tuple[str, ...], grid: str = "nested",
+                 prunable: bool = True) -> None:
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        quant._check_grid(grid)
+        self.register_buffer("bits", torch.tensor(int(bits), dtype=torch.int64))
+        self.register_buffer("prune_step", torch.tensor(1, dtype=torch.int64))
+        self.kind = kind
+        self.names = tuple(names)
+        self.grid = grid
+        self.prunable = prunable
+        self.group = self.names[0]
+
+    @property
+    def num_bits(self) -> int:
+        return int(self.bits)
+
+    def forward(self, latent: Tensor) -> Tensor:
+        return quant.fake_quantize(latent, self.num_bits, self.grid)
+
+    def lsb_l1(self, latent: Tensor, k: int | None = None) -> Tensor:
+        """``sum |B_k|`` over the tensor in step units (k defaults to the prune step p)."""
+        k = int(self.prune_step) if k is None else k
+        k = min(k, self.num_bits - 1)
+        if k < 1:
+            return latent.new_zeros(())
+        return quant.lsb_value(latent, self.num_bits, k).abs().sum()
+
+    def extra_repr(self) -> str:
+        return f"bits={self.num_bits}, p={int(self.prune_step)}, kind={self.kind}, grid={self.grid}"
+
+
+class LoweredWeight(nn.Module):
+    """A trained weight as signed integer codes (int8 container), a step and the bit width.
+
+    ``forward`` rebuilds the float weight with the same formula the fake quantizer used, so the
+    lowered model's weights equal the trained model's bit for bit.
+    """
+
+    def __init__(self, codes: Tensor, step: Tensor, offset: float, bits: int, kind: str,
+                 names: tuple[str, ...]) -> None:
+        super().__init__()
+        self.register_buffer("codes", codes.to(torch.int8))
+        self.register_buffer("step", step.detach().clone())
+        self.register_buffer("offset", torch.tensor(float(offset), dtype=step.dtype))
+        self.register_buffer("bits", torch.tensor(int(bits), dtype=torch.int64))
+        self.kind = kind
+        self.names = tuple(names)
+        self.group = self.names[0]
+
+    @classmethod
+    def from_fake_quant(cls, quantizer: WeightFakeQuant, latent: Tensor) -> "LoweredWeight":
+        bits, latent = quantizer.num_bits, latent.detach()
+        if bits > 8:
+            raise ValueError(f"{quantizer.names[0]}: {bits}-bit codes do not fit an int8 container")
+        scale = quant.weight_scale(latent)
+        signed = quant.signed_codes(quant.roundclamp_codes(latent, bits, scale), bits)
+        lowered = cls(signed, quant.grid_step(scale, bits, quantizer.grid),
+                      quant.grid_offset(quantizer.grid), bits, quantizer.kind, quantizer.names)
+        lowered.group = quantizer.group
+        return lowered
+
+    @property
+    def num_bits(self) -> int:
+        return int(self.bits)
+
+    def forward(self, _latent: Tensor | None = None) -> Tensor:
+        return quant.dequantize(self.codes.to(self.step.dtype), self.step, float(self.offset))
+
+    def extra_repr(self) -> str:
+        return f"bits={self.num_bits}, shape={tuple(self.codes.shape)}, kind={self.kind}"
+
+
+class ActivationFakeQuant(nn.Module):
+    """Uniform n-bit fake quantization of a layer input with a learnable clip (PACT-style).
+
+    The clip and the sign mode are set from the first tensor seen (one calibration batch); a
+    signed range is used when that tensor has negative values. Gradients reach the clip through
+    the clamp and the step (straight-through rounding), as in PACT/LSQ.
+    """
+
+    def __init__(self, bits: int) -> None:
+        super().__init__()
+        if not 2 <= bits <= 16:
+            raise ValueError(f"activation bits must be in 2..16, got {bits}")
+        self.register_buffer("bits", torch.tensor(int(bits), dtype=torch.int64))
+        self.register_buffer("signed", torch.tensor(False))
+        self.register_buffer("initialized", torch.tensor(False))
+        self.clip = nn.Parameter(torch.tensor(1.0))
+
+    @torch.no_grad()
+    def _calibrate(self, x: Tensor) -> None:
+        self.clip.fill_(float(x.detach().abs().amax().clamp_min(1e-6)))
+        self.signed.fill_(bool((x.detach() < 0).any()))
+        self.initialized.fill_(True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not bool(self.initialized):
+            self._calibrate(x)
+        bits, clip = int(self.bits), self.clip.abs().clamp_min(1e-8)
+        levels = float(2 ** (bits - 1) - 1) if bool(self.signed) else float(2**bits - 1)
+        low = -clip if bool(self.signed) else torch.zeros_like(clip)
+        clipped = torch.minimum(torch.maximum(x, low), clip)
+        step = clip / levels
+        scaled = clipped / step
+        return _RoundSTE.apply(scaled) * step
+
+    def extra_repr(self) -> str:
+        return f"bits={int(self.bits)}, signed={bool(self.signed)}"
+
+
+class _RoundSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # noqa: D102
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # noqa: D102
+        return grad
+
+
+# --------------------------------------------------------------------------- owner class swap
+
+def _quantized_attribute(name: str) -> property:
+    quantizer_name = name + QUANTIZER_SUFFIX
+
+    def quantized(self: nn.Module) -> Tensor:
+        return self._modules[quantizer_name](self._parameters.get(name))
+
+    return property(quantized, doc=f"`{name}` as the model sees it: quantized by `{quantizer_name}`.")
+
+
+def _forward_with_input_quantizer(self: nn.Module, *args, **kwargs):
+    input_quantizer = self._modules.get(INPUT_QUANTIZER)
+    if input_quantizer is not None and args:
+        # Attention reads query/key/value positionally; quantize each distinct tensor once.
+        count = 3 if isinstance(self, nn.MultiheadAttention) else 1
+        seen: dict[int, Tensor] = {}
+        args = tuple(
+            seen.setdefault(id(a), input_quantizer(a)) if i < count and isinstance(a, Tensor) else a
+            for i, a in enumerate(args)
+        )
+    return self._msq_base.forward(self, *args, **kwargs)
+
+
+def _reduce_quantized(self: nn.Module, protocol):
+    return (_new_quantized_instance, (self._msq_base, self._msq_names), self.__getstate__())
+
+
+def _new_quantized_instance(base: type, names: tuple[str, ...]) -> nn.Module:
+    cls = quantized_class(base, names)
+    return cls.__new__(cls)
+
+
+@functools.lru_cache(maxsize=None)
+def quantized_class(base: type, names: tuple[str, ...]) -> type:
+    """The subclass of ``base`` whose attributes ``names`` read through their quantizers.
+
+    Built once per (class, names) and pickled by reference to ``base``, so prepared and converted
+    models pickle, deepcopy and ``torch.save`` like the original.
+    """
+    attrs = {name: _quantized_attribute(name) for name in names}
+    attrs.update(
+        _msq_base=base,
+        _msq_names=names,
+        forward=_forward_with_input_quantizer,
+        __reduce_ex__=_reduce_quantized,
+        __module__=__name__,
+        __qualname__=f"MSQ{base.__qualname__}",
+    )
+    return type(f"MSQ{base.__name__}", (base,), attrs)
+
+
+def is_quantized_owner(module: nn.Module) -> bool:
+    return hasattr(type(module), "_msq_names")
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """One quantized tensor as found in a model: its quantizer and, before lowering, its latent."""
+
+    name: str
+    owner: nn.Module
+    attr: str
+    quantizer: nn.Module
+    latent: nn.Parameter | None
+
+
+def iter_quantized_weights(model: nn.Module) -> Iterator[QuantizedWeight]:
+    """Each quantized tensor once (tied uses share a quantizer and appear once), in module order."""
+    seen: set[int] = set()
+    for owner_name, owner in model.named_modules():
+        if not is_quantized_owner(owner):
+            continue
+        for attr in owner._msq_names:
+            quantizer = owner._modules[attr + QUANTIZER_SUFFIX]
+            if id(quantizer) in seen:
+                continue
+            seen.add(id(quantizer))
+            name = f"{owner_name}.{attr}" if owner_name else attr
+            yield QuantizedWeight(name, owner, attr, quantizer, owner._parameters.get(attr))

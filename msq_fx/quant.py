@@ -1,0 +1,157 @@
+"""RoundClamp quantizer math as pure tensor functions.
+
+Conventions (see README "Method choices"):
+
+* A weight tensor ``w`` is mapped to ``W = w / (2 S) + 1/2`` in ``[0, 1]`` with the per-tensor
+  scale ``S = max|w|`` (detached: the grid follows the weights, gradients do not flow into S).
+* RoundClamp code (paper Eq. 4): ``c_n = min(round(2^n W), 2^n - 1)``, an unsigned n-bit integer.
+  Both grids below share these codes; they differ only in how a code is dequantized.
+* ``nested`` grid (default): value ``c_n / 2^n``, i.e. ``w_q = (c_n - 2^(n-1)) * S / 2^(n-1)``.
+  The signed code ``c_n - 2^(n-1)`` is an ordinary two's-complement n-bit integer, zero is exact,
+  and every (n-k)-bit grid point is an n-bit grid point, so dropping k zero LSBs moves no value.
+* ``literal`` grid (paper Eq. 4 as printed): value ``c_n / (2^n - 1)``. Grids of different widths
+  do not nest, so dropping LSBs moves values; kept for ablations only.
+* Every quantity "in step units" is measured on the code axis ``x = 2^n W`` (one unit = one n-bit
+  step), so the LSB value ``B_k`` and the regularization strength mean the same at every width.
+
+All functions accept ``bits`` and ``k`` as Python ints; tensors keep the dtype of ``w``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+GRIDS = ("nested", "literal")
+
+#: Smallest scale used for an all-zero tensor, so the math never divides by zero.
+_MIN_SCALE = 1e-12
+
+
+def _check_bits(bits: int) -> None:
+    if not isinstance(bits, int) or not 1 <= bits <= 16:
+        raise ValueError(f"bits must be an int in 1..16, got {bits!r}")
+
+
+def _check_grid(grid: str) -> None:
+    if grid not in GRIDS:
+        raise ValueError(f"grid must be one of {GRIDS}, got {grid!r}")
+
+
+def weight_scale(w: Tensor) -> Tensor:
+    """Per-tensor scale ``S = max|w|`` (detached; a tiny floor keeps all-zero tensors finite)."""
+    return w.detach().abs().amax().clamp_min(_MIN_SCALE)
+
+
+def code_position(w: Tensor, bits: int, scale: Tensor) -> Tensor:
+    """The continuous code-axis position ``x = 2^n W = w * 2^(n-1) / S + 2^(n-1)``, in [0, 2^n]."""
+    half = float(2 ** (bits - 1))
+    return w * (half / scale) + half
+
+
+def roundclamp_codes(w: Tensor, bits: int, scale: Tensor | None = None) -> Tensor:
+    """Unsigned RoundClamp codes ``c_n = min(round(2^n W), 2^n - 1)`` as a float tensor (no grad)."""
+    _check_bits(bits)
+    scale = weight_scale(w) if scale is None else scale
+    x = code_position(w.detach(), bits, scale)
+    return torch.clamp(torch.round(x), 0.0, float(2**bits - 1))
+
+
+def signed_codes(unsigned: Tensor, bits: int) -> Tensor:
+    """Shift unsigned codes to the signed range ``[-2^(n-1), 2^(n-1) - 1]`` (exact in float)."""
+    return unsigned - float(2 ** (bits - 1))
+
+
+def grid_step(scale: Tensor, bits: int, grid: str = "nested") -> Tensor:
+    """Value of one signed-code step: ``S / 2^(n-1)`` (nested) or ``2 S / (2^n - 1)`` (literal)."""
+    _check_grid(grid)
+    if grid == "nested":
+        return scale / float(2 ** (bits - 1))
+    return scale * (2.0 / float(2**bits - 1))
+
+
+def grid_offset(grid: str = "nested") -> float:
+    """Code offset of the grid: the literal grid's levels sit half a step off the integers."""
+    _check_grid(grid)
+    return 0.0 if grid == "nested" else 0.5
+
+
+def dequantize(signed: Tensor, step: Tensor, offset: float) -> Tensor:
+    """``(signed + offset) * step``: the one formula both the fake-quant and the lowered model use,
+    so their weights agree bit for bit."""
+    return (signed + offset) * step
+
+
+def quantize_value(w: Tensor, bits: int, grid: str = "nested") -> Tensor:
+    """The fake-quantized value of ``w`` at ``bits`` (no gradient)."""
+    scale = weight_scale(w)
+    signed = signed_codes(roundclamp_codes(w, bits, scale), bits)
+    return dequantize(signed, grid_step(scale, bits, grid), grid_offset(grid)).to(w.dtype)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Returns ``quantized`` exactly in the forward pass; passes the gradient to ``w`` unchanged.
+
+    A custom Function (rather than ``w + (q - w).detach()``) keeps the forward value bit-exact,
+    which is what makes the lowered integer model equal the trained model, and it saves nothing
+    for backward. Its backward is itself differentiable (identity), so Hessian-vector products
+    through it work.
+    """
+
+    @staticmethod
+    def forward(ctx, w: Tensor, quantized: Tensor) -> Tensor:  # noqa: D102
+        return quantized
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # noqa: D102
+        return grad, None
+
+
+def fake_quantize(w: Tensor, bits: int, grid: str = "nested") -> Tensor:
+    """RoundClamp fake quantization with a straight-through gradient (paper Eq. 2 and 4)."""
+    return _StraightThrough.apply(w, quantize_value(w, bits, grid))
+
+
+def lsb_value(w: Tensor, bits: int, k: int, scale: Tensor | None = None) -> Tensor:
+    """Continuous value of the k least significant bits, in n-bit step units (paper Eq. 5).
+
+    ``B_k = 2^n W - 2^k c_(n-k)(W)`` with the (n-k)-bit code detached, so ``dB_k/dx = 1`` and the
+    L1 gradient is ``sign(B_k)`` on the code axis (Eq. 7). Rounding to nearest bounds |B_k| by
+    2^(k-1) except in the clamped top bin, where the top code's LSBs can never be zero; there B_k
+    is clamped to 2^(k-1), which also stops the regularizer from dragging the largest weight (and
+    with it the scale) down forever.
+    """
+    if not 1 <= k < bits:
+        raise ValueError(f"k must be in 1..bits-1 (bits={bits}), got {k}")
+    scale = weight_scale(w) if scale is None else scale
+    x = code_position(w, bits, scale)
+    coarse = roundclamp_codes(w, bits - k, scale)
+    bound = float(2 ** (k - 1))
+    return torch.clamp(x - float(2**k) * coarse, -bound, bound)
+
+
+def lsb_integer(unsigned: Tensor, k: int) -> Tensor:
+    """The integer held by the k LSBs of unsigned codes (``c mod 2^k``)."""
+    return torch.remainder(unsigned, float(2**k))
+
+
+def lsb_nonzero_rate(w: Tensor, bits: int, k: int) -> float:
+    """beta: the fraction of weights whose k LSBs are not all zero at ``bits`` (chance ~ 1 - 2^-k)."""
+    if not 1 <= k < bits:
+        raise ValueError(f"k must be in 1..bits-1 (bits={bits}), got {k}")
+    codes = roundclamp_codes(w, bits)
+    return float((lsb_integer(codes, k) != 0).float().mean())
+
+
+def drop_lsbs(unsigned: Tensor, k: int) -> Tensor:
+    """Remove the k LSBs of unsigned codes by truncation (``c >> k``).
+
+    Exact when those LSBs are zero (then the (n-k)-bit code dequantizes to the same value on the
+    nested grid); training re-quantizes from the latent weight instead, rounding to nearest.
+    """
+    return torch.div(unsigned, float(2**k), rounding_mode="floor")
+
+
+def quantization_error(w: Tensor, bits: int, grid: str = "nested") -> float:
+    """``||W_q - W||^2`` of one tensor (the perturbation term of Omega, paper Eq. 9)."""
+    w = w.detach()
+    return float((quantize_value(w, bits, grid) - w).double().pow(2).sum())

@@ -1,0 +1,427 @@
+"""Specification of msq_fx.hessian.hutchinson_traces."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from msq_fx.hessian import HessianTraces, hutchinson_traces
+
+# Tiny enough that the relative change of the running mean never drops under
+# it for a non-diagonal Hessian, so the estimator runs to max_samples.
+NEVER_CONVERGED = 1e-300
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def exact_hessian(loss_fn, params) -> torch.Tensor:
+    """The full Hessian over all tensors, flattened and concatenated: [N, N].
+
+    Unlike hutchinson_traces, ``loss_fn`` here takes the tensors positionally
+    (torch.autograd.functional.hessian differentiates a function's inputs).
+    """
+    blocks = torch.autograd.functional.hessian(loss_fn, tuple(p.detach() for p in params))
+    rows = [
+        torch.cat([blocks[l][m].reshape(p.numel(), q.numel()) for m, q in enumerate(params)], 1)
+        for l, p in enumerate(params)
+    ]
+    return torch.cat(rows, 0)
+
+
+def tensor_slices(params) -> list[slice]:
+    """Where each tensor's entries sit in the flattened parameter vector."""
+    ends = list(itertools.accumulate(p.numel() for p in params))
+    return [slice(end - p.numel(), end) for end, p in zip(ends, params)]
+
+
+def exact_traces(loss_fn, params) -> torch.Tensor:
+    """Exact Tr(H_l) per tensor; ``loss_fn`` takes the tensors positionally."""
+    hessian = exact_hessian(loss_fn, params)
+    return torch.stack([hessian[s, s].trace() for s in tensor_slices(params)])
+
+
+def joint_probe_variance(hessian: torch.Tensor, rows: slice) -> torch.Tensor:
+    """Variance of one sample v_l . (H v)_l when v spans every tensor.
+
+    The own block gives 2 (||H_ll||_F^2 - sum_i H_ll,ii^2), the variance of
+    v^T H_ll v. Because one probe covers all tensors, (H v)_l also holds
+    H_lm v_m for m != l: zero mean, independent of the own-block term, adding
+    ||H_lm||_F^2 each. A per-tensor probe would not have these, but would cost
+    one Hessian-vector product per tensor.
+    """
+    own_block = hessian[rows, rows]
+    own = 2 * (own_block.pow(2).sum() - own_block.diagonal().pow(2).sum())
+    cross = hessian[rows, :].pow(2).sum() - own_block.pow(2).sum()
+    return own + cross
+
+
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def leaf(values) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float64, requires_grad=True)
+
+
+def quadratic(matrix: torch.Tensor):
+    """0.5 x^T A x: its Hessian is A (for symmetric A)."""
+    return lambda x: 0.5 * x @ matrix @ x
+
+
+def random_symmetric(size: int, seed: int) -> torch.Tensor:
+    m = torch.randn(size, size, dtype=torch.float64, generator=seeded(seed))
+    return m + m.T
+
+
+def mlp_cross_entropy():
+    """A 2-layer tanh MLP on a fixed batch: its tensors and loss of them."""
+    g = seeded(1234)
+    inputs = torch.randn(16, 5, dtype=torch.float64, generator=g)
+    labels = torch.randint(0, 4, (16,), generator=g)
+    shapes = [(6, 5), (6,), (4, 6), (4,)]
+    params = [
+        (0.7 * torch.randn(s, dtype=torch.float64, generator=g)).requires_grad_()
+        for s in shapes
+    ]
+
+    def loss_of(w1, b1, w2, b2):
+        hidden = torch.tanh(inputs.to(w1.dtype) @ w1.T + b1)
+        return F.cross_entropy(hidden @ w2.T + b2, labels)
+
+    return params, loss_of
+
+
+class RoundSTE(torch.autograd.Function):
+    """Rounding with a straight-through (identity) backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+# ---------------------------------------------------------- 1. correctness
+
+
+def test_estimate_is_within_statistical_error_of_exact_trace_on_mlp():
+    params, loss_of = mlp_cross_entropy()
+    samples = 400
+    result = hutchinson_traces(
+        lambda: loss_of(*params), params,
+        max_samples=samples, min_samples=samples, tol=NEVER_CONVERGED,
+        generator=seeded(0),
+    )
+    hessian = exact_hessian(loss_of, params)
+    exact = exact_traces(loss_of, params)
+    variance = torch.stack([joint_probe_variance(hessian, s) for s in tensor_slices(params)])
+    standard_error = variance.div(samples).sqrt()
+
+    assert result.samples == samples
+    assert result.traces.dtype == torch.float64 and result.traces.shape == (4,)
+    float_slack = 1e-9 * (1 + exact.abs())
+    assert torch.all((result.traces - exact).abs() <= 4 * standard_error + float_slack)
+    # The reported stderr estimates the same quantity from the samples (and
+    # would be far above it if the cross-tensor terms were left out).
+    spread = standard_error > 1e-12
+    ratio = result.stderr[spread] / standard_error[spread]
+    assert torch.all((ratio > 0.7) & (ratio < 1.4))
+
+
+def test_exact_traces_helper_matches_hand_computed_quadratic():
+    matrix = torch.tensor([[2.0, 1.0], [1.0, -5.0]], dtype=torch.float64)
+    x = leaf([0.5, 0.5])
+    assert exact_traces(quadratic(matrix), [x]).item() == pytest.approx(-3.0)
+
+
+# ---------------------------------------------------------- 2. exactness
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.floats(-1e3, 1e3), min_size=1, max_size=12), st.integers(0, 2**31))
+def test_single_sample_on_diagonal_quadratic_is_exact(diagonal, seed):
+    # v_i^2 = 1, so v^T A v = trace(A) for every Rademacher v when A is diagonal.
+    matrix = torch.diag(torch.tensor(diagonal, dtype=torch.float64))
+    x = torch.randn(len(diagonal), dtype=torch.float64).requires_grad_()
+    result = hutchinson_traces(
+        lambda: quadratic(matrix)(x), [x],
+        max_samples=1, min_samples=1, generator=seeded(seed),
+    )
+    assert result.samples == 1
+    assert result.traces.item() == pytest.approx(matrix.trace().item(), rel=1e-12, abs=1e-12)
+    assert result.stderr.item() == 0.0
+
+
+def test_block_diagonal_quadratic_gives_each_tensor_its_own_trace():
+    x, y = leaf([1.0, 2.0, 3.0]), leaf([-1.0, 0.5])
+    a, b = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([-4.0, 10.0])
+
+    def loss():
+        return 0.5 * (a * x * x).sum() + 0.5 * (b * y * y).sum()
+
+    result = hutchinson_traces(loss, [x, y], max_samples=1, min_samples=1, generator=seeded(3))
+    assert result.traces.tolist() == [6.0, 6.0]
+
+
+# ---------------------------------------------------- 3. reproducibility
+
+
+def _non_diagonal_estimate(seed: int, samples: int = 3) -> HessianTraces:
+    matrix = random_symmetric(8, seed=99)
+    x = torch.ones(8, dtype=torch.float64, requires_grad=True)
+    return hutchinson_traces(
+        lambda: quadratic(matrix)(x), [x],
+        max_samples=samples, min_samples=samples, generator=seeded(seed),
+    )
+
+
+def test_same_seed_gives_identical_traces():
+    first, second = _non_diagonal_estimate(seed=7), _non_diagonal_estimate(seed=7)
+    assert torch.equal(first.traces, second.traces)
+    assert torch.equal(first.stderr, second.stderr)
+
+
+def test_different_seed_gives_different_traces():
+    assert not torch.equal(_non_diagonal_estimate(seed=7).traces, _non_diagonal_estimate(seed=8).traces)
+
+
+def test_successive_calls_continue_the_generator_stream():
+    matrix = random_symmetric(8, seed=99)
+    x = torch.ones(8, dtype=torch.float64, requires_grad=True)
+
+    def run(generator, samples):
+        return hutchinson_traces(
+            lambda: quadratic(matrix)(x), [x],
+            max_samples=samples, min_samples=samples, generator=generator,
+        ).traces
+
+    shared = seeded(5)
+    first_half, second_half = run(shared, 4), run(shared, 4)
+    assert torch.allclose((first_half + second_half) / 2, run(seeded(5), 8), rtol=1e-12)
+
+
+# -------------------------------------------------------- 4. stopping rule
+
+
+def test_diagonal_hessian_stops_at_min_samples():
+    x = leaf([1.0, -2.0, 3.0])
+    result = hutchinson_traces(
+        lambda: (x**2).sum(), [x], max_samples=64, min_samples=5, tol=1e-2, generator=seeded(0)
+    )
+    assert result.samples == 5
+    assert result.traces.item() == 6.0
+
+
+def test_tiny_tolerance_runs_max_samples():
+    x = torch.ones(8, dtype=torch.float64, requires_grad=True)
+    matrix = random_symmetric(8, seed=99)
+    result = hutchinson_traces(
+        lambda: quadratic(matrix)(x), [x],
+        max_samples=20, min_samples=2, tol=NEVER_CONVERGED, generator=seeded(0),
+    )
+    assert result.samples == 20
+
+
+def _run_with_scripted_samples(totals, **settings_):
+    """Feed the stopping rule a chosen sequence of per-sample traces."""
+    script = iter(torch.tensor([[t]], dtype=torch.float64) for t in totals)
+    x = leaf([1.0])
+    return hutchinson_traces(
+        lambda: (x**2).sum(), [x], all_reduce=lambda _: next(script)[0], **settings_
+    )
+
+
+def test_stops_once_relative_change_of_running_mean_is_below_tol():
+    # Running means 10, 15, 14, 14.25: changes 0.5, 0.067, 0.018 -> stops at 4.
+    result = _run_with_scripted_samples(
+        [10.0, 20.0, 12.0, 15.0, 99.0], max_samples=5, min_samples=2, tol=0.02
+    )
+    assert result.samples == 4
+    assert result.traces.item() == pytest.approx(14.25)
+
+
+def test_negative_running_mean_does_not_stop_early():
+    # Means -10 then +10: change 20/|-10| = 2. A signed denominator would give
+    # -2 < tol and stop at 2; with abs() it continues, and stops at 3 (mean 10).
+    result = _run_with_scripted_samples(
+        [-10.0, 30.0, 10.0, 99.0], max_samples=4, min_samples=2, tol=0.1
+    )
+    assert result.samples == 3
+    assert result.traces.item() == pytest.approx(10.0)
+
+
+# ------------------------------------------------------------ 5. all_reduce
+
+
+def test_all_reduce_output_is_what_is_averaged_and_it_runs_once_per_sample():
+    params, loss_of = mlp_cross_entropy()
+    agreed = torch.tensor([1.0, -2.0, 3.5, 0.0], dtype=torch.float64)
+    calls = []
+
+    def replace_with_agreed(sample):
+        calls.append(sample.clone())
+        return sample * 0 + agreed
+
+    result = hutchinson_traces(
+        lambda: loss_of(*params), params,
+        max_samples=50, min_samples=3, tol=NEVER_CONVERGED,
+        generator=seeded(0), all_reduce=replace_with_agreed,
+    )
+    # Identical reduced samples leave the mean unchanged, so even the tiny
+    # tolerance is met at min_samples: the rule reads the reduced numbers.
+    assert result.samples == 3 == len(calls)
+    assert torch.equal(result.traces, agreed)
+    assert torch.equal(result.stderr, torch.zeros(4, dtype=torch.float64))
+    assert all(c.shape == (4,) and c.dtype == torch.float64 for c in calls)
+
+
+def test_all_reduce_returning_wrong_shape_is_rejected():
+    x = leaf([1.0])
+    with pytest.raises(ValueError, match="all_reduce must return a tensor of shape"):
+        hutchinson_traces(lambda: (x**2).sum(), [x], all_reduce=lambda t: None)
+
+
+# --------------------------------------- 6. unused params and bad arguments
+
+
+def test_unused_and_linear_params_get_zero_trace():
+    used, unused, linear = leaf([1.0, 2.0]), leaf([3.0]), leaf([4.0, 5.0])
+
+    def loss():
+        return (used**2).sum() + (3.0 * linear).sum()
+
+    result = hutchinson_traces(loss, [used, unused, linear], generator=seeded(0))
+    assert result.traces.tolist() == [4.0, 0.0, 0.0]
+
+
+def test_loss_without_curvature_in_any_param_gives_zeros():
+    x = leaf([1.0, 2.0])
+    result = hutchinson_traces(lambda: x.sum(), [x], generator=seeded(0))
+    assert result.traces.tolist() == [0.0]
+
+
+def _quadratic_loss_and_param():
+    x = leaf([1.0, 2.0])
+    return (lambda: (x**2).sum()), x
+
+
+@pytest.mark.parametrize(
+    "make_call, message",
+    [
+        (lambda loss, x: hutchinson_traces(loss, []), "params is empty"),
+        (
+            lambda loss, x: hutchinson_traces(loss, [x, torch.zeros(2, 3)]),
+            r"params\[1\] \(shape \(2, 3\)\) does not require grad",
+        ),
+        (lambda loss, x: hutchinson_traces(lambda: x**2, [x]), r"scalar .* shape \(2,\)"),
+        (
+            lambda loss, x: hutchinson_traces(loss, [x], max_samples=3, min_samples=4),
+            r"max_samples \(3\) must be >= min_samples \(4\)",
+        ),
+        (lambda loss, x: hutchinson_traces(loss, [x], min_samples=0), "min_samples must be at least 1"),
+        (lambda loss, x: hutchinson_traces(loss, [x], tol=0.0), "tol must be > 0"),
+        (lambda loss, x: hutchinson_traces(loss, [x], tol=-1.0), "tol must be > 0"),
+        (lambda loss, x: hutchinson_traces(loss, [x, x]), r"params\[1\] is the same tensor as params\[0\]"),
+        (
+            lambda loss, x: hutchinson_traces(lambda: (x**2).sum().detach(), [x]),
+            "does not require grad",
+        ),
+    ],
+    ids=[
+        "empty", "no-grad-param", "non-scalar-loss", "max<min", "min<1",
+        "tol-zero", "tol-negative", "duplicate", "detached-loss",
+    ],
+)
+def test_invalid_arguments_raise_value_error_naming_the_problem(make_call, message):
+    loss, x = _quadratic_loss_and_param()
+    with pytest.raises(ValueError, match=message):
+        make_call(loss, x)
+
+
+# ------------------------------------------------------------------ 7. STE
+
+
+def test_trace_through_ste_equals_trace_at_the_rounded_point():
+    # A cubic has a point-dependent (still diagonal) Hessian diag(a * x), so a
+    # single sample is exact and the test can tell which point was used.
+    a = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+    latent = leaf([0.3, 1.7, -2.4, 2.6])
+    rounded = latent.detach().round().requires_grad_()
+
+    def cubic(x):
+        return (a * x**3).sum() / 6
+
+    def trace_of(loss, param):
+        return hutchinson_traces(
+            loss, [param], max_samples=1, min_samples=1, generator=seeded(0)
+        ).traces.item()
+
+    through_ste = trace_of(lambda: cubic(RoundSTE.apply(latent)), latent)
+    assert through_ste == pytest.approx(trace_of(lambda: cubic(rounded), rounded))
+    assert through_ste == pytest.approx((a * rounded.detach()).sum().item())
+    assert through_ste != pytest.approx((a * latent.detach()).sum().item())
+
+
+# --------------------------------------------------------- 8. side effects
+
+
+def test_leaves_params_and_their_grad_untouched():
+    params, loss_of = mlp_cross_entropy()
+    before = [p.detach().clone() for p in params]
+    hutchinson_traces(lambda: loss_of(*params), params, max_samples=4, generator=seeded(0))
+    assert all(p.grad is None for p in params)
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+
+
+def test_keeps_an_existing_grad_as_it_was():
+    x = leaf([1.0, 2.0])
+    x.grad = torch.tensor([7.0, 8.0], dtype=torch.float64)
+    hutchinson_traces(lambda: (x**3).sum(), [x], generator=seeded(0))
+    assert x.grad.tolist() == [7.0, 8.0]
+
+
+# ------------------------------------------------------------ cost shape
+
+
+def test_one_loss_one_gradient_and_one_hvp_per_sample(monkeypatch):
+    params, loss_of = mlp_cross_entropy()
+    loss_calls, grad_calls = [], []
+    real_grad = torch.autograd.grad
+
+    def counting_grad(*args, **kwargs):
+        grad_calls.append(1)
+        return real_grad(*args, **kwargs)
+
+    def loss():
+        loss_calls.append(1)
+        return loss_of(*params)
+
+    monkeypatch.setattr(torch.autograd, "grad", counting_grad)
+    result = hutchinson_traces(
+        loss, params, max_samples=6, min_samples=6, tol=NEVER_CONVERGED, generator=seeded(0)
+    )
+    assert len(loss_calls) == 1
+    assert len(grad_calls) == 1 + result.samples
+
+
+def test_works_under_no_grad_and_with_float32_params():
+    params, loss_of = mlp_cross_entropy()
+    params32 = [p.detach().float().requires_grad_() for p in params]
+    with torch.no_grad():
+        result = hutchinson_traces(
+            lambda: loss_of(*params32), params32,
+            max_samples=8, min_samples=8, generator=seeded(0),
+        )
+    reference = hutchinson_traces(
+        lambda: loss_of(*params), params, max_samples=8, min_samples=8, generator=seeded(0)
+    )
+    assert result.traces.dtype == torch.float64
+    assert torch.allclose(result.traces, reference.traces, rtol=1e-4, atol=1e-5)
