@@ -7,13 +7,15 @@
 """
 from .api import MSQError, convert, prepare
 from .config import MSQConfig
+from .controller import MSQController, PruneRecord
+from .hessian import HessianTraces, hutchinson_traces
 from .models import SmallCNN, resnet20
 from .modules import (ActivationFakeQuant, LoweredWeight, QuantizedWeight, WeightFakeQuant,
                       iter_quantized_weights)
 from .report import FloatRow, LayerRow, Report, report
 
 __all__ = [
-    "MSQConfig", "MSQError", "prepare", "convert", "report", "Report", "LayerRow", "FloatRow",
+    "MSQConfig", "MSQError", "MSQController", "PruneRecord", "HessianTraces", "hutchinson_traces", "prepare", "convert", "report", "Report", "LayerRow", "FloatRow",
     "WeightFakeQuant", "LoweredWeight", "ActivationFakeQuant", "QuantizedWeight",
     "iter_quantized_weights", "resnet20", "SmallCNN",
 ]

@@ -8,9 +8,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import MSQConfig
+from .config import CONFIG_ATTR, MSQConfig
 from .modules import LoweredWeight, WeightFakeQuant
 from .report import FLOAT_WEIGHTS_ATTR
+from .utils import eval_mode
+
+#: The networkx graph of the grouping pass, kept on the prepared model for inspection.
+SENSITIVITY_GRAPH_ATTR = "_msq_sensitivity_graph"
 
 logger = logging.getLogger("msq_fx")
 
@@ -29,6 +33,7 @@ def prepare(model: nn.Module, example_inputs: Any = None, config: MSQConfig | No
     activation quantizers when ``config.act_bits`` is set.
     """
     from msq_fx.passes.discover import discover
+    from msq_fx.passes.group import assign_groups, build_sensitivity_graph
     from msq_fx.passes.rewrite import RewriteError, rewrite
     from msq_fx.passes.trace import trace
 
@@ -47,11 +52,14 @@ def prepare(model: nn.Module, example_inputs: Any = None, config: MSQConfig | No
     qmodel = copy.deepcopy(model)
     captured = trace(qmodel, leaf_modules=config.leaf_modules, concrete_args=config.concrete_args)
     discovery = discover(qmodel, captured.graph_module, config)
+    sensitivity_graph = build_sensitivity_graph(discovery.targets, captured.graph_module, config)
     try:
-        rewrite(qmodel, discovery, config)
+        rewrite(qmodel, discovery, config, assign_groups(sensitivity_graph))
     except RewriteError as error:
         raise MSQError(str(error)) from error
     setattr(qmodel, FLOAT_WEIGHTS_ATTR, list(discovery.float_weights))
+    setattr(qmodel, SENSITIVITY_GRAPH_ATTR, sensitivity_graph)
+    setattr(qmodel, CONFIG_ATTR, config.to_dict())
     logger.info("prepared %s: %d weights quantized, %d left in float, %d graph nodes, %d leaves",
                 type(model).__name__, len(discovery.targets), len(discovery.float_weights),
                 captured.num_nodes, len(captured.leaves))
@@ -106,10 +114,8 @@ def _as_tuple(example_inputs: Any) -> tuple | None:
 
 def _run_or_explain(model: nn.Module, inputs: tuple, what: str) -> None:
     """Run ``model(*inputs)`` without changing it (eval mode, no grad), or raise a clear error."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(model):
             model(*inputs)
     except Exception as error:  # any failure of user code is reported, then re-raised as MSQError
         shapes = ", ".join(str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -117,6 +123,3 @@ def _run_or_explain(model: nn.Module, inputs: tuple, what: str) -> None:
         raise MSQError(f"example_inputs do not run {what} ({type(model).__name__}): "
                        f"{type(error).__name__}: {error}. Inputs were ({shapes}); pass a tuple of "
                        f"the positional inputs model(*example_inputs) accepts.") from error
-    finally:
-        for module, training in modes:  # restore per module: some may be frozen in eval mode
-            module.training = training

@@ -11,6 +11,9 @@ from .quant import GRIDS
 FIRST_LAST_POLICIES = ("quantize", "fixed", "float")
 PRUNE_STEP_POLICIES = ("hessian", "fixed")
 
+#: A prepared model keeps ``config.to_dict()`` under this attribute; the controller defaults to it.
+CONFIG_ATTR = "_msq_config"
+
 #: Fields that hold callables or classes; they do not round-trip through to_dict/from_dict.
 _RUNTIME_ONLY = ("filter_fn", "leaf_modules", "concrete_args")
 

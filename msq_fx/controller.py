@@ -1,0 +1,296 @@
+"""MSQController: Algorithm 1 of the paper (LSB regularization, Hessian-aware bit pruning).
+
+Usage, once per training run::
+
+    ctl = MSQController(qmodel, config)
+    for epoch in range(1, epochs + 1):          # epochs count from 1, as in Algorithm 1
+        for x, y in loader:
+            loss = criterion(qmodel(x), y) + ctl.regularization()
+            ...
+        ctl.epoch_end(epoch, hessian_batches, criterion)
+
+Decisions are made per precision group (see passes/group.py); a group is every weight that must
+share one width. What the paper leaves open, and what this implementation chose:
+
+* beta (Alg. 1 line 16) is the fraction of a group's weights whose p LSBs are not all zero.
+* Stop rule (lines 10/24 print the inequality reversed): prune while compression < Gamma; in the
+  round that reaches Gamma, groups are pruned in ascending-beta order until it is reached; then
+  regularization and pruning stop for good and training is plain QAT.
+* Omega_g = sum over members of Tr(H_l) * ||W_q - W||^2, with the raw (not per-parameter) trace
+  of the loss Hessian w.r.t. the latent weights through the straight-through quantizer, i.e. the
+  Hessian at the quantized point; Hutchinson with Rademacher probes seeded by (seed, prune index),
+  on ``hessian_batches`` batches, in eval mode (running norm statistics, no dropout).
+* p := 2 where Omega_g < mean(Omega) over the groups still pruning, else 1; p = 1 for everyone at
+  the first prune (paper, supplement §1). A prune never takes a group below ``min_bits``.
+* A group whose width a policy fixes (``first_last="fixed"``) is never pruned or regularized.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+from tabulate import tabulate
+from torch import Tensor, nn
+
+from . import quant
+from .config import CONFIG_ATTR, MSQConfig
+from .hessian import hutchinson_traces
+from .utils import eval_mode
+from .modules import QuantizedWeight, WeightFakeQuant, iter_quantized_weights
+
+logger = logging.getLogger("msq_fx")
+
+
+
+@dataclass(frozen=True)
+class PruneRecord:
+    """What one pruning step decided for one group."""
+
+    epoch: int
+    group: str
+    kind: str
+    params: int
+    beta: float
+    hessian_trace: float | None
+    omega: float | None
+    lsbs_dropped: int
+    bits_before: int
+    bits_after: int
+    next_prune_step: int
+    compression: float
+
+
+class _Group:
+    """The members of one precision group; their quantizers hold the group's bits and p."""
+
+    def __init__(self, name: str, members: list[QuantizedWeight]) -> None:
+        self.name = name
+        self.members = members
+        self.kind = members[0].quantizer.kind
+        self.params = sum(m.latent.numel() for m in members)
+        self.prunable = all(m.quantizer.prunable for m in members)
+
+    @property
+    def bits(self) -> int:
+        return self.members[0].quantizer.num_bits
+
+    @property
+    def prune_step(self) -> int:
+        return int(self.members[0].quantizer.prune_step)
+
+    def set_bits(self, bits: int) -> None:
+        for member in self.members:
+            member.quantizer.bits.fill_(bits)
+
+    def set_prune_step(self, p: int) -> None:
+        for member in self.members:
+            member.quantizer.prune_step.fill_(p)
+
+    def lsb_nonzero_rate(self) -> float:
+        """beta over all member weights pooled, at the group's current p (capped below bits)."""
+        k = min(self.prune_step, self.bits - 1)
+        nonzero = sum(quant.lsb_nonzero_rate(m.latent.detach(), self.bits, k) * m.latent.numel()
+                      for m in self.members)
+        return nonzero / self.params
+
+
+class MSQController:
+    """Owns Algorithm 1's state for one prepared model; see the module docstring."""
+
+    def __init__(self, qmodel: nn.Module, config: MSQConfig | None = None) -> None:
+        self.model = _unwrap(qmodel)
+        self.config = config or _prepared_config(self.model)
+        weights = [w for w in iter_quantized_weights(self.model)
+                   if isinstance(w.quantizer, WeightFakeQuant)]
+        if not weights:
+            raise ValueError(f"MSQController needs a model returned by msq_fx.prepare(); "
+                             f"{type(self.model).__name__} holds no trainable MSQ quantizer.")
+        by_group: dict[str, list[QuantizedWeight]] = {}
+        for weight in weights:
+            by_group.setdefault(weight.quantizer.group, []).append(weight)
+        self.groups = [_Group(name, members) for name, members in by_group.items()]
+        for group in self.groups:  # one decision per group: start every member at the same width
+            group.set_bits(min(m.quantizer.num_bits for m in group.members))
+        self.last_epoch = 0
+        self.prune_count = 0
+        self.done = self.compression() >= self.config.target_compression
+        self.history: list[PruneRecord] = []
+
+    # ------------------------------------------------------------------ per step
+    def regularization(self) -> Tensor:
+        """lambda * sum of |B_p| over the groups still pruning; zero once the target is reached."""
+        device = self.groups[0].members[0].latent.device
+        active = self._active_groups()
+        if self.done or self.config.reg_strength == 0 or not active:
+            return torch.zeros((), device=device)
+        terms = [m.quantizer.lsb_l1(m.latent) for g in active for m in g.members]
+        return self.config.reg_strength * torch.stack(terms).sum()
+
+    def compression(self) -> float:
+        """32 * sum(params) / sum(bits * params) over the quantized weights (paper convention)."""
+        params = sum(g.params for g in self.groups)
+        return 32.0 * params / sum(g.bits * g.params for g in self.groups)
+
+    # ------------------------------------------------------------------ per epoch
+    def epoch_end(self, epoch: int, batches: Iterable, loss_fn: Callable[[Any, Any], Tensor],
+                  ) -> list[PruneRecord]:
+        """Run Algorithm 1's pruning step if ``epoch`` (counted from 1) is a multiple of I.
+
+        ``batches`` yields ``(inputs, targets)``; the first ``hessian_batches`` of them feed the
+        Hessian. Returns the records of this step (empty when nothing was decided).
+        """
+        if not isinstance(epoch, int) or epoch < 1:
+            raise ValueError(f"epoch_end(epoch={epoch!r}): epochs count completed epochs from 1, as "
+                             f"in Algorithm 1; pass epoch + 1 when looping over range().")
+        if epoch <= self.last_epoch:
+            raise ValueError(f"epoch_end(epoch={epoch}): epoch {self.last_epoch} was already "
+                             f"processed; continue with epoch {self.last_epoch + 1}.")
+        self.last_epoch = epoch
+        if self.done or epoch % self.config.prune_interval:
+            return []
+        return self._prune_step(epoch, batches, loss_fn)
+
+    def _prune_step(self, epoch: int, batches: Iterable, loss_fn) -> list[PruneRecord]:
+        groups = self._active_groups()
+        if not groups:
+            self.done = True
+            logger.warning("no group can lose more bits; compression %.2fx stays below the target "
+                           "%.2fx", self.compression(), self.config.target_compression)
+            return []
+        traces = self._hessian_traces(groups, batches, loss_fn)
+        betas = {g.name: g.lsb_nonzero_rate() for g in groups}
+        omegas = {g.name: _omega(g, traces) for g in groups} if traces else {}
+        before = {g.name: g.bits for g in groups}
+        self._drop_lsbs(sorted(groups, key=lambda g: betas[g.name]), betas)
+        self._reassign_prune_steps(groups, omegas)
+        self.prune_count += 1
+        records = [PruneRecord(
+            epoch=epoch, group=g.name, kind=g.kind, params=g.params, beta=betas[g.name],
+            hessian_trace=_group_trace(g, traces) if traces else None,
+            omega=omegas.get(g.name), lsbs_dropped=before[g.name] - g.bits,
+            bits_before=before[g.name], bits_after=g.bits, next_prune_step=g.prune_step,
+            compression=self.compression()) for g in groups]
+        self.history.extend(records)
+        logger.info("epoch %d: pruned %d of %d groups, compression %.2fx%s", epoch,
+                    sum(r.lsbs_dropped > 0 for r in records), len(groups), self.compression(),
+                    " (target reached: plain QAT from here)" if self.done else "")
+        return records
+
+    def _drop_lsbs(self, ascending: list[_Group], betas: dict[str, float]) -> None:
+        target, floor = self.config.target_compression, self.config.min_bits
+        for group in ascending:
+            if betas[group.name] < self.config.prune_threshold:
+                group.set_bits(max(group.bits - group.prune_step, floor))
+            if self.compression() >= target:
+                self.done = True
+                return
+
+    def _reassign_prune_steps(self, groups: list[_Group], omegas: dict[str, float]) -> None:
+        if self.config.prune_step_policy != "hessian" or not omegas:
+            return
+        mean_omega = sum(omegas.values()) / len(omegas)
+        for group in groups:
+            group.set_prune_step(2 if omegas[group.name] < mean_omega else 1)
+
+    def _active_groups(self) -> list[_Group]:
+        return [g for g in self.groups if g.prunable and g.bits > self.config.min_bits]
+
+    # ------------------------------------------------------------------ Hessian
+    def _hessian_traces(self, groups: list[_Group], batches: Iterable, loss_fn,
+                        ) -> dict[int, float]:
+        """Tr(H) per member latent (keyed by id), or {} when p is not Hessian-guided."""
+        if self.config.prune_step_policy != "hessian":
+            return {}
+        chosen = _take(batches, self.config.hessian_batches)
+        if not chosen:
+            raise ValueError("epoch_end: `batches` yielded no (inputs, targets) pair for the Hessian")
+        params = [m.latent for g in groups for m in g.members]
+        generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.prune_count)
+        with eval_mode(self.model):
+            result = hutchinson_traces(
+                lambda: _mean_loss(self.model, chosen, loss_fn), params,
+                max_samples=self.config.hessian_max_samples,
+                min_samples=self.config.hessian_min_samples, tol=self.config.hessian_tol,
+                generator=generator, all_reduce=_distributed_mean())
+        return {id(p): float(t) for p, t in zip(params, result.traces)}
+
+    # ------------------------------------------------------------------ reporting and resume
+    def history_table(self, tablefmt: str = "simple") -> str:
+        rows = [(r.epoch, r.group, r.kind, r.params, f"{r.beta:.3f}",
+                 "-" if r.omega is None else f"{r.omega:.3g}", r.bits_before, r.bits_after,
+                 r.next_prune_step, f"{r.compression:.2f}") for r in self.history]
+        return tabulate(rows, headers=["epoch", "group", "kind", "params", "beta", "Omega",
+                                       "bits before", "bits after", "next p", "compression"],
+                        tablefmt=tablefmt)
+
+    def bit_widths(self) -> dict[str, int]:
+        return {g.name: g.bits for g in self.groups}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Counters and history; bits and p live in the model's buffers (its own state_dict)."""
+        return {"last_epoch": self.last_epoch, "prune_count": self.prune_count,
+                "done": self.done, "history": [asdict(r) for r in self.history]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        missing = {"last_epoch", "prune_count", "done", "history"} - set(state)
+        if missing:
+            raise KeyError(f"MSQController.load_state_dict: missing {sorted(missing)}")
+        self.last_epoch = int(state["last_epoch"])
+        self.prune_count = int(state["prune_count"])
+        self.done = bool(state["done"])
+        self.history = [PruneRecord(**row) for row in state["history"]]
+
+
+def _omega(group: _Group, traces: dict[int, float]) -> float:
+    return sum(traces[id(m.latent)] * quant.quantization_error(m.latent, group.bits,
+                                                               m.quantizer.grid)
+               for m in group.members)
+
+
+def _group_trace(group: _Group, traces: dict[int, float]) -> float:
+    return sum(traces[id(m.latent)] for m in group.members)
+
+
+def _take(batches: Iterable, count: int) -> list:
+    chosen = []
+    for batch in batches:
+        chosen.append(batch)
+        if len(chosen) == count:
+            break
+    return chosen
+
+
+def _mean_loss(model: nn.Module, batches: list, loss_fn) -> Tensor:
+    total = None
+    for inputs, targets in batches:
+        outputs = model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
+        loss = loss_fn(outputs, targets)
+        total = loss if total is None else total + loss
+    return total / len(batches)
+
+
+def _distributed_mean() -> Callable[[Tensor], Tensor] | None:
+    """Average across ranks under torch.distributed, so every rank makes the same decisions."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    world = torch.distributed.get_world_size()
+
+    def mean(values: Tensor) -> Tensor:
+        values = values.clone()
+        torch.distributed.all_reduce(values)
+        return values / world
+
+    return mean
+
+
+def _prepared_config(model: nn.Module) -> MSQConfig:
+    stored = getattr(model, CONFIG_ATTR, None)
+    return MSQConfig.from_dict(stored) if stored is not None else MSQConfig()
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module under a DistributedDataParallel/DataParallel wrapper (the Hessian needs it bare)."""
+    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+    return model.module if isinstance(model, wrappers) else model

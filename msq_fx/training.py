@@ -1,0 +1,60 @@
+"""A minimal MSQ training loop shared by the CLI demo, the worked examples and the checks."""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .controller import MSQController
+from .utils import eval_mode
+
+
+def train_epoch(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]],
+                optimizer: torch.optim.Optimizer, controller: MSQController | None = None,
+                loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
+                scheduler=None, progress=None) -> float:
+    """One epoch of (MSQ) training: task loss + the controller's LSB regularization.
+
+    Returns the mean task loss. ``progress`` is an optional tqdm bar advanced per batch.
+    """
+    model.train()
+    total, count = 0.0, 0
+    for inputs, targets in batches:
+        task_loss = loss_fn(model(inputs), targets)
+        loss = task_loss if controller is None else task_loss + controller.regularization()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        total += task_loss.item() * len(targets)
+        count += len(targets)
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{task_loss.item():.3f}")
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]]) -> float:
+    """Top-1 accuracy in percent, in eval mode (the mode is restored afterwards)."""
+    correct = total = 0
+    with eval_mode(model):
+        for inputs, targets in batches:
+            correct += int((model(inputs).argmax(1) == targets).sum())
+            total += len(targets)
+    return 100.0 * correct / max(total, 1)
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int,
+                    warmup_steps: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up then cosine annealing to zero (the paper's 'warm-start cosine')."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

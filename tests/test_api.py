@@ -1,0 +1,220 @@
+"""prepare() / convert(): copy semantics, modes, persistence and the errors users see."""
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import msq_fx
+from conftest import eval_output
+
+
+def small_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return msq_fx.SmallCNN(in_channels=1, width=8)
+
+
+X = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+
+
+def test_prepare_does_not_modify_the_given_model():
+    model = small_cnn()
+    before = copy.deepcopy(model.state_dict())
+    classes = [type(m) for m in model.modules()]
+    qmodel = msq_fx.prepare(model, X)
+    assert qmodel is not model
+    assert [type(m) for m in model.modules()] == classes
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert before.keys() == model.state_dict().keys()
+
+
+def test_prepare_keeps_the_training_mode_of_every_module():
+    model = small_cnn().train()
+    model.features[1].eval()  # a frozen BatchNorm must stay frozen
+    qmodel = msq_fx.prepare(model, X)
+    assert qmodel.training and not qmodel.features[1].training and qmodel.features[5].training
+    assert model.training and not model.features[1].training
+
+
+def test_prepared_model_keeps_state_dict_keys_of_the_float_model():
+    model = small_cnn()
+    keys = set(model.state_dict())
+    qkeys = set(msq_fx.prepare(model, X).state_dict())
+    assert keys <= qkeys
+    assert all(k.endswith(("_quantizer.bits", "_quantizer.prune_step")) for k in qkeys - keys)
+
+
+def test_prepared_weights_are_quantized_at_init_bits():
+    qmodel = msq_fx.prepare(small_cnn(), X)
+    for weight in msq_fx.iter_quantized_weights(qmodel):
+        seen = weight.owner.weight
+        latent = weight.latent
+        assert weight.quantizer.num_bits == 8
+        assert torch.equal(seen, msq_fx.quant.quantize_value(latent.detach(), 8))
+        assert len(torch.unique(seen)) <= 256
+
+
+@pytest.mark.parametrize("stage", ["prepared", "converted"])
+def test_models_survive_pickling_with_identical_outputs(stage):
+    qmodel = msq_fx.prepare(small_cnn(), X)
+    model = qmodel if stage == "prepared" else msq_fx.convert(qmodel)
+    restored = pickle.loads(pickle.dumps(model))
+    assert torch.equal(eval_output(model, X), eval_output(restored, X))
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    assert torch.equal(eval_output(model, X), eval_output(torch.load(buffer, weights_only=False), X))
+
+
+def _train_a_little(qmodel: nn.Module) -> None:
+    controller = msq_fx.MSQController(qmodel)
+    optimizer = torch.optim.SGD(qmodel.parameters(), lr=0.1)
+    target = torch.tensor([0, 1, 2, 3])
+    for _ in range(3):
+        loss = F.cross_entropy(qmodel(X), target) + controller.regularization()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    for weight in msq_fx.iter_quantized_weights(qmodel):
+        weight.quantizer.bits.fill_(5)
+
+
+def test_prepared_model_survives_a_state_dict_round_trip():
+    trained = msq_fx.prepare(small_cnn(), X)
+    _train_a_little(trained)
+    fresh = msq_fx.prepare(small_cnn(), X)
+    fresh.load_state_dict(trained.state_dict())
+    assert torch.equal(eval_output(trained, X), eval_output(fresh, X))
+    assert msq_fx.report(fresh).compression == pytest.approx(32 / 5)
+
+
+def test_converted_model_survives_a_state_dict_round_trip():
+    trained = msq_fx.prepare(small_cnn(), X)
+    _train_a_little(trained)
+    int_model = msq_fx.convert(trained)
+    fresh = msq_fx.convert(msq_fx.prepare(small_cnn(), X))
+    fresh.load_state_dict(int_model.state_dict())
+    assert torch.equal(eval_output(int_model, X), eval_output(fresh, X))
+
+
+def test_converted_model_holds_int8_codes_and_no_float_latent_weights():
+    int_model = msq_fx.convert(msq_fx.prepare(small_cnn(), X))
+    state = int_model.state_dict()
+    assert "features.0.weight" not in state
+    assert state["features.0.weight_quantizer.codes"].dtype == torch.int8
+    assert int(state["features.0.weight_quantizer.bits"]) == 8
+
+
+def test_convert_equals_fake_quant_output_after_pruning():
+    qmodel = msq_fx.prepare(small_cnn(), X)
+    _train_a_little(qmodel)
+    int_model = msq_fx.convert(qmodel)
+    assert torch.equal(eval_output(qmodel, X), eval_output(int_model, X))
+
+
+def test_convert_does_not_modify_the_prepared_model():
+    qmodel = msq_fx.prepare(small_cnn(), X)
+    before = copy.deepcopy(qmodel.state_dict())
+    msq_fx.convert(qmodel)
+    after = qmodel.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_convert_of_an_unprepared_model_says_to_prepare_first():
+    with pytest.raises(msq_fx.MSQError, match=r"msq_fx.prepare\(\).*holds no MSQ quantizer"):
+        msq_fx.convert(small_cnn())
+
+
+def test_convert_of_a_converted_model_is_refused():
+    int_model = msq_fx.convert(msq_fx.prepare(small_cnn(), X))
+    with pytest.raises(msq_fx.MSQError, match="already converted"):
+        msq_fx.convert(int_model)
+
+
+def test_prepare_of_a_prepared_model_is_refused():
+    qmodel = msq_fx.prepare(small_cnn(), X)
+    with pytest.raises(msq_fx.MSQError, match="already MSQ-prepared"):
+        msq_fx.prepare(qmodel, X)
+
+
+def test_example_inputs_that_do_not_run_the_model_are_explained():
+    model = small_cnn()
+    with pytest.raises(msq_fx.MSQError, match=r"example_inputs do not run .*SmallCNN.*\(4, 3, 16, 16\)"):
+        msq_fx.prepare(model, torch.randn(4, 3, 16, 16))
+
+
+def test_failed_prepare_leaves_the_model_untouched():
+    model = small_cnn()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(msq_fx.MSQError):
+        msq_fx.prepare(model, torch.randn(4, 3, 16, 16))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert type(model.features[0]) is nn.Conv2d
+
+
+def test_prepare_rejects_a_config_of_the_wrong_type():
+    with pytest.raises(TypeError, match="MSQConfig"):
+        msq_fx.prepare(small_cnn(), X, {"init_bits": 8})
+
+
+def test_prepare_without_example_inputs_works():
+    qmodel = msq_fx.prepare(small_cnn())
+    assert len(msq_fx.report(qmodel).layers) == 6
+
+
+def test_exclude_leaves_matching_weights_in_float_with_the_reason():
+    config = msq_fx.MSQConfig(exclude=(r"^classifier\.2\.",))
+    qmodel = msq_fx.prepare(small_cnn(), X, config)
+    report = msq_fx.report(qmodel)
+    assert "classifier.2.weight" not in {r.name for r in report.layers}
+    assert [(f.name, f.kind) for f in report.float_weights] == [("classifier.2.weight", "linear")]
+    assert "exclude" in report.float_weights[0].reason
+
+
+def test_filter_fn_receives_module_and_fqn():
+    config = msq_fx.MSQConfig(filter_fn=lambda module, fqn: not isinstance(module, nn.Linear))
+    report = msq_fx.report(msq_fx.prepare(small_cnn(), X, config))
+    assert {r.kind for r in report.layers} == {"conv", "depthwise"}
+    assert len(report.float_weights) == 2
+
+
+@pytest.mark.parametrize("policy, quantized, fixed", [("quantize", 6, 0), ("fixed", 6, 2), ("float", 4, 0)])
+def test_first_last_policy(policy, quantized, fixed):
+    report = msq_fx.report(msq_fx.prepare(small_cnn(), X, msq_fx.MSQConfig(first_last=policy)))
+    assert len(report.layers) == quantized
+    assert sum(not r.prunable for r in report.layers) == fixed
+    if policy != "quantize":
+        assert {"features.0.weight", "classifier.2.weight"} & (
+            {r.name for r in report.layers if not r.prunable} | {f.name for f in report.float_weights})
+
+
+def test_activation_quantization_quantizes_layer_inputs():
+    qmodel = msq_fx.prepare(small_cnn(), X, msq_fx.MSQConfig(act_bits=4))
+    seen = {}
+    qmodel.features[4].register_forward_hook(lambda m, args, out: seen.update(x=args[0]))
+    eval_output(qmodel, X)
+    quantizer = qmodel.features[4].input_quantizer
+    assert bool(quantizer.initialized)
+    # The hook sees the raw input; the layer itself consumes at most 2^4 levels of it.
+    assert len(torch.unique(quantizer(seen["x"]))) <= 16
+    int_model = msq_fx.convert(qmodel)
+    assert torch.equal(eval_output(qmodel, X), eval_output(int_model, X))
+
+
+def test_report_counts_compression_in_the_paper_convention():
+    qmodel = msq_fx.prepare(small_cnn(), X)
+    rows = msq_fx.report(qmodel).layers
+    rows_by_name = {r.name: r for r in rows}
+    for weight in msq_fx.iter_quantized_weights(qmodel):
+        weight.quantizer.bits.fill_(4 if weight.quantizer.kind == "conv" else 2)
+    report = msq_fx.report(qmodel)
+    bits = sum((4 if r.kind == "conv" else 2) * r.params for r in rows_by_name.values())
+    assert report.compression == pytest.approx(32 * report.quantized_params / bits)
+    assert 1 < report.model_compression < report.compression
+    assert "compression" in report.table()
