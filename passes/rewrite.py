@@ -21,13 +21,19 @@ class RewriteError(RuntimeError):
     """A module cannot carry a quantized weight; the message names it."""
 
 
-def rewrite(model: nn.Module, discovery: Discovery, config: MSQConfig) -> None:
-    """Install quantizers for ``discovery.targets`` on ``model`` (in place)."""
+def rewrite(model: nn.Module, discovery: Discovery, config: MSQConfig,
+            groups: dict[str, str] | None = None) -> None:
+    """Install quantizers for ``discovery.targets`` on ``model`` (in place).
+
+    ``groups`` maps a weight's name to its precision group (default: every weight its own group).
+    """
     owners = _group_by_owner(discovery.targets)
     fixed = _fixed_width_targets(discovery.targets, config)
     quantizers = {t.name: WeightFakeQuant(config.init_bits, t.kind, t.fqns, config.grid,
                                           prunable=t.name not in fixed)
                   for t in discovery.targets}
+    for name, quantizer in quantizers.items():
+        quantizer.group = (groups or {}).get(name, name)
     for owner_name, attrs in owners.items():
         owner = model.get_submodule(owner_name)
         _check_owner(owner_name, owner, [a for a, _ in attrs])
