@@ -14,6 +14,7 @@ survive a ``state_dict`` round trip (bits, prune step, integer codes, scale) is 
 from __future__ import annotations
 
 import functools
+import inspect
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -170,15 +171,24 @@ def _quantized_attribute(name: str) -> property:
 
 def _forward_with_input_quantizer(self: nn.Module, *args, **kwargs):
     input_quantizer = self._modules.get(INPUT_QUANTIZER)
-    if input_quantizer is not None and args:
-        # Attention reads query/key/value positionally; quantize each distinct tensor once.
-        count = 3 if isinstance(self, nn.MultiheadAttention) else 1
+    if input_quantizer is not None:
+        # Bind by name so keyword inputs (``value=``, ``input=``) are quantized like positional
+        # ones; attention's query/key/value are often one tensor: quantize each distinct one once.
+        bound = _forward_signature(self._msq_base).bind(self, *args, **kwargs)
+        names = list(bound.arguments)[1:]
+        inputs = names[:3] if isinstance(self, nn.MultiheadAttention) else names[:1]
         seen: dict[int, Tensor] = {}
-        args = tuple(
-            seen.setdefault(id(a), input_quantizer(a)) if i < count and isinstance(a, Tensor) else a
-            for i, a in enumerate(args)
-        )
+        for name in inputs:
+            value = bound.arguments[name]
+            if isinstance(value, Tensor):
+                bound.arguments[name] = seen.setdefault(id(value), input_quantizer(value))
+        args, kwargs = bound.args[1:], bound.kwargs
     return self._msq_base.forward(self, *args, **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_signature(base: type) -> inspect.Signature:
+    return inspect.signature(base.forward)
 
 
 def _reduce_quantized(self: nn.Module, protocol):

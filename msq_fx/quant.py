@@ -39,13 +39,15 @@ def _check_grid(grid: str) -> None:
 
 def weight_scale(w: Tensor) -> Tensor:
     """Per-tensor scale ``S = max|w|`` (detached; a tiny floor keeps all-zero tensors finite)."""
-    return w.detach().abs().amax().clamp_min(_MIN_SCALE)
+    floor = max(_MIN_SCALE, torch.finfo(w.dtype).tiny) if w.is_floating_point() else _MIN_SCALE
+    return w.detach().abs().amax().clamp_min(floor)
 
 
 def code_position(w: Tensor, bits: int, scale: Tensor) -> Tensor:
     """The continuous code-axis position ``x = 2^n W = w * 2^(n-1) / S + 2^(n-1)``, in [0, 2^n]."""
     half = float(2 ** (bits - 1))
-    return w * (half / scale) + half
+    # Divide first: half / scale overflows float16 for small scales, w / scale stays in [-1, 1].
+    return (w / scale) * half + half
 
 
 def roundclamp_codes(w: Tensor, bits: int, scale: Tensor | None = None) -> Tensor:
@@ -120,6 +122,7 @@ def lsb_value(w: Tensor, bits: int, k: int, scale: Tensor | None = None) -> Tens
     is clamped to 2^(k-1), which also stops the regularizer from dragging the largest weight (and
     with it the scale) down forever.
     """
+    _check_bits(bits)
     if not 1 <= k < bits:
         raise ValueError(f"k must be in 1..bits-1 (bits={bits}), got {k}")
     scale = weight_scale(w) if scale is None else scale
@@ -136,6 +139,7 @@ def lsb_integer(unsigned: Tensor, k: int) -> Tensor:
 
 def lsb_nonzero_rate(w: Tensor, bits: int, k: int) -> float:
     """beta: the fraction of weights whose k LSBs are not all zero at ``bits`` (chance ~ 1 - 2^-k)."""
+    _check_bits(bits)
     if not 1 <= k < bits:
         raise ValueError(f"k must be in 1..bits-1 (bits={bits}), got {k}")
     codes = roundclamp_codes(w, bits)
