@@ -1,0 +1,73 @@
+"""Smoke test of tools/bench: it runs end to end and reports what it promises (never timings)."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.machinery
+import importlib.util
+import io
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH_PATH = Path(__file__).resolve().parents[1] / "tools" / "bench"
+TINY_RUN = ["--batch-size", "8", "--repeats", "2", "--steps", "1", "--warmup", "1", "--json"]
+CIFAR_INPUT_BYTES_PER_SAMPLE = 3 * 32 * 32 * 4
+
+
+def load_bench_tool():
+    # The tool has no .py suffix, so the loader must be named explicitly; registering the module
+    # before running it lets its dataclasses resolve their annotations.
+    loader = importlib.machinery.SourceFileLoader("msq_bench_tool", str(BENCH_PATH))
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
+    sys.modules[loader.name] = module
+    loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_bench_tool()
+
+
+@pytest.fixture(scope="module")
+def tiny_report(bench):
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        exit_code = bench.main(TINY_RUN)
+    assert exit_code == 0
+    return json.loads(stdout.getvalue())
+
+
+def test_tool_is_an_executable_python_script():
+    assert BENCH_PATH.read_text().startswith("#!/usr/bin/env python3\n")
+    assert BENCH_PATH.stat().st_mode & 0o111
+
+
+def test_json_report_describes_the_run(tiny_report):
+    assert tiny_report["model"] == "resnet20"
+    assert (tiny_report["batch_size"], tiny_report["repeats"], tiny_report["steps"]) == (8, 2, 1)
+    assert tiny_report["threads"] >= 1
+    assert tiny_report["torch"]
+    assert set(tiny_report["results"]) == {"FP32", "MSQ"}
+    assert set(tiny_report["ratio_msq_over_fp"]) == {"time", "peak_memory"}
+
+
+def test_each_model_has_one_time_per_repeat_and_a_peak(tiny_report):
+    for result in tiny_report["results"].values():
+        assert len(result["repeat_ms_per_step"]) == 2
+        assert isinstance(result["median_ms_per_step"], float)
+        assert isinstance(result["peak_bytes"], int)
+        # The batch itself is live throughout the step, so any sound peak covers it.
+        assert result["peak_bytes"] > 8 * CIFAR_INPUT_BYTES_PER_SAMPLE
+
+
+def test_table_has_a_row_per_model_and_the_ratio(bench, tiny_report):
+    table = bench.format_table(tiny_report)
+    header, column_names, rule, *rows = table.splitlines()
+    assert "median ms/step" in column_names and "peak MiB" in column_names
+    assert [row.split()[0] for row in rows[:2]] == ["FP32", "MSQ"]
+    assert rows[2].startswith("MSQ / FP32") and rows[2].count("x") == 2
+    assert f"torch {tiny_report['torch']}" in header
