@@ -4,18 +4,21 @@
     ...train with quantization-aware training...
     int_model = msq_fx.convert(qmodel)
     print(msq_fx.report(int_model))
+    msq_fx.save(int_model, "model.msq")   # codes bit-packed: n bits per weight on disk
 """
 from .api import MSQError, convert, prepare
 from .config import MSQConfig
 from .controller import MSQController, PruneRecord
 from .hessian import HessianTraces, hutchinson_traces
+from .io import load, save
 from .models import SmallCNN, resnet20
 from .modules import (ActivationFakeQuant, LoweredWeight, QuantizedWeight, WeightFakeQuant,
                       iter_quantized_weights)
 from .report import FloatRow, LayerRow, Report, report
 
 __all__ = [
-    "MSQConfig", "MSQError", "MSQController", "PruneRecord", "HessianTraces", "hutchinson_traces", "prepare", "convert", "report", "Report", "LayerRow", "FloatRow",
+    "MSQConfig", "MSQError", "MSQController", "PruneRecord", "HessianTraces", "hutchinson_traces",
+    "prepare", "convert", "report", "Report", "LayerRow", "FloatRow", "save", "load",
     "WeightFakeQuant", "LoweredWeight", "ActivationFakeQuant", "QuantizedWeight",
     "iter_quantized_weights", "resnet20", "SmallCNN",
 ]

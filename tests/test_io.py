@@ -1,0 +1,111 @@
+"""Bit-packed saving of converted models: exact round trip, n bits per weight on disk."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import msq_fx
+from conftest import eval_output
+from msq_fx.modules import LoweredWeight
+from msq_fx.packing import pack_codes, packed_size, unpack_codes
+
+
+@st.composite
+def codes_and_bits(draw):
+    bits = draw(st.integers(1, 8))
+    numel = draw(st.integers(0, 300))
+    values = draw(st.lists(st.integers(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1),
+                           min_size=numel, max_size=numel))
+    return torch.tensor(values, dtype=torch.int8), bits
+
+
+@settings(max_examples=200, deadline=None)
+@given(codes_and_bits())
+def test_unpacking_packed_codes_returns_them_unchanged(case):
+    codes, bits = case
+    packed = pack_codes(codes, bits)
+    assert torch.equal(unpack_codes(packed, bits, tuple(codes.shape)), codes)
+
+
+@settings(max_examples=100, deadline=None)
+@given(codes_and_bits())
+def test_packed_codes_take_exactly_n_bits_each_rounded_up_to_a_byte(case):
+    codes, bits = case
+    assert pack_codes(codes, bits).numel() == -(-codes.numel() * bits // 8)
+
+
+def test_codes_outside_the_n_bit_range_are_refused():
+    with pytest.raises(ValueError, match="do not fit 3-bit"):
+        pack_codes(torch.tensor([4], dtype=torch.int8), 3)
+
+
+def test_unpacking_a_stream_of_the_wrong_length_is_refused():
+    with pytest.raises(ValueError, match="cannot hold"):
+        unpack_codes(torch.zeros(2, dtype=torch.uint8), 4, (5,))
+
+
+def _converted_cnn(bits: dict[int, int]) -> tuple[torch.nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    inputs = torch.randn(2, 1, 16, 16)
+    qmodel = msq_fx.prepare(msq_fx.SmallCNN(in_channels=1, width=16), inputs)
+    quantizers = [m for m in qmodel.modules() if isinstance(m, msq_fx.WeightFakeQuant)]
+    for index, width in bits.items():
+        quantizers[index].bits.fill_(width)
+    return msq_fx.convert(qmodel), inputs
+
+
+def test_a_saved_model_loads_with_identical_outputs(tmp_path):
+    int_model, inputs = _converted_cnn({0: 3, 1: 5, 2: 2})
+    msq_fx.save(int_model, tmp_path / "model.msq")
+    loaded = msq_fx.load(tmp_path / "model.msq")
+    assert torch.equal(eval_output(loaded, inputs), eval_output(int_model, inputs))
+
+
+def test_loaded_codes_and_bit_widths_equal_the_saved_ones(tmp_path):
+    int_model, _ = _converted_cnn({0: 3, 1: 5, 2: 2})
+    msq_fx.save(int_model, tmp_path / "model.msq")
+    loaded = msq_fx.load(tmp_path / "model.msq")
+    saved = {n: m for n, m in int_model.named_modules() if isinstance(m, LoweredWeight)}
+    restored = {n: m for n, m in loaded.named_modules() if isinstance(m, LoweredWeight)}
+    assert saved.keys() == restored.keys()
+    for name in saved:
+        assert torch.equal(saved[name].codes, restored[name].codes), name
+        assert saved[name].num_bits == restored[name].num_bits, name
+
+
+def test_fewer_bits_make_a_smaller_file_by_the_packed_code_size(tmp_path):
+    wide, _ = _converted_cnn({})
+    narrow_bits = {i: 3 for i in range(6)}
+    narrow, _ = _converted_cnn(narrow_bits)
+    msq_fx.save(wide, tmp_path / "wide.msq")
+    msq_fx.save(narrow, tmp_path / "narrow.msq")
+    counts = [m.codes.numel() for m in wide.modules() if isinstance(m, LoweredWeight)]
+    expected_saving = sum(packed_size(n, 8) - packed_size(n, 3) for n in counts)
+    saving = os.path.getsize(tmp_path / "wide.msq") - os.path.getsize(tmp_path / "narrow.msq")
+    # torch.save aligns each stored tensor to 64 bytes; beyond that padding, the packed code
+    # bytes account for the whole difference.
+    assert abs(saving - expected_saving) < 64 * len(counts)
+
+
+def test_saving_a_prepared_model_asks_for_convert_first(tmp_path):
+    qmodel = msq_fx.prepare(msq_fx.SmallCNN(in_channels=1, width=8))
+    with pytest.raises(ValueError, match=r"call msq_fx\.convert\(model\) first"):
+        msq_fx.save(qmodel, tmp_path / "model.msq")
+    assert not (tmp_path / "model.msq").exists()
+
+
+def test_loading_a_file_not_written_by_save_is_explained(tmp_path):
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not an msq_fx packed model"):
+        msq_fx.load(tmp_path / "other.pt")
+
+
+def test_saving_does_not_change_the_model_in_memory(tmp_path):
+    int_model, inputs = _converted_cnn({1: 4})
+    before = eval_output(int_model, inputs)
+    msq_fx.save(int_model, tmp_path / "model.msq")
+    assert torch.equal(eval_output(int_model, inputs), before)
