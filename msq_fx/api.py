@@ -10,7 +10,7 @@ from torch import nn
 
 from .config import CONFIG_ATTR, MSQConfig
 from .modules import LoweredWeight, WeightFakeQuant
-from .report import FLOAT_WEIGHTS_ATTR
+from .report import FLOAT_WEIGHTS_ATTR, NOTES_ATTR
 from .utils import eval_mode
 
 #: The networkx graph of the grouping pass, kept on the prepared model for inspection.
@@ -29,12 +29,16 @@ def prepare(model: nn.Module, example_inputs: Any = None, config: MSQConfig | No
     Traces the model (leaf-aware, never failing for a model that runs eagerly), finds every conv,
     depthwise conv, linear and attention weight, and routes each through a RoundClamp quantizer at
     ``config.init_bits``. ``model`` itself is never modified. ``example_inputs`` (a tensor or a tuple
-    of positional inputs) is optional; when given, it must run the model, and it calibrates the
-    activation quantizers when ``config.act_bits`` is set.
+    of positional inputs) is optional; when given, it must run the model, one eager forward on it
+    finds weights used functionally where the FX graph cannot see them (inside leaf modules), and
+    it calibrates the activation quantizers when ``config.act_bits`` is set. Without it, such uses
+    may be missed; the report's notes (and a logged warning) name the Parameters concerned.
+    A found weight whose owner module cannot carry a quantizer stays float and is listed in the
+    report with the reason (or, with ``config.on_unquantizable="error"``, raises ``MSQError``).
     """
     from msq_fx.passes.discover import discover
     from msq_fx.passes.group import assign_groups, build_sensitivity_graph
-    from msq_fx.passes.rewrite import RewriteError, rewrite
+    from msq_fx.passes.rewrite import RewriteError, rewrite, unrewritable
     from msq_fx.passes.trace import trace
 
     config = MSQConfig() if config is None else config
@@ -46,20 +50,32 @@ def prepare(model: nn.Module, example_inputs: Any = None, config: MSQConfig | No
                        f"({type(model).__name__} holds MSQ quantizers). Pass the original float "
                        f"model, or keep training the prepared one.")
     inputs = _as_tuple(example_inputs)
-    if inputs is not None:
-        _run_or_explain(model, inputs, "the model given to prepare()")
 
     qmodel = copy.deepcopy(model)
+    probed = None if inputs is None else _probe_or_explain(model, qmodel, inputs)
     captured = trace(qmodel, leaf_modules=config.leaf_modules, concrete_args=config.concrete_args)
-    discovery = discover(qmodel, captured.graph_module, config)
+    discovery = discover(qmodel, captured.graph_module, config, probed=probed,
+                         leaves=captured.leaves)
+    refused = unrewritable(qmodel, discovery.targets, config)
+    if refused and config.on_unquantizable == "error":
+        raise MSQError("these weights cannot be quantized (MSQConfig.on_unquantizable='error'): "
+                       + "; ".join(f"{f.name}: {f.reason}" for f in refused)
+                       + ". Exclude them with MSQConfig.exclude, or set on_unquantizable='float' "
+                         "to leave them in float.")
+    discovery = discovery.leave_in_float(refused)
     sensitivity_graph = build_sensitivity_graph(discovery.targets, captured.graph_module, config)
     try:
         rewrite(qmodel, discovery, config, assign_groups(sensitivity_graph))
     except RewriteError as error:
         raise MSQError(str(error)) from error
     setattr(qmodel, FLOAT_WEIGHTS_ATTR, list(discovery.float_weights))
+    setattr(qmodel, NOTES_ATTR, list(discovery.notes))
     setattr(qmodel, SENSITIVITY_GRAPH_ATTR, sensitivity_graph)
     setattr(qmodel, CONFIG_ATTR, config.to_dict())
+    for weight in refused:
+        logger.warning("prepare: %s (%s) left in float: %s", weight.name, weight.kind, weight.reason)
+    for note in discovery.notes:
+        logger.warning("prepare: %s", note)
     logger.info("prepared %s: %d weights quantized, %d left in float, %d graph nodes, %d leaves",
                 type(model).__name__, len(discovery.targets), len(discovery.float_weights),
                 captured.num_nodes, len(captured.leaves))
@@ -110,6 +126,23 @@ def _as_tuple(example_inputs: Any) -> tuple | None:
         return tuple(example_inputs)
     raise TypeError(f"example_inputs must be a tensor or a tuple of positional inputs, "
                     f"got {type(example_inputs).__name__}")
+
+
+def _probe_or_explain(model: nn.Module, qmodel: nn.Module, inputs: tuple) -> dict[str, str] | None:
+    """The probe pass's weight uses of ``qmodel``; MSQError when ``inputs`` do not run ``model``.
+
+    When only the probe fails (the model runs without it), warn and return None: functional uses
+    are then looked for in the FX graph only, and discover notes what that may miss.
+    """
+    from msq_fx.passes.probe import ProbeError, probe
+
+    try:
+        return probe(qmodel, inputs).kinds
+    except ProbeError as error:
+        _run_or_explain(model, inputs, "the model given to prepare()")
+        logger.warning("prepare: the eager probe failed although the model runs (%s); functional "
+                       "weight uses are looked for in the FX graph only", error)
+        return None
 
 
 def _run_or_explain(model: nn.Module, inputs: tuple, what: str) -> None:

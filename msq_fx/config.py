@@ -10,6 +10,7 @@ from .quant import GRIDS
 
 FIRST_LAST_POLICIES = ("quantize", "fixed", "float")
 PRUNE_STEP_POLICIES = ("hessian", "fixed")
+UNQUANTIZABLE_POLICIES = ("float", "error")
 
 #: A prepared model keeps ``config.to_dict()`` under this attribute; the controller defaults to it.
 CONFIG_ATTR = "_msq_config"
@@ -32,6 +33,10 @@ class MSQConfig:
         exclude: regular expressions; a weight whose FQN matches any (re.search) stays float.
         filter_fn: optional ``filter_fn(module, fqn) -> bool``; False keeps that weight float.
         groups: each entry a tuple of FQN regexes; matching weights share one precision decision.
+        on_unquantizable: what prepare() does with a found weight whose owner module cannot carry
+            a quantizer (a container owning a Parameter directly, an attribute defined as a
+            property, ...): "float" leaves it in float and lists it in the report with the
+            reason; "error" raises MSQError naming every such weight.
     Capture
         leaf_modules: FQNs, class names or classes the tracer keeps opaque.
         concrete_args: passed to the tracer (e.g. ``{"flag": False}``).
@@ -54,6 +59,7 @@ class MSQConfig:
     exclude: tuple[str, ...] = ()
     filter_fn: Callable[[Any, str], bool] | None = field(default=None, compare=False)
     groups: tuple[tuple[str, ...], ...] = ()
+    on_unquantizable: str = "float"
     leaf_modules: tuple[Any, ...] = ()
     concrete_args: Mapping[str, Any] | None = field(default=None, compare=False)
     reg_strength: float = 5e-5
@@ -84,6 +90,8 @@ class MSQConfig:
         _require(self.grid in GRIDS, "grid", self.grid, f"one of {GRIDS}")
         _require(self.first_last in FIRST_LAST_POLICIES, "first_last", self.first_last,
                  f"one of {FIRST_LAST_POLICIES}")
+        _require(self.on_unquantizable in UNQUANTIZABLE_POLICIES, "on_unquantizable",
+                 self.on_unquantizable, f"one of {UNQUANTIZABLE_POLICIES}")
         for pattern in self.exclude + tuple(p for g in self.groups for p in g):
             _require(isinstance(pattern, str) and _compiles(pattern), "exclude/groups", pattern,
                      "valid regular expressions (str)")

@@ -10,6 +10,8 @@ from .modules import (ActivationFakeQuant, LoweredWeight, WeightFakeQuant,
                       iter_quantized_weights)
 
 FLOAT_WEIGHTS_ATTR = "_msq_float_weights"
+#: What prepare() could not check (e.g. uses inside leaves without an eager probe), as sentences.
+NOTES_ATTR = "_msq_notes"
 
 
 @dataclass(frozen=True)
@@ -38,9 +40,14 @@ class FloatRow:
 
 @dataclass
 class Report:
+    """``layers``: the quantized tensors; ``float_weights``: conv/linear/attention weights left in
+    float, with the reason; ``notes``: what prepare() could not check (each note says what may
+    have been missed and how to check it)."""
+
     layers: list[LayerRow]
     float_weights: list[FloatRow] = field(default_factory=list)
     other_float_params: int = 0
+    notes: list[str] = field(default_factory=list)
 
     @property
     def quantized_params(self) -> int:
@@ -81,11 +88,13 @@ class Report:
             parts.append("left in float:\n" + tabulate(
                 [(f.name, f.kind, f.reason) for f in self.float_weights],
                 headers=["name", "kind", "reason"], tablefmt=tablefmt))
+        parts.extend(f"note: {note}" for note in self.notes)
         return "\n".join(parts)
 
     def to_dict(self) -> dict:
         return {"layers": [asdict(r) for r in self.layers],
                 "float_weights": [asdict(f) for f in self.float_weights],
+                "notes": list(self.notes),
                 "compression": self.compression, "model_compression": self.model_compression,
                 "average_bits": self.average_bits}
 
@@ -109,7 +118,8 @@ def report(model: nn.Module) -> Report:
             group=quantizer.group, prunable=getattr(quantizer, "prunable", False),
             shared_with=quantizer.names[1:]))
     floats = [FloatRow(f.name, f.kind, f.reason) for f in getattr(model, FLOAT_WEIGHTS_ATTR, [])]
-    return Report(layers, floats, _other_float_params(model, quantized_tensors))
+    return Report(layers, floats, _other_float_params(model, quantized_tensors),
+                  list(getattr(model, NOTES_ATTR, [])))
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -1,1 +1,5 @@
-"""torch.fx passes of msq_fx: trace, discover, rewrite, group, lower (one pass per module)."""
+"""torch.fx passes of msq_fx: trace, probe, discover, rewrite, group, lower (one pass per module).
+
+``weight_uses`` is not a pass: it holds the rule, shared by discover and probe, for which operand
+of a torch op is a weight.
+"""

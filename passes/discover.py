@@ -1,42 +1,41 @@
 """Discover pass: find every conv / depthwise conv / linear / attention weight of a model.
 
-Reads: the model (its module tree and parameters) and, when one could be captured, its FX graph.
-Returns: a ``Discovery`` -- the weights to quantize (each tensor once, with every FQN it is reachable
-under, in execution order) and the conv/linear/attention weights left in float with the reason.
-Changes nothing.
+Reads: the model (its module tree and parameters), its FX graph when one could be captured, the
+leaves the tracer kept opaque and, when ``prepare`` had example inputs, the probe pass's record
+of which Parameters one eager forward consumed as weights.
+Returns: a ``Discovery`` -- the weights to quantize (each tensor once, with every FQN it is
+reachable under, in execution order), the conv/linear/attention weights left in float with the
+reason, and notes on what could not be checked. Changes nothing.
 
-Weights are found in two ways, so neither a leaf nor a functional use hides one:
+Weights are found in three ways, so neither a leaf nor a functional use hides one:
 * module walk: ``nn.Conv*``/``nn.ConvTranspose*`` (``groups == in_channels > 1`` is depthwise),
   ``nn.Linear`` and subclasses, ``nn.MultiheadAttention`` (``in_proj_weight`` or the separate
   q/k/v projections; its ``out_proj`` counts as attention) -- including modules inside leaves;
-* graph: a Parameter read by ``get_attr`` and consumed, possibly through view-like ops, by a
-  linear / conv / matmul / attention function (``F.linear(x, self.qkv.weight)``).
+* graph: a Parameter read by ``get_attr`` and consumed, possibly through view-like ops, as the
+  weight operand of a linear / conv / matmul / einsum / attention op (``F.linear(x,
+  self.qkv.weight)``), by the rule in ``weight_uses``;
+* probe: the same rule applied eagerly, which also sees uses inside leaves.
+A functional use whose Parameter is owned directly by an attention module (``nn.MultiheadAttention``
+or a class whose name contains "Attention"/"Attn") is of kind ``"attention"``; a Parameter of a
+``nn.Linear`` (a timm ``Attention``'s ``qkv``) keeps the module walk's ``"linear"``.
+
+Without a probe, a Parameter inside a leaf (or anywhere, when there is no graph) is used where
+nothing looks; each such floating-point Parameter of 2+ dims that no other way classified is named
+in a note, since it may be a functional weight left in float without a row in the report.
 """
 from __future__ import annotations
 
-import operator
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Iterable, Mapping
 
-import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from msq_fx.config import MSQConfig
 
-_LINEAR_FUNCTIONS = {F.linear, torch._C._nn.linear, torch.addmm}
-_CONV_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d,
-                   F.conv_transpose3d, torch.conv1d, torch.conv2d, torch.conv3d}
-_MATMUL_FUNCTIONS = {torch.matmul, operator.matmul, torch.mm, torch.bmm, torch.einsum,
-                     torch.baddbmm, torch.tensordot}
-_MATMUL_METHODS = {"matmul", "mm", "bmm", "__matmul__", "__rmatmul__"}
-_ATTENTION_FUNCTIONS = {F.multi_head_attention_forward}
-_VIEW_FUNCTIONS = {torch.transpose, torch.t, torch.reshape, torch.flatten, torch.squeeze,
-                   torch.unsqueeze, torch.permute, getattr, operator.getitem}
-_VIEW_METHODS = {"t", "transpose", "permute", "reshape", "view", "to", "type", "contiguous",
-                 "flatten", "unsqueeze", "squeeze", "float", "half", "bfloat16", "expand",
-                 "chunk", "split", "unbind", "type_as"}
-_CONV_GROUPS_ARG = 6  # F.conv2d(input, weight, bias, stride, padding, dilation, groups)
+from .weight_uses import USE_OPS, graph_op_name, view_sources, weight_uses
+
+_ATTENTION_CLASS_NAME = re.compile(r"attention|attn", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -72,19 +71,40 @@ class FloatWeight:
 class Discovery:
     targets: list[WeightTarget] = field(default_factory=list)
     float_weights: list[FloatWeight] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def leave_in_float(self, floats: Iterable[FloatWeight]) -> "Discovery":
+        """A copy in which the targets named by ``floats`` are float leftovers instead."""
+        floats = list(floats)
+        names = {f.name for f in floats}
+        return replace(self, targets=[t for t in self.targets if t.name not in names],
+                       float_weights=self.float_weights + floats, notes=list(self.notes))
 
 
-def discover(model: nn.Module, graph_module: fx.GraphModule | None,
-             config: MSQConfig) -> Discovery:
-    """Find the quantizable weights of ``model`` and apply the config's exclusions and policies."""
+def discover(model: nn.Module, graph_module: fx.GraphModule | None, config: MSQConfig, *,
+             probed: Mapping[str, str] | None = None, leaves: Iterable[str] = ()) -> Discovery:
+    """Find the quantizable weights of ``model`` and apply the config's exclusions and policies.
+
+    Args:
+        graph_module: the traced graph, or None when none could be captured.
+        probed: FQN -> kind of the Parameters an eager forward used as weights (the probe
+            pass's ``ProbeResult.kinds``), or None when no probe ran.
+        leaves: FQNs of the submodules the graph keeps opaque (the trace pass's ``leaves``).
+    """
     names_of = _parameter_names(model)
     kinds = _kinds_from_modules(model)
-    if graph_module is not None:
-        for qualname, kind in _kinds_from_graph(model, graph_module).items():
-            kinds.setdefault(qualname, kind)
-    order = _execution_order(model, graph_module, names_of)
+    functional = dict(_kinds_from_graph(model, graph_module)) if graph_module is not None else {}
+    for qualname, kind in (probed or {}).items():
+        functional.setdefault(qualname, kind)
+    for qualname, kind in functional.items():
+        if _resolve_parameter(model, qualname) is not None:
+            kinds.setdefault(qualname, _functional_kind(model, qualname, kind))
+    order = _execution_order(model, graph_module, names_of, probed or {})
     found = _merge_tied(model, kinds, names_of, order)
-    return _apply_policies(model, found, config)
+    discovery = _apply_policies(model, found, config)
+    if probed is None:
+        discovery.notes.extend(_unseen_uses_note(model, graph_module, leaves, found, names_of))
+    return discovery
 
 
 # --------------------------------------------------------------------------- module walk
@@ -116,47 +136,51 @@ def _kinds_from_graph(model: nn.Module, graph_module: fx.GraphModule) -> dict[st
         param = _resolve_parameter(model, node.target)
         if param is None or param.dim() < 2:
             continue
-        kind = _consumer_kind(node, param)
+        kind = _graph_use_kind(node, tuple(param.shape))
         if kind is not None:
             kinds[node.target] = kind
     return kinds
 
 
-def _consumer_kind(node: fx.Node, param: torch.Tensor) -> str | None:
-    """Kind implied by the ops that consume ``node`` (following view-like ops)."""
-    frontier, visited = list(node.users), set()
+def _graph_use_kind(node: fx.Node, shape: tuple[int, ...]) -> str | None:
+    """Kind of the first op that consumes ``node`` (or a view of it) as its weight operand.
+
+    The graph has no shapes, so a view is taken to keep the Parameter's shape (exact for
+    transposes, which is how projection weights are read; einsum checks its own subscripts).
+    """
+    chain, frontier, visited = {node}, list(node.users), set()
     while frontier:
-        user = frontier.pop()
+        user = frontier.pop(0)
         if user in visited:
             continue
         visited.add(user)
-        kind = _kind_of_op(user, param)
-        if kind is not None:
-            return kind
-        if _is_view(user):
+        op = graph_op_name(user)
+        if op is None:
+            continue
+        if op in USE_OPS:
+            uses = weight_uses(op, user.args, user.kwargs,
+                               lambda a: shape if isinstance(a, fx.Node) and a in chain else None)
+            if uses:
+                return uses[0][1]
+        elif any(isinstance(s, fx.Node) and s in chain
+                 for s in view_sources(op, user.args, user.kwargs)):
+            chain.add(user)
             frontier.extend(user.users)
     return None
 
 
-def _kind_of_op(node: fx.Node, param: torch.Tensor) -> str | None:
-    if node.op == "call_function":
-        if node.target in _ATTENTION_FUNCTIONS:
-            return "attention"
-        if node.target in _LINEAR_FUNCTIONS or node.target in _MATMUL_FUNCTIONS:
-            return "linear"
-        if node.target in _CONV_FUNCTIONS:
-            groups = node.kwargs.get("groups", node.args[_CONV_GROUPS_ARG]
-                                     if len(node.args) > _CONV_GROUPS_ARG else 1)
-            depthwise = isinstance(groups, int) and groups > 1 and param.shape[1] == 1
-            return "depthwise" if depthwise else "conv"
-    if node.op == "call_method" and node.target in _MATMUL_METHODS:
-        return "linear"
-    return None
+def _functional_kind(model: nn.Module, qualname: str, kind: str) -> str:
+    """A functional linear use of a Parameter an attention module owns directly is attention."""
+    if kind != "linear":
+        return kind
+    owner = model.get_submodule(qualname.rpartition(".")[0])
+    return "attention" if _is_attention_module(owner) else kind
 
 
-def _is_view(node: fx.Node) -> bool:
-    return ((node.op == "call_function" and node.target in _VIEW_FUNCTIONS)
-            or (node.op == "call_method" and node.target in _VIEW_METHODS))
+def _is_attention_module(module: nn.Module) -> bool:
+    return isinstance(module, nn.MultiheadAttention) or any(
+        _ATTENTION_CLASS_NAME.search(cls.__name__) for cls in type(module).__mro__
+        if cls not in (nn.Module, object))
 
 
 # --------------------------------------------------------------------------- tensors and names
@@ -179,16 +203,21 @@ def _parameter_names(model: nn.Module) -> dict[int, list[str]]:
 
 
 def _execution_order(model: nn.Module, graph_module: fx.GraphModule | None,
-                     names_of: dict[int, list[str]]) -> dict[str, int]:
-    """Rank of each parameter FQN: graph order where a graph exists, module order otherwise."""
+                     names_of: dict[int, list[str]], probed: Mapping[str, str]) -> dict[str, int]:
+    """Rank of each parameter FQN: graph order where a graph exists, then the probe's order of
+    first use, then module order."""
     order: dict[str, int] = {}
+    first_use = {name: rank for rank, name in enumerate(probed)}
     if graph_module is not None:
         for node in graph_module.graph.nodes:
-            if node.op == "call_module":
-                for pname, _ in _named_direct_and_nested(model, node.target):
+            if node.op == "call_module":  # a leaf's Parameters in probed order, then the rest
+                nested = _named_direct_and_nested(model, node.target)
+                for pname, _ in sorted(nested, key=lambda p: first_use.get(p[0], len(first_use))):
                     order.setdefault(pname, len(order))
             elif node.op == "get_attr":
                 order.setdefault(node.target, len(order))
+    for name in probed:
+        order.setdefault(name, len(order))
     for names in names_of.values():
         for name in names:
             order.setdefault(name, len(order))
@@ -247,3 +276,36 @@ def _exclusion_reason(model: nn.Module, target: WeightTarget, config: MSQConfig)
             if not config.filter_fn(model.get_submodule(owner_name), fqn):
                 return "excluded by MSQConfig.filter_fn"
     return None
+
+
+# --------------------------------------------------------------------------- unseen uses
+
+def _unseen_uses_note(model: nn.Module, graph_module: fx.GraphModule | None,
+                      leaves: Iterable[str], found: list[WeightTarget],
+                      names_of: dict[int, list[str]]) -> list[str]:
+    """Without a probe: the 2+-dim floating-point Parameters whose uses nothing looked at."""
+    if graph_module is None:
+        scopes, where = [""], "the model has no FX graph"
+    else:
+        scopes, where = sorted(set(leaves)), "they live inside leaf modules the FX graph keeps opaque"
+    classified = {fqn for target in found for fqn in target.fqns}
+    unseen = []
+    for fqns in names_of.values():
+        param = _resolve_parameter(model, fqns[0])
+        if (param is None or param.dim() < 2 or not param.is_floating_point()
+                or classified.intersection(fqns)):
+            continue
+        if any(_is_inside(fqn, scope) for fqn in fqns for scope in scopes):
+            unseen.append(fqns[0])
+    if not unseen:
+        return []
+    shown = ", ".join(unseen[:8]) + (f" and {len(unseen) - 8} more" if len(unseen) > 8 else "")
+    return [f"how these Parameters of 2+ dims are used was not seen ({where}, and no eager "
+            f"probe ran: prepare() got no example_inputs, or probing them failed): {shown}. A "
+            f"functional weight use among them (e.g. F.linear(x, self.w)) is missed and that "
+            f"weight left in float without a report row; pass example_inputs to prepare() to "
+            f"probe them."]
+
+
+def _is_inside(fqn: str, scope: str) -> bool:
+    return scope == "" or fqn.startswith(scope + ".")

@@ -3,22 +3,54 @@
 Reads: a ``Discovery`` and the config. Changes: the given model in place (``prepare`` hands it a
 private copy, so the user's model is never touched and a failure leaves nothing half-rewritten).
 Each owner module of a quantized tensor gets its class swapped for ``quantized_class(...)`` and a
-``<name>_quantizer`` child; tied uses of one tensor share one ``WeightFakeQuant``. With
-``act_bits`` set, each owner module also gets an ``input_quantizer``.
+``<name>_quantizer`` child; tied uses of one tensor share one ``WeightFakeQuant``, and a module
+registered under several names is rewritten once. With ``act_bits`` set, each owner module also
+gets an ``input_quantizer``.
+
+``unrewritable`` (changes nothing; ``prepare`` runs it first) lists the weights an owner of which
+cannot carry a quantizer, with the reason: a container (``nn.Sequential``/``ModuleList``/
+``ModuleDict``) owning a Parameter directly (a quantizer child would run as one of its layers),
+an attribute its class defines as a property, a TorchScript module, a name clash with an existing
+child. A tied tensor is one decision: if any of its owners is refused, the tensor stays float
+under all its names (quantizing it for some readers only would train against a mix of float and
+quantized reads). ``rewrite`` refuses to start (``RewriteError``, nothing changed) when given
+such a weight.
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from msq_fx.config import MSQConfig
 from msq_fx.modules import (INPUT_QUANTIZER, QUANTIZER_SUFFIX, ActivationFakeQuant,
                             WeightFakeQuant, quantized_class)
 
-from .discover import Discovery, WeightTarget
+from .discover import Discovery, FloatWeight, WeightTarget
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+_Owner = tuple[str, nn.Module, list[tuple[str, WeightTarget]]]
 
 
 class RewriteError(RuntimeError):
     """A module cannot carry a quantized weight; the message names it."""
+
+
+def unrewritable(model: nn.Module, targets: list[WeightTarget],
+                 config: MSQConfig) -> list[FloatWeight]:
+    """The targets an owner of which cannot carry a quantizer, as float leftovers with the reason."""
+    refused: dict[str, FloatWeight] = {}
+    for owner_name, owner, attrs in _owners(model, targets):
+        reasons = _refusals(owner_name, owner, [a for a, _ in attrs], config)
+        for attr, target in attrs:
+            reason = reasons.get(attr)
+            if reason is None or target.name in refused:
+                continue
+            fqn = f"{owner_name}.{attr}" if owner_name else attr
+            if fqn != target.name:
+                reason = f"tied to {fqn}, and {reason}"
+            refused[target.name] = FloatWeight(target.name, target.kind, reason)
+    return [refused[t.name] for t in targets if t.name in refused]
 
 
 def rewrite(model: nn.Module, discovery: Discovery, config: MSQConfig,
@@ -26,19 +58,19 @@ def rewrite(model: nn.Module, discovery: Discovery, config: MSQConfig,
     """Install quantizers for ``discovery.targets`` on ``model`` (in place).
 
     ``groups`` maps a weight's name to its precision group (default: every weight its own group).
+    Raises ``RewriteError`` before changing anything if an owner cannot carry a quantizer
+    (``prepare`` moves such weights to float first, with ``unrewritable``).
     """
-    owners = _group_by_owner(discovery.targets)
+    refused = unrewritable(model, discovery.targets, config)
+    if refused:
+        raise RewriteError("; ".join(f"{f.name}: {f.reason}" for f in refused))
     fixed = _fixed_width_targets(discovery.targets, config)
     quantizers = {t.name: WeightFakeQuant(config.init_bits, t.kind, t.fqns, config.grid,
                                           prunable=t.name not in fixed)
                   for t in discovery.targets}
     for name, quantizer in quantizers.items():
         quantizer.group = (groups or {}).get(name, name)
-    for owner_name, attrs in owners.items():
-        owner = model.get_submodule(owner_name)
-        _check_owner(owner_name, owner, [a for a, _ in attrs])
-    for owner_name, attrs in owners.items():
-        owner = model.get_submodule(owner_name)
+    for _, owner, attrs in _owners(model, discovery.targets):
         owner.__class__ = quantized_class(type(owner), tuple(a for a, _ in attrs))
         for attr, target in attrs:
             owner.add_module(attr + QUANTIZER_SUFFIX, quantizers[target.name])
@@ -46,13 +78,21 @@ def rewrite(model: nn.Module, discovery: Discovery, config: MSQConfig,
             owner.add_module(INPUT_QUANTIZER, ActivationFakeQuant(config.act_bits))
 
 
-def _group_by_owner(targets: list[WeightTarget]) -> dict[str, list[tuple[str, WeightTarget]]]:
-    owners: dict[str, list[tuple[str, WeightTarget]]] = {}
+def _owners(model: nn.Module, targets: list[WeightTarget]) -> list[_Owner]:
+    """Each owner module once (by identity, under its first name) with its (attr, target) pairs.
+
+    A module registered under two names (``self.b = self.a``) is one owner: swapping its class
+    twice would nest the quantized class in itself.
+    """
+    owners: dict[int, _Owner] = {}
     for target in targets:
         for fqn in target.fqns:
             owner_name, _, attr = fqn.rpartition(".")
-            owners.setdefault(owner_name, []).append((attr, target))
-    return owners
+            owner = model.get_submodule(owner_name)
+            _, _, attrs = owners.setdefault(id(owner), (owner_name, owner, []))
+            if all(a != attr for a, _ in attrs):
+                attrs.append((attr, target))
+    return list(owners.values())
 
 
 def _fixed_width_targets(targets: list[WeightTarget], config: MSQConfig) -> set[str]:
@@ -61,20 +101,27 @@ def _fixed_width_targets(targets: list[WeightTarget], config: MSQConfig) -> set[
     return {targets[0].name, targets[-1].name}
 
 
-def _check_owner(owner_name: str, owner: nn.Module, attrs: list[str]) -> None:
-    where = f"module '{owner_name or '<root>'}' ({type(owner).__name__})"
+def _refusals(owner_name: str, owner: nn.Module, attrs: list[str],
+              config: MSQConfig) -> dict[str, str]:
+    """attr -> why ``owner`` cannot route reads of it through a quantizer (empty: it can)."""
+    where = f"its owner '{owner_name or '<root>'}' ({type(owner).__name__})"
+    reason = None
     if hasattr(type(owner), "_msq_names"):
-        raise RewriteError(f"{where} already carries MSQ quantizers")
+        reason = f"{where} already carries MSQ quantizers"
+    elif isinstance(owner, _CONTAINERS):
+        reason = (f"{where} is a container (nn.Sequential/ModuleList/ModuleDict) that owns the "
+                  f"Parameter directly; a quantizer child would run as one of its layers")
+    elif isinstance(owner, torch.jit.ScriptModule):
+        reason = f"{where} is a TorchScript module, whose class cannot be swapped"
+    elif config.act_bits is not None and INPUT_QUANTIZER in owner._modules:
+        reason = f"{where} already has a child named '{INPUT_QUANTIZER}'"
+    if reason is not None:
+        return dict.fromkeys(attrs, reason)
+    reasons = {}
     for attr in attrs:
         if isinstance(getattr(type(owner), attr, None), property):
-            raise RewriteError(
-                f"{where}: '{attr}' is a property of its class, so MSQ cannot route reads of it "
-                f"through a quantizer. Exclude it with MSQConfig(exclude=(r'^{owner_name}\\.{attr}$',)).")
-        if attr + QUANTIZER_SUFFIX in owner._modules:
-            raise RewriteError(f"{where} already has a child named '{attr + QUANTIZER_SUFFIX}'")
-    if INPUT_QUANTIZER in owner._modules:
-        raise RewriteError(f"{where} already has a child named '{INPUT_QUANTIZER}'")
-    if isinstance(owner, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
-        # A container iterates over its children, so an added quantizer child would run as a layer.
-        raise RewriteError(f"{where} is a container that owns a weight directly; exclude it with "
-                           f"MSQConfig(exclude=(r'^{owner_name}\\.',)).")
+            reasons[attr] = (f"'{attr}' is a property of the class of {where}, so reads of it "
+                             f"cannot be routed through a quantizer")
+        elif attr + QUANTIZER_SUFFIX in owner._modules:
+            reasons[attr] = f"{where} already has a child named '{attr + QUANTIZER_SUFFIX}'"
+    return reasons
