@@ -21,7 +21,8 @@ share one width. What the paper leaves open, and what this implementation chose:
   Hessian at the quantized point; Hutchinson with Rademacher probes seeded by (seed, prune index),
   on ``hessian_batches`` batches, in eval mode (running norm statistics, no dropout).
 * p := 2 where Omega_g < mean(Omega) over the groups still pruning, else 1; p = 1 for everyone at
-  the first prune (paper, supplement §1). A prune never takes a group below ``min_bits``.
+  the first prune (paper, supplement §1). A prune never takes a group below ``min_bits``; beta and
+  the LSB penalty look at the LSBs the next prune would actually drop (p clipped at the floor).
 * A group whose width a policy fixes (``first_last="fixed"``) is never pruned or regularized.
 """
 from __future__ import annotations
@@ -88,9 +89,13 @@ class _Group:
         for member in self.members:
             member.quantizer.prune_step.fill_(p)
 
-    def lsb_nonzero_rate(self) -> float:
-        """beta over all member weights pooled, at the group's current p (capped below bits)."""
-        k = min(self.prune_step, self.bits - 1)
+    def droppable_lsbs(self, min_bits: int) -> int:
+        """The LSBs the next prune would drop: p, clipped so the width stays >= ``min_bits``."""
+        return max(0, min(self.prune_step, self.bits - min_bits))
+
+    def lsb_nonzero_rate(self, min_bits: int) -> float:
+        """beta over all member weights pooled, over the LSBs the next prune would drop."""
+        k = self.droppable_lsbs(min_bits)
         nonzero = sum(quant.lsb_nonzero_rate(m.latent.detach(), self.bits, k) * m.latent.numel()
                       for m in self.members)
         return nonzero / self.params
@@ -125,7 +130,9 @@ class MSQController:
         active = self._active_groups()
         if self.done or self.config.reg_strength == 0 or not active:
             return torch.zeros((), device=device)
-        terms = [m.quantizer.lsb_l1(m.latent) for g in active for m in g.members]
+        floor = self.config.min_bits
+        terms = [m.quantizer.lsb_l1(m.latent, g.droppable_lsbs(floor))
+                 for g in active for m in g.members]
         return self.config.reg_strength * torch.stack(terms).sum()
 
     def compression(self) -> float:
@@ -141,16 +148,17 @@ class MSQController:
         ``batches`` yields ``(inputs, targets)``; the first ``hessian_batches`` of them feed the
         Hessian. Returns the records of this step (empty when nothing was decided).
         """
-        if not isinstance(epoch, int) or epoch < 1:
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 1:
             raise ValueError(f"epoch_end(epoch={epoch!r}): epochs count completed epochs from 1, as "
                              f"in Algorithm 1; pass epoch + 1 when looping over range().")
         if epoch <= self.last_epoch:
             raise ValueError(f"epoch_end(epoch={epoch}): epoch {self.last_epoch} was already "
                              f"processed; continue with epoch {self.last_epoch + 1}.")
+        records = [] if self.done or epoch % self.config.prune_interval else \
+            self._prune_step(epoch, batches, loss_fn)
+        # Only a step that completed uses up its epoch, so a failed one can be retried.
         self.last_epoch = epoch
-        if self.done or epoch % self.config.prune_interval:
-            return []
-        return self._prune_step(epoch, batches, loss_fn)
+        return records
 
     def _prune_step(self, epoch: int, batches: Iterable, loss_fn) -> list[PruneRecord]:
         groups = self._active_groups()
@@ -160,7 +168,7 @@ class MSQController:
                            "%.2fx", self.compression(), self.config.target_compression)
             return []
         traces = self._hessian_traces(groups, batches, loss_fn)
-        betas = {g.name: g.lsb_nonzero_rate() for g in groups}
+        betas = {g.name: g.lsb_nonzero_rate(self.config.min_bits) for g in groups}
         omegas = {g.name: _omega(g, traces) for g in groups} if traces else {}
         before = {g.name: g.bits for g in groups}
         self._drop_lsbs(sorted(groups, key=lambda g: betas[g.name]), betas)
@@ -223,7 +231,7 @@ class MSQController:
                  r.next_prune_step, f"{r.compression:.2f}") for r in self.history]
         return tabulate(rows, headers=["epoch", "group", "kind", "params", "beta", "Omega",
                                        "bits before", "bits after", "next p", "compression"],
-                        tablefmt=tablefmt)
+                        tablefmt=tablefmt, disable_numparse=True)
 
     def bit_widths(self) -> dict[str, int]:
         return {g.name: g.bits for g in self.groups}

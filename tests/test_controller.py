@@ -1,0 +1,506 @@
+"""Specification of MSQController: one test per rule of Algorithm 1 (paper §3, DESIGN.md §4).
+
+The layers are constructed so each rule's outcome is known in advance: latent weights are put on
+the n-bit grid with a chosen fraction of codes whose LSBs are non-zero, which fixes the LSB
+non-zero rate beta exactly (``lsb_weights``), and parallel branches scaled by very different
+factors give layers whose Hessian traces differ by orders of magnitude (``Branches``).
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import msq_fx
+from msq_fx import quant
+
+IN_FEATURES = 8
+
+
+class Branches(nn.Module):
+    """Parallel bias-free linear layers ``layers.i`` on one input; output i is scaled by scales[i].
+
+    With an MSE loss the Hessian block of layer i is proportional to scales[i]**2, so the scales
+    set each layer's sensitivity (Tr(H_i)) independently of its weights.
+    """
+
+    def __init__(self, widths, scales=None) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(IN_FEATURES, w, bias=False) for w in widths)
+        self.scales = list(scales) if scales is not None else [1.0] * len(widths)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([s * layer(x) for s, layer in zip(self.scales, self.layers)], dim=1)
+
+
+def prepared(widths, scales=None, **config) -> tuple[nn.Module, msq_fx.MSQController]:
+    torch.manual_seed(0)
+    qmodel = msq_fx.prepare(Branches(widths, scales), torch.randn(2, IN_FEATURES),
+                            msq_fx.MSQConfig(**config))
+    return qmodel, msq_fx.MSQController(qmodel)
+
+
+def batches(widths, count: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(123)
+    return [(torch.randn(32, IN_FEATURES, generator=generator),
+             torch.randn(32, sum(widths), generator=generator)) for _ in range(count)]
+
+
+def latent(qmodel: nn.Module, index: int) -> nn.Parameter:
+    """The float latent weight of layers.<index> (``layer.weight`` would return the quantized one)."""
+    return qmodel.layers[index]._parameters["weight"]
+
+
+def quantizer(qmodel: nn.Module, index: int) -> msq_fx.WeightFakeQuant:
+    return qmodel.layers[index].weight_quantizer
+
+
+def lsb_weights(shape, nonzero: float, bits: int = 8, k: int = 1, lsb: int = 1,
+                seed: int = 0) -> torch.Tensor:
+    """Weights exactly on the ``bits``-bit grid whose codes have ``k`` zero LSBs, except a fraction
+    ``nonzero`` of them, whose code is raised by ``lsb`` (< 2^k). One weight is -1, so the scale
+    max|w| is exactly 1 and the codes are exactly the chosen integers."""
+    n = math.prod(shape)
+    count = round(nonzero * n)
+    assert 0 <= count < n and 0 < lsb < 2**k
+    generator = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2 ** (bits - k), (n,), generator=generator) * 2**k
+    order = torch.randperm(n, generator=generator)
+    codes[order[:count]] += lsb
+    codes[order[-1]] = 0
+    half = 2 ** (bits - 1)
+    return ((codes - half).double() / half).float().reshape(shape)
+
+
+def set_weights(qmodel: nn.Module, index: int, values: torch.Tensor) -> None:
+    with torch.no_grad():
+        latent(qmodel, index).copy_(values)
+
+
+def set_betas(qmodel: nn.Module, betas, bits: int = 8, k: int = 1) -> None:
+    for index, beta in enumerate(betas):
+        shape = latent(qmodel, index).shape
+        set_weights(qmodel, index, lsb_weights(shape, beta, bits=bits, k=k, seed=index))
+
+
+def bits_of(qmodel: nn.Module) -> list[int]:
+    return [int(layer.weight_quantizer.bits) for layer in qmodel.layers]
+
+
+def compression(widths, bits) -> float:
+    params = [IN_FEATURES * w for w in widths]
+    return 32 * sum(params) / sum(b * p for b, p in zip(bits, params))
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors on a shared 2-core machine: intra-op threads only contend."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+# ------------------------------------------------------------------------- the helper itself
+
+def test_lsb_weights_fix_beta_exactly_as_quant_measures_it():
+    w = lsb_weights((8, 8), 0.25)
+    assert quant.lsb_nonzero_rate(w, 8, 1) == 0.25
+    assert quant.lsb_nonzero_rate(lsb_weights((8, 8), 0.0), 8, 1) == 0.0
+    assert torch.equal(quant.quantize_value(w, 8), w)  # on the grid: no quantization error
+
+
+# ------------------------------------------------------------------------- (a) threshold alpha
+
+def test_group_with_beta_below_alpha_loses_p_lsbs_and_one_above_keeps_its_bits():
+    widths = [8, 8]
+    qmodel, ctl = prepared(widths, prune_threshold=0.3, target_compression=16.0, prune_interval=1)
+    set_betas(qmodel, [0.1, 0.6])
+    records = ctl.epoch_end(1, batches(widths), F.mse_loss)
+    assert bits_of(qmodel) == [7, 8]
+    assert [r.lsbs_dropped for r in records] == [1, 0]
+    assert [r.beta for r in records] == pytest.approx([0.1, 0.6], abs=1 / 64)
+
+
+def test_beta_equal_to_alpha_is_not_below_it_and_keeps_the_bits():
+    widths = [8, 8]
+    qmodel, ctl = prepared(widths, prune_threshold=0.25, target_compression=16.0, prune_interval=1)
+    set_betas(qmodel, [0.25, 0.0])  # 16 of 64 codes odd: beta == alpha exactly
+    ctl.epoch_end(1, batches(widths), F.mse_loss)
+    assert bits_of(qmodel) == [8, 7]
+
+
+def test_group_with_prune_step_two_loses_two_lsbs():
+    widths = [8]
+    qmodel, ctl = prepared(widths, target_compression=16.0, prune_interval=1,
+                           prune_step_policy="fixed")
+    set_weights(qmodel, 0, lsb_weights((8, 8), 0.0, k=2))
+    quantizer(qmodel, 0).prune_step.fill_(2)
+    (record,) = ctl.epoch_end(1, [], F.mse_loss)
+    assert bits_of(qmodel) == [6]
+    assert (record.bits_before, record.bits_after, record.lsbs_dropped) == (8, 6, 2)
+
+
+@pytest.mark.parametrize("p, pruned", [(1, True), (2, False)])
+def test_beta_counts_a_weight_whose_p_lsbs_are_not_all_zero(p, pruned):
+    # Every code is 2 mod 4: its lowest bit is zero (beta=0 at p=1), its second is not (beta=1 at p=2).
+    widths = [8]
+    qmodel, ctl = prepared(widths, target_compression=16.0, prune_interval=1,
+                           prune_step_policy="fixed")
+    set_weights(qmodel, 0, lsb_weights((8, 8), 63 / 64, k=2, lsb=2))
+    quantizer(qmodel, 0).prune_step.fill_(p)
+    (record,) = ctl.epoch_end(1, [], F.mse_loss)
+    assert record.beta == pytest.approx(0.0 if p == 1 else 63 / 64)
+    assert bits_of(qmodel) == ([8 - p] if pruned else [8])
+
+
+# ------------------------------------------------------------------------- (b) order and Gamma
+
+#: Module order deliberately differs from beta order; all four layers have 64 weights, so
+#: pruning j of them by one bit gives compression 128 / (32 - j): 4.129, 4.267, 4.414.
+ORDER_BETAS = [0.2, 0.5, 0.0, 0.1]
+
+
+@pytest.mark.parametrize("gamma, pruned, done", [
+    (4.1, {2}, True),          # the lowest-beta layer alone reaches Gamma
+    (4.2, {2, 3}, True),       # layers.0 is below alpha too but Gamma was already reached
+    (4.3, {0, 2, 3}, True),
+    (4.5, {0, 2, 3}, False),   # every layer below alpha pruned; layers.1 (beta 0.5) never
+])
+def test_groups_are_pruned_in_ascending_beta_order_until_gamma_is_reached(gamma, pruned, done):
+    widths = [8, 8, 8, 8]
+    qmodel, ctl = prepared(widths, prune_threshold=0.3, target_compression=gamma, prune_interval=1)
+    set_betas(qmodel, ORDER_BETAS)
+    records = ctl.epoch_end(1, batches(widths), F.mse_loss)
+    assert {i for i, b in enumerate(bits_of(qmodel)) if b == 7} == pruned
+    assert {i for i, b in enumerate(bits_of(qmodel)) if b == 8} == set(range(4)) - pruned
+    assert ctl.done is done
+    assert ctl.compression() == pytest.approx(compression(widths, bits_of(qmodel)))
+    assert (ctl.compression() >= gamma) is done
+    assert [r.group for r in records] == [f"layers.{i}.weight" for i in range(4)]
+
+
+def test_stop_rule_prefers_the_lowest_beta_group_even_when_it_is_smallest():
+    # layers.0 (beta 0) is small; layers.1 (beta 0.1) is large. Ascending beta: layers.0 first.
+    widths = [2, 32]
+    qmodel, ctl = prepared(widths, prune_threshold=0.3, prune_interval=1,
+                           target_compression=compression(widths, [7, 8]) - 1e-9)
+    set_betas(qmodel, [0.0, 0.1])
+    ctl.epoch_end(1, batches(widths), F.mse_loss)
+    assert bits_of(qmodel) == [7, 8]
+    assert ctl.done
+
+
+# ------------------------------------------------------------------------- (c) p from Omega
+
+SENSITIVE = [30.0, 0.1, 0.1, 0.1]  # Tr(H) of layers.0 is ~1e5 times the others'
+
+
+def test_first_prune_uses_p_1_for_every_group():
+    widths = [8, 8, 8, 8]
+    qmodel, ctl = prepared(widths, SENSITIVE, prune_threshold=1.0, target_compression=16.0,
+                           prune_interval=1)
+    records = ctl.epoch_end(1, batches(widths), F.mse_loss)
+    assert [r.lsbs_dropped for r in records] == [1, 1, 1, 1]
+    assert bits_of(qmodel) == [7, 7, 7, 7]
+
+
+def test_hessian_policy_gives_p_2_to_groups_with_omega_below_the_mean():
+    widths = [8, 8, 8, 8]
+    qmodel, ctl = prepared(widths, SENSITIVE, prune_threshold=1.0, target_compression=16.0,
+                           prune_interval=1)
+    records = ctl.epoch_end(1, batches(widths), F.mse_loss)
+    omegas = [r.omega for r in records]
+    assert omegas[0] > 1e3 * max(omegas[1:])  # the construction works: layers.0 is sensitive
+    mean = sum(omegas) / len(omegas)
+    assert [r.next_prune_step for r in records] == [2 if o < mean else 1 for o in omegas]
+    assert [int(quantizer(qmodel, i).prune_step) for i in range(4)] == [1, 2, 2, 2]
+
+
+def test_second_prune_drops_the_p_assigned_after_the_first():
+    widths = [8, 8, 8, 8]
+    qmodel, ctl = prepared(widths, SENSITIVE, prune_threshold=1.0, target_compression=16.0,
+                           prune_interval=1)
+    data = batches(widths)
+    ctl.epoch_end(1, data, F.mse_loss)
+    records = ctl.epoch_end(2, data, F.mse_loss)
+    assert [r.lsbs_dropped for r in records] == [1, 2, 2, 2]
+    assert bits_of(qmodel) == [6, 5, 5, 5]
+    omegas = [r.omega for r in records]
+    mean = sum(omegas) / len(omegas)
+    assert [r.next_prune_step for r in records] == [2 if o < mean else 1 for o in omegas]
+
+
+def test_equal_omegas_are_not_below_their_mean_and_keep_p_1():
+    # On-grid weights have no quantization error, so every Omega is 0 == mean(Omega).
+    widths = [8, 8]
+    qmodel, ctl = prepared(widths, [30.0, 0.1], prune_threshold=0.5, target_compression=16.0,
+                           prune_interval=1)
+    set_betas(qmodel, [0.0, 0.0], k=2)
+    records = ctl.epoch_end(1, batches(widths), F.mse_loss)
+    assert [r.omega for r in records] == [0.0, 0.0]
+    assert [r.next_prune_step for r in records] == [1, 1]
+
+
+def test_fixed_policy_keeps_p_1_and_computes_no_hessian():
+    widths = [8, 8, 8, 8]
+    qmodel, ctl = prepared(widths, SENSITIVE, prune_threshold=1.0, target_compression=16.0,
+                           prune_interval=1, prune_step_policy="fixed")
+    for epoch in (1, 2, 3):
+        records = ctl.epoch_end(epoch, [], F.mse_loss)  # no batches needed: no Hessian
+        assert [r.lsbs_dropped for r in records] == [1, 1, 1, 1]
+        assert all(r.next_prune_step == 1 and r.omega is None and r.hessian_trace is None
+                   for r in records)
+    assert bits_of(qmodel) == [5, 5, 5, 5]
+
+
+# ------------------------------------------------------------------------- (d) the floor
+
+def test_a_two_bit_prune_is_clipped_at_min_bits():
+    widths = [8, 8]
+    qmodel, ctl = prepared(widths, prune_threshold=0.5, target_compression=16.0, prune_interval=1,
+                           prune_step_policy="fixed", min_bits=2)
+    for index in (0, 1):
+        quantizer(qmodel, index).bits.fill_(3)
+        quantizer(qmodel, index).prune_step.fill_(2)
+        set_weights(qmodel, index, lsb_weights((8, 8), 0.0, bits=3, k=2, seed=index))
+    records = ctl.epoch_end(1, [], F.mse_loss)
+    assert bits_of(qmodel) == [2, 2]
+    assert [(r.bits_before, r.bits_after, r.lsbs_dropped) for r in records] == [(3, 2, 1)] * 2
+
+
+def test_groups_at_min_bits_are_not_pruned_reported_or_regularized():
+    widths = [8, 8]
+    qmodel, ctl = prepared(widths, prune_threshold=1.0, target_compression=10.0, prune_interval=1,
+                           prune_step_policy="fixed", min_bits=3)
+    quantizer(qmodel, 0).bits.fill_(3)
+    reg = ctl.regularization()
+    reg.backward()
+    assert latent(qmodel, 0).grad is None and latent(qmodel, 1).grad is not None
+    records = ctl.epoch_end(1, [], F.mse_loss)
+    assert [r.group for r in records] == ["layers.1.weight"]
+    assert bits_of(qmodel) == [3, 7]
+
+
+def test_repeated_pruning_never_goes_below_min_bits_and_ends_at_the_floor():
+    widths = [8, 8, 8, 8]
+    qmodel, ctl = prepared(widths, SENSITIVE, prune_threshold=1.0, prune_interval=1,
+                           target_compression=32 / 3, min_bits=3)
+    data, trajectory = batches(widths), [bits_of(qmodel)]
+    for epoch in range(1, 9):
+        ctl.epoch_end(epoch, data, F.mse_loss)
+        trajectory.append(bits_of(qmodel))
+    assert all(b >= 3 for row in trajectory for b in row)
+    assert all(a >= b for old, new in zip(trajectory, trajectory[1:]) for a, b in zip(old, new))
+    assert trajectory[-1] == [3, 3, 3, 3] and ctl.done
+    assert any(r.lsbs_dropped == 2 for r in ctl.history)  # p = 2 did occur along the way
+
+
+# ------------------------------------------------------------------------- (e) after Gamma
+
+def test_after_gamma_regularization_is_zero_and_pruning_stops_for_good():
+    widths = [8, 8]
+    qmodel, ctl = prepared(widths, prune_threshold=0.3, prune_interval=1,
+                           target_compression=compression(widths, [7, 8]) - 1e-9)
+    set_betas(qmodel, [0.0, 0.5])
+    assert ctl.regularization().item() > 0
+    ctl.epoch_end(1, batches(widths), F.mse_loss)
+    assert ctl.done and bits_of(qmodel) == [7, 8]
+    set_betas(qmodel, [0.0, 0.0])  # would be pruned again if pruning still ran
+    for epoch in (2, 3, 4):
+        assert torch.equal(ctl.regularization(), torch.zeros(()))
+        assert ctl.epoch_end(epoch, batches(widths), F.mse_loss) == []
+    assert bits_of(qmodel) == [7, 8]
+    assert len(ctl.history) == 2  # only the first round's rows
+
+
+def test_controller_of_a_model_already_at_gamma_never_prunes():
+    widths = [8, 8]
+    qmodel, ctl = prepared(widths, init_bits=4, target_compression=8.0, prune_interval=1)
+    set_betas(qmodel, [0.0, 0.0], bits=4)
+    assert ctl.done
+    assert torch.equal(ctl.regularization(), torch.zeros(()))
+    assert ctl.epoch_end(1, batches(widths), F.mse_loss) == []
+    assert bits_of(qmodel) == [4, 4]
+
+
+# ------------------------------------------------------------------------- (f) interval I
+
+def test_epoch_end_prunes_only_when_the_interval_divides_the_epoch():
+    widths = [8]
+    qmodel, ctl = prepared(widths, prune_threshold=0.3, target_compression=16.0, prune_interval=3)
+    set_betas(qmodel, [0.0], k=2)
+    pruned_at = []
+    for epoch in range(1, 8):
+        bits = bits_of(qmodel)
+        # Off-interval epochs need no batches; an empty list would fail a Hessian.
+        records = ctl.epoch_end(epoch, batches(widths) if epoch % 3 == 0 else [], F.mse_loss)
+        if records:
+            pruned_at.append(epoch)
+        assert (bits_of(qmodel) != bits) is (epoch % 3 == 0)
+    assert pruned_at == [3, 6]
+    assert {r.epoch for r in ctl.history} == {3, 6}
+
+
+def test_epochs_may_be_skipped_and_only_multiples_of_the_interval_prune():
+    widths = [8]
+    qmodel, ctl = prepared(widths, target_compression=16.0, prune_interval=2,
+                           prune_step_policy="fixed")
+    set_betas(qmodel, [0.0])
+    assert ctl.epoch_end(3, [], F.mse_loss) == []
+    assert len(ctl.epoch_end(4, [], F.mse_loss)) == 1
+    assert bits_of(qmodel) == [7]
+
+
+# ------------------------------------------------------------------------- (g) regularization
+
+def test_regularization_is_lambda_times_the_lsb_l1_of_the_active_groups():
+    # layers.0/4: fixed width (first/last); layers.3: at the floor; layers.1: 8 bits, p=1;
+    # layers.2: 6 bits, p=2. Only layers.1 and layers.2 are regularized, each at its own p.
+    widths = [4, 8, 16, 8, 4]
+    lam = 3e-3
+    qmodel, ctl = prepared(widths, reg_strength=lam, first_last="fixed", min_bits=2)
+    quantizer(qmodel, 2).bits.fill_(6)
+    quantizer(qmodel, 2).prune_step.fill_(2)
+    quantizer(qmodel, 3).bits.fill_(2)
+    expected = lam * sum(float(quant.lsb_value(latent(qmodel, i).detach(), bits, k).abs().sum())
+                         for i, bits, k in ((1, 8, 1), (2, 6, 2)))
+    reg = ctl.regularization()
+    assert reg.item() == pytest.approx(expected, rel=1e-5)
+    assert expected > 0
+    reg.backward()
+    assert [latent(qmodel, i).grad is not None for i in range(5)] == [False, True, True, False, False]
+
+
+def test_regularization_is_zero_when_lambda_is_zero():
+    qmodel, ctl = prepared([8, 8], reg_strength=0.0)
+    assert ctl.regularization().item() == 0.0
+
+
+def test_regularization_gradient_pulls_each_weight_toward_zero_lsbs():
+    # dR/dw = lambda * sign(B_p) * dx/dw with x = w 2^(n-1) / S + 2^(n-1) (paper Eq. 7).
+    lam = 1e-2
+    qmodel, ctl = prepared([8], reg_strength=lam, first_last="quantize")
+    ctl.regularization().backward()
+    w = latent(qmodel, 0).detach()
+    b = quant.lsb_value(w, 8, 1)
+    expected = lam * torch.sign(b) * (2**7 / w.abs().max())
+    inside = (b.abs() < 1) & (b != 0)  # |B_1| <= 1; the clamped top bin has no slope
+    assert int(inside.sum()) > 48
+    assert torch.allclose(latent(qmodel, 0).grad[inside], expected[inside], rtol=1e-5)
+
+
+# ------------------------------------------------------------------------- (h) history
+
+def test_history_records_every_active_group_at_every_prune():
+    widths = [8, 8, 8, 8]
+    qmodel, ctl = prepared(widths, SENSITIVE, prune_threshold=1.0, target_compression=16.0,
+                           prune_interval=1)
+    data = batches(widths)
+    first = ctl.epoch_end(1, data, F.mse_loss)
+    first_compression = ctl.compression()
+    second = ctl.epoch_end(2, data, F.mse_loss)
+    assert ctl.history == first + second
+    assert [(r.epoch, r.group) for r in ctl.history] == [
+        (e, f"layers.{i}.weight") for e in (1, 2) for i in range(4)]
+    assert all(r.kind == "linear" and r.params == 64 for r in ctl.history)
+    assert [r.bits_before for r in second] == [r.bits_after for r in first]
+    assert all(r.lsbs_dropped == r.bits_before - r.bits_after for r in ctl.history)
+    assert all(r.compression == pytest.approx(first_compression) for r in first)
+    assert all(r.compression == pytest.approx(ctl.compression()) for r in second)
+    assert [r.bits_after for r in second] == bits_of(qmodel)
+    assert [r.next_prune_step for r in second] == [int(quantizer(qmodel, i).prune_step)
+                                                   for i in range(4)]
+
+
+def test_history_omega_is_trace_times_quantization_error_at_the_pre_prune_width():
+    widths = [8, 8, 8, 8]
+    qmodel, ctl = prepared(widths, SENSITIVE, prune_threshold=1.0, target_compression=16.0,
+                           prune_interval=1)
+    records = ctl.epoch_end(1, batches(widths), F.mse_loss)
+    for i, r in enumerate(records):
+        error = quant.quantization_error(latent(qmodel, i), r.bits_before)
+        assert r.hessian_trace > 0
+        assert r.omega == pytest.approx(r.hessian_trace * error, rel=1e-9)
+        assert r.beta == pytest.approx(quant.lsb_nonzero_rate(latent(qmodel, i).detach(), 8, 1))
+
+
+def test_hessian_traces_follow_the_constructed_sensitivity():
+    # Tr(H_i) of MSE through a linear branch scales with scales[i]**2.
+    widths = [8, 8]
+    qmodel, ctl = prepared(widths, [10.0, 1.0], prune_threshold=1.0, target_compression=16.0,
+                           prune_interval=1, hessian_max_samples=64, hessian_min_samples=64)
+    records = ctl.epoch_end(1, batches(widths), F.mse_loss)
+    assert records[0].hessian_trace / records[1].hessian_trace == pytest.approx(100, rel=0.2)
+
+
+def test_history_table_has_one_row_per_record_with_its_values():
+    widths = [8, 8]
+    qmodel, ctl = prepared(widths, prune_threshold=0.3, target_compression=16.0, prune_interval=1)
+    set_betas(qmodel, [0.0, 0.5])
+    ctl.epoch_end(1, batches(widths), F.mse_loss)
+    lines = ctl.history_table().splitlines()
+    for header in ("epoch", "group", "kind", "params", "beta", "Omega", "bits before",
+                   "bits after", "next p", "compression"):
+        assert header in lines[0]
+    rows = [line.split() for line in lines[2:]]
+    assert len(rows) == len(ctl.history) == 2
+    for row, record in zip(rows, ctl.history):
+        assert row[:4] == [str(record.epoch), record.group, "linear", str(record.params)]
+        assert float(row[4]) == pytest.approx(record.beta, abs=5e-4)
+        assert row[6:] == [str(record.bits_before), str(record.bits_after),
+                           str(record.next_prune_step), f"{record.compression:.2f}"]
+    assert rows[0][6:8] == ["8", "7"] and rows[1][6:8] == ["8", "8"]
+
+
+def test_history_table_shows_a_dash_for_omega_without_hessian_and_honours_tablefmt():
+    qmodel, ctl = prepared([8], target_compression=16.0, prune_interval=1,
+                           prune_step_policy="fixed")
+    ctl.epoch_end(1, [], F.mse_loss)
+    assert ctl.history_table().splitlines()[2].split()[5] == "-"
+    assert ctl.history_table(tablefmt="github").splitlines()[0].startswith("|")
+
+
+def test_history_is_empty_before_the_first_prune():
+    qmodel, ctl = prepared([8], prune_interval=5)
+    ctl.epoch_end(1, [], F.mse_loss)
+    assert ctl.history == []
+    assert len(ctl.history_table().splitlines()) == 2  # header and rule only
+
+
+# ------------------------------------------------------------------------- (i) errors
+
+@pytest.mark.parametrize("epoch", [0, -1, 1.0, "1"])
+def test_epoch_end_rejects_an_epoch_that_is_not_a_positive_int(epoch):
+    qmodel, ctl = prepared([8], prune_interval=1)
+    with pytest.raises(ValueError, match="count completed epochs from 1"):
+        ctl.epoch_end(epoch, batches([8]), F.mse_loss)
+    assert ctl.history == [] and bits_of(qmodel) == [8]
+
+
+@pytest.mark.parametrize("again", [3, 2])
+def test_epoch_end_rejects_an_epoch_already_processed(again):
+    qmodel, ctl = prepared([8], prune_interval=5)
+    ctl.epoch_end(3, [], F.mse_loss)
+    with pytest.raises(ValueError, match="epoch 3 was already processed; continue with epoch 4"):
+        ctl.epoch_end(again, [], F.mse_loss)
+
+
+def test_epoch_end_with_no_batches_for_the_hessian_is_refused_without_pruning():
+    qmodel, ctl = prepared([8], prune_threshold=1.0, target_compression=16.0, prune_interval=1)
+    with pytest.raises(ValueError, match="yielded no"):
+        ctl.epoch_end(1, iter(()), F.mse_loss)
+    assert bits_of(qmodel) == [8] and ctl.history == [] and ctl.prune_count == 0
+
+
+def test_controller_of_an_unprepared_model_is_refused():
+    with pytest.raises(ValueError, match=r"msq_fx.prepare\(\)"):
+        msq_fx.MSQController(Branches([8]))
+
+
+def test_controller_defaults_to_the_config_stored_by_prepare():
+    qmodel, ctl = prepared([8], prune_interval=7, target_compression=5.0)
+    assert ctl.config == msq_fx.MSQConfig(prune_interval=7, target_compression=5.0)
