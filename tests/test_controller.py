@@ -504,3 +504,37 @@ def test_controller_of_an_unprepared_model_is_refused():
 def test_controller_defaults_to_the_config_stored_by_prepare():
     qmodel, ctl = prepared([8], prune_interval=7, target_compression=5.0)
     assert ctl.config == msq_fx.MSQConfig(prune_interval=7, target_compression=5.0)
+
+
+# ------------------------------------------------------------------------- robustness
+
+def test_a_failed_epoch_end_can_be_retried_with_good_batches():
+    widths = [8, 8]
+    qmodel, ctl = prepared(widths, target_compression=16.0, prune_interval=1)
+    set_betas(qmodel, [0.0, 0.0])
+    with pytest.raises(ValueError, match="yielded no"):
+        ctl.epoch_end(1, [], F.mse_loss)
+    records = ctl.epoch_end(1, batches(widths), F.mse_loss)
+    assert [r.bits_after for r in records] == [7, 7]
+
+
+def test_beta_counts_only_the_lsbs_a_prune_clipped_at_the_floor_would_drop():
+    # At 3 bits with p = 2 and a 2-bit floor, only the lowest bit can go: beta is measured on it.
+    widths = [8]
+    qmodel, ctl = prepared(widths, target_compression=15.0, prune_interval=1, min_bits=2,
+                           prune_step_policy="fixed")
+    quantizer(qmodel, 0).bits.fill_(3)
+    quantizer(qmodel, 0).prune_step.fill_(2)
+    set_weights(qmodel, 0, lsb_weights((8, IN_FEATURES), 0.0, bits=3, k=1))
+    # Every other code has its second bit set: beta over 2 bits would be about 0.5.
+    records = ctl.epoch_end(1, batches(widths), F.mse_loss)
+    assert records[0].beta == 0.0
+    assert bits_of(qmodel) == [2]
+
+
+def test_history_table_keeps_its_fixed_decimals():
+    widths = [8, 8]
+    qmodel, ctl = prepared(widths, target_compression=16.0, prune_interval=1)
+    set_betas(qmodel, [0.5, 0.0])
+    ctl.epoch_end(1, batches(widths), F.mse_loss)
+    assert "0.500" in ctl.history_table()
