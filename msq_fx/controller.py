@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from . import quant
 from .config import CONFIG_ATTR, MSQConfig
 from .hessian import hutchinson_traces
+from .second_order import twice_differentiable
 from .utils import eval_mode
 from .modules import QuantizedWeight, WeightFakeQuant, iter_quantized_weights
 
@@ -216,12 +217,21 @@ class MSQController:
             raise ValueError("epoch_end: `batches` yielded no (inputs, targets) pair for the Hessian")
         params = [m.latent for g in groups for m in g.members]
         generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.prune_count)
-        with eval_mode(self.model):
-            result = hutchinson_traces(
-                lambda: _mean_loss(self.model, chosen, loss_fn), params,
-                max_samples=self.config.hessian_max_samples,
-                min_samples=self.config.hessian_min_samples, tol=self.config.hessian_tol,
-                generator=generator, all_reduce=_distributed_mean())
+        try:
+            with eval_mode(self.model), twice_differentiable():
+                result = hutchinson_traces(
+                    lambda: _mean_loss(self.model, chosen, loss_fn), params,
+                    max_samples=self.config.hessian_max_samples,
+                    min_samples=self.config.hessian_min_samples, tol=self.config.hessian_tol,
+                    generator=generator, all_reduce=_distributed_mean())
+        except RuntimeError as error:
+            if "derivative for" not in str(error):
+                raise
+            raise RuntimeError(
+                f"epoch_end: the Hessian trace needs a twice differentiable forward, and "
+                f"{type(self.model).__name__} uses an op without a second derivative ({error}). "
+                f"Use MSQConfig(prune_step_policy='fixed') to prune without the Hessian (p = 1).",
+            ) from error
         return {id(p): float(t) for p, t in zip(params, result.traces)}
 
     # ------------------------------------------------------------------ reporting and resume
