@@ -5,20 +5,13 @@ import torch
 from torch import nn
 
 import msq_fx
+import msq_fx.check
 
 
 def expected_weight_names(model: nn.Module) -> set[str]:
-    """Every conv / linear / attention weight FQN, found independently of msq_fx's discover pass."""
-    names = set()
-    for name, module in model.named_modules():
-        prefix = f"{name}." if name else ""
-        if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
-            names.add(prefix + "weight")
-        if isinstance(module, nn.MultiheadAttention):
-            for attr in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
-                if getattr(module, attr, None) is not None:
-                    names.add(prefix + attr)
-    return names
+    """Every conv / linear / attention weight FQN, from the module tree alone (not from the
+    discover pass under test)."""
+    return msq_fx.check.expected_weight_names(model)
 
 
 def reported_names(model: nn.Module) -> set[str]:

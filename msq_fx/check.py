@@ -1,0 +1,587 @@
+"""check_model(): run the whole MSQ pipeline on one model and say whether it holds up.
+
+The pipeline is the one a user runs, shortened to a few steps on random data:
+
+    build -> eager forward -> trace -> prepare -> train (SGD + LSB regularization)
+          -> prune (one Algorithm 1 step, Hessian included) -> convert -> compare
+
+A model PASSes when nothing raises, every conv / linear / attention weight is either quantized or
+listed as float with a reason, and the converted integer model reproduces the fake-quant model's
+eval output (max |diff| <= 1e-5 * max |output|, all finite). A model that cannot be built, or does
+not run eagerly at the requested input, is a SKIP: that is a property of the model, not of the
+quantization. Every other exception is a FAIL naming the stage and the error.
+
+Models are named by a spec:
+
+    timm:resnet18                   timm.create_model(name, pretrained=False)
+    torchvision:vit_b_16            torchvision.models.get_model(name, weights=None)
+    package.module:factory          importlib.import_module(package.module).factory()
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import importlib
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .api import convert, prepare
+from .config import MSQConfig
+from .controller import MSQController
+from .report import Report, report
+from .utils import eval_mode
+
+PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
+
+#: Converted and fake-quant outputs may differ by at most this fraction of the largest output.
+RELATIVE_TOLERANCE = 1e-5
+
+#: Classes for the classifier head where the factory lets us choose: small heads save memory and
+#: time on 1000-class models, and the check does not depend on the number of classes.
+NUM_CLASSES = 10
+
+#: torchvision classification models take any input size >= their minimum; the ImageNet training
+#: resolution is 224 for all of them except Inception v3 (299). Models that pin their resolution
+#: (VisionTransformer's ``image_size``) are built for it and report it themselves.
+TORCHVISION_DEFAULT_SIZE = 224
+TORCHVISION_SIZES = {"inception_v3": 299}
+
+STAGES = ("build", "forward", "trace", "prepare", "train", "prune", "convert", "compare")
+
+
+class SpecError(ValueError):
+    """A model spec that names no model; the message says which forms are accepted."""
+
+
+def check_config(seed: int = 0) -> MSQConfig:
+    """The MSQConfig a check runs with: prune at the first epoch end, and prune for sure.
+
+    ``prune_threshold=1.0`` makes every group whose LSBs are not all set lose bits at that prune
+    (after a few steps no group has beta < the paper's 0.3), so the converted model is checked at
+    mixed widths rather than at the initial 8 bits. Two Hutchinson probes (training uses up to
+    32) exercise the same double backward and keep the Hessian affordable on large models; the
+    estimate's quality is not what is checked here.
+    """
+    return MSQConfig(prune_interval=1, prune_threshold=1.0, hessian_min_samples=2,
+                     hessian_max_samples=2, seed=seed)
+
+
+# --------------------------------------------------------------------------- result
+
+@dataclass(frozen=True)
+class CheckResult:
+    """What check_model found for one model.
+
+    Attributes:
+        model: the spec (or the class name of a module that was passed in).
+        status: "PASS", "FAIL" or "SKIP" (the model itself does not build or run eagerly).
+        reason: why it failed or was skipped, one line per problem; "" on PASS.
+        stage: the stage of the first problem (one of STAGES), None on PASS.
+        input_size: the per-sample input shape used, e.g. (3, 224, 224).
+        quantized_weights: how many weight tensors carry an MSQ quantizer.
+        float_weights: conv / linear / attention weights left in float: {name, kind, reason}.
+        max_abs_diff / rel_diff: max |converted - fake-quant| over the eval outputs, and that
+            divided by max |fake-quant output|; None when the comparison was not reached.
+        graph_nodes: nodes of the captured FX graph (0 when no graph could be captured).
+        leaves: how many submodules the capture kept opaque beyond the standard torch.nn layers;
+            ``leaf_reasons`` maps each one's FQN to why.
+        trace_failure: why no graph could be captured at all (prepare then works from the module
+            tree alone), else None.
+        compression: 32 / average bits over the quantized weights after the prune.
+        seconds: wall time of the whole check; ``stage_seconds`` splits it by stage.
+        table: the per-layer report table of the converted (else prepared) model.
+    """
+
+    model: str
+    status: str
+    reason: str = ""
+    stage: str | None = None
+    input_size: tuple[int, ...] | None = None
+    quantized_weights: int = 0
+    float_weights: list[dict[str, str]] = field(default_factory=list)
+    max_abs_diff: float | None = None
+    rel_diff: float | None = None
+    graph_nodes: int = 0
+    leaves: int = 0
+    leaf_reasons: dict[str, str] = field(default_factory=dict)
+    trace_failure: str | None = None
+    compression: float | None = None
+    seconds: float = 0.0
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    table: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return self.status == PASS
+
+    def summary_line(self) -> str:
+        """``PASS model (N weights quantized, max |diff| X)`` or ``FAIL model: reason``."""
+        if self.passed:
+            return (f"PASS {self.model} ({self.quantized_weights} weights quantized, "
+                    f"max |diff| {self.max_abs_diff:.3g})")
+        return f"{self.status} {self.model}: {self.reason}"
+
+    def to_dict(self, include_table: bool = True) -> dict[str, Any]:
+        """Plain JSON-able data; the table is left out when ``include_table`` is False."""
+        data = asdict(self)
+        data["input_size"] = list(self.input_size) if self.input_size else None
+        if not include_table:
+            data.pop("table")
+        return data
+
+
+class _Findings:
+    """The facts gathered so far while one check runs; becomes a CheckResult at the end."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.start = time.perf_counter()
+        self.status = PASS
+        self.problems: list[tuple[str, str]] = []  # (stage, one-line reason)
+        self.fields: dict[str, Any] = {"stage_seconds": {}}
+
+    @contextmanager
+    def timed(self, stage: str) -> Iterator[None]:
+        """Add the wall time spent inside to ``stage_seconds[stage]``, even when it raises."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            seconds = self.fields["stage_seconds"].get(stage, 0.0) + time.perf_counter() - start
+            self.fields["stage_seconds"][stage] = round(seconds, 3)
+
+    def problem(self, stage: str, reason: str, status: str = FAIL) -> None:
+        if not self.problems:
+            self.status = status
+        self.problems.append((stage, reason))
+
+    def result(self) -> CheckResult:
+        return CheckResult(
+            model=self.name, status=self.status,
+            reason="; ".join(reason for _, reason in self.problems),
+            stage=self.problems[0][0] if self.problems else None,
+            seconds=round(time.perf_counter() - self.start, 3), **self.fields)
+
+
+class _StageFailed(Exception):
+    """Ends a check early; the failure is already recorded in the findings."""
+
+
+@contextmanager
+def _stage(findings: _Findings, stage: str, status: str = FAIL, prefix: str = "") -> Iterator[None]:
+    """Record any exception raised inside as the check's failure at ``stage``, then stop."""
+    try:
+        with findings.timed(stage):
+            yield
+    except _StageFailed:
+        raise
+    except Exception as error:  # any error of the model or the library is the check's finding
+        findings.problem(stage, f"{stage}: {prefix}{describe_error(error)}", status)
+        raise _StageFailed from error
+
+
+def describe_error(error: BaseException) -> str:
+    """``ExceptionType: first line of the message``."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+# --------------------------------------------------------------------------- specs
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A resolved spec: where the model comes from and how to build it.
+
+    ``source`` is "timm", "torchvision" or "factory"; ``name`` the model name (or the factory's
+    ``module:attribute`` path); ``factory`` the callable for the "factory" source.
+    """
+
+    text: str
+    source: str
+    name: str
+    factory: Callable[[], nn.Module] | None = None
+
+    def build(self, size_override: tuple[int, ...] | None = None) -> nn.Module:
+        """Build the model with random weights (never downloads).
+
+        With ``size_override``, models that pin their resolution are built for it when their
+        factory takes the size (timm ``img_size``, torchvision ViT ``image_size``).
+        """
+        if self.source == "factory":
+            return self.factory()
+        attempts = _build_kwargs(self.source, size_override)
+        for kwargs in attempts[:-1]:
+            try:
+                return self._build(**kwargs)
+            except TypeError:  # the factory does not take this option; try with fewer
+                continue
+        return self._build(**attempts[-1])
+
+    def _build(self, **kwargs: Any) -> nn.Module:
+        if self.source == "timm":
+            import timm
+            return timm.create_model(self.name, pretrained=False, **kwargs)
+        import torchvision
+        return torchvision.models.get_model(self.name, weights=None, **kwargs)
+
+    def default_input_size(self, model: nn.Module) -> tuple[int, ...] | None:
+        """The per-sample input shape the model is made for (C, H, W), or None if unknown."""
+        if self.source == "torchvision":
+            size = getattr(model, "image_size", None) or TORCHVISION_SIZES.get(
+                self.name, TORCHVISION_DEFAULT_SIZE)
+            return (3, size, size)
+        return input_size_of_module(model)
+
+
+def _build_kwargs(source: str, size_override: tuple[int, ...] | None) -> list[dict[str, Any]]:
+    """Keyword sets to try, richest first: a small head, and the requested resolution."""
+    size_key = {"timm": "img_size", "torchvision": "image_size"}[source]
+    head = {"num_classes": NUM_CLASSES}
+    attempts = [head, {}]
+    if size_override is not None:
+        sized = {size_key: size_override[-1]} if size_override[-1] == size_override[-2] else {
+            size_key: tuple(size_override[-2:])}
+        attempts = [{**head, **sized}, sized] + attempts
+    return attempts
+
+
+def input_size_of_module(model: nn.Module) -> tuple[int, ...] | None:
+    """The input shape a module declares: timm's pretrained_cfg/default_cfg ``input_size``, or a
+    torchvision ViT's ``image_size``; None when it declares none."""
+    for attr in ("pretrained_cfg", "default_cfg"):
+        cfg = getattr(model, attr, None)
+        if isinstance(cfg, dict) and cfg.get("input_size"):
+            return tuple(int(s) for s in cfg["input_size"])
+    size = getattr(model, "image_size", None)
+    if isinstance(size, int):
+        return (3, size, size)
+    return None
+
+
+def parse_spec(text: str) -> ModelSpec:
+    """Resolve ``timm:NAME``, ``torchvision:NAME`` or ``package.module:factory``; SpecError if it
+    names nothing (the model is not built yet)."""
+    source, sep, name = text.partition(":")
+    if not sep or not source or not name:
+        raise SpecError(f"bad model spec {text!r}: expected timm:NAME, torchvision:NAME or "
+                        f"package.module:factory")
+    if source == "timm":
+        return ModelSpec(text, "timm", _known_timm_model(name))
+    if source == "torchvision":
+        return ModelSpec(text, "torchvision", _known_torchvision_model(name))
+    return ModelSpec(text, "factory", text, _factory(source, name, text))
+
+
+def _known_timm_model(name: str) -> str:
+    import timm
+    if not timm.is_model(name):
+        raise SpecError(f"unknown timm model {name!r}{_suggest(name, timm.list_models())}; "
+                        f"see timm.list_models()")
+    return name
+
+
+def torchvision_classification_models() -> list[str]:
+    """Every torchvision classification model name (torchvision.models, not its submodules)."""
+    import torchvision
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def _known_torchvision_model(name: str) -> str:
+    known = torchvision_classification_models()
+    if name not in known:
+        raise SpecError(f"unknown torchvision classification model {name!r}"
+                        f"{_suggest(name, known)}; see "
+                        f"torchvision.models.list_models(module=torchvision.models)")
+    return name
+
+
+def _factory(module_name: str, attribute: str, text: str) -> Callable[[], nn.Module]:
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise SpecError(f"model spec {text!r}: cannot import module {module_name!r} "
+                        f"({describe_error(error)}); expected timm:NAME, torchvision:NAME or "
+                        f"package.module:factory") from error
+    factory = getattr(module, attribute, None)
+    if not callable(factory):
+        raise SpecError(f"model spec {text!r}: module {module_name!r} has no callable "
+                        f"{attribute!r}{_suggest(attribute, dir(module))}")
+    return factory
+
+
+def _suggest(name: str, known: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=3)
+    return f" (did you mean {', '.join(close)}?)" if close else ""
+
+
+def normalize_input_size(size: int | Sequence[int] | None,
+                         default: tuple[int, ...] | None) -> tuple[int, ...] | None:
+    """A per-sample shape from ``size``: an int (or 1-tuple) is a square side, (H, W) keeps the
+    default's channel count (3 when unknown), (C, H, W) is taken as is; None keeps ``default``."""
+    if size is None:
+        return default
+    channels = default[0] if default and len(default) == 3 else 3
+    size = (size,) if isinstance(size, int) else tuple(int(s) for s in size)
+    if len(size) == 1:
+        return (channels, size[0], size[0])
+    if len(size) == 2:
+        return (channels, *size)
+    if len(size) == 3:
+        return size
+    raise ValueError(f"input_size must be an int, (H, W) or (C, H, W), got {size}")
+
+
+# --------------------------------------------------------------------------- outputs and loss
+
+def primary_output(outputs: Any) -> Tensor:
+    """The main prediction of a model output: the tensor itself, ``out`` (or the first tensor)
+    of a dict, the first element of a tuple/list (Inception's and GoogLeNet's aux logits)."""
+    if isinstance(outputs, Tensor):
+        return outputs
+    if isinstance(outputs, dict) and outputs:
+        return primary_output(outputs["out"] if "out" in outputs else next(iter(outputs.values())))
+    if isinstance(outputs, (tuple, list)) and outputs:
+        return primary_output(outputs[0])
+    raise TypeError(f"the model output ({type(outputs).__name__}) holds no tensor")
+
+
+def output_tensors(outputs: Any) -> list[Tensor]:
+    """Every tensor in a (nested) model output, in order."""
+    if isinstance(outputs, Tensor):
+        return [outputs]
+    if isinstance(outputs, dict):
+        return [t for value in outputs.values() for t in output_tensors(value)]
+    if isinstance(outputs, (tuple, list)):
+        return [t for value in outputs for t in output_tensors(value)]
+    return []
+
+
+def task_loss(outputs: Any, targets: Tensor | None) -> Tensor:
+    """Cross-entropy of the primary output against class labels; the mean square of it for
+    models whose output is not (batch, classes)."""
+    logits = primary_output(outputs).float()
+    if targets is not None and logits.dim() == 2:
+        return F.cross_entropy(logits, targets)
+    return logits.pow(2).mean()
+
+
+# --------------------------------------------------------------------------- the check
+
+def check_model(spec_or_model: str | nn.Module, *, input_size: int | Sequence[int] | None = None,
+                batch_size: int = 2, steps: int = 3, seed: int = 0,
+                config: MSQConfig | None = None) -> CheckResult:
+    """Run prepare -> train -> prune -> convert on one model and compare the converted output.
+
+    Args:
+        spec_or_model: a spec string (see the module docstring) or an nn.Module (used as given;
+            prepare works on a copy, but the eager forward checks run it).
+        input_size: per-sample input shape (int side, (H, W) or (C, H, W)); default: the size
+            the model declares (timm's pretrained_cfg, 224 / 299 for torchvision).
+        batch_size, steps, seed: the random batch, the number of SGD steps, the seed of both.
+        config: the MSQConfig to prepare with (default: ``check_config(seed)``); keep its
+            ``prune_interval=1``, or the single ``epoch_end(1, ...)`` prunes nothing.
+
+    Returns a CheckResult; raises SpecError for a spec that names no model and ValueError when
+    the input size is neither given nor declared by the model. Nothing else raises.
+    """
+    spec = parse_spec(spec_or_model) if isinstance(spec_or_model, str) else None
+    if spec is None and not isinstance(spec_or_model, nn.Module):
+        raise TypeError(f"check_model expects a spec string or an nn.Module, "
+                        f"got {type(spec_or_model).__name__}")
+    config = check_config(seed) if config is None else config
+    findings = _Findings(spec.text if spec else type(spec_or_model).__name__)
+    try:
+        _run_pipeline(findings, spec, spec_or_model, input_size, batch_size, steps, seed, config)
+    except _StageFailed:
+        pass
+    return findings.result()
+
+
+def _run_pipeline(findings: _Findings, spec: ModelSpec | None, given: Any,
+                  input_size: Any, batch_size: int, steps: int, seed: int,
+                  config: MSQConfig) -> None:
+    requested = normalize_input_size(input_size, None) if input_size is not None else None
+    torch.manual_seed(seed)
+    with _stage(findings, "build", SKIP, "model cannot be built: "):
+        model = spec.build(requested) if spec else given
+    shape = _input_shape(findings, spec, model, input_size)
+    inputs, targets = _random_batch(findings, model, shape, batch_size, seed)
+    _capture(findings, model, config)
+    with _stage(findings, "prepare"):
+        qmodel = prepare(model, inputs, config)
+        _check_coverage(findings, model, qmodel)
+    findings.fields["table"] = report(qmodel).table()
+    if spec is not None:
+        del model  # the spec can rebuild it if a failure needs diagnosing; big models need the RAM
+    with _stage(findings, "train"):
+        controller = MSQController(qmodel, config)
+    with findings.timed("train"):
+        _train(findings, qmodel, controller, inputs, targets, steps,
+               rebuild=(lambda: spec.build(requested)) if spec else (lambda: copy.deepcopy(given)))
+    with _stage(findings, "prune"):
+        controller.epoch_end(1, [(inputs, targets)], task_loss)
+    findings.fields["compression"] = round(controller.compression(), 4)
+    findings.fields["table"] = report(qmodel).table()  # the widths after the prune
+    with _stage(findings, "convert"):
+        int_model = convert(qmodel)
+    findings.fields["table"] = report(int_model).table()
+    _compare(findings, qmodel, int_model, inputs)
+
+
+def _input_shape(findings: _Findings, spec: ModelSpec | None, model: nn.Module,
+                 input_size: Any) -> tuple[int, ...]:
+    """The per-sample input shape: the requested one, else the one the model declares."""
+    default = spec.default_input_size(model) if spec else input_size_of_module(model)
+    shape = normalize_input_size(input_size, default)
+    if shape is None:
+        raise ValueError(f"{findings.name} declares no input size (no pretrained_cfg / "
+                         f"default_cfg 'input_size'); pass input_size (--input-size on the "
+                         f"command line)")
+    findings.fields["input_size"] = shape
+    return shape
+
+
+def _random_batch(findings: _Findings, model: nn.Module, shape: tuple[int, ...],
+                  batch_size: int, seed: int) -> tuple[Tensor, Tensor | None]:
+    """Random inputs, and labels for the classes the model predicts (None when its output is not
+    (batch, classes)). Runs the model once in eval mode: a model that fails here is a SKIP."""
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn((batch_size, *shape), generator=generator)
+    with _stage(findings, "forward", SKIP,
+                f"model does not run eagerly at input {tuple(inputs.shape)}: "):
+        with torch.no_grad(), eval_mode(model):
+            logits = primary_output(model(inputs))
+    if logits.dim() != 2:
+        return inputs, None
+    return inputs, torch.randint(0, logits.shape[1], (batch_size,), generator=generator)
+
+
+def _capture(findings: _Findings, model: nn.Module, config: MSQConfig) -> None:
+    """Trace the model as prepare() does and record the graph size and the opaque leaves."""
+    from msq_fx.passes.trace import trace
+
+    with _stage(findings, "trace"):
+        captured = trace(model, leaf_modules=config.leaf_modules,
+                         concrete_args=config.concrete_args)
+    findings.fields.update(graph_nodes=captured.num_nodes, leaves=len(captured.leaves),
+                           leaf_reasons=dict(captured.leaves), trace_failure=captured.failure)
+
+
+def expected_weight_names(model: nn.Module) -> set[str]:
+    """Every conv / linear / multi-head-attention weight FQN, from the module tree alone."""
+    names = set()
+    for name, module in model.named_modules(remove_duplicate=False):
+        prefix = f"{name}." if name else ""
+        if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+            names.add(prefix + "weight")
+        if isinstance(module, nn.MultiheadAttention):
+            for attr in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
+                if getattr(module, attr, None) is not None:
+                    names.add(prefix + attr)
+    return {n for n in names if _is_parameter(model, n)}
+
+
+def _is_parameter(model: nn.Module, qualname: str) -> bool:
+    owner_name, _, attr = qualname.rpartition(".")
+    return isinstance(model.get_submodule(owner_name)._parameters.get(attr), nn.Parameter)
+
+
+def _check_coverage(findings: _Findings, model: nn.Module, qmodel: nn.Module) -> None:
+    """Every conv/linear/attention weight must be quantized or listed as float with a reason."""
+    rows: Report = report(qmodel)
+    findings.fields["quantized_weights"] = len(rows.layers)
+    findings.fields["float_weights"] = [{"name": f.name, "kind": f.kind, "reason": f.reason}
+                                        for f in rows.float_weights]
+    covered = ({r.name for r in rows.layers} | {n for r in rows.layers for n in r.shared_with}
+               | {f.name for f in rows.float_weights})
+    missing = sorted(expected_weight_names(model) - covered)
+    if missing:
+        findings.problem("prepare", f"prepare: {len(missing)} weight(s) neither quantized nor "
+                                    f"listed as float: {_first(missing)}")
+    unexplained = [f.name for f in rows.float_weights if not f.reason.strip()]
+    if unexplained:
+        findings.problem("prepare", f"prepare: float weight(s) without a reason: "
+                                    f"{_first(unexplained)}")
+
+
+def _first(names: list[str], count: int = 5) -> str:
+    more = f" and {len(names) - count} more" if len(names) > count else ""
+    return ", ".join(names[:count]) + more
+
+
+def _train(findings: _Findings, qmodel: nn.Module, controller: MSQController, inputs: Tensor,
+           targets: Tensor | None, steps: int, rebuild: Callable[[], nn.Module]) -> None:
+    """``steps`` SGD steps on task loss + LSB regularization, in train mode.
+
+    The gradient norm is clipped to 1: the steps are there to drive gradients through the
+    quantizers, not to learn, and batch-2 batch norm over 1x1 feature maps (small inputs) gives
+    gradient norms of 1e6 that would otherwise blow the weights up. A failure here is a SKIP when the float model fails the same way eagerly in train mode
+    (``rebuild`` gives a fresh float model to try, never the caller's own).
+    """
+    qmodel.train()
+    optimizer = torch.optim.SGD(qmodel.parameters(), lr=1e-3)
+    try:
+        for step in range(1, steps + 1):
+            loss = task_loss(qmodel(inputs), targets) + controller.regularization()
+            if not torch.isfinite(loss):
+                findings.problem("train", f"train: loss is {float(loss.detach())} at step {step}")
+                raise _StageFailed
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(qmodel.parameters(), max_norm=1.0)
+            optimizer.step()
+    except _StageFailed:
+        raise
+    except Exception as error:  # decide whose failure it is before recording it
+        eager_error = _eager_train_error(rebuild, inputs, targets)
+        if eager_error is not None:
+            findings.problem("train", f"train: model does not run eagerly in train mode at input "
+                                      f"{tuple(inputs.shape)}: {eager_error}", SKIP)
+        else:
+            findings.problem("train", f"train: {describe_error(error)}")
+        raise _StageFailed from error
+    finally:
+        optimizer.zero_grad(set_to_none=True)  # gradients are not needed any more: free them
+
+
+def _eager_train_error(rebuild: Callable[[], nn.Module], inputs: Tensor,
+                       targets: Tensor | None) -> str | None:
+    """The error the float model raises in one train-mode step, or None if it runs."""
+    try:
+        model = rebuild().train()
+        task_loss(model(inputs), targets).backward()
+    except Exception as error:  # the float model's own failure is what we are looking for
+        return describe_error(error)
+    return None
+
+
+def _compare(findings: _Findings, qmodel: nn.Module, int_model: nn.Module, inputs: Tensor) -> None:
+    """Eval outputs of the converted and fake-quant models must match and be finite."""
+    with _stage(findings, "compare"):
+        fake_quant = output_tensors(_eval_output(qmodel, inputs))
+        lowered = output_tensors(_eval_output(int_model, inputs))
+        if not fake_quant or [t.shape for t in fake_quant] != [t.shape for t in lowered]:
+            raise ValueError(f"output structures differ: fake-quant "
+                             f"{[tuple(t.shape) for t in fake_quant]}, converted "
+                             f"{[tuple(t.shape) for t in lowered]}")
+    scale = max(float(t.detach().abs().max()) for t in fake_quant)
+    diff = max(float((a.double() - b.double()).abs().max()) for a, b in zip(fake_quant, lowered))
+    findings.fields.update(max_abs_diff=diff, rel_diff=diff / scale if scale > 0 else diff)
+    if not all(bool(torch.isfinite(t).all()) for t in fake_quant + lowered):
+        findings.problem("compare", "compare: eval output is not finite")
+    elif not diff <= RELATIVE_TOLERANCE * scale or math.isnan(diff):
+        findings.problem("compare", f"compare: converted output differs from the fake-quant "
+                                    f"output by {diff:.3g} (max |output| {scale:.3g}, allowed "
+                                    f"{RELATIVE_TOLERANCE:g} of it)")
+
+
+def _eval_output(model: nn.Module, inputs: Tensor) -> Any:
+    with torch.no_grad(), eval_mode(model):
+        return model(inputs)
