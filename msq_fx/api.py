@@ -1,7 +1,6 @@
 """prepare() and convert(): the two entry points that run the passes on a private copy."""
 from __future__ import annotations
 
-import copy
 import logging
 from typing import Any
 
@@ -11,7 +10,7 @@ from torch import nn
 from .config import CONFIG_ATTR, MSQConfig
 from .modules import LoweredWeight, WeightFakeQuant
 from .report import FLOAT_WEIGHTS_ATTR, NOTES_ATTR
-from .utils import eval_mode
+from .utils import copy_module, eval_mode
 
 #: The networkx graph of the grouping pass, kept on the prepared model for inspection.
 SENSITIVITY_GRAPH_ATTR = "_msq_sensitivity_graph"
@@ -51,7 +50,7 @@ def prepare(model: nn.Module, example_inputs: Any = None, config: MSQConfig | No
                        f"model, or keep training the prepared one.")
     inputs = _as_tuple(example_inputs)
 
-    qmodel = copy.deepcopy(model)
+    qmodel = copy_module(model)
     probed = None if inputs is None else _probe_or_explain(model, qmodel, inputs)
     captured = trace(qmodel, leaf_modules=config.leaf_modules, concrete_args=config.concrete_args)
     discovery = discover(qmodel, captured.graph_module, config, probed=probed,
@@ -100,7 +99,7 @@ def convert(qmodel: nn.Module) -> nn.Module:
         raise MSQError(f"convert() expects a model returned by msq_fx.prepare(), but "
                        f"{type(qmodel).__name__}: {detail}. Call msq_fx.prepare(model, "
                        f"example_inputs) and train it first.")
-    int_model = copy.deepcopy(qmodel)
+    int_model = copy_module(qmodel)
     try:
         lower(int_model)
     except LowerError as error:

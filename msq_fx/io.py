@@ -7,7 +7,6 @@ renamed, so an interrupted save never leaves a truncated file under ``path``.
 """
 from __future__ import annotations
 
-import copy
 import os
 import tempfile
 from pathlib import Path
@@ -17,6 +16,7 @@ from torch import nn
 
 from .modules import LoweredWeight, WeightFakeQuant
 from .packing import pack_codes, unpack_codes
+from .utils import copy_module
 
 FORMAT = "msq_fx.packed/1"
 
@@ -24,7 +24,7 @@ FORMAT = "msq_fx.packed/1"
 def save(int_model: nn.Module, path: str | os.PathLike) -> None:
     """Write a model returned by ``msq_fx.convert`` to ``path`` with bit-packed codes."""
     _require_converted(int_model)
-    skeleton = copy.deepcopy(int_model)
+    skeleton = copy_module(int_model)
     packed = {}
     for name, lowered in _lowered_modules(skeleton):
         packed[name] = {"shape": tuple(lowered.codes.shape), "bits": lowered.num_bits,

@@ -20,6 +20,7 @@ from typing import Iterator
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from . import quant
 
@@ -63,7 +64,11 @@ class WeightFakeQuant(nn.Module):
         k = min(k, self.num_bits - 1)
         if k < 1:
             return latent.new_zeros(())
-        return quant.lsb_value(latent, self.num_bits, k).abs().sum()
+        bits = self.num_bits
+        # Recomputed in backward instead of keeping B's intermediates (several weight-sized
+        # tensors per layer) alive until the optimizer step: the penalty's memory stays O(1).
+        return checkpoint(lambda w: quant.lsb_value(w, bits, k).abs().sum(), latent,
+                          use_reentrant=False)
 
     def extra_repr(self) -> str:
         return f"bits={self.num_bits}, p={int(self.prune_step)}, kind={self.kind}, grid={self.grid}"

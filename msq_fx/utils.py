@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Iterator
 
-from torch import nn
+from torch import Tensor, nn
 
 
 @contextlib.contextmanager
@@ -17,3 +18,30 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for module, training in modes:
             module.training = training
+
+
+def copy_module(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)``, also when the model caches autograd-graph tensors.
+
+    Some models cache tensors computed from their parameters in plain attributes during an eval
+    forward (timm's EfficientViT attention-bias cache); after a forward with gradients enabled,
+    such as a Hessian-vector product, those tensors are not graph leaves and ``deepcopy`` refuses
+    them. The copy holds detached clones of them instead (same values, no graph).
+    """
+    memo: dict[int, object] = {}
+    for module in model.modules():
+        for value in vars(module).values():
+            _memo_detached(value, memo, depth=3)
+    return copy.deepcopy(model, memo)
+
+
+def _memo_detached(value: object, memo: dict[int, object], depth: int) -> None:
+    if isinstance(value, Tensor):
+        if not value.is_leaf:
+            memo[id(value)] = value.detach().clone()
+    elif depth > 0 and isinstance(value, dict):
+        for item in value.values():
+            _memo_detached(item, memo, depth - 1)
+    elif depth > 0 and isinstance(value, (list, tuple)):
+        for item in value:
+            _memo_detached(item, memo, depth - 1)

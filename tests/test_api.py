@@ -218,3 +218,27 @@ def test_report_counts_compression_in_the_paper_convention():
     assert report.compression == pytest.approx(32 * report.quantized_params / bits)
     assert 1 < report.model_compression < report.compression
     assert "compression" in report.table()
+
+
+class CachesAGraphTensor(nn.Module):
+    """Caches a tensor computed from its weight in eval mode, as timm's EfficientViT does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            self.cache["scaled"] = self.proj.weight * 2
+        return self.proj(x)
+
+
+def test_convert_copies_a_model_that_cached_a_graph_tensor_in_eval_mode():
+    qmodel = msq_fx.prepare(CachesAGraphTensor(), torch.randn(2, 4))
+    qmodel.eval()
+    qmodel(torch.randn(2, 4))  # with gradients enabled: the cache holds a non-leaf tensor
+    assert not qmodel.cache["scaled"].is_leaf
+    int_model = msq_fx.convert(qmodel)
+    assert int_model.cache["scaled"].grad_fn is None
+    assert torch.equal(int_model.cache["scaled"], qmodel.cache["scaled"].detach())
