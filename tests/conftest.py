@@ -1,11 +1,17 @@
 """Shared test fixtures and helpers."""
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
 import msq_fx
 import msq_fx.check
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One worker per core: a thread pool in each worker would only contend with the other.
+    torch.set_num_threads(1)
 
 
 def expected_weight_names(model: nn.Module) -> set[str]:
