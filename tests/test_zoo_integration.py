@@ -67,7 +67,7 @@ def test_prepare_train_convert(name, build, shape, lr):
     losses = []
     for _ in range(20):
         loss = F.cross_entropy(qmodel(x), target)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         optimizer.zero_grad()
         (loss + controller.regularization()).backward()
         optimizer.step()
