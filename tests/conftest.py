@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 from torch import nn
 
@@ -12,6 +13,15 @@ import msq_fx.check
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # One worker per core: a thread pool in each worker would only contend with the other.
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors on a shared 2-core machine: intra-op threads only contend (up to 10x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def expected_weight_names(model: nn.Module) -> set[str]:

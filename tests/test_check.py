@@ -31,15 +31,8 @@ from msq_fx.check import CheckResult, SpecError, check_model
 SWEEP_PATH = Path(__file__).resolve().parents[1] / "tools" / "zoo_sweep"
 THIS_MODULE = Path(__file__).stem  # tests/ is on sys.path, so factories here are specs too
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The time budgets of this file are for one core; on a shared machine a competing thread
-    pool is slower than one thread. Results do not depend on the thread count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --------------------------------------------------------------- factories used as specs

@@ -94,15 +94,8 @@ def compression(widths, bits) -> float:
     params = [IN_FEATURES * w for w in widths]
     return 32 * sum(params) / sum(b * p for b, p in zip(bits, params))
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors on a shared 2-core machine: intra-op threads only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 # ------------------------------------------------------------------------- the helper itself
 

@@ -112,15 +112,8 @@ def set_latent(qmodel, name: str, values: torch.Tensor) -> None:
 def groups_of(ctl) -> dict[str, list[str]]:
     return {g.name: [m.name for m in g.members] for g in ctl.groups}
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors on a shared 2-core machine: intra-op threads only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 # ------------------------------------------------------------------------- tied weights
 

@@ -24,14 +24,8 @@ HESSIAN_BATCHES = [next(synthetic_patterns(32, classes=4, size=12, seed=1).batch
 CONFIG = msq_fx.MSQConfig(prune_interval=1, prune_threshold=0.6, reg_strength=1e-3,
                           target_compression=5.2, hessian_max_samples=4, hessian_min_samples=2)
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors on a shared 2-core machine: intra-op threads only contend (10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def fresh_run(seed: int = 0):
