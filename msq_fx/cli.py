@@ -19,6 +19,8 @@ from .training import accuracy, cosine_schedule, train_epoch
 
 def demo(args: argparse.Namespace) -> int:
     """Quantize a small CNN end to end on a generated task; print the bit table and compression."""
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     data = synthetic_patterns(args.train_size + 1000, seed=args.seed)
     train_set, test_set = data.split(args.train_size)
@@ -138,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     # lambda reaches the target within the demo's 10 epochs.
     demo_parser.add_argument("--reg-strength", type=float, default=2e-4)
     demo_parser.add_argument("--seed", type=int, default=0)
+    demo_parser.add_argument("--threads", type=int, default=None,
+                             help="torch CPU threads (default: torch's choice; 1 is faster when "
+                                  "other jobs share the CPU)")
     demo_parser.set_defaults(handler=demo)
     _add_check_parser(commands)
     return parser
