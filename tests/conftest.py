@@ -1,7 +1,10 @@
 """Shared test fixtures and helpers."""
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
 import os
+import sys
 
 import pytest
 import torch
@@ -22,6 +25,18 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def load_tool(path, module_name: str):
+    """Import an executable script from tools/ (no .py suffix, so the loader is named explicitly).
+
+    The module is registered before it runs so its dataclasses can resolve their annotations.
+    """
+    loader = importlib.machinery.SourceFileLoader(module_name, str(path))
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
+    sys.modules[loader.name] = module
+    loader.exec_module(module)
+    return module
 
 
 def expected_weight_names(model: nn.Module) -> set[str]:

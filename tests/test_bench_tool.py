@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.machinery
-import importlib.util
 import io
 import json
-import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import load_tool
 
 BENCH_PATH = Path(__file__).resolve().parents[1] / "tools" / "bench"
 TINY_RUN = ["--batch-size", "8", "--repeats", "2", "--steps", "1", "--warmup", "1", "--json"]
@@ -18,13 +17,7 @@ CIFAR_INPUT_BYTES_PER_SAMPLE = 3 * 32 * 32 * 4
 
 
 def load_bench_tool():
-    # The tool has no .py suffix, so the loader must be named explicitly; registering the module
-    # before running it lets its dataclasses resolve their annotations.
-    loader = importlib.machinery.SourceFileLoader("msq_bench_tool", str(BENCH_PATH))
-    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
-    sys.modules[loader.name] = module
-    loader.exec_module(module)
-    return module
+    return load_tool(BENCH_PATH, "msq_bench_tool")
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,6 @@ it shows up as an XPASS to be promoted to the passing list.
 from __future__ import annotations
 
 import csv
-import importlib.machinery
-import importlib.util
 import json
 import subprocess
 import sys
@@ -27,6 +25,7 @@ from torch import nn
 import msq_fx
 from msq_fx import cli
 from msq_fx.check import CheckResult, SpecError, check_model
+from conftest import load_tool
 
 SWEEP_PATH = Path(__file__).resolve().parents[1] / "tools" / "zoo_sweep"
 THIS_MODULE = Path(__file__).stem  # tests/ is on sys.path, so factories here are specs too
@@ -286,13 +285,7 @@ def _csv_rows(path: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def sweep_tool():
-    # No .py suffix, so the loader is named explicitly; registering the module before running it
-    # lets its dataclasses resolve their annotations.
-    loader = importlib.machinery.SourceFileLoader("msq_zoo_sweep_tool", str(SWEEP_PATH))
-    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
-    sys.modules[loader.name] = module
-    loader.exec_module(module)
-    return module
+    return load_tool(SWEEP_PATH, "msq_zoo_sweep_tool")
 
 
 def test_sweep_is_an_executable_python_script():
