@@ -20,7 +20,6 @@ from typing import Iterator
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from . import quant
 
@@ -64,11 +63,7 @@ class WeightFakeQuant(nn.Module):
         k = min(k, self.num_bits - 1)
         if k < 1:
             return latent.new_zeros(())
-        bits = self.num_bits
-        # Recomputed in backward instead of keeping B's intermediates (several weight-sized
-        # tensors per layer) alive until the optimizer step: the penalty's memory stays O(1).
-        return checkpoint(lambda w: quant.lsb_value(w, bits, k).abs().sum(), latent,
-                          use_reentrant=False)
+        return quant.lsb_l1(latent, self.num_bits, k)
 
     def extra_repr(self) -> str:
         return f"bits={self.num_bits}, p={int(self.prune_step)}, kind={self.kind}, grid={self.grid}"
@@ -109,7 +104,8 @@ class LoweredWeight(nn.Module):
         return int(self.bits)
 
     def forward(self, _latent: Tensor | None = None) -> Tensor:
-        return quant.dequantize(self.codes.to(self.step.dtype), self.step, float(self.offset))
+        return quant.dequantize(self.codes.to(self.step.dtype), self.step, float(self.offset),
+                                inplace=True)  # the int8 -> float copy is ours to overwrite
 
     def extra_repr(self) -> str:
         return f"bits={self.num_bits}, shape={tuple(self.codes.shape)}, kind={self.kind}"

@@ -40,7 +40,9 @@ def _check_grid(grid: str) -> None:
 def weight_scale(w: Tensor) -> Tensor:
     """Per-tensor scale ``S = max|w|`` (detached; a tiny floor keeps all-zero tensors finite)."""
     floor = max(_MIN_SCALE, torch.finfo(w.dtype).tiny) if w.is_floating_point() else _MIN_SCALE
-    return w.detach().abs().amax().clamp_min(floor)
+    # max(-min, max) equals max|w| exactly, without a weight-sized |w| temporary.
+    low, high = torch.aminmax(w.detach())
+    return torch.maximum(-low, high).clamp_min(floor)
 
 
 def code_position(w: Tensor, bits: int, scale: Tensor) -> Tensor:
@@ -54,13 +56,18 @@ def roundclamp_codes(w: Tensor, bits: int, scale: Tensor | None = None) -> Tenso
     """Unsigned RoundClamp codes ``c_n = min(round(2^n W), 2^n - 1)`` as a float tensor (no grad)."""
     _check_bits(bits)
     scale = weight_scale(w) if scale is None else scale
-    x = code_position(w.detach(), bits, scale)
-    return torch.clamp(torch.round(x), 0.0, float(2**bits - 1))
+    # code_position's arithmetic, in place after the first op: one weight-sized allocation
+    # instead of five, which on large models is most of the quantizer's memory traffic.
+    half = float(2 ** (bits - 1))
+    x = w.detach() / scale
+    return x.mul_(half).add_(half).round_().clamp_(0.0, float(2**bits - 1))
 
 
-def signed_codes(unsigned: Tensor, bits: int) -> Tensor:
-    """Shift unsigned codes to the signed range ``[-2^(n-1), 2^(n-1) - 1]`` (exact in float)."""
-    return unsigned - float(2 ** (bits - 1))
+def signed_codes(unsigned: Tensor, bits: int, inplace: bool = False) -> Tensor:
+    """Shift unsigned codes to the signed range ``[-2^(n-1), 2^(n-1) - 1]`` (exact in float);
+    ``inplace`` overwrites ``unsigned``."""
+    half = float(2 ** (bits - 1))
+    return unsigned.sub_(half) if inplace else unsigned - half
 
 
 def grid_step(scale: Tensor, bits: int, grid: str = "nested") -> Tensor:
@@ -77,17 +84,20 @@ def grid_offset(grid: str = "nested") -> float:
     return 0.0 if grid == "nested" else 0.5
 
 
-def dequantize(signed: Tensor, step: Tensor, offset: float) -> Tensor:
+def dequantize(signed: Tensor, step: Tensor, offset: float, inplace: bool = False) -> Tensor:
     """``(signed + offset) * step``: the one formula both the fake-quant and the lowered model use,
-    so their weights agree bit for bit."""
+    so their weights agree bit for bit (in place or not, the same two roundings happen)."""
+    if inplace:
+        return signed.add_(offset).mul_(step)
     return (signed + offset) * step
 
 
 def quantize_value(w: Tensor, bits: int, grid: str = "nested") -> Tensor:
     """The fake-quantized value of ``w`` at ``bits`` (no gradient)."""
     scale = weight_scale(w)
-    signed = signed_codes(roundclamp_codes(w, bits, scale), bits)
-    return dequantize(signed, grid_step(scale, bits, grid), grid_offset(grid)).to(w.dtype)
+    signed = signed_codes(roundclamp_codes(w, bits, scale), bits, inplace=True)
+    return dequantize(signed, grid_step(scale, bits, grid), grid_offset(grid),
+                      inplace=True).to(w.dtype)
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -130,6 +140,49 @@ def lsb_value(w: Tensor, bits: int, k: int, scale: Tensor | None = None) -> Tens
     coarse = roundclamp_codes(w, bits - k, scale)
     bound = float(2 ** (k - 1))
     return torch.clamp(x - float(2**k) * coarse, -bound, bound)
+
+
+def lsb_l1(w: Tensor, bits: int, k: int) -> Tensor:
+    """``sum |B_k|`` over ``w`` (the L1 of :func:`lsb_value`), with the same value and gradient.
+
+    A fused autograd Function: the forward keeps nothing but ``w`` (already alive as a parameter)
+    and the backward recomputes ``B_k`` in place, so the penalty over a whole model costs one
+    weight-sized temporary at a time instead of a graph of them per layer.
+    """
+    _check_bits(bits)
+    if not 1 <= k < bits:
+        raise ValueError(f"k must be in 1..bits-1 (bits={bits}), got {k}")
+    return _LsbL1.apply(w, bits, k)
+
+
+def _unclamped_lsb(w: Tensor, bits: int, k: int, scale: Tensor) -> Tensor:
+    """``x - 2^k c_(n-k)``: lsb_value before its clamp, in place after the first op (no grad)."""
+    half = float(2 ** (bits - 1))
+    x = (w.detach() / scale).mul_(half).add_(half)
+    return x.sub_(roundclamp_codes(w, bits - k, scale).mul_(float(2**k)))
+
+
+class _LsbL1(torch.autograd.Function):
+    """sum |clamp(x - 2^k c, -2^(k-1), 2^(k-1))|; d/dw = sign(B) * [|x - 2^k c| < 2^(k-1)] *
+    dx/dw: no slope on the bounds, as torch.clamp's own backward has it."""
+
+    @staticmethod
+    def forward(ctx, w: Tensor, bits: int, k: int) -> Tensor:  # noqa: D102
+        scale = weight_scale(w)
+        bound = float(2 ** (k - 1))
+        ctx.save_for_backward(w, scale)
+        ctx.bits, ctx.k = bits, k
+        return _unclamped_lsb(w, bits, k, scale).clamp_(-bound, bound).abs_().sum()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # noqa: D102
+        w, scale = ctx.saved_tensors
+        bits, k = ctx.bits, ctx.k
+        bound = float(2 ** (k - 1))
+        lsb = _unclamped_lsb(w, bits, k, scale)
+        inside = lsb.abs() < bound
+        slope = grad * (float(2 ** (bits - 1)) / scale)
+        return lsb.sign_().mul_(inside).mul_(slope), None, None
 
 
 def lsb_integer(unsigned: Tensor, k: int) -> Tensor:

@@ -386,3 +386,29 @@ def test_quantization_keeps_the_dtype_of_the_weight():
 def test_invalid_bits_k_or_grid_raise_value_error(call):
     with pytest.raises(ValueError):
         call(torch.tensor([0.5, -1.0]))
+
+
+# ---------------------------------------------------------------- fused LSB penalty
+
+@PROPERTY
+@given(weight_cases())
+def test_fused_lsb_l1_equals_the_l1_of_lsb_value(case):
+    n, k, w = case
+    assert torch.equal(quant.lsb_l1(w, n, k), quant.lsb_value(w, n, k).abs().sum())
+
+
+@PROPERTY
+@given(weight_cases())
+def test_fused_lsb_l1_gradient_equals_autograd_through_lsb_value(case):
+    n, k, w = case
+    fused, reference = w.clone().requires_grad_(), w.clone().requires_grad_()
+    (3.0 * quant.lsb_l1(fused, n, k)).backward()
+    (3.0 * quant.lsb_value(reference, n, k).abs().sum()).backward()
+    # Same zeros; elsewhere the two chains multiply the same factors in another order.
+    assert torch.equal(fused.grad == 0, reference.grad == 0)
+    assert torch.allclose(fused.grad, reference.grad, rtol=1e-6, atol=0)
+
+
+def test_fused_lsb_l1_rejects_k_outside_1_to_bits_minus_1():
+    with pytest.raises(ValueError, match="k must be in 1..bits-1"):
+        quant.lsb_l1(torch.randn(4), 4, 4)
