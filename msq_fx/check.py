@@ -96,6 +96,9 @@ class CheckResult:
             tree alone), else None.
         compression: 32 / average bits over the quantized weights after the prune.
         seconds: wall time of the whole check; ``stage_seconds`` splits it by stage.
+        peak_memory_mib: the process's peak resident memory (MiB) at the end of each stage; a
+            high-water mark, so in a process that checks one model the first stage where it
+            jumps is the one that needed the memory.
         table: the per-layer report table of the converted (else prepared) model.
     """
 
@@ -115,6 +118,7 @@ class CheckResult:
     compression: float | None = None
     seconds: float = 0.0
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    peak_memory_mib: dict[str, float] = field(default_factory=dict)
     table: str = ""
 
     @property
@@ -145,7 +149,7 @@ class _Findings:
         self.start = time.perf_counter()
         self.status = PASS
         self.problems: list[tuple[str, str]] = []  # (stage, one-line reason)
-        self.fields: dict[str, Any] = {"stage_seconds": {}}
+        self.fields: dict[str, Any] = {"stage_seconds": {}, "peak_memory_mib": {}}
 
     @contextmanager
     def timed(self, stage: str) -> Iterator[None]:
@@ -156,6 +160,9 @@ class _Findings:
         finally:
             seconds = self.fields["stage_seconds"].get(stage, 0.0) + time.perf_counter() - start
             self.fields["stage_seconds"][stage] = round(seconds, 3)
+            peak = peak_resident_mib()
+            if peak is not None:
+                self.fields["peak_memory_mib"][stage] = peak
 
     def problem(self, stage: str, reason: str, status: str = FAIL) -> None:
         if not self.problems:
@@ -185,6 +192,15 @@ def _stage(findings: _Findings, stage: str, status: str = FAIL, prefix: str = ""
     except Exception as error:  # any error of the model or the library is the check's finding
         findings.problem(stage, f"{stage}: {prefix}{describe_error(error)}", status)
         raise _StageFailed from error
+
+
+def peak_resident_mib() -> float | None:
+    """The process's peak resident memory so far in MiB (None where the OS does not say)."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
 
 
 def describe_error(error: BaseException) -> str:
@@ -540,7 +556,10 @@ def _train(findings: _Findings, qmodel: nn.Module, controller: MSQController, in
     except _StageFailed:
         raise
     except Exception as error:  # decide whose failure it is before recording it
-        eager_error = _eager_train_error(rebuild, inputs, targets)
+        # Out of memory is a limit of the machine, not a property of the float model: rebuilding
+        # it to try eagerly would only fail the same way and turn the finding into a SKIP.
+        eager_error = None if is_out_of_memory(error) else _eager_train_error(rebuild, inputs,
+                                                                              targets)
         if eager_error is not None:
             findings.problem("train", f"train: model does not run eagerly in train mode at input "
                                       f"{tuple(inputs.shape)}: {eager_error}", SKIP)
@@ -549,6 +568,14 @@ def _train(findings: _Findings, qmodel: nn.Module, controller: MSQController, in
         raise _StageFailed from error
     finally:
         optimizer.zero_grad(set_to_none=True)  # gradients are not needed any more: free them
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """True for an allocation failure: Python's MemoryError or torch's allocator error."""
+    return isinstance(error, MemoryError) or (
+        isinstance(error, RuntimeError) and any(
+            text in str(error) for text in ("can't allocate memory", "not enough memory",
+                                            "Cannot allocate memory")))
 
 
 def _eager_train_error(rebuild: Callable[[], nn.Module], inputs: Tensor,

@@ -77,6 +77,25 @@ class TinyMHA(nn.Module):
         return self.head(attended.mean(1))
 
 
+class OutOfMemoryInTraining(nn.Module):
+    """Runs in eval mode; a training forward with autograd fails to allocate, as a model too big
+    for the machine does (the eager float model fails the same way)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 10)
+
+    def forward(self, x):
+        if self.training and torch.is_grad_enabled():
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to "
+                               "allocate 26214400 bytes")
+        return self.fc(x.mean((2, 3)))
+
+
+def out_of_memory_in_training() -> nn.Module:
+    return OutOfMemoryInTraining()
+
+
 def tiny_torchvision_vit() -> nn.Module:
     return torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2,
                                                 num_heads=4, hidden_dim=64, mlp_dim=128,
@@ -156,6 +175,12 @@ def test_a_model_that_does_not_run_at_the_input_size_is_a_skip():
     result = check_model("msq_fx.models:resnet20", input_size=(1, 32, 32))
     assert (result.status, result.stage) == ("SKIP", "forward")
     assert "model does not run eagerly at input (2, 1, 32, 32): RuntimeError" in result.reason
+
+
+def test_running_out_of_memory_in_training_is_a_failure_not_a_skip():
+    result = check_model(f"{THIS_MODULE}:out_of_memory_in_training", input_size=(3, 8, 8))
+    assert (result.status, result.stage) == ("FAIL", "train")
+    assert result.reason.startswith("train: RuntimeError: DefaultCPUAllocator: can't allocate")
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -362,3 +387,19 @@ def test_sweep_rerun_keeps_old_rows_until_replaced(sweep_tool, tmp_path):
     sweep.record({**rows[0], "status": "PASS"})
     assert [(r["model"], r["status"]) for r in sweep_tool.read_rows(tmp_path / "zoo.csv")] == [
         ("torchvision:a", "PASS"), ("torchvision:b", "TIMEOUT"), ("torchvision:c", "PASS")]
+
+
+def test_sweep_size_order_puts_cheap_models_first_and_caches_timm_sizes(sweep_tool, tmp_path):
+    cache = tmp_path / "sizes.json"
+    specs = ["timm:resnet50", "torchvision:resnet18", "timm:resnet10t", "torchvision:alexnet"]
+    ordered = sweep_tool.smallest_first(specs, cache)
+    assert ordered == ["timm:resnet10t", "torchvision:resnet18", "timm:resnet50",
+                       "torchvision:alexnet"]
+    stored = json.loads(cache.read_text())
+    assert set(stored["models"]) == {"resnet10t", "resnet50"}
+    params, size = stored["models"]["resnet50"]
+    assert size == [3, 224, 224] and 23_000_000 < params < 24_000_000  # 10-class head
+
+    stored["models"]["resnet50"][0] = 1  # the cache is what later sweeps read
+    cache.write_text(json.dumps(stored))
+    assert sweep_tool.smallest_first(specs, cache)[0] == "timm:resnet50"
