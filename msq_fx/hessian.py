@@ -217,20 +217,56 @@ def _trace_sample(
     curved = [i for i, grad in enumerate(grads) if grad is not None and grad.requires_grad]
     if not curved:
         return torch.zeros(len(params), dtype=torch.float64, device=device)
+    outputs = [grads[i] for i in curved]
+    output_probes = [probes[i] for i in curved]
+    if all(param.is_leaf for param in params):
+        return _streamed_products(outputs, output_probes, params, probes)
     hessian_times_probe = torch.autograd.grad(
-        [grads[i] for i in curved],
-        params,
-        grad_outputs=[probes[i] for i in curved],
-        retain_graph=True,
-        allow_unused=True,
+        outputs, params, grad_outputs=output_probes, retain_graph=True, allow_unused=True
     )
-    per_tensor = [
-        torch.zeros((), dtype=torch.float64, device=device)
-        if hv is None
-        else (probe.double() * hv.double()).sum().to(device)
-        for probe, hv in zip(probes, hessian_times_probe)
-    ]
-    return torch.stack(per_tensor)
+    return torch.stack([_dot(probe, hv, device) for probe, hv in zip(probes, hessian_times_probe)])
+
+
+def _streamed_products(
+    outputs: list[torch.Tensor],
+    output_probes: list[torch.Tensor],
+    params: list[torch.Tensor],
+    probes: list[torch.Tensor],
+) -> torch.Tensor:
+    """v_l . (H v)_l taken as each block of H v lands in ``params[l].grad`` and dropped there.
+
+    ``autograd.grad`` would hold the whole product (one more copy of every weight) until the
+    pass ends; consuming each block as it is accumulated keeps only the blocks in flight. The
+    callers' own ``.grad`` tensors are set aside for the pass and put back.
+    """
+    device = params[0].device
+    products = torch.zeros(len(params), dtype=torch.float64, device=device)
+    position = {id(param): index for index, param in enumerate(params)}
+
+    def consume(param: torch.Tensor) -> None:
+        index = position[id(param)]
+        products[index] = _dot(probes[index], param.grad, device)
+        param.grad = None
+
+    stashed = [param.grad for param in params]
+    handles = []
+    try:
+        for param in params:
+            param.grad = None
+            handles.append(param.register_post_accumulate_grad_hook(consume))
+        torch.autograd.backward(outputs, output_probes, retain_graph=True, inputs=params)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for param, grad in zip(params, stashed):
+            param.grad = grad
+    return products
+
+
+def _dot(probe: torch.Tensor, hv: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    if hv is None:  # the loss does not reach this tensor
+        return torch.zeros((), dtype=torch.float64, device=device)
+    return (probe.double() * hv.double()).sum().to(device)
 
 
 def _reduced(

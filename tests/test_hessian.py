@@ -393,23 +393,46 @@ def test_keeps_an_existing_grad_as_it_was():
 
 def test_one_loss_one_gradient_and_one_hvp_per_sample(monkeypatch):
     params, loss_of = mlp_cross_entropy()
-    loss_calls, grad_calls = [], []
-    real_grad = torch.autograd.grad
+    loss_calls, passes = [], []  # passes: every autograd.grad or autograd.backward call
 
-    def counting_grad(*args, **kwargs):
-        grad_calls.append(1)
-        return real_grad(*args, **kwargs)
+    def counting(real):
+        def call(*args, **kwargs):
+            passes.append(real.__name__)
+            return real(*args, **kwargs)
+        return call
 
     def loss():
         loss_calls.append(1)
         return loss_of(*params)
 
-    monkeypatch.setattr(torch.autograd, "grad", counting_grad)
+    monkeypatch.setattr(torch.autograd, "grad", counting(torch.autograd.grad))
+    monkeypatch.setattr(torch.autograd, "backward", counting(torch.autograd.backward))
     result = hutchinson_traces(
         loss, params, max_samples=6, min_samples=6, tol=NEVER_CONVERGED, generator=seeded(0)
     )
     assert len(loss_calls) == 1
-    assert len(grad_calls) == 1 + result.samples
+    assert len(passes) == 1 + result.samples
+
+
+def test_the_callers_gradients_are_kept():
+    params, loss_of = mlp_cross_entropy()
+    held = [torch.full_like(p, 7.0) for p in params]
+    for param, grad in zip(params, held):
+        param.grad = grad
+    hutchinson_traces(lambda: loss_of(*params), params, max_samples=3, min_samples=3,
+                      generator=seeded(0))
+    assert all(param.grad is grad for param, grad in zip(params, held))
+    assert all(bool((grad == 7.0).all()) for grad in held)
+
+
+def test_non_leaf_params_get_the_same_traces_as_leaves():
+    params, loss_of = mlp_cross_entropy()
+    views = [p * 1.0 for p in params]  # same values, not graph leaves
+    leaf = hutchinson_traces(lambda: loss_of(*params), params, max_samples=4, min_samples=4,
+                             generator=seeded(2))
+    non_leaf = hutchinson_traces(lambda: loss_of(*views), views, max_samples=4, min_samples=4,
+                                 generator=seeded(2))
+    assert torch.allclose(leaf.traces, non_leaf.traces, rtol=1e-10, atol=0)
 
 
 def test_works_under_no_grad_and_with_float32_params():
