@@ -134,6 +134,13 @@ def test_resnet20_spec_passes_with_every_weight_quantized():
                                      "max |diff| 0)")
 
 
+def test_the_peak_memory_is_recorded_after_every_stage_and_never_falls():
+    result = check_model("msq_fx.models:resnet20", input_size=32)
+    assert list(result.peak_memory_mib) == list(result.stage_seconds)
+    peaks = list(result.peak_memory_mib.values())
+    assert peaks == sorted(peaks) and peaks[0] > 100
+
+
 def test_torchvision_model_passes_at_a_small_input_size():
     result = check_model("torchvision:resnet18", input_size=32)
     assert result.status == "PASS", result.reason
@@ -338,6 +345,7 @@ def test_sweep_records_timeouts_reruns_them_and_resumes(tmp_path):
                                                          ("torchvision:squeezenet1_1", "PASS")]
     assert rows[0]["quantized_weights"] == "21" and int(rows[0]["graph_nodes"]) > 0
     assert rows[0]["float_leftovers"] == "0" and rows[0]["input_size"] == "3x32x32"
+    assert float(rows[0]["peak_mib"]) > 100  # torch alone is more than that
     markdown = (tmp_path / "zoo.md").read_text()
     assert "- PASS: 2" in markdown and "2/2 = 100.0%" in markdown
     assert "| torchvision:squeezenet1_1" in markdown and "TIMEOUT" not in markdown
