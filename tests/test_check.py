@@ -381,6 +381,15 @@ def test_sweep_markdown_summarizes_statuses_failures_and_float_leftovers(sweep_t
     assert "(all but SKIP): 1/4 = 25.0%" in text and "(PASS + FAIL): 1/3 = 33.3%" in text
     assert "|        2 | FAIL     | prune   | prune: RuntimeError: boom N |" in text
     assert "| a       | head.weight [linear]: excluded by MSQConfig.exclude |" in text
+    assert "In progress" not in text
+
+
+def test_sweep_markdown_says_how_far_an_unfinished_sweep_got(sweep_tool):
+    rows = [{**{c: "" for c in sweep_tool.COLUMNS}, "model": "timm:a", "status": "PASS"}]
+    text = sweep_tool.markdown_report(rows, "title", "settings", ["timm:a", "timm:b", "timm:c"])
+    assert "**In progress: 1 of the 3 selected models checked so far.**" in text
+    done = sweep_tool.markdown_report(rows, "title", "settings", ["timm:a"])
+    assert "In progress" not in done
 
 
 def test_sweep_rerun_keeps_old_rows_until_replaced(sweep_tool, tmp_path):
