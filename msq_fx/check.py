@@ -65,12 +65,12 @@ def check_config(seed: int = 0) -> MSQConfig:
 
     ``prune_threshold=1.0`` makes every group whose LSBs are not all set lose bits at that prune
     (after a few steps no group has beta < the paper's 0.3), so the converted model is checked at
-    mixed widths rather than at the initial 8 bits. Two Hutchinson probes (training uses up to
-    32) exercise the same double backward and keep the Hessian affordable on large models; the
-    estimate's quality is not what is checked here.
+    mixed widths rather than at the initial 8 bits. One Hutchinson probe (training uses up to
+    32) runs the same double backward as many and keeps the Hessian affordable on large models;
+    the estimate's quality is not what is checked here.
     """
-    return MSQConfig(prune_interval=1, prune_threshold=1.0, hessian_min_samples=2,
-                     hessian_max_samples=2, seed=seed)
+    return MSQConfig(prune_interval=1, prune_threshold=1.0, hessian_min_samples=1,
+                     hessian_max_samples=1, seed=seed)
 
 
 # --------------------------------------------------------------------------- result
