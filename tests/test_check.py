@@ -406,6 +406,18 @@ def test_sweep_rerun_keeps_old_rows_until_replaced(sweep_tool, tmp_path):
         ("torchvision:a", "PASS"), ("torchvision:b", "TIMEOUT"), ("torchvision:c", "PASS")]
 
 
+@pytest.mark.parametrize("status", ["FAIL", "SKIP"])
+def test_sweep_counts_an_allocation_failure_as_out_of_memory(sweep_tool, status):
+    result = {"model": "timm:big", "status": status, "stage": "forward", "graph_nodes": 0,
+              "leaves": 0, "quantized_weights": 0, "float_weights": [], "max_abs_diff": None,
+              "input_size": [3, 224, 224], "peak_memory_mib": {},
+              "reason": "forward: model does not run eagerly at input (2, 3, 224, 224): "
+                        "RuntimeError: DefaultCPUAllocator: can't allocate memory"}
+    assert sweep_tool._result_row(result, 0.0)["status"] == "OOM"
+    other = {**result, "reason": "forward: RuntimeError: shape mismatch"}
+    assert sweep_tool._result_row(other, 0.0)["status"] == status
+
+
 def test_sweep_size_order_puts_cheap_models_first_and_caches_timm_sizes(sweep_tool, tmp_path):
     cache = tmp_path / "sizes.json"
     specs = ["timm:resnet50", "torchvision:resnet18", "timm:resnet10t", "torchvision:alexnet"]
