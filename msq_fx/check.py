@@ -573,12 +573,17 @@ def _train(findings: _Findings, qmodel: nn.Module, controller: MSQController, in
         optimizer.zero_grad(set_to_none=True)  # gradients are not needed any more: free them
 
 
+#: Texts by which allocation failures announce themselves: torch's CPU allocator (also under an
+#: RLIMIT_AS cap), C++'s and Python's own.
+OUT_OF_MEMORY_MESSAGES = ("can't allocate memory", "not enough memory", "Cannot allocate memory",
+                          "std::bad_alloc", "MemoryError")
+
+
 def is_out_of_memory(error: BaseException) -> bool:
     """True for an allocation failure: Python's MemoryError or torch's allocator error."""
     return isinstance(error, MemoryError) or (
-        isinstance(error, RuntimeError) and any(
-            text in str(error) for text in ("can't allocate memory", "not enough memory",
-                                            "Cannot allocate memory")))
+        isinstance(error, RuntimeError)
+        and any(text in str(error) for text in OUT_OF_MEMORY_MESSAGES))
 
 
 def _eager_train_error(rebuild: Callable[[], nn.Module], inputs: Tensor,
