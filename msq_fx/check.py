@@ -36,7 +36,7 @@ from .api import convert, prepare
 from .config import MSQConfig
 from .controller import MSQController
 from .report import Report, report
-from .utils import eval_mode
+from .utils import eval_mode, is_out_of_memory
 
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 
@@ -95,6 +95,9 @@ class CheckResult:
         trace_failure: why no graph could be captured at all (prepare then works from the module
             tree alone), else None.
         compression: 32 / average bits over the quantized weights after the prune.
+        hessian_method: how the prune computed H v: "autograd" (double backward) or
+            "finite_difference" (the fallback when the double backward ran out of memory or met
+            an op without a second derivative); None when the prune was not reached.
         seconds: wall time of the whole check; ``stage_seconds`` splits it by stage.
         peak_memory_mib: the process's peak resident memory (MiB) at the end of each stage; a
             high-water mark, so in a process that checks one model the first stage where it
@@ -116,6 +119,7 @@ class CheckResult:
     leaf_reasons: dict[str, str] = field(default_factory=dict)
     trace_failure: str | None = None
     compression: float | None = None
+    hessian_method: str | None = None
     seconds: float = 0.0
     stage_seconds: dict[str, float] = field(default_factory=dict)
     peak_memory_mib: dict[str, float] = field(default_factory=dict)
@@ -445,7 +449,8 @@ def _run_pipeline(findings: _Findings, spec: ModelSpec | None, given: Any,
         # The Hessian's double backward keeps about three copies of the activations; one sample
         # exercises it as fully as the batch does, at half the memory on the largest models.
         first = (inputs[:1], None if targets is None else targets[:1])
-        controller.epoch_end(1, [first], task_loss)
+        records = controller.epoch_end(1, [first], task_loss)
+    findings.fields["hessian_method"] = records[0].hessian_method if records else None
     findings.fields["compression"] = round(controller.compression(), 4)
     findings.fields["table"] = report(qmodel).table()  # the widths after the prune
     with _stage(findings, "convert"):
@@ -575,17 +580,6 @@ def _train(findings: _Findings, qmodel: nn.Module, controller: MSQController, in
 
 #: Texts by which allocation failures announce themselves: torch's CPU allocator (also under an
 #: RLIMIT_AS cap), C++'s and Python's own.
-OUT_OF_MEMORY_MESSAGES = ("can't allocate memory", "not enough memory", "Cannot allocate memory",
-                          "std::bad_alloc", "MemoryError")
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    """True for an allocation failure: Python's MemoryError or torch's allocator error."""
-    return isinstance(error, MemoryError) or (
-        isinstance(error, RuntimeError)
-        and any(text in str(error) for text in OUT_OF_MEMORY_MESSAGES))
-
-
 def _eager_train_error(rebuild: Callable[[], nn.Module], inputs: Tensor,
                        targets: Tensor | None) -> str | None:
     """The error the float model raises in one train-mode step, or None if it runs."""

@@ -10,6 +10,7 @@ from .quant import GRIDS
 
 FIRST_LAST_POLICIES = ("quantize", "fixed", "float")
 PRUNE_STEP_POLICIES = ("hessian", "fixed")
+HESSIAN_METHODS = ("auto", "autograd", "finite_difference")
 UNQUANTIZABLE_POLICIES = ("float", "error")
 
 #: A prepared model keeps ``config.to_dict()`` under this attribute; the controller defaults to it.
@@ -48,6 +49,16 @@ class MSQConfig:
         prune_step_policy: "hessian" (p = 2 where Omega < mean Omega, else 1) or "fixed" (p = 1).
         hessian_max_samples / hessian_min_samples / hessian_tol: Hutchinson estimator limits.
         hessian_batches: batches of the given iterable used for the Hessian at each prune.
+        hessian_method: how H v is computed. "autograd": double backward (exact; about three
+            times a training step's activation memory). "finite_difference": central difference
+            of two first-order gradients with the quantized weights displaced (two backwards per
+            probe, a training step's memory; error O(step^2)). "auto" (default): autograd, and
+            finite differences when autograd runs out of memory or meets an op that has no
+            second derivative (logged as a warning; the prune records which method ran).
+        hessian_relative_step: finite-difference step, relative to the RMS of the weights. With
+            piecewise-linear activations (ReLU) the difference also measures the gradient jumps
+            of units the step moves across their kink; small steps keep those rare (see
+            msq_fx.hessian.finite_difference_traces for the measured trade-off).
         seed: seeds the Rademacher vectors, so decisions are reproducible and resumable.
     """
 
@@ -71,6 +82,8 @@ class MSQConfig:
     hessian_min_samples: int = 4
     hessian_tol: float = 1e-2
     hessian_batches: int = 1
+    hessian_method: str = "auto"
+    hessian_relative_step: float = 1e-4
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -124,6 +137,10 @@ class MSQConfig:
                  self.hessian_tol, "a number > 0")
         _require(_is_int(self.hessian_batches) and self.hessian_batches >= 1, "hessian_batches",
                  self.hessian_batches, "an integer >= 1")
+        _require(self.hessian_method in HESSIAN_METHODS, "hessian_method", self.hessian_method,
+                 f"one of {HESSIAN_METHODS}")
+        _require(_is_number(self.hessian_relative_step) and 0 < self.hessian_relative_step < 1,
+                 "hessian_relative_step", self.hessian_relative_step, "a number in (0, 1)")
         _require(_is_int(self.seed), "seed", self.seed, "an integer")
 
     def replace(self, **changes: Any) -> "MSQConfig":

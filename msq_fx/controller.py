@@ -19,7 +19,10 @@ share one width. What the paper leaves open, and what this implementation chose:
 * Omega_g = sum over members of Tr(H_l) * ||W_q - W||^2, with the raw (not per-parameter) trace
   of the loss Hessian w.r.t. the latent weights through the straight-through quantizer, i.e. the
   Hessian at the quantized point; Hutchinson with Rademacher probes seeded by (seed, prune index),
-  on ``hessian_batches`` batches, in eval mode (running norm statistics, no dropout).
+  on ``hessian_batches`` batches, in eval mode (running norm statistics, no dropout). H v comes
+  from a double backward, or (``hessian_method``) from the central difference of two gradients
+  with the quantized weights displaced, which needs a training step's memory instead of about
+  three; "auto" uses the first and falls back to the second on out-of-memory.
 * p := 2 where Omega_g < mean(Omega) over the groups still pruning, else 1; p = 1 for everyone at
   the first prune (paper, supplement §1). A prune never takes a group below ``min_bits``; beta and
   the LSB penalty look at the LSBs the next prune would actually drop (p clipped at the floor).
@@ -27,6 +30,7 @@ share one width. What the paper leaves open, and what this implementation chose:
 """
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable
@@ -37,10 +41,11 @@ from torch import Tensor, nn
 
 from . import quant
 from .config import CONFIG_ATTR, MSQConfig
-from .hessian import hutchinson_traces
+from .hessian import HessianTraces, finite_difference_traces, hutchinson_traces
+from .modules import (QuantizedWeight, WeightFakeQuant, displaced_quantized_weights,
+                      iter_quantized_weights)
 from .second_order import twice_differentiable
-from .utils import eval_mode
-from .modules import QuantizedWeight, WeightFakeQuant, iter_quantized_weights
+from .utils import eval_mode, is_out_of_memory
 
 logger = logging.getLogger("msq_fx")
 
@@ -62,6 +67,7 @@ class PruneRecord:
     bits_after: int
     next_prune_step: int
     compression: float
+    hessian_method: str | None = None  # how H v was computed; None when no Hessian was taken
 
 
 class _Group:
@@ -168,7 +174,7 @@ class MSQController:
             logger.warning("no group can lose more bits; compression %.2fx stays below the target "
                            "%.2fx", self.compression(), self.config.target_compression)
             return []
-        traces = self._hessian_traces(groups, batches, loss_fn)
+        traces, hessian_method = self._hessian_traces(groups, batches, loss_fn)
         betas = {g.name: g.lsb_nonzero_rate(self.config.min_bits) for g in groups}
         omegas = {g.name: _omega(g, traces) for g in groups} if traces else {}
         before = {g.name: g.bits for g in groups}
@@ -180,7 +186,7 @@ class MSQController:
             hessian_trace=_group_trace(g, traces) if traces else None,
             omega=omegas.get(g.name), lsbs_dropped=before[g.name] - g.bits,
             bits_before=before[g.name], bits_after=g.bits, next_prune_step=g.prune_step,
-            compression=self.compression()) for g in groups]
+            compression=self.compression(), hessian_method=hessian_method) for g in groups]
         self.history.extend(records)
         logger.info("epoch %d: pruned %d of %d groups, compression %.2fx%s", epoch,
                     sum(r.lsbs_dropped > 0 for r in records), len(groups), self.compression(),
@@ -208,31 +214,75 @@ class MSQController:
 
     # ------------------------------------------------------------------ Hessian
     def _hessian_traces(self, groups: list[_Group], batches: Iterable, loss_fn,
-                        ) -> dict[int, float]:
-        """Tr(H) per member latent (keyed by id), or {} when p is not Hessian-guided."""
+                        ) -> tuple[dict[int, float], str | None]:
+        """Tr(H) per member latent (keyed by id) and the method that computed it.
+
+        ({}, None) when p is not Hessian-guided.
+        """
         if self.config.prune_step_policy != "hessian":
-            return {}
+            return {}, None
         chosen = _take(batches, self.config.hessian_batches)
         if not chosen:
             raise ValueError("epoch_end: `batches` yielded no (inputs, targets) pair for the Hessian")
-        params = [m.latent for g in groups for m in g.members]
+        members = [m for g in groups for m in g.members]
+        method = self.config.hessian_method
+        if method == "finite_difference":
+            result = self._estimate_traces("finite_difference", members, chosen, loss_fn)
+        else:
+            fallback = None
+            try:
+                result = self._estimate_traces("autograd", members, chosen, loss_fn)
+            except (RuntimeError, MemoryError) as error:
+                fallback = self._autograd_fallback_reason(error)
+            if fallback is not None:
+                # Outside the handler: the traceback would keep the failed graph alive.
+                logger.warning("epoch_end: %s; taking the Hessian by finite differences instead",
+                               fallback)
+                method = "finite_difference"
+                result = self._estimate_traces(method, members, chosen, loss_fn)
+            else:
+                method = "autograd"
+        return {id(m.latent): float(t) for m, t in zip(members, result.traces)}, method
+
+    def _estimate_traces(self, method: str, members: list[QuantizedWeight], chosen: list,
+                         loss_fn) -> HessianTraces:
+        """Hutchinson traces over ``members``' latents, on ``chosen`` batches, in eval mode.
+
+        Probes are seeded by (seed, prune index), so both methods draw the same ones.
+        """
+        params = [m.latent for m in members]
         generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.prune_count)
-        try:
-            with eval_mode(self.model), twice_differentiable():
-                result = hutchinson_traces(
-                    lambda: _mean_loss(self.model, chosen, loss_fn), params,
-                    max_samples=self.config.hessian_max_samples,
-                    min_samples=self.config.hessian_min_samples, tol=self.config.hessian_tol,
-                    generator=generator, all_reduce=_distributed_mean())
-        except RuntimeError as error:
-            if "derivative for" not in str(error):
-                raise
+        limits = dict(max_samples=self.config.hessian_max_samples,
+                      min_samples=self.config.hessian_min_samples, tol=self.config.hessian_tol,
+                      generator=generator, all_reduce=_distributed_mean())
+        loss = functools.partial(_mean_loss, self.model, chosen, loss_fn)
+        with eval_mode(self.model):
+            if method == "finite_difference":
+                displaced = functools.partial(displaced_quantized_weights,
+                                              [m.quantizer for m in members])
+                return finite_difference_traces(
+                    loss, params, displaced=displaced,
+                    relative_step=self.config.hessian_relative_step, **limits)
+            with twice_differentiable():
+                return hutchinson_traces(loss, params, **limits)
+
+    def _autograd_fallback_reason(self, error: BaseException) -> str:
+        """Why finite differences should replace the double backward, or re-raise ``error``."""
+        no_second_derivative = "derivative for" in str(error)
+        if self.config.hessian_method == "auto":
+            if is_out_of_memory(error):
+                return f"the double backward ran out of memory ({_first_line(error)})"
+            if no_second_derivative:
+                return (f"{type(self.model).__name__} uses an op without a second derivative "
+                        f"({_first_line(error)})")
+        if no_second_derivative:
             raise RuntimeError(
-                f"epoch_end: the Hessian trace needs a twice differentiable forward, and "
-                f"{type(self.model).__name__} uses an op without a second derivative ({error}). "
-                f"Use MSQConfig(prune_step_policy='fixed') to prune without the Hessian (p = 1).",
+                f"epoch_end: the Hessian trace by autograd needs a twice differentiable forward, "
+                f"and {type(self.model).__name__} uses an op without a second derivative "
+                f"({error}). Use MSQConfig(hessian_method='finite_difference') (first-order "
+                f"gradients only) or prune_step_policy='fixed' (p = 1, no Hessian).",
             ) from error
-        return {id(p): float(t) for p, t in zip(params, result.traces)}
+        raise error
 
     # ------------------------------------------------------------------ reporting and resume
     def history_table(self, tablefmt: str = "simple") -> str:
@@ -269,6 +319,10 @@ def _omega(group: _Group, traces: dict[int, float]) -> float:
 
 def _group_trace(group: _Group, traces: dict[int, float]) -> float:
     return sum(traces[id(m.latent)] for m in group.members)
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def _take(batches: Iterable, count: int) -> list:

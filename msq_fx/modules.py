@@ -13,10 +13,11 @@ survive a ``state_dict`` round trip (bits, prune step, integer codes, scale) is 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -248,3 +249,28 @@ def iter_quantized_weights(model: nn.Module) -> Iterator[QuantizedWeight]:
             seen.add(id(quantizer))
             name = f"{owner_name}.{attr}" if owner_name else attr
             yield QuantizedWeight(name, owner, attr, quantizer, owner._parameters.get(attr))
+
+
+@contextlib.contextmanager
+def displaced_quantized_weights(quantizers: Sequence[nn.Module],
+                                offsets: Sequence[Tensor]) -> Iterator[None]:
+    """Inside, ``quantizers[i]`` returns its quantized weight plus ``offsets[i]``.
+
+    Moves the weights the model computes with, not the latents (a small move of a latent is
+    mostly absorbed by rounding), so a finite difference sees the curvature at the quantized
+    point. Gradients still reach the latents through the straight-through quantizer.
+    """
+    if len(quantizers) != len(offsets):
+        raise ValueError(f"{len(quantizers)} quantizers but {len(offsets)} offsets")
+    handles = []
+    try:
+        for quantizer, offset in zip(quantizers, offsets):
+            handles.append(quantizer.register_forward_hook(functools.partial(_add_offset, offset)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _add_offset(offset: Tensor, _module: nn.Module, _inputs: tuple, output: Tensor) -> Tensor:
+    return output + offset

@@ -5,7 +5,20 @@ import contextlib
 import copy
 from typing import Iterator
 
+import torch
 from torch import Tensor, nn
+
+#: Substrings of the errors an allocation failure raises on the CPU: torch's allocator, the C++
+#: runtime, Python, and the OS refusing an address-space request.
+OUT_OF_MEMORY_MESSAGES = ("can't allocate memory", "not enough memory", "Cannot allocate memory",
+                          "std::bad_alloc", "MemoryError")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """True for an allocation failure: MemoryError, torch.OutOfMemoryError or an allocator error."""
+    return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(error, RuntimeError)
+        and any(text in str(error) for text in OUT_OF_MEMORY_MESSAGES))
 
 
 @contextlib.contextmanager

@@ -127,6 +127,7 @@ def test_resnet20_spec_passes_with_every_weight_quantized():
     assert result.input_size == (3, 32, 32)
     assert result.graph_nodes > 20 and result.leaves == 0 and result.trace_failure is None
     assert 1 < result.compression <= 32 / 7  # the prune took every group below 8 bits
+    assert result.hessian_method == "autograd"
     assert "layer3.2.conv2.weight" in result.table and "compression" in result.table
     assert set(result.stage_seconds) == {"build", "forward", "trace", "prepare", "train",
                                          "prune", "convert", "compare"}
@@ -382,6 +383,23 @@ def test_sweep_markdown_summarizes_statuses_failures_and_float_leftovers(sweep_t
     assert "|        2 | FAIL     | prune   | prune: RuntimeError: boom N |" in text
     assert "| a       | head.weight [linear]: excluded by MSQConfig.exclude |" in text
     assert "In progress" not in text
+
+
+def test_sweep_markdown_lists_the_models_whose_hessian_fell_back_to_finite_differences(
+        sweep_tool):
+    rows = [{**{c: "" for c in sweep_tool.COLUMNS}, "model": model, "status": "PASS",
+             "hessian": hessian, "peak_mib": "100"}
+            for model, hessian in (("timm:big", "finite_difference"), ("timm:small", "autograd"),
+                                   ("timm:old", ""))]
+    text = sweep_tool.markdown_report(rows, "title", "settings")
+    section = text.split("## Hessian by finite differences")[1].split("##")[0]
+    assert "timm:big" in section and "timm:small" not in section and "timm:old" not in section
+
+
+def test_sweep_markdown_has_no_finite_difference_section_when_none_fell_back(sweep_tool):
+    rows = [{**{c: "" for c in sweep_tool.COLUMNS}, "model": "timm:a", "status": "PASS",
+             "hessian": "autograd"}]
+    assert "finite differences" not in sweep_tool.markdown_report(rows, "title", "settings")
 
 
 def test_sweep_markdown_says_how_far_an_unfinished_sweep_got(sweep_tool):

@@ -7,6 +7,7 @@ factors give layers whose Hessian traces differ by orders of magnitude (``Branch
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -531,3 +532,125 @@ def test_history_table_keeps_its_fixed_decimals():
     set_betas(qmodel, [0.5, 0.0])
     ctl.epoch_end(1, batches(widths), F.mse_loss)
     assert "0.500" in ctl.history_table()
+
+
+# ------------------------------------------------------------------ how H v is computed
+
+class SmallConvNet(nn.Module):
+    """Conv -> GELU -> Linear: a loss that is not quadratic in the weights.
+
+    A smooth activation: across a ReLU's kink the gradient jumps, and a finite difference whose
+    step crosses one measures that jump, which the double backward ignores (README, Hessian).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 6 * 6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.gelu(self.conv(x)).flatten(1))
+
+
+def conv_net_traces(**config) -> list[msq_fx.PruneRecord]:
+    torch.manual_seed(0)
+    qmodel = msq_fx.prepare(SmallConvNet(), torch.randn(2, 3, 6, 6), msq_fx.MSQConfig(
+        prune_threshold=1.0, prune_interval=1, hessian_min_samples=4, hessian_max_samples=4,
+        **config))
+    generator = torch.Generator().manual_seed(5)
+    data = [(torch.randn(16, 3, 6, 6, generator=generator),
+             torch.randint(0, 5, (16,), generator=generator))]
+    return msq_fx.MSQController(qmodel).epoch_end(1, data, F.cross_entropy)
+
+
+def test_finite_difference_traces_equal_the_double_backward_at_the_quantized_point():
+    # Same probes (same seed), so the two methods agree sample for sample up to the step's O(h^2)
+    # and float32 rounding; displacing the latents instead would be swallowed by rounding.
+    exact = conv_net_traces(hessian_method="autograd")
+    by_differences = conv_net_traces(hessian_method="finite_difference")
+    assert [r.hessian_method for r in exact] == ["autograd"] * 2
+    assert [r.hessian_method for r in by_differences] == ["finite_difference"] * 2
+    for a, b in zip(exact, by_differences):
+        assert a.hessian_trace > 0
+        assert b.hessian_trace == pytest.approx(a.hessian_trace, rel=1e-2)
+
+
+def test_finite_difference_traces_are_exact_for_a_quadratic_loss():
+    widths = [8, 8]
+    exact = prepared(widths, SENSITIVE[:2], prune_threshold=1.0, prune_interval=1,
+                     target_compression=16.0)[1].epoch_end(1, batches(widths), F.mse_loss)
+    by_differences = prepared(widths, SENSITIVE[:2], prune_threshold=1.0, prune_interval=1,
+                              target_compression=16.0, hessian_method="finite_difference",
+                              )[1].epoch_end(1, batches(widths), F.mse_loss)
+    for a, b in zip(exact, by_differences):
+        assert b.hessian_trace == pytest.approx(a.hessian_trace, rel=1e-3)
+
+
+def test_finite_differences_leave_latents_quantizers_and_grads_as_they_were():
+    torch.manual_seed(0)
+    qmodel = msq_fx.prepare(SmallConvNet(), torch.randn(2, 3, 6, 6),
+                            msq_fx.MSQConfig(hessian_method="finite_difference", prune_interval=1))
+    latents = {name: p.detach().clone() for name, p in qmodel.named_parameters()}
+    qmodel.fc._parameters["weight"].grad = torch.full_like(latents["fc.weight"], 7.0)
+    msq_fx.MSQController(qmodel).epoch_end(
+        1, [(torch.randn(4, 3, 6, 6), torch.randint(0, 5, (4,)))], F.cross_entropy)
+    for name, p in qmodel.named_parameters():
+        assert torch.equal(p.detach(), latents[name]), name
+    assert torch.equal(qmodel.fc._parameters["weight"].grad, torch.full_like(latents["fc.weight"], 7.0))
+    assert not qmodel.conv.weight_quantizer._forward_hooks
+
+
+OUT_OF_MEMORY = "DefaultCPUAllocator: can't allocate memory: you tried to allocate 1073741824 bytes"
+NO_SECOND_DERIVATIVE = "the derivative for '_some_fused_kernel_backward' is not implemented."
+
+
+def failing_double_backward(message: str):
+    def hutchinson_traces(*args, **kwargs):
+        raise RuntimeError(message)
+    return hutchinson_traces
+
+
+@pytest.mark.parametrize("message", [OUT_OF_MEMORY, NO_SECOND_DERIVATIVE])
+def test_auto_falls_back_to_finite_differences_and_warns(monkeypatch, caplog, message):
+    monkeypatch.setattr("msq_fx.controller.hutchinson_traces", failing_double_backward(message))
+    with caplog.at_level("WARNING", logger="msq_fx"):
+        records = conv_net_traces()
+    assert [r.hessian_method for r in records] == ["finite_difference"] * 2
+    assert all(r.hessian_trace > 0 for r in records)
+    assert "finite differences" in caplog.text and message.split(":")[0] in caplog.text
+
+
+def test_explicit_autograd_without_a_second_derivative_names_both_ways_out(monkeypatch):
+    monkeypatch.setattr("msq_fx.controller.hutchinson_traces",
+                        failing_double_backward(NO_SECOND_DERIVATIVE))
+    with pytest.raises(RuntimeError, match="hessian_method='finite_difference'.*'fixed'"):
+        conv_net_traces(hessian_method="autograd")
+
+
+def test_explicit_autograd_out_of_memory_is_raised_as_is(monkeypatch):
+    monkeypatch.setattr("msq_fx.controller.hutchinson_traces", failing_double_backward(OUT_OF_MEMORY))
+    with pytest.raises(RuntimeError, match="can't allocate memory"):
+        conv_net_traces(hessian_method="autograd")
+
+
+def test_auto_does_not_hide_other_errors_of_the_double_backward(monkeypatch):
+    monkeypatch.setattr("msq_fx.controller.hutchinson_traces",
+                        failing_double_backward("shape mismatch in layer fc"))
+    with pytest.raises(RuntimeError, match="shape mismatch in layer fc"):
+        conv_net_traces()
+
+
+def test_records_say_no_hessian_method_under_the_fixed_policy():
+    assert {r.hessian_method for r in conv_net_traces(prune_step_policy="fixed")} == {None}
+
+
+def test_history_from_a_checkpoint_without_hessian_method_loads():
+    records = conv_net_traces()
+    state = {"last_epoch": 1, "prune_count": 1, "done": False,
+             "history": [{k: v for k, v in dataclasses.asdict(r).items() if k != "hessian_method"}
+                         for r in records]}
+    torch.manual_seed(0)
+    qmodel = msq_fx.prepare(SmallConvNet(), torch.randn(2, 3, 6, 6), msq_fx.MSQConfig())
+    controller = msq_fx.MSQController(qmodel)
+    controller.load_state_dict(state)
+    assert [r.hessian_method for r in controller.history] == [None, None]

@@ -1,7 +1,8 @@
-"""Specification of msq_fx.hessian.hutchinson_traces."""
+"""Specification of msq_fx.hessian: hutchinson_traces and finite_difference_traces."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import pytest
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from msq_fx.hessian import HessianTraces, hutchinson_traces
+from msq_fx.hessian import HessianTraces, finite_difference_traces, hutchinson_traces
 
 # Tiny enough that the relative change of the running mean never drops under
 # it for a non-diagonal Hessian, so the estimator runs to max_samples.
@@ -448,3 +449,105 @@ def test_works_under_no_grad_and_with_float32_params():
     )
     assert result.traces.dtype == torch.float64
     assert torch.allclose(result.traces, reference.traces, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- finite differences
+
+
+def smooth_problem(dtype=torch.float64, seed=0):
+    """A two-layer tanh network with cross-entropy: curved, smooth, with cross-layer blocks."""
+    generator = torch.Generator().manual_seed(seed)
+    first = torch.randn(6, 4, generator=generator, dtype=dtype).requires_grad_()
+    second = torch.randn(3, 6, generator=generator, dtype=dtype).requires_grad_()
+    inputs = torch.randn(16, 4, generator=generator, dtype=dtype)
+    targets = torch.randint(0, 3, (16,), generator=generator)
+
+    def loss_fn():
+        return F.cross_entropy(torch.tanh(inputs @ first.T) @ second.T, targets)
+
+    return loss_fn, [first, second]
+
+
+@pytest.mark.parametrize("dtype, rel", [(torch.float64, 1e-6), (torch.float32, 1e-2)])
+def test_finite_differences_equal_the_double_backward_probe_for_probe(dtype, rel):
+    loss_fn, params = smooth_problem(dtype)
+    exact = hutchinson_traces(loss_fn, params, max_samples=3, min_samples=3,
+                              generator=torch.Generator().manual_seed(7))
+    by_differences = finite_difference_traces(loss_fn, params, max_samples=3, min_samples=3,
+                                              generator=torch.Generator().manual_seed(7))
+    assert by_differences.samples == exact.samples == 3
+    torch.testing.assert_close(by_differences.traces, exact.traces, rtol=rel, atol=0)
+    torch.testing.assert_close(by_differences.stderr, exact.stderr, rtol=max(rel, 1e-4), atol=0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(size=st.integers(1, 6), seed=st.integers(0, 2**16),
+       relative_step=st.floats(1e-6, 0.5))
+def test_finite_differences_are_exact_on_a_quadratic_for_any_step(size, seed, relative_step):
+    # The third derivative of a quadratic is zero, so the central difference has no step error.
+    generator = torch.Generator().manual_seed(seed)
+    root = torch.randn(2 * size, 2 * size, generator=generator, dtype=torch.float64)
+    curvature = root @ root.T - size * torch.eye(2 * size, dtype=torch.float64)  # indefinite too
+    params = [torch.randn(size, generator=generator, dtype=torch.float64).requires_grad_()
+              for _ in range(2)]
+
+    def loss_fn():
+        w = torch.cat(params)
+        return 0.5 * w @ curvature @ w
+
+    exact = hutchinson_traces(loss_fn, params, max_samples=2, min_samples=2,
+                              generator=torch.Generator().manual_seed(seed))
+    by_differences = finite_difference_traces(loss_fn, params, relative_step=relative_step,
+                                              max_samples=2, min_samples=2,
+                                              generator=torch.Generator().manual_seed(seed))
+    torch.testing.assert_close(by_differences.traces, exact.traces, rtol=1e-6, atol=1e-9)
+
+
+def test_finite_differences_leave_params_and_their_grads_bit_for_bit():
+    loss_fn, params = smooth_problem(torch.float32)
+    before = [p.detach().clone() for p in params]
+    params[0].grad = torch.full_like(params[0], 3.0)
+    finite_difference_traces(loss_fn, params, max_samples=2, min_samples=2)
+    assert all(torch.equal(p.detach(), b) for p, b in zip(params, before))
+    assert torch.equal(params[0].grad, torch.full_like(params[0], 3.0))
+    assert params[1].grad is None
+
+
+def test_finite_differences_evaluate_the_loss_where_displaced_says():
+    # A loss that sees its tensor through rounding: displacing the tensor itself would be
+    # swallowed, so the caller displaces what the loss actually uses.
+    weight = torch.tensor([0.26, -0.74], requires_grad=True)
+    offset_box: list[torch.Tensor] = []
+
+    def loss_fn():
+        used = weight + (weight.detach().round() - weight.detach())  # straight-through rounding
+        if offset_box:
+            used = used + offset_box[0]
+        return (used**3).sum()
+
+    @contextlib.contextmanager
+    def displaced(offsets):
+        offset_box.append(offsets[0])
+        try:
+            yield
+        finally:
+            offset_box.clear()
+
+    traces = finite_difference_traces(loss_fn, [weight], displaced=displaced, max_samples=1,
+                                      min_samples=1, relative_step=1e-3)
+    # d^2/dw^2 of sum w^3 at the rounded point (0, -1): 6 * (0 + -1).
+    assert traces.traces.item() == pytest.approx(-6.0, rel=1e-3)
+
+
+@pytest.mark.parametrize("relative_step", [0.0, -1e-3, 1.0, 2.0])
+def test_finite_differences_refuse_a_step_outside_0_1(relative_step):
+    loss_fn, params = smooth_problem()
+    with pytest.raises(ValueError, match="relative_step must be in \\(0, 1\\)"):
+        finite_difference_traces(loss_fn, params, relative_step=relative_step)
+
+
+def test_finite_differences_give_zero_for_a_tensor_the_loss_does_not_use():
+    loss_fn, params = smooth_problem()
+    unused = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    traces = finite_difference_traces(loss_fn, params + [unused], max_samples=1, min_samples=1)
+    assert traces.traces[2].item() == 0.0
