@@ -64,3 +64,37 @@ def test_table_has_a_row_per_model_and_the_ratio(bench, tiny_report):
     assert [row.split()[0] for row in rows[:2]] == ["FP32", "MSQ"]
     assert rows[2].startswith("MSQ / FP32") and rows[2].count("x") == 2
     assert f"torch {tiny_report['torch']}" in header
+
+
+@pytest.fixture(scope="module")
+def hessian_report(bench):
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert bench.main(TINY_RUN + ["--hessian", "--probes", "1"]) == 0
+    return json.loads(stdout.getvalue())
+
+
+def test_hessian_mode_reports_each_method_against_the_msq_step(hessian_report):
+    assert hessian_report["probes"] == 1
+    assert set(hessian_report["hessian"]) == {"autograd", "finite_difference"}
+    for method, cost in hessian_report["hessian"].items():
+        assert len(cost["repeat_ms"]) == 2 and isinstance(cost["peak_bytes"], int)
+        ratio = hessian_report["ratio_hessian_over_msq_step"][method]
+        msq = hessian_report["results"]["MSQ"]
+        assert ratio["peak_memory"] == pytest.approx(cost["peak_bytes"] / msq["peak_bytes"])
+
+
+def test_finite_differences_need_less_memory_than_the_double_backward(hessian_report):
+    # Bytes requested from the allocator, not time: the same on every run of the same model.
+    costs = hessian_report["hessian"]
+    assert costs["finite_difference"]["peak_bytes"] < costs["autograd"]["peak_bytes"]
+
+
+def test_without_hessian_the_report_has_no_hessian_part(tiny_report):
+    assert "hessian" not in tiny_report and "ratio_hessian_over_msq_step" not in tiny_report
+
+
+def test_hessian_table_names_both_methods(bench, hessian_report):
+    text = bench.format_table(hessian_report)
+    assert "H v by autograd" in text and "H v by finite_difference" in text
+    assert "peak / MSQ step" in text
