@@ -98,7 +98,7 @@ def check(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _input_size(text: str) -> tuple[int, ...]:
+def parse_input_size(text: str) -> tuple[int, ...]:
     """``224``, ``160x128`` (H x W) or ``3x224x224`` (C x H x W)."""
     try:
         sizes = tuple(int(part) for part in text.lower().split("x"))
@@ -117,7 +117,7 @@ def _add_check_parser(commands) -> None:
                     "model's per-layer table and a PASS / FAIL / SKIP line (SKIP: the model does "
                     "not build or run eagerly). Exit status 1 if any model FAILs, 2 for a bad SPEC.")
     parser.add_argument("specs", nargs="+", metavar="SPEC")
-    parser.add_argument("--input-size", type=_input_size, default=None,
+    parser.add_argument("--input-size", type=parse_input_size, default=None,
                         help="N, HxW or CxHxW (default: the size the model is made for)")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3, help="SGD steps before the prune")

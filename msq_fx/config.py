@@ -83,7 +83,7 @@ class MSQConfig:
     hessian_tol: float = 1e-2
     hessian_batches: int = 1
     hessian_method: str = "auto"
-    hessian_relative_step: float = 1e-4
+    hessian_relative_step: float = 1e-3
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -236,8 +236,11 @@ class MSQController:
                 fallback = self._autograd_fallback_reason(error)
             if fallback is not None:
                 # Outside the handler: the traceback would keep the failed graph alive.
-                logger.warning("epoch_end: %s; taking the Hessian by finite differences instead",
-                               fallback)
+                logger.warning(
+                    "epoch_end: %s; taking the Hessian by finite differences instead (they match "
+                    "the double backward on smooth activations; across ReLU-like kinks they can "
+                    "differ severalfold: tools/hessian_agreement measures it for a model)",
+                    fallback)
                 method = "finite_difference"
                 result = self._estimate_traces(method, members, chosen, loss_fn)
             else:

@@ -98,3 +98,20 @@ def test_hessian_table_names_both_methods(bench, hessian_report):
     text = bench.format_table(hessian_report)
     assert "H v by autograd" in text and "H v by finite_difference" in text
     assert "peak / MSQ step" in text
+
+
+AGREEMENT_PATH = Path(__file__).resolve().parents[1] / "tools" / "hessian_agreement"
+
+
+def test_hessian_agreement_reports_each_step_against_the_double_backward():
+    tool = load_tool(AGREEMENT_PATH, "msq_hessian_agreement_tool")
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert tool.main(["--model", "msq_fx.models:SmallCNN", "--input-size", "1x28x28",
+                          "--batch-size", "4", "--steps", "1", "--probes", "1",
+                          "--relative-steps", "1e-2", "1e-3", "--json"]) == 0
+    report = json.loads(stdout.getvalue())
+    assert set(report["by_relative_step"]) == {"0.01", "0.001"}
+    for row in report["by_relative_step"].values():
+        assert row["groups"] > 0 and 0 <= row["same_p"] <= row["groups"]
+        assert 0 <= row["median_relative_difference"] <= row["max_relative_difference"]
