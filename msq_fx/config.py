@@ -55,6 +55,12 @@ class MSQConfig:
             probe, a training step's memory; error O(step^2)). "auto" (default): autograd, and
             finite differences when autograd runs out of memory or meets an op that has no
             second derivative (logged as a warning; the prune records which method ran).
+        hessian_chunk_size: None (default) differentiates the Hessian batches as one loss; an
+            integer n splits each batch along its first dimension into chunks of at most n
+            samples whose losses, weighted by their share of the batch, are differentiated one
+            at a time: the same traces (up to rounding) when ``loss_fn`` averages per-sample
+            losses, as F.cross_entropy does by default, in a fraction of the memory, for more
+            time when several probes are drawn.
         hessian_relative_step: finite-difference step, relative to the RMS of the weights. With
             piecewise-linear activations (ReLU) the difference also measures the gradient jumps
             of units the step moves across their kink; small steps keep those rare (see
@@ -83,6 +89,7 @@ class MSQConfig:
     hessian_tol: float = 1e-2
     hessian_batches: int = 1
     hessian_method: str = "auto"
+    hessian_chunk_size: int | None = None
     hessian_relative_step: float = 1e-3
     seed: int = 0
 
@@ -139,6 +146,10 @@ class MSQConfig:
                  self.hessian_batches, "an integer >= 1")
         _require(self.hessian_method in HESSIAN_METHODS, "hessian_method", self.hessian_method,
                  f"one of {HESSIAN_METHODS}")
+        _require(self.hessian_chunk_size is None
+                 or (_is_int(self.hessian_chunk_size) and self.hessian_chunk_size >= 1),
+                 "hessian_chunk_size", self.hessian_chunk_size,
+                 "None (whole batches) or an integer >= 1 (samples per chunk)")
         _require(_is_number(self.hessian_relative_step) and 0 < self.hessian_relative_step < 1,
                  "hessian_relative_step", self.hessian_relative_step, "a number in (0, 1)")
         _require(_is_int(self.seed), "seed", self.seed, "an integer")

@@ -239,7 +239,8 @@ class MSQController:
                 logger.warning(
                     "epoch_end: %s; taking the Hessian by finite differences instead (they match "
                     "the double backward on smooth activations; across ReLU-like kinks they can "
-                    "differ severalfold: tools/hessian_agreement measures it for a model)",
+                    "differ severalfold: tools/hessian_agreement measures it for a model; "
+                    "MSQConfig(hessian_chunk_size=...) keeps the double backward in less memory)",
                     fallback)
                 method = "finite_difference"
                 result = self._estimate_traces(method, members, chosen, loss_fn)
@@ -258,7 +259,7 @@ class MSQController:
         limits = dict(max_samples=self.config.hessian_max_samples,
                       min_samples=self.config.hessian_min_samples, tol=self.config.hessian_tol,
                       generator=generator, all_reduce=_distributed_mean())
-        loss = functools.partial(_mean_loss, self.model, chosen, loss_fn)
+        loss = _loss_pieces(self.model, chosen, loss_fn, self.config.hessian_chunk_size)
         with eval_mode(self.model):
             if method == "finite_difference":
                 displaced = functools.partial(displaced_quantized_weights,
@@ -344,6 +345,45 @@ def _mean_loss(model: nn.Module, batches: list, loss_fn) -> Tensor:
         loss = loss_fn(outputs, targets)
         total = loss if total is None else total + loss
     return total / len(batches)
+
+
+def _loss_pieces(model: nn.Module, batches: list, loss_fn, chunk_size: int | None) -> list:
+    """The Hessian's loss: the mean over ``batches``, whole or in chunks of ``chunk_size``."""
+    if chunk_size is None:
+        return [functools.partial(_mean_loss, model, batches, loss_fn)]
+    pieces = []
+    for index, (inputs, targets) in enumerate(batches):
+        size = _leading_size(inputs, index)
+        for start in range(0, size, chunk_size):
+            stop = min(start + chunk_size, size)
+            chunk = [(_rows(inputs, start, stop, size), _rows(targets, start, stop, size))]
+            weight = (stop - start) / size / len(batches)
+            pieces.append(functools.partial(_weighted_loss, model, chunk, loss_fn, weight))
+    return pieces
+
+
+def _weighted_loss(model: nn.Module, batches: list, loss_fn, weight: float) -> Tensor:
+    return _mean_loss(model, batches, loss_fn) * weight
+
+
+def _leading_size(inputs: Any, index: int) -> int:
+    first = inputs[0] if isinstance(inputs, (tuple, list)) and inputs else inputs
+    if not isinstance(first, Tensor) or first.dim() == 0:
+        raise ValueError(
+            f"epoch_end: hessian_chunk_size splits each batch along the first dimension of its "
+            f"inputs, but the inputs of Hessian batch {index} are a {type(first).__name__} "
+            f"{'without one' if isinstance(first, Tensor) else 'rather than a tensor'}; pass "
+            f"tensor inputs or set hessian_chunk_size=None.")
+    return first.shape[0]
+
+
+def _rows(value: Any, start: int, stop: int, size: int) -> Any:
+    """Rows start:stop of every tensor in ``value`` whose first dimension is the batch's."""
+    if isinstance(value, Tensor):
+        return value[start:stop] if value.dim() > 0 and value.shape[0] == size else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_rows(item, start, stop, size) for item in value)
+    return value
 
 
 def _distributed_mean() -> Callable[[Tensor], Tensor] | None:

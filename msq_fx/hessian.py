@@ -30,6 +30,10 @@ import torch
 
 __all__ = ["HessianTraces", "finite_difference_traces", "hutchinson_traces"]
 
+#: A loss, or pieces whose sum is the loss: each piece is built and differentiated on its own, so
+#: only one piece's graph is alive at a time (the Hessian is linear in the loss).
+LossPieces = Callable[[], torch.Tensor] | Sequence[Callable[[], torch.Tensor]]
+
 # Guards the relative-change ratio against 0/0 only; any larger value would
 # impose a scale on traces, which have none (they scale with the loss).
 _ZERO_GUARD = torch.finfo(torch.float64).tiny
@@ -55,7 +59,7 @@ class HessianTraces:
 
 
 def hutchinson_traces(
-    loss_fn: Callable[[], torch.Tensor],
+    loss_fn: LossPieces,
     params: Sequence[torch.Tensor],
     *,
     max_samples: int = 64,
@@ -70,6 +74,10 @@ def hutchinson_traces(
         loss_fn: called exactly once, with autograd enabled, to build a scalar
             loss from the current ``params``. Which batches it sums over, and
             whether the model is in train or eval mode, is the caller's choice.
+            A sequence of such callables stands for the sum of their losses:
+            each is then built and differentiated twice per probe, one at a time,
+            so the double-backward graph of one piece is alive at a time (less
+            memory, more time; the same result up to rounding).
         params: distinct tensors that require grad, normally the latent
             (full-precision) weights of the quantized layers.
         max_samples, min_samples: bounds on the number of probes.
@@ -101,7 +109,8 @@ def hutchinson_traces(
           STE backward must itself be differentiable (no
           ``@once_differentiable``).
         * One gradient with ``create_graph=True``, reused for every probe;
-          one Hessian-vector product over all tensors per probe.
+          one Hessian-vector product over all tensors per probe (per piece and
+          probe when the loss comes in pieces).
         * The stopping ratio is |new - old| / (|old| + tiny): traces of a
           non-convex loss can be negative, and a negative denominator would
           make the ratio negative, hence always "below tol", and stop early.
@@ -110,19 +119,43 @@ def hutchinson_traces(
     """
     _check_settings(max_samples, min_samples, tol, generator)
     params = _checked_params(params)
+    pieces = _loss_pieces(loss_fn)
     with torch.enable_grad():
-        loss = loss_fn()
-        _check_loss(loss)
-        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+        if len(pieces) == 1:
+            grads = _gradients_with_graph(pieces[0], params)
+
+            def sample_of(probes: list[torch.Tensor]) -> torch.Tensor:
+                return _trace_sample(grads, params, probes)
+        else:
+            def sample_of(probes: list[torch.Tensor]) -> torch.Tensor:
+                return sum(_trace_sample(_gradients_with_graph(piece, params), params, probes)
+                           for piece in pieces)
         samples = _draw_until_stable(
-            lambda probes: _trace_sample(grads, params, probes),
-            params, max_samples, min_samples, tol, generator, all_reduce,
+            sample_of, params, max_samples, min_samples, tol, generator, all_reduce
         )
     return _summarize(samples)
 
 
+def _loss_pieces(loss_fn: LossPieces) -> list[Callable[[], torch.Tensor]]:
+    pieces = [loss_fn] if callable(loss_fn) else list(loss_fn)
+    if not pieces:
+        raise ValueError("loss_fn is an empty sequence: need at least one loss to differentiate")
+    for index, piece in enumerate(pieces):
+        if not callable(piece):
+            raise ValueError(f"loss_fn[{index}] is a {type(piece).__name__}, not a callable")
+    return pieces
+
+
+def _gradients_with_graph(
+    loss_fn: Callable[[], torch.Tensor], params: list[torch.Tensor]
+) -> tuple[torch.Tensor | None, ...]:
+    loss = loss_fn()
+    _check_loss(loss)
+    return torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+
+
 def finite_difference_traces(
-    loss_fn: Callable[[], torch.Tensor],
+    loss_fn: LossPieces,
     params: Sequence[torch.Tensor],
     *,
     displaced: Callable[[list[torch.Tensor]], ContextManager[None]] | None = None,
@@ -137,7 +170,9 @@ def finite_difference_traces(
 
     Reads:
         loss_fn: called twice per probe, with autograd enabled; it must be deterministic (eval
-            mode: no dropout, no batch statistics), or the difference measures noise.
+            mode: no dropout, no batch statistics), or the difference measures noise. A
+            sequence of callables stands for the sum of their losses, differentiated one at a
+            time.
         params: as for :func:`hutchinson_traces`.
         displaced: ``displaced(offsets)`` returns a context inside which ``loss_fn`` evaluates
             the loss at the point moved by ``offsets[l]`` in the direction of ``params[l]``
@@ -179,10 +214,11 @@ def finite_difference_traces(
     params = _checked_params(params)
     if displaced is None:
         displaced = functools.partial(_displaced_in_place, params)
+    pieces = _loss_pieces(loss_fn)
     step = _step_size(params, relative_step)
     with torch.enable_grad():
         samples = _draw_until_stable(
-            lambda probes: _difference_sample(loss_fn, params, probes, step, displaced),
+            lambda probes: _difference_sample(pieces, params, probes, step, displaced),
             params, max_samples, min_samples, tol, generator, all_reduce,
         )
     return _summarize(samples)
@@ -299,7 +335,7 @@ def _trace_sample(
 
 
 def _difference_sample(
-    loss_fn: Callable[[], torch.Tensor],
+    pieces: list[Callable[[], torch.Tensor]],
     params: list[torch.Tensor],
     probes: list[torch.Tensor],
     step: float,
@@ -309,25 +345,31 @@ def _difference_sample(
     offsets = probes  # each probe becomes its offset in place: one weight-sized copy in all
     for offset in offsets:
         offset.mul_(step)
-    ahead = _offset_gradient_dots(loss_fn, params, offsets, displaced)  # (h v) . g(w + h v)
+    ahead = _offset_gradient_dots(pieces, params, offsets, displaced)  # (h v) . g(w + h v)
     for offset in offsets:
         offset.neg_()
-    behind = _offset_gradient_dots(loss_fn, params, offsets, displaced)  # -(h v) . g(w - h v)
+    behind = _offset_gradient_dots(pieces, params, offsets, displaced)  # -(h v) . g(w - h v)
     # (h v) . (g(w + h v) - g(w - h v)) = 2 h^2 v . H v up to O(h^4).
     return (ahead + behind) / (2 * step**2)
 
 
 def _offset_gradient_dots(
-    loss_fn: Callable[[], torch.Tensor],
+    pieces: list[Callable[[], torch.Tensor]],
     params: list[torch.Tensor],
     offsets: list[torch.Tensor],
     displaced: Callable[[list[torch.Tensor]], ContextManager[None]],
 ) -> torch.Tensor:
-    """offsets[l] . dL/dparams[l] with the loss taken at the displaced point."""
+    """offsets[l] . dL/dparams[l] with the loss (the sum of the pieces) at the displaced point."""
     with displaced(offsets):
-        loss = loss_fn()
-        _check_loss(loss)
-        return _block_dots([loss], [None], params, offsets, retain_graph=False)
+        return sum(_piece_gradient_dots(piece, params, offsets) for piece in pieces)
+
+
+def _piece_gradient_dots(
+    piece: Callable[[], torch.Tensor], params: list[torch.Tensor], offsets: list[torch.Tensor]
+) -> torch.Tensor:
+    loss = piece()
+    _check_loss(loss)
+    return _block_dots([loss], [None], params, offsets, retain_graph=False)
 
 
 @contextlib.contextmanager

@@ -70,13 +70,15 @@ def test_table_has_a_row_per_model_and_the_ratio(bench, tiny_report):
 def hessian_report(bench):
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        assert bench.main(TINY_RUN + ["--hessian", "--probes", "1"]) == 0
+        assert bench.main(TINY_RUN + ["--hessian", "--probes", "1",
+                                      "--hessian-chunk-size", "2"]) == 0
     return json.loads(stdout.getvalue())
 
 
 def test_hessian_mode_reports_each_method_against_the_msq_step(hessian_report):
     assert hessian_report["probes"] == 1
-    assert set(hessian_report["hessian"]) == {"autograd", "finite_difference"}
+    assert set(hessian_report["hessian"]) == {"autograd", "finite_difference",
+                                              "autograd, chunks of 2"}
     for method, cost in hessian_report["hessian"].items():
         assert len(cost["repeat_ms"]) == 2 and isinstance(cost["peak_bytes"], int)
         ratio = hessian_report["ratio_hessian_over_msq_step"][method]
@@ -88,6 +90,11 @@ def test_finite_differences_need_less_memory_than_the_double_backward(hessian_re
     # Bytes requested from the allocator, not time: the same on every run of the same model.
     costs = hessian_report["hessian"]
     assert costs["finite_difference"]["peak_bytes"] < costs["autograd"]["peak_bytes"]
+
+
+def test_the_double_backward_in_chunks_needs_less_memory_than_on_the_whole_batch(hessian_report):
+    costs = hessian_report["hessian"]
+    assert costs["autograd, chunks of 2"]["peak_bytes"] < costs["autograd"]["peak_bytes"]
 
 
 def test_without_hessian_the_report_has_no_hessian_part(tiny_report):

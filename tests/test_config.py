@@ -15,7 +15,8 @@ from msq_fx import MSQConfig
     ("prune_interval", 0), ("target_compression", 1.0), ("target_compression", 64.0),
     ("prune_step_policy", "random"), ("hessian_max_samples", 0), ("hessian_tol", 0.0),
     ("hessian_batches", 0), ("groups", ((),)), ("filter_fn", "not callable"),
-    ("on_unquantizable", "skip"),
+    ("on_unquantizable", "skip"), ("hessian_method", "exact"), ("hessian_chunk_size", 0),
+    ("hessian_chunk_size", 2.5), ("hessian_relative_step", 0.0), ("hessian_relative_step", 1.0),
 ])
 def test_invalid_values_are_rejected_with_the_field_named(field, value):
     with pytest.raises(ValueError, match=rf"MSQConfig\.{field.split('_')[0]}"):

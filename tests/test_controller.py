@@ -654,3 +654,60 @@ def test_history_from_a_checkpoint_without_hessian_method_loads():
     controller = msq_fx.MSQController(qmodel)
     controller.load_state_dict(state)
     assert [r.hessian_method for r in controller.history] == [None, None]
+
+
+# ------------------------------------------------------------------ Hessian batches in chunks
+
+def chunked_traces(chunk_size, method="autograd", data=None) -> list[float]:
+    torch.manual_seed(0)
+    qmodel = msq_fx.prepare(SmallConvNet(), torch.randn(2, 3, 6, 6), msq_fx.MSQConfig(
+        prune_threshold=1.0, prune_interval=1, hessian_min_samples=3, hessian_max_samples=3,
+        hessian_method=method, hessian_chunk_size=chunk_size, hessian_batches=2))
+    generator = torch.Generator().manual_seed(5)
+    data = data or [(torch.randn(n, 3, 6, 6, generator=generator),
+                     torch.randint(0, 5, (n,), generator=generator)) for n in (7, 4)]
+    records = msq_fx.MSQController(qmodel).epoch_end(1, data, F.cross_entropy)
+    return [r.hessian_trace for r in records]
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 4, 100])
+def test_hessian_in_chunks_gives_the_traces_of_the_whole_batches(chunk_size):
+    # Batches of 7 and 4 samples: chunks of 3 leave remainders, weighted by their share.
+    assert chunked_traces(chunk_size) == pytest.approx(chunked_traces(None), rel=1e-5)
+
+
+def test_finite_differences_in_chunks_give_the_traces_of_the_whole_batches():
+    whole = chunked_traces(None, "finite_difference")
+    assert chunked_traces(2, "finite_difference") == pytest.approx(whole, rel=1e-3)
+
+
+def test_hessian_chunks_split_every_tensor_of_tuple_inputs():
+    class TwoInputs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = SmallConvNet()
+
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return self.net(x + y)
+
+    torch.manual_seed(0)
+    example = (torch.randn(2, 3, 6, 6), torch.randn(2, 3, 6, 6))
+    generator = torch.Generator().manual_seed(5)
+    data = [((torch.randn(6, 3, 6, 6, generator=generator), torch.randn(6, 3, 6, 6, generator=generator)),
+             torch.randint(0, 5, (6,), generator=generator))]
+    model, traces = TwoInputs(), {}
+    for chunk_size in (None, 2):
+        qmodel = msq_fx.prepare(model, example, msq_fx.MSQConfig(
+            prune_threshold=1.0, prune_interval=1, hessian_min_samples=2, hessian_max_samples=2,
+            hessian_chunk_size=chunk_size))
+        records = msq_fx.MSQController(qmodel).epoch_end(1, data, F.cross_entropy)
+        traces[chunk_size] = [r.hessian_trace for r in records]
+    assert traces[2] == pytest.approx(traces[None], rel=1e-5)
+
+
+def test_hessian_chunks_of_non_tensor_inputs_are_refused_with_the_batch_index():
+    torch.manual_seed(0)
+    qmodel = msq_fx.prepare(SmallConvNet(), torch.randn(2, 3, 6, 6),
+                            msq_fx.MSQConfig(prune_interval=1, hessian_chunk_size=2))
+    with pytest.raises(ValueError, match="Hessian batch 0 are a dict.*hessian_chunk_size=None"):
+        msq_fx.MSQController(qmodel).epoch_end(1, [({"x": 1}, None)], F.cross_entropy)

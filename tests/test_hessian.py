@@ -553,3 +553,41 @@ def test_finite_differences_give_zero_for_a_tensor_the_loss_does_not_use():
     unused = torch.randn(5, dtype=torch.float64, requires_grad=True)
     traces = finite_difference_traces(loss_fn, params + [unused], max_samples=1, min_samples=1)
     assert traces.traces[2].item() == 0.0
+
+
+# ---------------------------------------------------------------- losses in pieces
+
+
+def split_problem():
+    """The smooth problem's loss as one callable and as three pieces that sum to it."""
+    loss_fn, params = smooth_problem()
+    generator = torch.Generator().manual_seed(11)
+    inputs = torch.randn(9, 4, generator=generator, dtype=torch.float64)
+    targets = torch.randint(0, 3, (9,), generator=generator)
+
+    def piece(rows):
+        def loss():
+            logits = torch.tanh(inputs[rows] @ params[0].T) @ params[1].T
+            return F.cross_entropy(logits, targets[rows], reduction="sum") / 9
+        return loss
+
+    return piece(slice(0, 9)), [piece(slice(0, 2)), piece(slice(2, 7)), piece(slice(7, 9))], params
+
+
+@pytest.mark.parametrize("estimator", [hutchinson_traces, finite_difference_traces])
+def test_a_loss_in_pieces_gives_the_traces_of_their_sum(estimator):
+    whole, pieces, params = split_problem()
+    expected = estimator(whole, params, max_samples=3, min_samples=3,
+                         generator=torch.Generator().manual_seed(2))
+    got = estimator(pieces, params, max_samples=3, min_samples=3,
+                    generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(got.traces, expected.traces, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("estimator", [hutchinson_traces, finite_difference_traces])
+def test_an_empty_or_non_callable_piece_list_is_refused(estimator):
+    _, params = smooth_problem()
+    with pytest.raises(ValueError, match="empty sequence"):
+        estimator([], params)
+    with pytest.raises(ValueError, match=r"loss_fn\[1\] is a int"):
+        estimator([lambda: params[0].sum(), 3], params)
