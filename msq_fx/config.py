@@ -54,7 +54,9 @@ class MSQConfig:
             of two first-order gradients with the quantized weights displaced (two backwards per
             probe, a training step's memory; error O(step^2)). "auto" (default): autograd, and
             finite differences when autograd runs out of memory or meets an op that has no
-            second derivative (logged as a warning; the prune records which method ran).
+            second derivative (logged as a warning; the prune records which method ran). Under
+            torch.distributed "auto" does not fall back (ranks could not agree midway); an
+            out-of-memory there raises an error that says what to set instead.
         hessian_chunk_size: None (default) differentiates the Hessian batches as one loss; an
             integer n splits each batch along its first dimension into chunks of at most n
             samples whose losses, weighted by their share of the batch, are differentiated one

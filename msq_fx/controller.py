@@ -273,7 +273,16 @@ class MSQController:
     def _autograd_fallback_reason(self, error: BaseException) -> str:
         """Why finite differences should replace the double backward, or re-raise ``error``."""
         no_second_derivative = "derivative for" in str(error)
-        if self.config.hessian_method == "auto":
+        distributed = _distributed_mean() is not None
+        if self.config.hessian_method == "auto" and distributed and is_out_of_memory(error):
+            # Ranks that fit would be inside the estimator's all-reduce while this one restarts
+            # with another method: they cannot agree on a fallback midway.
+            raise RuntimeError(
+                f"epoch_end: the double backward ran out of memory on this rank "
+                f"({_first_line(error)}); under torch.distributed 'auto' does not fall back. "
+                f"Set MSQConfig(hessian_chunk_size=...) (the same Hessian in chunks) or "
+                f"hessian_method='finite_difference' on every rank.") from error
+        if self.config.hessian_method == "auto" and not distributed:
             if is_out_of_memory(error):
                 return f"the double backward ran out of memory ({_first_line(error)})"
             if no_second_derivative:

@@ -711,3 +711,12 @@ def test_hessian_chunks_of_non_tensor_inputs_are_refused_with_the_batch_index():
                             msq_fx.MSQConfig(prune_interval=1, hessian_chunk_size=2))
     with pytest.raises(ValueError, match="Hessian batch 0 are a dict.*hessian_chunk_size=None"):
         msq_fx.MSQController(qmodel).epoch_end(1, [({"x": 1}, None)], F.cross_entropy)
+
+
+def test_auto_does_not_fall_back_under_torch_distributed_and_says_what_to_set(monkeypatch):
+    # A rank that restarted with another method would meet the others' all-reduce out of step.
+    monkeypatch.setattr("msq_fx.controller._distributed_mean", lambda: (lambda values: values))
+    monkeypatch.setattr("msq_fx.controller.hutchinson_traces", failing_double_backward(OUT_OF_MEMORY))
+    with pytest.raises(RuntimeError, match="under torch.distributed 'auto' does not fall back.*"
+                                           "hessian_chunk_size.*finite_difference"):
+        conv_net_traces()
