@@ -63,9 +63,8 @@ class MSQConfig:
             at a time: the same traces (up to rounding) when ``loss_fn`` averages per-sample
             losses, as F.cross_entropy does by default, in a fraction of the memory, for more
             time when several probes are drawn.
-        hessian_relative_step: finite-difference step, relative to the RMS of the weights. With
-            piecewise-linear activations (ReLU) the difference also measures the gradient jumps
-            of units the step moves across their kink; small steps keep those rare (see
+        hessian_relative_step: finite-difference step, relative to the RMS of the weights
+            (activation patterns of ReLU-like ops are held at the undisplaced point's; see
             msq_fx.hessian.finite_difference_traces for the measured trade-off).
         seed: seeds the Rademacher vectors, so decisions are reproducible and resumable.
     """

@@ -237,10 +237,10 @@ class MSQController:
             if fallback is not None:
                 # Outside the handler: the traceback would keep the failed graph alive.
                 logger.warning(
-                    "epoch_end: %s; taking the Hessian by finite differences instead (they match "
-                    "the double backward on smooth activations; across ReLU-like kinks they can "
-                    "differ severalfold: tools/hessian_agreement measures it for a model; "
-                    "MSQConfig(hessian_chunk_size=...) keeps the double backward in less memory)",
+                    "epoch_end: %s; taking the Hessian by finite differences instead "
+                    "(tools/hessian_agreement measures how closely they match the double "
+                    "backward on a model; MSQConfig(hessian_chunk_size=...) keeps the double "
+                    "backward in less memory)",
                     fallback)
                 method = "finite_difference"
                 result = self._estimate_traces(method, members, chosen, loss_fn)

@@ -28,6 +28,8 @@ from typing import Callable, ContextManager, Iterator, Sequence
 
 import torch
 
+from .second_order import FrozenKinks
+
 __all__ = ["HessianTraces", "finite_difference_traces", "hutchinson_traces"]
 
 #: A loss, or pieces whose sum is the loss: each piece is built and differentiated on its own, so
@@ -160,6 +162,7 @@ def finite_difference_traces(
     *,
     displaced: Callable[[list[torch.Tensor]], ContextManager[None]] | None = None,
     relative_step: float = 1e-3,
+    frozen_kinks: bool = True,
     max_samples: int = 64,
     min_samples: int = 4,
     tol: float = 1e-2,
@@ -182,6 +185,11 @@ def finite_difference_traces(
             output instead, so the Hessian is taken where the model actually runs.
         relative_step: the step is h = relative_step * RMS over all entries of ``params``
             (relative_step itself where that is 0).
+        frozen_kinks: hold the activation pattern of piecewise-linear ops (ReLU, ReLU6,
+            hard-swish, max-pool, ...) at the one recorded at the undisplaced point, so the
+            difference sees the curvature the double backward sees rather than the gradient's
+            jumps across kinks (msq_fx.second_order.FrozenKinks). Costs one forward without
+            gradients per call.
         max_samples, min_samples, tol, generator, all_reduce: as for :func:`hutchinson_traces`;
             the same generator state draws the same probes, so the two estimators compare
             probe for probe.
@@ -196,14 +204,13 @@ def finite_difference_traces(
           lands, so the estimator holds one weight-sized copy (the offsets) beyond the model; the
           probe is recovered from the offset as offset / h.
         * The step trades float rounding (the difference of two float32 gradients loses about
-          log10(1/relative_step) digits) against kinks: where an activation is piecewise linear
-          (ReLU, ReLU6, hard-swish, max-pool) a step that moves a unit across its kink adds that
-          gradient jump / 2h to the sample, which the double backward, seeing a zero second
-          derivative, leaves out. Measured by tools/hessian_agreement (same probes, per-group
-          traces): ViT-Tiny (GELU) median relative difference 2.5e-4 at relative step 1e-3
-          (4e-3 at 1e-4), every p decision the same; ResNet-20 (ReLU) median 11.6x at 1e-3,
-          15 of 20 p decisions the same. Hence the default 1e-3, and finite differences as a
-          fallback for when the double backward cannot run, not the default.
+          log10(1/relative_step) digits) against the O(h^2) error of the smooth part. Kinks
+          are taken out of the trade by ``frozen_kinks``: without it, a step that moves a ReLU
+          unit across its kink adds that gradient jump / 2h to the sample, which the double
+          backward, seeing a zero second derivative, leaves out. Measured by
+          tools/hessian_agreement (same probes, per-group traces, relative step 1e-3):
+          ResNet-20 median relative difference 11.6 without frozen kinks, 2.8e-4 with them,
+          every p decision the same; ViT-Tiny (GELU) 2.5e-4.
         * One step for all tensors, so each probe's sample equals Hutchinson's up to O(h^2): a
           step per tensor keeps the mean but weights the cross-block terms by h_k / h_l, which
           multiplies the variance wherever layer scales differ.
@@ -216,6 +223,7 @@ def finite_difference_traces(
         displaced = functools.partial(_displaced_in_place, params)
     pieces = _loss_pieces(loss_fn)
     step = _step_size(params, relative_step)
+    pieces = _with_frozen_kinks(pieces) if frozen_kinks else pieces
     with torch.enable_grad():
         samples = _draw_until_stable(
             lambda probes: _difference_sample(pieces, params, probes, step, displaced),
@@ -332,6 +340,22 @@ def _trace_sample(
     outputs = [grads[i] for i in curved]
     output_probes = [probes[i] for i in curved]
     return _block_dots(outputs, output_probes, params, probes, retain_graph=True)
+
+
+def _with_frozen_kinks(
+    pieces: list[Callable[[], torch.Tensor]]
+) -> list[Callable[[], torch.Tensor]]:
+    """Each piece, recorded once at the current point and replaying that activation pattern."""
+    kinks = FrozenKinks()
+    for index, piece in enumerate(pieces):
+        with torch.no_grad(), kinks.recording(index):
+            piece()
+    return [functools.partial(_replayed, kinks, index, piece) for index, piece in enumerate(pieces)]
+
+
+def _replayed(kinks: FrozenKinks, index: int, piece: Callable[[], torch.Tensor]) -> torch.Tensor:
+    with kinks.replaying(index):
+        return piece()
 
 
 def _difference_sample(

@@ -1,14 +1,18 @@
-"""Hessian traces through ops whose CPU backward has no derivative of its own."""
+"""Hessian traces through ops whose CPU backward has no derivative of its own, and finite
+differences that hold the activation pattern of piecewise-linear ops fixed."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import msq_fx
-from msq_fx.second_order import hardsigmoid_by_clamp, twice_differentiable
+from msq_fx.hessian import finite_difference_traces, hutchinson_traces
+from msq_fx.second_order import FrozenKinks, hardsigmoid_by_clamp, twice_differentiable
 
 
 def test_hardsigmoid_by_clamp_equals_hardsigmoid_in_value_and_gradient():
@@ -60,3 +64,107 @@ def test_hessian_guided_prune_runs_on_multihead_attention():
     records = _prune_once(vit, torch.randn(2, 3, 32, 32))
     assert any(r.kind == "attention" for r in records)
     assert all(r.hessian_trace is not None for r in records)
+
+
+# --------------------------------------------------------------------------- frozen kinks
+
+KINKED_OPS = {
+    "F.relu": F.relu, "torch.relu": torch.relu, "Tensor.relu": torch.Tensor.relu,
+    "nn.ReLU(inplace)": lambda x: nn.ReLU(inplace=True)(x.clone()),
+    "Tensor.relu_": lambda x: x.clone().relu_(),
+    "nn.ReLU6": nn.ReLU6(), "F.relu6": F.relu6, "hardtanh": lambda x: F.hardtanh(x, -0.5, 0.7),
+    "leaky_relu": lambda x: F.leaky_relu(x, 0.2), "hardswish": F.hardswish,
+    "hardsigmoid": F.hardsigmoid,
+    "max_pool1d": lambda x: F.max_pool1d(x.flatten(2), 2),
+    "max_pool2d": nn.MaxPool2d(2), "max_pool3d": lambda x: F.max_pool3d(x.unsqueeze(1), 2),
+    "max_pool2d, indices": lambda x: F.max_pool2d(x, 3, 1, 1, return_indices=True)[0],
+}
+
+
+def replayed(op, x, recorded_at):
+    kinks = FrozenKinks()
+    with torch.no_grad(), kinks.recording("op"):
+        op(recorded_at)
+    with kinks.replaying("op"):
+        return op(x)
+
+
+@pytest.mark.parametrize("name", list(KINKED_OPS))
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**16))
+def test_replay_at_the_recorded_point_equals_the_op_in_value_and_gradient(name, seed):
+    op = KINKED_OPS[name]
+    x = (8 * torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(seed))
+         ).requires_grad_()
+    expected = op(x)
+    actual = replayed(op, x, x.detach())
+    torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-6)  # formulas may round apart
+    weights = torch.randn(expected.shape, generator=torch.Generator().manual_seed(seed + 1))
+    expected_grad, = torch.autograd.grad((expected * weights).sum(), x)
+    actual_grad, = torch.autograd.grad((replayed(op, x, x.detach()) * weights).sum(), x)
+    torch.testing.assert_close(actual_grad, expected_grad, rtol=0, atol=1e-6)
+
+
+def test_replay_keeps_the_recorded_relu_pattern_where_the_sign_has_changed():
+    recorded_at = torch.tensor([-1.0, 2.0, -3.0])
+    x = torch.tensor([0.5, -0.5, -3.0])
+    assert replayed(F.relu, x, recorded_at).tolist() == [0.0, -0.5, -0.0]
+
+
+def test_replay_keeps_the_recorded_argmax_of_each_pooling_window():
+    recorded_at = torch.tensor([[[1.0, 0.0, 0.0, 5.0]]])
+    x = torch.tensor([[[1.0, 2.0, 7.0, 5.0]]])
+    assert replayed(lambda t: F.max_pool1d(t, 2), x, recorded_at).tolist() == [[[1.0, 5.0]]]
+
+
+def test_replay_refuses_an_input_of_another_shape_naming_the_op():
+    with pytest.raises(RuntimeError, match="relu: input of shape \\(4,\\) where the recorded"):
+        replayed(F.relu, torch.randn(4), torch.randn(3))
+
+
+def test_replay_refuses_a_forward_that_makes_more_or_fewer_kinked_calls():
+    kinks = FrozenKinks()
+    with kinks.recording("op"):
+        F.relu(torch.randn(3))
+    with pytest.raises(RuntimeError, match="more piecewise-linear calls than the recorded pass"):
+        with kinks.replaying("op"):
+            F.relu(F.relu(torch.randn(3)))
+    with pytest.raises(RuntimeError, match="made 0 piecewise-linear calls where the recorded"):
+        with kinks.replaying("op"):
+            torch.randn(3).exp()
+
+
+class ReluPoolNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.fc = nn.Linear(6 * 4 * 4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.max_pool2d(F.relu(self.conv(x)), 2).flatten(1))
+
+
+@pytest.mark.parametrize("relative_step, rtol", [(1e-2, 1e-3), (1e-4, 1e-6)])
+def test_finite_differences_with_frozen_kinks_equal_the_double_backward_on_relu_and_max_pool(
+        relative_step, rtol):
+    torch.manual_seed(0)
+    model = ReluPoolNet().double()
+    inputs = torch.randn(16, 3, 8, 8, dtype=torch.float64)
+    targets = torch.randint(0, 4, (16,))
+    params = [model.conv.weight, model.fc.weight]
+
+    def loss():
+        return F.cross_entropy(model(inputs), targets)
+
+    def traces(estimator, **options):
+        return estimator(loss, params, max_samples=3, min_samples=3,
+                         generator=torch.Generator().manual_seed(1), **options).traces
+
+    exact = traces(hutchinson_traces)
+    frozen = traces(finite_difference_traces, relative_step=relative_step)
+    torch.testing.assert_close(frozen, exact, rtol=rtol, atol=0)  # the smooth part's O(h^2)
+    # Without the frozen pattern, a step this large crosses kinks and the traces move.
+    if relative_step == 1e-2:
+        crossing = traces(finite_difference_traces, relative_step=relative_step,
+                          frozen_kinks=False)
+        assert not torch.allclose(crossing, exact, rtol=1e-2)
