@@ -128,8 +128,14 @@ def _checked(func, pattern: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return pattern
 
 
-def _written(x: torch.Tensor, value: torch.Tensor, inplace: bool) -> torch.Tensor:
-    return x.copy_(value) if inplace else value
+def _applied(formula, x: torch.Tensor, inplace: bool, *options) -> torch.Tensor:
+    """``formula(x, *options)``, written into ``x`` for an in-place op.
+
+    The formula reads a copy then: its backward needs the input, which the write overwrites.
+    """
+    if not inplace:
+        return formula(x, *options)
+    return x.copy_(formula(x.clone(), *options))
 
 
 class _Relu:
@@ -168,7 +174,7 @@ class _Regions:
         x, inplace = _input_and_inplace(func, args, kwargs)
         low, high = self.bounds(inspect.signature(func).bind(*args, **kwargs).arguments)
         region = _checked(func, region, x)
-        return _written(x, self.formula(x, region, low, high), inplace)
+        return _applied(self.formula, x, inplace, region, low, high)
 
 
 def _hardtanh_bounds(arguments):
@@ -198,7 +204,11 @@ class _LeakyRelu:
         slope = float(inspect.signature(func).bind(*args, **kwargs).arguments.get(
             "negative_slope", 0.01))
         pattern = _checked(func, pattern, x)
-        return _written(x, torch.where(pattern, x, x * slope), inplace)
+        return _applied(_leaky, x, inplace, pattern, slope)
+
+
+def _leaky(x, pattern, slope):
+    return torch.where(pattern, x, x * slope)
 
 
 class _MaxPool:

@@ -75,6 +75,12 @@ KINKED_OPS = {
     "nn.ReLU6": nn.ReLU6(), "F.relu6": F.relu6, "hardtanh": lambda x: F.hardtanh(x, -0.5, 0.7),
     "leaky_relu": lambda x: F.leaky_relu(x, 0.2), "hardswish": F.hardswish,
     "hardsigmoid": F.hardsigmoid,
+    # In place on an intermediate, as timm's and torchvision's activation layers do.
+    "nn.Hardswish(inplace)": lambda x: nn.Hardswish(inplace=True)(x * 1),
+    "nn.Hardsigmoid(inplace)": lambda x: nn.Hardsigmoid(inplace=True)(x * 1),
+    "nn.ReLU6(inplace)": lambda x: nn.ReLU6(inplace=True)(x * 1),
+    "nn.LeakyReLU(inplace)": lambda x: nn.LeakyReLU(0.1, inplace=True)(x * 1),
+    "relu_ then use": lambda x: (lambda y: (y.relu_(), y * 2)[1])(x * 1),
     "max_pool1d": lambda x: F.max_pool1d(x.flatten(2), 2),
     "max_pool2d": nn.MaxPool2d(2), "max_pool3d": lambda x: F.max_pool3d(x.unsqueeze(1), 2),
     "max_pool2d, indices": lambda x: F.max_pool2d(x, 3, 1, 1, return_indices=True)[0],
