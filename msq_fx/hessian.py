@@ -219,6 +219,7 @@ def finite_difference_traces(
     if not 0 < relative_step < 1:
         raise ValueError(f"relative_step must be in (0, 1), got {relative_step}")
     params = _checked_params(params)
+    _check_precision(params)
     if displaced is None:
         displaced = functools.partial(_displaced_in_place, params)
     pieces = _loss_pieces(loss_fn)
@@ -340,6 +341,17 @@ def _trace_sample(
     outputs = [grads[i] for i in curved]
     output_probes = [probes[i] for i in curved]
     return _block_dots(outputs, output_probes, params, probes, retain_graph=True)
+
+
+def _check_precision(params: list[torch.Tensor]) -> None:
+    # A difference of two gradients over a step of ~1e-3 keeps ~4 of float32's 7 digits;
+    # half precision (3 digits) would keep none.
+    for index, param in enumerate(params):
+        if param.dtype not in (torch.float32, torch.float64):
+            raise ValueError(
+                f"params[{index}] (shape {tuple(param.shape)}) is {param.dtype}: finite "
+                f"differences need float32 or float64 tensors; use the double backward "
+                f"(hutchinson_traces / hessian_method='autograd') or keep the weights in float32")
 
 
 def _with_frozen_kinks(

@@ -591,3 +591,10 @@ def test_an_empty_or_non_callable_piece_list_is_refused(estimator):
         estimator([], params)
     with pytest.raises(ValueError, match=r"loss_fn\[1\] is a int"):
         estimator([lambda: params[0].sum(), 3], params)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_finite_differences_refuse_half_precision_tensors(dtype):
+    weight = torch.randn(4, dtype=dtype, requires_grad=True)
+    with pytest.raises(ValueError, match=f"params\\[0\\] \\(shape \\(4,\\)\\) is {dtype}"):
+        finite_difference_traces(lambda: (weight.float() ** 3).sum(), [weight])
