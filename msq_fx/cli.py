@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from . import MSQConfig, MSQController, SmallCNN, convert, prepare, report, save
+from .config import HESSIAN_METHODS
 from .data import synthetic_patterns
 from .modules import LoweredWeight
 from .packing import packed_size
@@ -71,7 +72,7 @@ def _saved_sizes(int_model: torch.nn.Module, float_model: torch.nn.Module) -> st
 
 def check(args: argparse.Namespace) -> int:
     """Run msq_fx.check.check_model on each spec; 1 if any FAILs, 2 if a spec names no model."""
-    from .check import SpecError, check_model, parse_spec
+    from .check import SpecError, check_config, check_model, parse_spec
 
     try:
         for spec in args.specs:  # resolve every spec first: a typo should not wait for a long run
@@ -84,8 +85,9 @@ def check(args: argparse.Namespace) -> int:
     failed = False
     for spec in args.specs:
         try:
+            config = check_config(args.seed).replace(hessian_method=args.hessian_method)
             result = check_model(spec, input_size=args.input_size, batch_size=args.batch_size,
-                                 steps=args.steps, seed=args.seed)
+                                 steps=args.steps, seed=args.seed, config=config)
         except ValueError as error:  # the model declares no input size and none was given
             print(f"msq-fx check: error: {error}", file=sys.stderr)
             return 2
@@ -124,6 +126,10 @@ def _add_check_parser(commands) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--hessian-method", choices=HESSIAN_METHODS, default="auto",
+                        help="how the pruning step computes H v (MSQConfig.hessian_method; "
+                             "default auto: double backward, finite differences if it runs out "
+                             "of memory)")
     parser.add_argument("--json", action="store_true",
                         help="one JSON object per model and line, no tables")
     parser.set_defaults(handler=check)

@@ -246,6 +246,15 @@ def test_cli_json_prints_one_object_per_model_and_no_table(capsys):
     assert (skipped["status"], skipped["stage"]) == ("SKIP", "build")
 
 
+@pytest.mark.parametrize("method", ["autograd", "finite_difference"])
+def test_cli_hessian_method_chooses_how_the_prune_takes_h_v(capsys, method):
+    code = cli.main(["check", "--json", "--input-size", "3x32x32", "--steps", "1",
+                     "--hessian-method", method, "msq_fx.models:resnet20"])
+    assert code == 0
+    row = json.loads(capsys.readouterr().out)
+    assert (row["status"], row["hessian_method"]) == ("PASS", method)
+
+
 def test_cli_rejects_a_bad_spec_before_checking_anything(capsys):
     assert cli.main(["check", "msq_fx.models:resnet20", "torchvision:resnt18"]) == 2
     captured = capsys.readouterr()
