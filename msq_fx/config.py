@@ -63,9 +63,12 @@ class MSQConfig:
             at a time: the same traces (up to rounding) when ``loss_fn`` averages per-sample
             losses, as F.cross_entropy does by default, in a fraction of the memory, for more
             time when several probes are drawn.
-        hessian_relative_step: finite-difference step, relative to the RMS of the weights
-            (activation patterns of ReLU-like ops are held at the undisplaced point's; see
+        hessian_relative_step: finite-difference step, relative to the RMS of the weights (see
             msq_fx.hessian.finite_difference_traces for the measured trade-off).
+        hessian_frozen_kinks: finite differences replay the activation pattern of ReLU-like ops
+            and max pooling recorded at the undisplaced point (default), giving the curvature
+            the double backward sees; False lets the step cross kinks and adds the gradient's
+            jumps there, which on ReLU networks dominates the traces.
         seed: seeds the Rademacher vectors, so decisions are reproducible and resumable.
     """
 
@@ -92,6 +95,7 @@ class MSQConfig:
     hessian_method: str = "auto"
     hessian_chunk_size: int | None = None
     hessian_relative_step: float = 1e-3
+    hessian_frozen_kinks: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -153,6 +157,8 @@ class MSQConfig:
                  "None (whole batches) or an integer >= 1 (samples per chunk)")
         _require(_is_number(self.hessian_relative_step) and 0 < self.hessian_relative_step < 1,
                  "hessian_relative_step", self.hessian_relative_step, "a number in (0, 1)")
+        _require(isinstance(self.hessian_frozen_kinks, bool), "hessian_frozen_kinks",
+                 self.hessian_frozen_kinks, "True or False")
         _require(_is_int(self.seed), "seed", self.seed, "an integer")
 
     def replace(self, **changes: Any) -> "MSQConfig":

@@ -266,7 +266,8 @@ class MSQController:
                                               [m.quantizer for m in members])
                 return finite_difference_traces(
                     loss, params, displaced=displaced,
-                    relative_step=self.config.hessian_relative_step, **limits)
+                    relative_step=self.config.hessian_relative_step,
+                    frozen_kinks=self.config.hessian_frozen_kinks, **limits)
             with twice_differentiable():
                 return hutchinson_traces(loss, params, **limits)
 

@@ -717,3 +717,17 @@ def test_auto_does_not_fall_back_under_torch_distributed_and_says_what_to_set(mo
     with pytest.raises(RuntimeError, match="under torch.distributed 'auto' does not fall back.*"
                                            "hessian_chunk_size.*finite_difference"):
         conv_net_traces()
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_the_config_decides_whether_finite_differences_freeze_kinks(monkeypatch, frozen):
+    seen = []
+    real = msq_fx.controller.finite_difference_traces
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["frozen_kinks"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("msq_fx.controller.finite_difference_traces", spy)
+    conv_net_traces(hessian_method="finite_difference", hessian_frozen_kinks=frozen)
+    assert seen == [frozen]
