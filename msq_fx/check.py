@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
+import gc
 import importlib
 import math
 import time
@@ -95,6 +97,9 @@ class CheckResult:
         trace_failure: why no graph could be captured at all (prepare then works from the module
             tree alone), else None.
         compression: 32 / average bits over the quantized weights after the prune.
+        batch_size: the batch the result was obtained with: the one asked for, or 1 when that
+            ran out of memory and a batch of 1 got further (``note`` then says so).
+        note: what the reader of a PASS should know, e.g. the smaller batch; "" otherwise.
         hessian_method: how the prune computed H v: "autograd" (double backward) or
             "finite_difference" (the fallback when the double backward ran out of memory or met
             an op without a second derivative); None when the prune was not reached.
@@ -120,6 +125,8 @@ class CheckResult:
     trace_failure: str | None = None
     compression: float | None = None
     hessian_method: str | None = None
+    batch_size: int = 0
+    note: str = ""
     seconds: float = 0.0
     stage_seconds: dict[str, float] = field(default_factory=dict)
     peak_memory_mib: dict[str, float] = field(default_factory=dict)
@@ -132,8 +139,9 @@ class CheckResult:
     def summary_line(self) -> str:
         """``PASS model (N weights quantized, max |diff| X)`` or ``FAIL model: reason``."""
         if self.passed:
+            note = f"; {self.note}" if self.note else ""
             return (f"PASS {self.model} ({self.quantized_weights} weights quantized, "
-                    f"max |diff| {self.max_abs_diff:.3g})")
+                    f"max |diff| {self.max_abs_diff:.3g}{note})")
         return f"{self.status} {self.model}: {self.reason}"
 
     def to_dict(self, include_table: bool = True) -> dict[str, Any]:
@@ -153,6 +161,7 @@ class _Findings:
         self.start = time.perf_counter()
         self.status = PASS
         self.problems: list[tuple[str, str]] = []  # (stage, one-line reason)
+        self.out_of_memory = False  # the first problem was an allocation failure
         self.fields: dict[str, Any] = {"stage_seconds": {}, "peak_memory_mib": {}}
 
     @contextmanager
@@ -168,9 +177,11 @@ class _Findings:
             if peak is not None:
                 self.fields["peak_memory_mib"][stage] = peak
 
-    def problem(self, stage: str, reason: str, status: str = FAIL) -> None:
+    def problem(self, stage: str, reason: str, status: str = FAIL,
+                error: BaseException | None = None) -> None:
         if not self.problems:
             self.status = status
+            self.out_of_memory = error is not None and is_out_of_memory(error)
         self.problems.append((stage, reason))
 
     def result(self) -> CheckResult:
@@ -194,7 +205,7 @@ def _stage(findings: _Findings, stage: str, status: str = FAIL, prefix: str = ""
     except _StageFailed:
         raise
     except Exception as error:  # any error of the model or the library is the check's finding
-        findings.problem(stage, f"{stage}: {prefix}{describe_error(error)}", status)
+        findings.problem(stage, f"{stage}: {prefix}{describe_error(error)}", status, error)
         raise _StageFailed from error
 
 
@@ -409,19 +420,43 @@ def check_model(spec_or_model: str | nn.Module, *, input_size: int | Sequence[in
             ``prune_interval=1``, or the single ``epoch_end(1, ...)`` prunes nothing.
 
     Returns a CheckResult; raises SpecError for a spec that names no model and ValueError when
-    the input size is neither given nor declared by the model. Nothing else raises.
+    the input size is neither given nor declared by the model. Nothing else raises. When the
+    batch asked for runs out of memory, the check runs again at batch 1 and returns that result
+    (with ``note`` saying so) if it passes; otherwise the first result. ``seconds`` and the peak
+    memory then cover both runs.
     """
     spec = parse_spec(spec_or_model) if isinstance(spec_or_model, str) else None
     if spec is None and not isinstance(spec_or_model, nn.Module):
         raise TypeError(f"check_model expects a spec string or an nn.Module, "
                         f"got {type(spec_or_model).__name__}")
     config = check_config(seed) if config is None else config
-    findings = _Findings(spec.text if spec else type(spec_or_model).__name__)
+    name = spec.text if spec else type(spec_or_model).__name__
+    run = functools.partial(_checked_run, name, spec, spec_or_model, input_size,
+                            steps=steps, seed=seed, config=config)
+    first = run(batch_size)
+    if not (first.out_of_memory and batch_size > 1):
+        return first.result()
+    # Whether an architecture quantizes does not depend on the batch; a batch of 1 halves the
+    # activations, so a model too big for this machine at the asked batch may still be checked.
+    stage = first.problems[0][0]
+    gc.collect()
+    retry = run(1)
+    if retry.status != PASS:
+        return first.result()
+    retry.start = first.start  # the time of both runs
+    retry.fields["note"] = f"at batch 1: batch {batch_size} ran out of memory in {stage}"
+    return retry.result()
+
+
+def _checked_run(name: str, spec: ModelSpec | None, given: Any, input_size: Any,
+                 batch_size: int, *, steps: int, seed: int, config: MSQConfig) -> _Findings:
+    findings = _Findings(name)
+    findings.fields["batch_size"] = batch_size
     try:
-        _run_pipeline(findings, spec, spec_or_model, input_size, batch_size, steps, seed, config)
+        _run_pipeline(findings, spec, given, input_size, batch_size, steps, seed, config)
     except _StageFailed:
         pass
-    return findings.result()
+    return findings
 
 
 def _run_pipeline(findings: _Findings, spec: ModelSpec | None, given: Any,
@@ -572,14 +607,12 @@ def _train(findings: _Findings, qmodel: nn.Module, controller: MSQController, in
             findings.problem("train", f"train: model does not run eagerly in train mode at input "
                                       f"{tuple(inputs.shape)}: {eager_error}", SKIP)
         else:
-            findings.problem("train", f"train: {describe_error(error)}")
+            findings.problem("train", f"train: {describe_error(error)}", error=error)
         raise _StageFailed from error
     finally:
         optimizer.zero_grad(set_to_none=True)  # gradients are not needed any more: free them
 
 
-#: Texts by which allocation failures announce themselves: torch's CPU allocator (also under an
-#: RLIMIT_AS cap), C++'s and Python's own.
 def _eager_train_error(rebuild: Callable[[], nn.Module], inputs: Tensor,
                        targets: Tensor | None) -> str | None:
     """The error the float model raises in one train-mode step, or None if it runs."""

@@ -96,6 +96,37 @@ def out_of_memory_in_training() -> nn.Module:
     return OutOfMemoryInTraining()
 
 
+class OutOfMemoryAboveOneSample(nn.Module):
+    """Trains on one sample at a time; a training batch of more runs out of memory."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 10)
+
+    def forward(self, x):
+        if self.training and torch.is_grad_enabled() and x.shape[0] > 1:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to "
+                               "allocate 26214400 bytes")
+        return self.fc(x.mean((2, 3)))
+
+
+def out_of_memory_above_one_sample() -> nn.Module:
+    return OutOfMemoryAboveOneSample()
+
+
+class OutOfMemoryAboveOneSampleThenBroken(OutOfMemoryAboveOneSample):
+    """Out of memory above one sample, and broken in training at one sample."""
+
+    def forward(self, x):
+        if self.training and torch.is_grad_enabled() and x.shape[0] == 1:
+            raise RuntimeError("shape mismatch: this model needs two samples")
+        return super().forward(x)
+
+
+def out_of_memory_then_broken() -> nn.Module:
+    return OutOfMemoryAboveOneSampleThenBroken()
+
+
 def tiny_torchvision_vit() -> nn.Module:
     return torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2,
                                                 num_heads=4, hidden_dim=64, mlp_dim=128,
@@ -189,6 +220,24 @@ def test_running_out_of_memory_in_training_is_a_failure_not_a_skip():
     result = check_model(f"{THIS_MODULE}:out_of_memory_in_training", input_size=(3, 8, 8))
     assert (result.status, result.stage) == ("FAIL", "train")
     assert result.reason.startswith("train: RuntimeError: DefaultCPUAllocator: can't allocate")
+
+
+def test_a_model_out_of_memory_at_the_batch_is_checked_again_at_batch_1():
+    result = check_model(f"{THIS_MODULE}:out_of_memory_above_one_sample", input_size=(3, 8, 8))
+    assert (result.status, result.batch_size) == ("PASS", 1)
+    assert result.note == "at batch 1: batch 2 ran out of memory in train"
+    assert result.summary_line().endswith("; at batch 1: batch 2 ran out of memory in train)")
+
+
+def test_when_batch_1_fails_otherwise_the_out_of_memory_at_the_batch_is_the_finding():
+    result = check_model(f"{THIS_MODULE}:out_of_memory_then_broken", input_size=(3, 8, 8))
+    assert (result.status, result.stage, result.batch_size) == ("FAIL", "train", 2)
+    assert "can't allocate memory" in result.reason and result.note == ""
+
+
+def test_a_model_that_fits_is_checked_once_at_the_batch_asked_for():
+    result = check_model("msq_fx.models:resnet20", input_size=32, batch_size=3, steps=1)
+    assert (result.status, result.batch_size, result.note) == ("PASS", 3, "")
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -403,6 +452,17 @@ def test_sweep_markdown_lists_the_models_whose_hessian_fell_back_to_finite_diffe
     text = sweep_tool.markdown_report(rows, "title", "settings")
     section = text.split("## Hessian by finite differences")[1].split("##")[0]
     assert "timm:big" in section and "timm:small" not in section and "timm:old" not in section
+
+
+def test_sweep_markdown_lists_the_notes_of_checks_that_passed_with_one(sweep_tool):
+    rows = [{**{c: "" for c in sweep_tool.COLUMNS}, "model": model, "status": "PASS",
+             "note": note}
+            for model, note in (("timm:big", "at batch 1: batch 2 ran out of memory in train"),
+                                ("timm:small", ""))]
+    text = sweep_tool.markdown_report(rows, "title", "settings")
+    section = text.split("## Notes")[1].split("##")[0]
+    assert "timm:big" in section and "batch 2 ran out of memory" in section
+    assert "timm:small" not in section
 
 
 def test_sweep_markdown_has_no_finite_difference_section_when_none_fell_back(sweep_tool):
