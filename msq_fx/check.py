@@ -99,7 +99,8 @@ class CheckResult:
         compression: 32 / average bits over the quantized weights after the prune.
         batch_size: the batch the result was obtained with: the one asked for, or 1 when that
             ran out of memory and a batch of 1 got further (``note`` then says so).
-        note: what the reader of a PASS should know, e.g. the smaller batch; "" otherwise.
+        note: what a reader should know beyond the status: that a PASS came at batch 1, or how
+            the batch-1 retry of an out-of-memory failure failed; "" otherwise.
         hessian_method: how the prune computed H v: "autograd" (double backward) or
             "finite_difference" (the fallback when the double backward ran out of memory or met
             an op without a second derivative); None when the prune was not reached.
@@ -422,8 +423,8 @@ def check_model(spec_or_model: str | nn.Module, *, input_size: int | Sequence[in
     Returns a CheckResult; raises SpecError for a spec that names no model and ValueError when
     the input size is neither given nor declared by the model. Nothing else raises. When the
     batch asked for runs out of memory, the check runs again at batch 1 and returns that result
-    (with ``note`` saying so) if it passes; otherwise the first result. ``seconds`` and the peak
-    memory then cover both runs.
+    (with ``note`` saying so) if it passes; otherwise the first result, whose ``note`` says how
+    the batch of 1 failed. ``seconds`` and the peak memory then cover both runs.
     """
     spec = parse_spec(spec_or_model) if isinstance(spec_or_model, str) else None
     if spec is None and not isinstance(spec_or_model, nn.Module):
@@ -442,6 +443,8 @@ def check_model(spec_or_model: str | nn.Module, *, input_size: int | Sequence[in
     gc.collect()
     retry = run(1)
     if retry.status != PASS:
+        retry_reason = retry.problems[0][1] if retry.problems else retry.status
+        first.fields["note"] = f"at batch 1: {retry.status} ({retry_reason})"
         return first.result()
     retry.start = first.start  # the time of both runs
     retry.fields["note"] = f"at batch 1: batch {batch_size} ran out of memory in {stage}"

@@ -232,7 +232,10 @@ def test_a_model_out_of_memory_at_the_batch_is_checked_again_at_batch_1():
 def test_when_batch_1_fails_otherwise_the_out_of_memory_at_the_batch_is_the_finding():
     result = check_model(f"{THIS_MODULE}:out_of_memory_then_broken", input_size=(3, 8, 8))
     assert (result.status, result.stage, result.batch_size) == ("FAIL", "train", 2)
-    assert "can't allocate memory" in result.reason and result.note == ""
+    assert "can't allocate memory" in result.reason
+    assert result.note == ("at batch 1: SKIP (train: model does not run eagerly in train mode at "
+                           "input (1, 3, 8, 8): RuntimeError: shape mismatch: this model needs "
+                           "two samples)")
 
 
 def test_a_model_that_fits_is_checked_once_at_the_batch_asked_for():
