@@ -201,8 +201,9 @@ def finite_difference_traces(
     Design choices:
         * Central difference: the error is O(h^2) in the third derivative, against O(h) one-sided.
         * Only ``v_l . g_l`` is kept from each gradient, accumulated in float64 as each block
-          lands, so the estimator holds one weight-sized copy (the offsets) beyond the model; the
-          probe is recovered from the offset as offset / h.
+          lands, so the estimator holds one weight-sized copy (the offsets) beyond the model,
+          and with ``frozen_kinks`` one bool (one index for max pooling) per output of a kinked
+          op; the probe is recovered from the offset as offset / h.
         * The step trades float rounding (the difference of two float32 gradients loses about
           log10(1/relative_step) digits) against the O(h^2) error of the smooth part. Kinks
           are taken out of the trade by ``frozen_kinks``: without it, a step that moves a ReLU
