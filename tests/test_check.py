@@ -417,6 +417,49 @@ def test_sweep_records_timeouts_reruns_them_and_resumes(tmp_path):
     assert "2 already in" in resumed.stderr and "0 to check" in resumed.stderr
 
 
+def _scripted_checks(sweep_tool, monkeypatch, statuses):
+    """Make run_check_once return rows with ``statuses`` in turn; returns the options it got."""
+    calls = []
+
+    def run_check_once(spec, limits, options, start):
+        status = statuses[len(calls)]
+        calls.append(options)
+        row = sweep_tool._row(spec, status, "" if status == "PASS" else "prune: out of memory",
+                              start, stage="" if status == "PASS" else "prune")
+        return row
+
+    monkeypatch.setattr(sweep_tool, "run_check_once", run_check_once)
+    return calls
+
+
+def test_sweep_retries_an_out_of_memory_check_lean_in_a_fresh_process(sweep_tool, monkeypatch):
+    calls = _scripted_checks(sweep_tool, monkeypatch, ["OOM", "PASS"])
+    row = sweep_tool.run_check("timm:big", sweep_tool.Limits(60, 2**30, 1, None))
+    assert calls == [(), sweep_tool.LEAN_RETRY]
+    assert LEAN_RETRY_OPTIONS <= set(sweep_tool.LEAN_RETRY)
+    assert row["status"] == "PASS"
+    assert row["note"] == ("passed in a fresh process at batch 1 with the finite-difference "
+                           "Hessian; batch 2 ran out of memory in prune")
+
+
+def test_sweep_keeps_the_out_of_memory_row_when_the_lean_retry_fails_and_says_how(
+        sweep_tool, monkeypatch):
+    _scripted_checks(sweep_tool, monkeypatch, ["OOM", "OOM"])
+    row = sweep_tool.run_check("timm:big", sweep_tool.Limits(60, 2**30, 1, None))
+    assert (row["status"], row["stage"]) == ("OOM", "prune")
+    assert row["note"] == ("fresh process at batch 1 with the finite-difference Hessian: OOM "
+                           "(prune: out of memory)")
+
+
+def test_sweep_does_not_retry_other_failures(sweep_tool, monkeypatch):
+    calls = _scripted_checks(sweep_tool, monkeypatch, ["FAIL"])
+    assert sweep_tool.run_check("timm:a", sweep_tool.Limits(60, 2**30, 1, None))["status"] == "FAIL"
+    assert calls == [()]
+
+
+LEAN_RETRY_OPTIONS = {"--batch-size", "1", "--hessian-method", "finite_difference"}
+
+
 def test_sweep_selection_is_deterministic(sweep_tool):
     specs = [f"timm:model{i:02d}" for i in range(40)] + ["torchvision:resnet18"]
     sample = sweep_tool.select(specs, "^timm:", 10, 3, (0, 1))
