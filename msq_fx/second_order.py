@@ -114,10 +114,15 @@ class _KinkMode(TorchFunctionMode):
         return rule.replay(func, args, kwargs, pattern)
 
 
-def _input_and_inplace(func, args, kwargs) -> tuple[torch.Tensor, bool]:
+def _arguments(func, args, kwargs) -> dict:
+    """``func``'s arguments by name, defaults filled in, the input first."""
     bound = inspect.signature(func).bind(*args, **kwargs)
-    return bound.arguments[next(iter(bound.signature.parameters))], bool(
-        bound.arguments.get("inplace", False))
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def _input(arguments: dict) -> torch.Tensor:
+    return next(iter(arguments.values()))
 
 
 def _checked(func, pattern: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -164,21 +169,22 @@ class _Regions:
         self.formula = formula  # (x, region, low, high) -> output
 
     def record(self, func, args, kwargs):
-        x, _ = _input_and_inplace(func, args, kwargs)
-        low, high = self.bounds(inspect.signature(func).bind(*args, **kwargs).arguments)
-        detached = x.detach()
+        arguments = _arguments(func, args, kwargs)
+        low, high = self.bounds(arguments)
+        detached = _input(arguments).detach()
         region = (detached > low).to(torch.int8) + (detached >= high).to(torch.int8)
         return func(*args, **kwargs), region
 
     def replay(self, func, args, kwargs, region):
-        x, inplace = _input_and_inplace(func, args, kwargs)
-        low, high = self.bounds(inspect.signature(func).bind(*args, **kwargs).arguments)
+        arguments = _arguments(func, args, kwargs)
+        low, high = self.bounds(arguments)
+        x = _input(arguments)
         region = _checked(func, region, x)
-        return _applied(self.formula, x, inplace, region, low, high)
+        return _applied(self.formula, x, arguments["inplace"], region, low, high)
 
 
 def _hardtanh_bounds(arguments):
-    return float(arguments.get("min_val", -1.0)), float(arguments.get("max_val", 1.0))
+    return float(arguments["min_val"]), float(arguments["max_val"])
 
 
 def _hardtanh(x, region, low, high):
@@ -195,16 +201,15 @@ def _hardsigmoid(x, region, low, high):
 
 class _LeakyRelu:
     def record(self, func, args, kwargs):
-        x, _ = _input_and_inplace(func, args, kwargs)
-        pattern = x.detach() > 0
+        pattern = _input(_arguments(func, args, kwargs)).detach() > 0
         return func(*args, **kwargs), pattern
 
     def replay(self, func, args, kwargs, pattern):
-        x, inplace = _input_and_inplace(func, args, kwargs)
-        slope = float(inspect.signature(func).bind(*args, **kwargs).arguments.get(
-            "negative_slope", 0.01))
+        arguments = _arguments(func, args, kwargs)
+        x = _input(arguments)
         pattern = _checked(func, pattern, x)
-        return _applied(_leaky, x, inplace, pattern, slope)
+        return _applied(_leaky, x, arguments["inplace"], pattern,
+                        float(arguments["negative_slope"]))
 
 
 def _leaky(x, pattern, slope):
@@ -218,24 +223,21 @@ class _MaxPool:
         self.with_indices = with_indices
         self.spatial_dims = spatial_dims
 
-    def _arguments(self, args, kwargs) -> dict:
-        return dict(inspect.signature(self.with_indices).bind(*args, **kwargs).arguments)
-
     def record(self, func, args, kwargs):
-        arguments = self._arguments(args, kwargs)
-        wanted = bool(arguments.pop("return_indices", False))
+        arguments = _arguments(self.with_indices, args, kwargs)
+        wanted = bool(arguments.pop("return_indices"))
         output, indices = self.with_indices(**arguments, return_indices=True)
         return ((output, indices) if wanted else output), indices
 
     def replay(self, func, args, kwargs, indices):
-        arguments = self._arguments(args, kwargs)
+        arguments = _arguments(self.with_indices, args, kwargs)
         x = arguments["input"]
         leading = x.dim() - self.spatial_dims  # (N, C) or, unbatched, (C,)
         if x.shape[:leading] != indices.shape[:leading]:
             _checked(func, indices, x)  # raises with both shapes
         # indices number the positions of each flattened spatial plane.
         output = x.flatten(leading).gather(leading, indices.flatten(leading)).view(indices.shape)
-        return (output, indices) if arguments.get("return_indices", False) else output
+        return (output, indices) if arguments["return_indices"] else output
 
 
 _RELU = _Relu()
