@@ -38,6 +38,11 @@ class MSQConfig:
             a quantizer (a container owning a Parameter directly, an attribute defined as a
             property, ...): "float" leaves it in float and lists it in the report with the
             reason; "error" raises MSQError naming every such weight.
+        recompute_quantized_weights: True (default) lets a conv / linear / attention op save
+            how to recompute its quantized weight for the backward pass instead of a copy of
+            it, so training holds one weight-sized tensor less per layer for one more fake
+            quantization per weight in the backward. Covers the uses inside the weight's own
+            module; a parent's functional use (``F.linear(x, self.qkv.weight)``) saves a copy.
     Capture
         leaf_modules: FQNs, class names or classes the tracer keeps opaque.
         concrete_args: passed to the tracer (e.g. ``{"flag": False}``).
@@ -81,6 +86,7 @@ class MSQConfig:
     filter_fn: Callable[[Any, str], bool] | None = field(default=None, compare=False)
     groups: tuple[tuple[str, ...], ...] = ()
     on_unquantizable: str = "float"
+    recompute_quantized_weights: bool = True
     leaf_modules: tuple[Any, ...] = ()
     concrete_args: Mapping[str, Any] | None = field(default=None, compare=False)
     reg_strength: float = 5e-5
@@ -157,6 +163,8 @@ class MSQConfig:
                  "None (whole batches) or an integer >= 1 (samples per chunk)")
         _require(_is_number(self.hessian_relative_step) and 0 < self.hessian_relative_step < 1,
                  "hessian_relative_step", self.hessian_relative_step, "a number in (0, 1)")
+        _require(isinstance(self.recompute_quantized_weights, bool),
+                 "recompute_quantized_weights", self.recompute_quantized_weights, "True or False")
         _require(isinstance(self.hessian_frozen_kinks, bool), "hessian_frozen_kinks",
                  self.hessian_frozen_kinks, "True or False")
         _require(_is_int(self.seed), "seed", self.seed, "an integer")

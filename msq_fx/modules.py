@@ -34,11 +34,12 @@ class WeightFakeQuant(nn.Module):
 
     Buffers: ``bits`` (current width q), ``prune_step`` (p, LSBs removed at the next prune).
     Plain attributes (re-created by ``prepare``): ``kind``, ``names`` (every FQN of the tensor),
-    ``grid``, ``prunable`` (False for layers whose width a policy fixes).
+    ``grid``, ``prunable`` (False for layers whose width a policy fixes), ``recompute`` (the
+    owner's forward lets ops save how to recompute the quantized weight instead of a copy).
     """
 
     def __init__(self, bits: int, kind: str, names: tuple[str, ...], grid: str = "nested",
-                 prunable: bool = True) -> None:
+                 prunable: bool = True, recompute: bool = False) -> None:
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -49,6 +50,7 @@ class WeightFakeQuant(nn.Module):
         self.names = tuple(names)
         self.grid = grid
         self.prunable = prunable
+        self.recompute = recompute
         self.group = self.names[0]
 
     @property
@@ -185,7 +187,18 @@ def _forward_with_input_quantizer(self: nn.Module, *args, **kwargs):
             if isinstance(value, Tensor):
                 bound.arguments[name] = seen.setdefault(id(value), input_quantizer(value))
         args, kwargs = bound.args[1:], bound.kwargs
+    if _recomputes_weights(self):
+        with quant.recomputed_quantized_weights():
+            return self._msq_base.forward(self, *args, **kwargs)
     return self._msq_base.forward(self, *args, **kwargs)
+
+
+def _recomputes_weights(owner: nn.Module) -> bool:
+    # Only a forward that records a graph saves anything; compilers trace their own graph.
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return False
+    return any(getattr(owner._modules[name + QUANTIZER_SUFFIX], "recompute", False)
+               for name in owner._msq_names)
 
 
 @functools.lru_cache(maxsize=None)
@@ -273,4 +286,4 @@ def displaced_quantized_weights(quantizers: Sequence[nn.Module],
 
 
 def _add_offset(offset: Tensor, _module: nn.Module, _inputs: tuple, output: Tensor) -> Tensor:
-    return output + offset
+    return quant.displaced(output, offset)

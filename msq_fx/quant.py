@@ -18,6 +18,8 @@ All functions accept ``bits`` and ``k`` as Python ints; tensors keep the dtype o
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -105,26 +107,127 @@ def quantize_value(w: Tensor, bits: int, grid: str = "nested") -> Tensor:
 
 
 class _StraightThrough(torch.autograd.Function):
-    """Returns ``quantized`` exactly in the forward pass; passes the gradient to ``w`` unchanged.
+    """Returns ``quantize_value(w, bits, grid)`` in the forward pass; passes the gradient to ``w``
+    unchanged.
 
     A custom Function (rather than ``w + (q - w).detach()``) keeps the forward value bit-exact,
     which is what makes the lowered integer model equal the trained model, and it saves nothing
     for backward. Its backward is itself differentiable (identity), so Hessian-vector products
     through it work.
+
+    The node keeps the recipe of its output (``w``, ``bits``, ``grid`` and ``w``'s version), so
+    a consumer that saves the quantized weight for its backward can store the recipe instead of
+    the tensor (see ``recomputed_quantized_weights``).
     """
 
     @staticmethod
-    def forward(ctx, w: Tensor, quantized: Tensor) -> Tensor:  # noqa: D102
-        return quantized
+    def forward(ctx, w: Tensor, bits: int, grid: str) -> Tensor:  # noqa: D102
+        ctx.recipe = _Recipe(w, bits, grid, w._version)
+        # Computed here, not passed in: an output that is a new tensor (not an input returned
+        # as is) keeps this node as its grad_fn, which is how a saved view of it is recognized.
+        return quantize_value(w, bits, grid)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # noqa: D102
-        return grad, None
+        return grad, None, None
 
 
 def fake_quantize(w: Tensor, bits: int, grid: str = "nested") -> Tensor:
     """RoundClamp fake quantization with a straight-through gradient (paper Eq. 2 and 4)."""
-    return _StraightThrough.apply(w, quantize_value(w, bits, grid))
+    return _StraightThrough.apply(w, bits, grid)
+
+
+class _Recipe(NamedTuple):
+    latent: Tensor
+    bits: int
+    grid: str
+    version: int
+    offset: Tensor | None = None
+    offset_version: int = 0
+
+    def stale(self) -> str | None:
+        """Why recomputing would not give the forward's tensor, or None."""
+        if self.latent._version != self.version:
+            return (f"its latent weight (shape {tuple(self.latent.shape)}) was modified in place "
+                    f"after the forward pass (version {self.version} -> {self.latent._version})")
+        if self.offset is not None and self.offset._version != self.offset_version:
+            return "the offset added to it was modified in place after the forward pass"
+        return None
+
+
+class _Displaced(torch.autograd.Function):
+    """``quantized + offset`` (offset constant), keeping the recipe of the sum on its node."""
+
+    @staticmethod
+    def forward(ctx, quantized: Tensor, offset: Tensor, recipe: _Recipe) -> Tensor:  # noqa: D102
+        ctx.recipe = recipe
+        return quantized + offset
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # noqa: D102
+        return grad, None, None
+
+
+def displaced(quantized: Tensor, offset: Tensor) -> Tensor:
+    """``quantized + offset``; the sum of a fake_quantize output stays recomputable."""
+    node = quantized.grad_fn
+    if not isinstance(node, _StraightThrough._backward_cls) or node.recipe.offset is not None:
+        return quantized + offset
+    recipe = node.recipe._replace(offset=offset, offset_version=offset._version)
+    return _Displaced.apply(quantized, offset, recipe)
+
+
+class _Recomputed(NamedTuple):
+    """What a consumer saves instead of a quantized weight: the recipe, and the view it saved."""
+
+    node: object
+    size: torch.Size
+    stride: tuple[int, ...]
+    storage_offset: int
+
+
+_RECOMPUTABLE = (_StraightThrough._backward_cls, _Displaced._backward_cls)
+
+
+def _pack_quantized_weight(tensor: Tensor) -> Tensor | _Recomputed:
+    base = tensor if tensor._base is None else tensor._base
+    node = base.grad_fn
+    if (not isinstance(node, _RECOMPUTABLE) or base.storage_offset() != 0
+            or not base.is_contiguous()):
+        return tensor  # not a quantizer output (or laid out unusually): saved as usual
+    return _Recomputed(node, tensor.size(), tensor.stride(), tensor.storage_offset())
+
+
+def _unpack_quantized_weight(packed: Tensor | _Recomputed) -> Tensor:
+    if isinstance(packed, Tensor):
+        return packed
+    recipe = packed.node.recipe
+    problem = recipe.stale()
+    if problem is not None:
+        raise RuntimeError(
+            f"a quantized weight needed for the backward pass cannot be recomputed: {problem}. "
+            f"Run backward before changing it (e.g. before the optimizer step), or prepare with "
+            f"MSQConfig(recompute_quantized_weights=False).")
+    # No graph needed: autograd attaches the unpacked tensor to the saved one's grad_fn (this
+    # node), so a double backward still reaches the latent.
+    weight = quantize_value(recipe.latent, recipe.bits, recipe.grid)
+    if recipe.offset is not None:
+        weight = weight + recipe.offset  # the forward's own operation, so the same rounding
+    if (packed.size, packed.stride, packed.storage_offset) == (weight.size(), weight.stride(), 0):
+        return weight
+    return weight.as_strided(packed.size, packed.stride, packed.storage_offset)
+
+
+def recomputed_quantized_weights() -> torch.autograd.graph.saved_tensors_hooks:
+    """Inside, an op that saves a quantized weight for its backward saves how to recompute it.
+
+    A linear or conv saves its (quantized) weight to compute the input gradient: one more
+    weight-sized tensor per layer, alive from the forward to the backward, which on large models
+    is a third of a training step's memory. Recomputing it costs one fake quantization per
+    weight in the backward and gives the same bits, since the latent has not changed (checked).
+    """
+    return torch.autograd.graph.saved_tensors_hooks(_pack_quantized_weight,
+                                                    _unpack_quantized_weight)
 
 
 def lsb_value(w: Tensor, bits: int, k: int, scale: Tensor | None = None) -> Tensor:

@@ -66,7 +66,8 @@ def rewrite(model: nn.Module, discovery: Discovery, config: MSQConfig,
         raise RewriteError("; ".join(f"{f.name}: {f.reason}" for f in refused))
     fixed = _fixed_width_targets(discovery.targets, config)
     quantizers = {t.name: WeightFakeQuant(config.init_bits, t.kind, t.fqns, config.grid,
-                                          prunable=t.name not in fixed)
+                                          prunable=t.name not in fixed,
+                                          recompute=config.recompute_quantized_weights)
                   for t in discovery.targets}
     for name, quantizer in quantizers.items():
         quantizer.group = (groups or {}).get(name, name)

@@ -1,0 +1,151 @@
+"""Specification of MSQConfig.recompute_quantized_weights: ops that save a quantized weight for
+their backward save how to recompute it instead, with bit-identical gradients."""
+
+from __future__ import annotations
+
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import msq_fx
+from msq_fx.modules import displaced_quantized_weights, iter_quantized_weights
+
+
+class TransposedMatmul(nn.Module):
+    """Uses its own Parameter through a view: the op saves ``weight.t()``, not ``weight``."""
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(features, features) / features**0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.t()
+
+
+class MixedNet(nn.Module):
+    """A conv, a depthwise conv, nn.MultiheadAttention, a view-using layer and a linear head."""
+
+    def __init__(self, need_weights: bool = False) -> None:
+        super().__init__()
+        self.need_weights = need_weights  # True takes the math path, which has a 2nd derivative
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.mix = TransposedMatmul(8)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.depthwise(F.relu(self.conv(x))))
+        tokens = x.flatten(2).transpose(1, 2)
+        tokens = tokens + self.attention(tokens, tokens, tokens, need_weights=self.need_weights)[0]
+        return self.head(torch.tanh(self.mix(tokens)).mean(1))
+
+
+def prepared(recompute: bool, seed: int = 0, need_weights: bool = False) -> nn.Module:
+    torch.manual_seed(seed)
+    config = msq_fx.MSQConfig(init_bits=4, recompute_quantized_weights=recompute)
+    return msq_fx.prepare(MixedNet(need_weights), torch.randn(2, 3, 6, 6), config).train()
+
+
+def batch(seed: int = 1) -> torch.Tensor:
+    return torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(seed))
+
+
+def latents(model: nn.Module) -> list[nn.Parameter]:
+    return [weight.latent for weight in iter_quantized_weights(model)]
+
+
+def quantized_outputs_alive_after_forward(model: nn.Module) -> int:
+    outputs: list[weakref.ref] = []
+    handles = [w.quantizer.register_forward_hook(lambda m, i, out: outputs.append(weakref.ref(out)))
+               for w in iter_quantized_weights(model)]
+    loss = model(batch()).square().mean()
+    for handle in handles:
+        handle.remove()
+    alive = sum(ref() is not None for ref in outputs)
+    loss.backward()
+    return alive
+
+
+def test_recompute_is_on_by_default():
+    assert msq_fx.MSQConfig().recompute_quantized_weights is True
+
+
+def test_recompute_keeps_no_quantized_weight_alive_between_forward_and_backward():
+    assert quantized_outputs_alive_after_forward(prepared(recompute=True)) == 0
+
+
+def test_without_recompute_the_ops_keep_every_quantized_weight_alive():
+    model = prepared(recompute=False)
+    assert quantized_outputs_alive_after_forward(model) == len(latents(model))
+
+
+@pytest.mark.parametrize("bits", [8, 3])
+def test_recomputed_gradients_equal_the_saved_weights_gradients_bitwise(bits):
+    models = [prepared(True), prepared(False)]
+    for model in models:
+        for weight in iter_quantized_weights(model):
+            weight.quantizer.bits.fill_(bits)
+        model(batch()).square().mean().backward()
+    recomputed, saved = (latents(model) for model in models)
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(recomputed, saved))
+
+
+def test_hessian_vector_products_through_recomputed_weights_equal_the_saved_ones():
+    products = []
+    for recompute in (True, False):
+        model = prepared(recompute, need_weights=True)
+        params = latents(model)
+        grads = torch.autograd.grad(model(batch()).square().mean(), params, create_graph=True)
+        probes = [torch.ones_like(p) for p in params]
+        dot = sum((g * v).sum() for g, v in zip(grads, probes))
+        products.append(torch.autograd.grad(dot, params))
+    assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-9) for a, b in zip(*products))
+    assert any(bool(a.abs().sum() > 0) for a in products[0])  # the curvature is not all zero
+
+
+def displaced_gradients_and_alive_count(recompute: bool) -> tuple[list[torch.Tensor], int]:
+    model = prepared(recompute)
+    weights = list(iter_quantized_weights(model))
+    generator = torch.Generator().manual_seed(2)
+    offsets = [1e-3 * torch.randn(w.latent.shape, generator=generator) for w in weights]
+    with displaced_quantized_weights([w.quantizer for w in weights], offsets):
+        alive = quantized_outputs_alive_after_forward(model)  # registered after the offsets
+    return [w.latent.grad for w in weights], alive
+
+
+def test_displaced_quantized_weights_are_recomputed_too():
+    _, alive = displaced_gradients_and_alive_count(recompute=True)
+    assert alive == 0
+
+
+def test_gradients_at_displaced_weights_equal_the_saved_weights_gradients_bitwise():
+    recomputed, _ = displaced_gradients_and_alive_count(recompute=True)
+    saved, alive = displaced_gradients_and_alive_count(recompute=False)
+    assert alive == len(saved)
+    assert all(torch.equal(a, b) for a, b in zip(recomputed, saved))
+
+
+def test_a_latent_changed_in_place_before_backward_raises_an_error_that_says_what_to_do():
+    model = prepared(recompute=True)
+    loss = model(batch()).square().mean()
+    with torch.no_grad():
+        model.head._parameters["weight"].mul_(0.5)
+    with pytest.raises(RuntimeError, match=r"modified in place after the forward pass.*"
+                                           r"recompute_quantized_weights=False"):
+        loss.backward()
+
+
+def test_no_recipe_is_kept_when_no_graph_is_recorded():
+    model = prepared(recompute=True).eval()
+    with torch.no_grad():
+        output = model(batch())
+    assert output.grad_fn is None
+
+
+def test_config_rejects_a_non_boolean_recompute_setting():
+    with pytest.raises(ValueError, match="recompute_quantized_weights"):
+        msq_fx.MSQConfig(recompute_quantized_weights=1)
