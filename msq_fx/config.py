@@ -42,7 +42,8 @@ class MSQConfig:
             how to recompute its quantized weight for the backward pass instead of a copy of
             it, so training holds one weight-sized tensor less per layer for one more fake
             quantization per weight in the backward. Covers the uses inside the weight's own
-            module; a parent's functional use (``F.linear(x, self.qkv.weight)``) saves a copy.
+            module and, through forward hooks on the prepared model (removed by convert), a
+            parent's functional use (``F.linear(x, self.qkv.weight)``).
     Capture
         leaf_modules: FQNs, class names or classes the tracer keeps opaque.
         concrete_args: passed to the tracer (e.g. ``{"flag": False}``).

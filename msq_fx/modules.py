@@ -193,6 +193,41 @@ def _forward_with_input_quantizer(self: nn.Module, *args, **kwargs):
     return self._msq_base.forward(self, *args, **kwargs)
 
 
+#: Stateless (two functions), so one instance serves every model and nested forwards.
+_RECOMPUTE_HOOKS = quant.recomputed_quantized_weights()
+
+
+def install_model_recompute(model: nn.Module) -> None:
+    """Make the whole forward of ``model`` save recipes for quantized weights, not copies.
+
+    The owners' forwards already do so for their own uses; this covers a parent that reads a
+    child's weight functionally (``F.linear(x, self.qkv.weight)``), whose op runs outside the
+    owner's forward. A forward pre-hook enters the saved-tensor hooks and a forward hook that
+    also runs on an exception leaves them.
+    """
+    model.register_forward_pre_hook(_enter_recompute)
+    model.register_forward_hook(_leave_recompute, always_call=True)
+
+
+def remove_model_recompute(model: nn.Module) -> None:
+    """Undo ``install_model_recompute`` (a lowered model has nothing to recompute)."""
+    for hooks, hook in ((model._forward_pre_hooks, _enter_recompute),
+                        (model._forward_hooks, _leave_recompute)):
+        for key in [key for key, value in hooks.items() if value is hook]:
+            del hooks[key]
+            model._forward_hooks_always_called.pop(key, None)
+
+
+def _enter_recompute(_model: nn.Module, _args: tuple) -> None:
+    if not torch.compiler.is_compiling():
+        _RECOMPUTE_HOOKS.__enter__()
+
+
+def _leave_recompute(_model: nn.Module, _args: tuple, _output: object) -> None:
+    if not torch.compiler.is_compiling():
+        _RECOMPUTE_HOOKS.__exit__(None, None, None)
+
+
 def _recomputes_weights(owner: nn.Module) -> bool:
     # Only a forward that records a graph saves anything; compilers trace their own graph.
     if not torch.is_grad_enabled() or torch.compiler.is_compiling():

@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from msq_fx.modules import (QUANTIZER_SUFFIX, LoweredWeight, WeightFakeQuant,
-                            is_quantized_owner)
+                            is_quantized_owner, remove_model_recompute)
 
 
 class LowerError(RuntimeError):
@@ -36,6 +36,7 @@ def lower(model: nn.Module) -> None:
             if id(quantizer) in lowered:
                 owner._modules[attr + QUANTIZER_SUFFIX] = lowered[id(quantizer)]
                 owner._parameters.pop(attr, None)
+    remove_model_recompute(model)
 
 
 def _lower_one(owner_name: str, owner: nn.Module, attr: str,

@@ -5,7 +5,8 @@ private copy, so the user's model is never touched and a failure leaves nothing 
 Each owner module of a quantized tensor gets its class swapped for ``quantized_class(...)`` and a
 ``<name>_quantizer`` child; tied uses of one tensor share one ``WeightFakeQuant``, and a module
 registered under several names is rewritten once. With ``act_bits`` set, each owner module also
-gets an ``input_quantizer``.
+gets an ``input_quantizer``. With ``recompute_quantized_weights``, the model gets the forward
+hooks of ``install_model_recompute``.
 
 ``unrewritable`` (changes nothing; ``prepare`` runs it first) lists the weights an owner of which
 cannot carry a quantizer, with the reason: a container (``nn.Sequential``/``ModuleList``/
@@ -23,7 +24,7 @@ from torch import nn
 
 from msq_fx.config import MSQConfig
 from msq_fx.modules import (INPUT_QUANTIZER, QUANTIZER_SUFFIX, ActivationFakeQuant,
-                            WeightFakeQuant, quantized_class)
+                            WeightFakeQuant, install_model_recompute, quantized_class)
 
 from .discover import Discovery, FloatWeight, WeightTarget
 
@@ -77,6 +78,8 @@ def rewrite(model: nn.Module, discovery: Discovery, config: MSQConfig,
             owner.add_module(attr + QUANTIZER_SUFFIX, quantizers[target.name])
         if config.act_bits is not None:
             owner.add_module(INPUT_QUANTIZER, ActivationFakeQuant(config.act_bits))
+    if config.recompute_quantized_weights and quantizers:
+        install_model_recompute(model)
 
 
 def _owners(model: nn.Module, targets: list[WeightTarget]) -> list[_Owner]:

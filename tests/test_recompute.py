@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import msq_fx
-from msq_fx.modules import displaced_quantized_weights, iter_quantized_weights
+from msq_fx.modules import (displaced_quantized_weights, iter_quantized_weights,
+                            remove_model_recompute)
 
 
 class TransposedMatmul(nn.Module):
@@ -58,16 +59,34 @@ def latents(model: nn.Module) -> list[nn.Parameter]:
     return [weight.latent for weight in iter_quantized_weights(model)]
 
 
-def quantized_outputs_alive_after_forward(model: nn.Module) -> int:
+def quantized_outputs_alive_after_forward(model: nn.Module, inputs: torch.Tensor | None = None) -> int:
     outputs: list[weakref.ref] = []
     handles = [w.quantizer.register_forward_hook(lambda m, i, out: outputs.append(weakref.ref(out)))
                for w in iter_quantized_weights(model)]
-    loss = model(batch()).square().mean()
+    loss = model(batch() if inputs is None else inputs).square().mean()
     for handle in handles:
         handle.remove()
     alive = sum(ref() is not None for ref in outputs)
     loss.backward()
     return alive
+
+
+class ParentReadsChildWeight(nn.Module):
+    """timm BEiT's pattern: the parent calls F.linear with its child's weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, 8)
+        self.qkv = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The input needs a gradient, so F.linear saves the weight it was given.
+        return F.linear(torch.tanh(self.embed(x)), self.qkv.weight, self.qkv.bias)
+
+
+def prepared_parent_reader() -> nn.Module:
+    torch.manual_seed(0)
+    return msq_fx.prepare(ParentReadsChildWeight(), torch.randn(2, 8)).train()
 
 
 def test_recompute_is_on_by_default():
@@ -144,6 +163,30 @@ def test_no_recipe_is_kept_when_no_graph_is_recorded():
     with torch.no_grad():
         output = model(batch())
     assert output.grad_fn is None
+
+
+def test_a_weight_read_functionally_by_a_parent_is_recomputed_too():
+    model = prepared_parent_reader()
+    alive = quantized_outputs_alive_after_forward(model, torch.randn(4, 8))
+    assert alive == 0
+
+
+def test_without_the_model_hooks_only_the_owners_own_uses_are_recomputed():
+    model = prepared_parent_reader()
+    remove_model_recompute(model)
+    assert quantized_outputs_alive_after_forward(model, torch.randn(4, 8)) == 1  # qkv's
+
+
+def test_the_converted_model_carries_no_recompute_hooks():
+    int_model = msq_fx.convert(prepared_parent_reader())
+    assert not int_model._forward_pre_hooks and not int_model._forward_hooks
+
+
+def test_a_forward_that_raises_leaves_no_saved_tensor_hooks_behind():
+    model = prepared_parent_reader()
+    with pytest.raises(RuntimeError):
+        model(torch.randn(4, 5))  # wrong width
+    assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
 
 
 def test_config_rejects_a_non_boolean_recompute_setting():
