@@ -22,12 +22,15 @@ class MSQError(RuntimeError):
     """A model or its inputs cannot be processed; the message says what and how to fix it."""
 
 
-def prepare(model: nn.Module, example_inputs: Any = None, config: MSQConfig | None = None) -> nn.Module:
+def prepare(model: nn.Module, example_inputs: Any = None, config: MSQConfig | None = None, *,
+            inplace: bool = False) -> nn.Module:
     """Return an MSQ-quantized copy of ``model`` for quantization-aware training.
 
     Traces the model (leaf-aware, never failing for a model that runs eagerly), finds every conv,
     depthwise conv, linear and attention weight, and routes each through a RoundClamp quantizer at
-    ``config.init_bits``. ``model`` itself is never modified. ``example_inputs`` (a tensor or a tuple
+    ``config.init_bits``. ``model`` itself is never modified, unless ``inplace=True``: then
+    ``model`` is rewritten and returned, without the copy (for a model too large to hold twice),
+    and a failure undoes the rewrite before raising. ``example_inputs`` (a tensor or a tuple
     of positional inputs) is optional; when given, it must run the model, one eager forward on it
     finds weights used functionally where the FX graph cannot see them (inside leaf modules), and
     it calibrates the activation quantizers when ``config.act_bits`` is set. Without it, such uses
@@ -35,10 +38,7 @@ def prepare(model: nn.Module, example_inputs: Any = None, config: MSQConfig | No
     A found weight whose owner module cannot carry a quantizer stays float and is listed in the
     report with the reason (or, with ``config.on_unquantizable="error"``, raises ``MSQError``).
     """
-    from msq_fx.passes.discover import discover
-    from msq_fx.passes.group import assign_groups, build_sensitivity_graph
-    from msq_fx.passes.rewrite import RewriteError, rewrite, unrewritable
-    from msq_fx.passes.trace import trace
+    from msq_fx.passes.rewrite import unrewrite
 
     config = MSQConfig() if config is None else config
     if not isinstance(config, MSQConfig):
@@ -49,9 +49,26 @@ def prepare(model: nn.Module, example_inputs: Any = None, config: MSQConfig | No
                        f"({type(model).__name__} holds MSQ quantizers). Pass the original float "
                        f"model, or keep training the prepared one.")
     inputs = _as_tuple(example_inputs)
+    if not inplace:
+        return _prepare(copy_module(model), inputs, config)
+    try:
+        return _prepare(model, inputs, config)
+    except BaseException:
+        unrewrite(model)
+        for attr in (FLOAT_WEIGHTS_ATTR, NOTES_ATTR, SENSITIVITY_GRAPH_ATTR, CONFIG_ATTR):
+            model.__dict__.pop(attr, None)
+        raise
 
-    qmodel = copy_module(model)
-    probed = None if inputs is None else _probe_or_explain(model, qmodel, inputs)
+
+def _prepare(qmodel: nn.Module, inputs: tuple | None, config: MSQConfig) -> nn.Module:
+    """prepare's passes on ``qmodel`` itself (a copy of the user's model unless in place)."""
+    from msq_fx.passes.discover import discover
+    from msq_fx.passes.group import assign_groups, build_sensitivity_graph
+    from msq_fx.passes.rewrite import RewriteError, rewrite, unrewritable
+    from msq_fx.passes.trace import trace
+
+    name = type(qmodel).__name__  # before an owner class swap can rename a root layer
+    probed = None if inputs is None else _probe_or_explain(qmodel, inputs)
     captured = trace(qmodel, leaf_modules=config.leaf_modules, concrete_args=config.concrete_args)
     discovery = discover(qmodel, captured.graph_module, config, probed=probed,
                          leaves=captured.leaves)
@@ -76,18 +93,20 @@ def prepare(model: nn.Module, example_inputs: Any = None, config: MSQConfig | No
     for note in discovery.notes:
         logger.warning("prepare: %s", note)
     logger.info("prepared %s: %d weights quantized, %d left in float, %d graph nodes, %d leaves",
-                type(model).__name__, len(discovery.targets), len(discovery.float_weights),
+                name, len(discovery.targets), len(discovery.float_weights),
                 captured.num_nodes, len(captured.leaves))
     if inputs is not None:
         _run_or_explain(qmodel, inputs, "the MSQ-prepared model")
     return qmodel
 
 
-def convert(qmodel: nn.Module) -> nn.Module:
+def convert(qmodel: nn.Module, *, inplace: bool = False) -> nn.Module:
     """Return a copy of a prepared model whose quantized weights are int8 codes + step + bit width.
 
     In eval mode its output equals the prepared model's output: both rebuild each weight with the
-    same formula from the same codes.
+    same formula from the same codes. ``inplace=True`` lowers ``qmodel`` itself and returns it
+    (no copy of the latent weights); every weight is lowered before any is swapped in, so a
+    weight that cannot be lowered raises with ``qmodel`` unchanged.
     """
     from msq_fx.passes.lower import LowerError, lower
 
@@ -99,7 +118,7 @@ def convert(qmodel: nn.Module) -> nn.Module:
         raise MSQError(f"convert() expects a model returned by msq_fx.prepare(), but "
                        f"{type(qmodel).__name__}: {detail}. Call msq_fx.prepare(model, "
                        f"example_inputs) and train it first.")
-    int_model = copy_module(qmodel)
+    int_model = qmodel if inplace else copy_module(qmodel)
     try:
         lower(int_model)
     except LowerError as error:
@@ -127,8 +146,8 @@ def _as_tuple(example_inputs: Any) -> tuple | None:
                     f"got {type(example_inputs).__name__}")
 
 
-def _probe_or_explain(model: nn.Module, qmodel: nn.Module, inputs: tuple) -> dict[str, str] | None:
-    """The probe pass's weight uses of ``qmodel``; MSQError when ``inputs`` do not run ``model``.
+def _probe_or_explain(model: nn.Module, inputs: tuple) -> dict[str, str] | None:
+    """The probe pass's weight uses of ``model``; MSQError when ``inputs`` do not run it.
 
     When only the probe fails (the model runs without it), warn and return None: functional uses
     are then looked for in the FX graph only, and discover notes what that may miss.
@@ -136,7 +155,7 @@ def _probe_or_explain(model: nn.Module, qmodel: nn.Module, inputs: tuple) -> dic
     from msq_fx.passes.probe import ProbeError, probe
 
     try:
-        return probe(qmodel, inputs).kinds
+        return probe(model, inputs).kinds
     except ProbeError as error:
         _run_or_explain(model, inputs, "the model given to prepare()")
         logger.warning("prepare: the eager probe failed although the model runs (%s); functional "

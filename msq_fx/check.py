@@ -472,12 +472,14 @@ def _run_pipeline(findings: _Findings, spec: ModelSpec | None, given: Any,
     shape = _input_shape(findings, spec, model, input_size)
     inputs, targets = _random_batch(findings, model, shape, batch_size, seed)
     _capture(findings, model, config)
+    # A model the spec built is the check's own: prepare it in place, so the largest models
+    # need not fit twice. The expected weight names are taken first, from the float model.
+    expected = expected_weight_names(model)
     with _stage(findings, "prepare"):
-        qmodel = prepare(model, inputs, config)
-        _check_coverage(findings, model, qmodel)
+        qmodel = prepare(model, inputs, config, inplace=spec is not None)
+        _check_coverage(findings, expected, qmodel)
     findings.fields["table"] = report(qmodel).table()
-    if spec is not None:
-        del model  # the spec can rebuild it if a failure needs diagnosing; big models need the RAM
+    del model  # the spec can rebuild it if a failure needs diagnosing
     with _stage(findings, "train"):
         controller = MSQController(qmodel, config)
     with findings.timed("train"):
@@ -491,10 +493,11 @@ def _run_pipeline(findings: _Findings, spec: ModelSpec | None, given: Any,
     findings.fields["hessian_method"] = records[0].hessian_method if records else None
     findings.fields["compression"] = round(controller.compression(), 4)
     findings.fields["table"] = report(qmodel).table()  # the widths after the prune
+    fake_quant = _eval_outputs(findings, qmodel, inputs)
     with _stage(findings, "convert"):
-        int_model = convert(qmodel)
+        int_model = convert(qmodel, inplace=True)  # the fake-quant model is not needed any more
     findings.fields["table"] = report(int_model).table()
-    _compare(findings, qmodel, int_model, inputs)
+    _compare(findings, fake_quant, _eval_outputs(findings, int_model, inputs))
 
 
 def _input_shape(findings: _Findings, spec: ModelSpec | None, model: nn.Module,
@@ -555,15 +558,16 @@ def _is_parameter(model: nn.Module, qualname: str) -> bool:
     return isinstance(model.get_submodule(owner_name)._parameters.get(attr), nn.Parameter)
 
 
-def _check_coverage(findings: _Findings, model: nn.Module, qmodel: nn.Module) -> None:
-    """Every conv/linear/attention weight must be quantized or listed as float with a reason."""
+def _check_coverage(findings: _Findings, expected: set[str], qmodel: nn.Module) -> None:
+    """Every weight in ``expected`` (conv/linear/attention) must be quantized or listed as float
+    with a reason."""
     rows: Report = report(qmodel)
     findings.fields["quantized_weights"] = len(rows.layers)
     findings.fields["float_weights"] = [{"name": f.name, "kind": f.kind, "reason": f.reason}
                                         for f in rows.float_weights]
     covered = ({r.name for r in rows.layers} | {n for r in rows.layers for n in r.shared_with}
                | {f.name for f in rows.float_weights})
-    missing = sorted(expected_weight_names(model) - covered)
+    missing = sorted(expected - covered)
     if missing:
         findings.problem("prepare", f"prepare: {len(missing)} weight(s) neither quantized nor "
                                     f"listed as float: {_first(missing)}")
@@ -582,23 +586,22 @@ def _train(findings: _Findings, qmodel: nn.Module, controller: MSQController, in
            targets: Tensor | None, steps: int, rebuild: Callable[[], nn.Module]) -> None:
     """``steps`` SGD steps on task loss + LSB regularization, in train mode.
 
-    The gradient norm is clipped to 1: the steps are there to drive gradients through the
-    quantizers, not to learn, and batch-2 batch norm over 1x1 feature maps (small inputs) gives
-    gradient norms of 1e6 that would otherwise blow the weights up. A failure here is a SKIP when the float model fails the same way eagerly in train mode
+    Each parameter takes its SGD step as soon as its gradient is complete, inside the backward
+    pass, and its gradient is freed at once (``_steps_in_backward``): the check never holds a
+    whole gradient, which on the largest models is the difference between fitting and not.
+    A failure here is a SKIP when the float model fails the same way eagerly in train mode
     (``rebuild`` gives a fresh float model to try, never the caller's own).
     """
     qmodel.train()
-    optimizer = torch.optim.SGD(qmodel.parameters(), lr=1e-3)
     try:
-        for step in range(1, steps + 1):
-            loss = task_loss(qmodel(inputs), targets) + controller.regularization()
-            if not torch.isfinite(loss):
-                findings.problem("train", f"train: loss is {float(loss.detach())} at step {step}")
-                raise _StageFailed
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(qmodel.parameters(), max_norm=1.0)
-            optimizer.step()
+        with _steps_in_backward(qmodel, lr=1e-3, max_norm=1.0):
+            for step in range(1, steps + 1):
+                loss = task_loss(qmodel(inputs), targets) + controller.regularization()
+                if not torch.isfinite(loss):
+                    findings.problem("train", f"train: loss is {float(loss.detach())} at step "
+                                              f"{step}")
+                    raise _StageFailed
+                loss.backward()
     except _StageFailed:
         raise
     except Exception as error:  # decide whose failure it is before recording it
@@ -612,8 +615,35 @@ def _train(findings: _Findings, qmodel: nn.Module, controller: MSQController, in
         else:
             findings.problem("train", f"train: {describe_error(error)}", error=error)
         raise _StageFailed from error
+
+
+@contextmanager
+def _steps_in_backward(model: nn.Module, lr: float, max_norm: float) -> Iterator[None]:
+    """Inside, a backward pass also applies ``p -= lr * clip(grad)`` to each parameter as its
+    gradient lands, then drops the gradient.
+
+    Each gradient is clipped to norm ``max_norm`` on its own (a global norm would need every
+    gradient at once): the steps are there to drive gradients through the quantizers, not to
+    learn, and batch-2 batch norm over 1x1 feature maps gives gradient norms of 1e6 that would
+    otherwise blow the weights up. A parameter's gradient lands after every use of it in the
+    pass, so no op still needs its old value.
+    """
+    def step(param: Tensor) -> None:
+        with torch.no_grad():
+            grad = param.grad
+            scale = min(1.0, max_norm / (float(grad.norm()) + 1e-12))
+            param.add_(grad, alpha=-lr * scale)
+        param.grad = None
+
+    params = {id(p): p for p in model.parameters() if p.requires_grad}.values()
+    handles = [param.register_post_accumulate_grad_hook(step) for param in params]
+    try:
+        yield
     finally:
-        optimizer.zero_grad(set_to_none=True)  # gradients are not needed any more: free them
+        for handle in handles:
+            handle.remove()
+        for param in params:
+            param.grad = None
 
 
 def _eager_train_error(rebuild: Callable[[], nn.Module], inputs: Tensor,
@@ -627,11 +657,14 @@ def _eager_train_error(rebuild: Callable[[], nn.Module], inputs: Tensor,
     return None
 
 
-def _compare(findings: _Findings, qmodel: nn.Module, int_model: nn.Module, inputs: Tensor) -> None:
+def _eval_outputs(findings: _Findings, model: nn.Module, inputs: Tensor) -> list[Tensor]:
+    with _stage(findings, "compare"), torch.no_grad(), eval_mode(model):
+        return output_tensors(model(inputs))
+
+
+def _compare(findings: _Findings, fake_quant: list[Tensor], lowered: list[Tensor]) -> None:
     """Eval outputs of the converted and fake-quant models must match and be finite."""
     with _stage(findings, "compare"):
-        fake_quant = output_tensors(_eval_output(qmodel, inputs))
-        lowered = output_tensors(_eval_output(int_model, inputs))
         if not fake_quant or [t.shape for t in fake_quant] != [t.shape for t in lowered]:
             raise ValueError(f"output structures differ: fake-quant "
                              f"{[tuple(t.shape) for t in fake_quant]}, converted "
@@ -645,8 +678,3 @@ def _compare(findings: _Findings, qmodel: nn.Module, int_model: nn.Module, input
         findings.problem("compare", f"compare: converted output differs from the fake-quant "
                                     f"output by {diff:.3g} (max |output| {scale:.3g}, allowed "
                                     f"{RELATIVE_TOLERANCE:g} of it)")
-
-
-def _eval_output(model: nn.Module, inputs: Tensor) -> Any:
-    with torch.no_grad(), eval_mode(model):
-        return model(inputs)

@@ -24,7 +24,8 @@ from torch import nn
 
 from msq_fx.config import MSQConfig
 from msq_fx.modules import (INPUT_QUANTIZER, QUANTIZER_SUFFIX, ActivationFakeQuant,
-                            WeightFakeQuant, install_model_recompute, quantized_class)
+                            WeightFakeQuant, install_model_recompute, is_quantized_owner,
+                            quantized_class, remove_model_recompute)
 
 from .discover import Discovery, FloatWeight, WeightTarget
 
@@ -80,6 +81,22 @@ def rewrite(model: nn.Module, discovery: Discovery, config: MSQConfig,
             owner.add_module(INPUT_QUANTIZER, ActivationFakeQuant(config.act_bits))
     if config.recompute_quantized_weights and quantizers:
         install_model_recompute(model)
+
+
+def unrewrite(model: nn.Module) -> None:
+    """Undo ``rewrite`` on ``model`` in place: the owners get their classes back and lose their
+    quantizer (and input quantizer) children, and the model its recompute hooks.
+
+    For ``prepare(..., inplace=True)``, which must not leave the user's model half-rewritten when
+    a later step fails. The latent Parameters were never moved, so nothing else needs restoring.
+    """
+    for owner in [m for m in model.modules() if is_quantized_owner(m)]:
+        for attr in owner._msq_names:
+            owner._modules.pop(attr + QUANTIZER_SUFFIX, None)
+        if isinstance(owner._modules.get(INPUT_QUANTIZER), ActivationFakeQuant):
+            del owner._modules[INPUT_QUANTIZER]
+        owner.__class__ = owner._msq_base
+    remove_model_recompute(model)
 
 
 def _owners(model: nn.Module, targets: list[WeightTarget]) -> list[_Owner]:

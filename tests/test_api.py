@@ -158,6 +158,45 @@ def test_failed_prepare_leaves_the_model_untouched():
     assert type(model.features[0]) is nn.Conv2d
 
 
+def test_prepare_in_place_rewrites_and_returns_the_given_model():
+    model = small_cnn()
+    copied = msq_fx.prepare(small_cnn(), X)
+    qmodel = msq_fx.prepare(model, X, inplace=True)
+    assert qmodel is model
+    assert torch.equal(eval_output(qmodel, X), eval_output(copied, X))
+
+
+def test_prepare_in_place_undoes_the_rewrite_when_a_later_step_fails(monkeypatch):
+    model = small_cnn()
+    before = copy.deepcopy(model.state_dict())
+    classes = [type(m) for m in model.modules()]
+    expected = eval_output(model, X)
+
+    def broken_to_dict(self):  # called once the quantizers are installed
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(msq_fx.MSQConfig, "to_dict", broken_to_dict)
+    with pytest.raises(RuntimeError, match="disk full"):
+        msq_fx.prepare(model, X, inplace=True)
+    assert [type(m) for m in model.modules()] == classes
+    assert before.keys() == model.state_dict().keys()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not model._forward_pre_hooks and not model._forward_hooks
+    assert not [attr for attr in vars(model) if attr.startswith("_msq")]
+    assert torch.equal(eval_output(model, X), expected)
+
+
+def test_convert_in_place_lowers_the_given_model_with_the_same_output():
+    qmodel = msq_fx.prepare(small_cnn(), X)
+    _train_a_little(qmodel)
+    expected = eval_output(qmodel, X)
+    int_model = msq_fx.convert(qmodel, inplace=True)
+    assert int_model is qmodel
+    assert "features.0.weight" not in int_model.state_dict()
+    assert int_model.state_dict()["features.0.weight_quantizer.codes"].dtype == torch.int8
+    assert torch.equal(eval_output(int_model, X), expected)
+
+
 def test_prepare_rejects_a_config_of_the_wrong_type():
     with pytest.raises(TypeError, match="MSQConfig"):
         msq_fx.prepare(small_cnn(), X, {"init_bits": 8})
