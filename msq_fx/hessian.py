@@ -179,7 +179,9 @@ def finite_difference_traces(
         params: as for :func:`hutchinson_traces`.
         displaced: ``displaced(offsets)`` returns a context inside which ``loss_fn`` evaluates
             the loss at the point moved by ``offsets[l]`` in the direction of ``params[l]``
-            (same shape). The default adds the offsets to the tensors in place and restores
+            (same shape). ``offsets`` is a ScaledProbes sequence: indexing it makes the tensor,
+            the same values each time, so hold one only while it is used. The default adds
+            the offsets to the tensors in place and restores
             their saved values on exit. A caller whose loss sees the tensors through a
             non-differentiable map (a quantizer) passes a context that displaces the map's
             output instead, so the Hessian is taken where the model actually runs.
@@ -201,9 +203,10 @@ def finite_difference_traces(
     Design choices:
         * Central difference: the error is O(h^2) in the third derivative, against O(h) one-sided.
         * Only ``v_l . g_l`` is kept from each gradient, accumulated in float64 as each block
-          lands, so the estimator holds one weight-sized copy (the offsets) beyond the model,
-          and with ``frozen_kinks`` one bool (one index for max pooling) per output of a kinked
-          op; the probe is recovered from the offset as offset / h.
+          lands, and the probes are kept as int8 signs from which each offset h v is made
+          where it is used, so the estimator holds a quarter of a weight-sized copy beyond the
+          model, and with ``frozen_kinks`` one bool (one index for max pooling) per output of
+          a kinked op; the probe is recovered from the offset as offset / h.
         * The step trades float rounding (the difference of two float32 gradients loses about
           log10(1/relative_step) digits) against the O(h^2) error of the smooth part. Kinks
           are taken out of the trade by ``frozen_kinks``: without it, a step that moves a ReLU
@@ -229,7 +232,7 @@ def finite_difference_traces(
     with torch.enable_grad():
         samples = _draw_until_stable(
             lambda probes: _difference_sample(pieces, params, probes, step, displaced),
-            params, max_samples, min_samples, tol, generator, all_reduce,
+            params, max_samples, min_samples, tol, generator, all_reduce, _rademacher_signs,
         )
     return _summarize(samples)
 
@@ -294,13 +297,15 @@ def _draw_until_stable(
     tol: float,
     generator: torch.Generator | None,
     all_reduce: Callable[[torch.Tensor], torch.Tensor] | None,
+    draw: Callable[..., list[torch.Tensor]] | None = None,
 ) -> list[torch.Tensor]:
     """Draw per-tensor trace samples until the total trace's mean settles."""
+    draw = _rademacher_like if draw is None else draw
     samples: list[torch.Tensor] = []
     total_sum = 0.0
     previous_mean: float | None = None
     for count in range(1, max_samples + 1):
-        probes = _rademacher_like(params, generator)
+        probes = draw(params, generator)
         sample = sample_of(probes)
         if all_reduce is not None:
             sample = _reduced(all_reduce, sample)
@@ -318,13 +323,43 @@ def _draw_until_stable(
 def _rademacher_like(
     params: list[torch.Tensor], generator: torch.Generator | None
 ) -> list[torch.Tensor]:
+    return [probe.to(dtype=param.dtype)
+            for probe, param in zip(_rademacher_signs(params, generator), params)]
+
+
+def _rademacher_signs(
+    params: list[torch.Tensor], generator: torch.Generator | None
+) -> list[torch.Tensor]:
+    """+-1 as int8 (a quarter of float32's memory), on each tensor's device."""
     # Drawn on CPU for every tensor, used or not, so the random stream depends
     # only on the shapes and a seed reproduces results on any device.
     probes = []
     for param in params:
         bits = torch.randint(0, 2, param.shape, generator=generator, dtype=torch.int8)
-        probes.append((bits * 2 - 1).to(device=param.device, dtype=param.dtype))
+        probes.append(bits.mul_(2).sub_(1).to(device=param.device))
     return probes
+
+
+class ScaledProbes(Sequence[torch.Tensor]):
+    """``offsets[l] = scale * probes[l]`` in ``params[l]``'s dtype, made when indexed.
+
+    The probes stay int8, so the finite-difference estimator holds a quarter of a weight-sized
+    copy rather than one; a user of an offset holds it only while it is used. The same index
+    gives the same values every time, so a consumer may make an offset again instead of
+    keeping it.
+    """
+
+    def __init__(self, probes: list[torch.Tensor], scale: float,
+                 dtypes: Sequence[torch.dtype]) -> None:
+        self.probes, self.scale, self.dtypes = probes, scale, list(dtypes)
+
+    def __len__(self) -> int:
+        return len(self.probes)
+
+    def __getitem__(self, index):  # noqa: D105
+        if isinstance(index, slice):
+            return [self[i] for i in range(len(self))[index]]
+        return self.probes[index].to(self.dtypes[index]).mul_(self.scale)
 
 
 def _trace_sample(
@@ -378,14 +413,13 @@ def _difference_sample(
     step: float,
     displaced: Callable[[list[torch.Tensor]], ContextManager[None]],
 ) -> torch.Tensor:
-    """v_l . (H v)_l for every tensor l, from the gradients at w + h v and w - h v."""
-    offsets = probes  # each probe becomes its offset in place: one weight-sized copy in all
-    for offset in offsets:
-        offset.mul_(step)
-    ahead = _offset_gradient_dots(pieces, params, offsets, displaced)  # (h v) . g(w + h v)
-    for offset in offsets:
-        offset.neg_()
-    behind = _offset_gradient_dots(pieces, params, offsets, displaced)  # -(h v) . g(w - h v)
+    """v_l . (H v)_l for every tensor l, from the gradients at w + h v and w - h v
+    (``probes`` are int8 signs; each offset h v is made from them where it is used)."""
+    dtypes = [param.dtype for param in params]
+    ahead = _offset_gradient_dots(pieces, params, ScaledProbes(probes, step, dtypes),
+                                  displaced)  # (h v) . g(w + h v)
+    behind = _offset_gradient_dots(pieces, params, ScaledProbes(probes, -step, dtypes),
+                                   displaced)  # -(h v) . g(w - h v)
     # (h v) . (g(w + h v) - g(w - h v)) = 2 h^2 v . H v up to O(h^4).
     return (ahead + behind) / (2 * step**2)
 
@@ -393,7 +427,7 @@ def _difference_sample(
 def _offset_gradient_dots(
     pieces: list[Callable[[], torch.Tensor]],
     params: list[torch.Tensor],
-    offsets: list[torch.Tensor],
+    offsets: Sequence[torch.Tensor],
     displaced: Callable[[list[torch.Tensor]], ContextManager[None]],
 ) -> torch.Tensor:
     """offsets[l] . dL/dparams[l] with the loss (the sum of the pieces) at the displaced point."""
@@ -402,7 +436,7 @@ def _offset_gradient_dots(
 
 
 def _piece_gradient_dots(
-    piece: Callable[[], torch.Tensor], params: list[torch.Tensor], offsets: list[torch.Tensor]
+    piece: Callable[[], torch.Tensor], params: list[torch.Tensor], offsets: Sequence[torch.Tensor]
 ) -> torch.Tensor:
     loss = piece()
     _check_loss(loss)
@@ -411,7 +445,7 @@ def _piece_gradient_dots(
 
 @contextlib.contextmanager
 def _displaced_in_place(
-    params: list[torch.Tensor], offsets: list[torch.Tensor]
+    params: list[torch.Tensor], offsets: Sequence[torch.Tensor]
 ) -> Iterator[None]:
     """Add ``offsets`` to ``params`` in place; put the saved values back on exit.
 

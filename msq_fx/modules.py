@@ -307,18 +307,23 @@ def displaced_quantized_weights(quantizers: Sequence[nn.Module],
     Moves the weights the model computes with, not the latents (a small move of a latent is
     mostly absorbed by rounding), so a finite difference sees the curvature at the quantized
     point. Gradients still reach the latents through the straight-through quantizer.
+    ``offsets[i]`` is indexed at each call of the quantizer (and again if the backward pass
+    recomputes the weight), so a sequence that makes its items on demand (msq_fx.hessian's
+    ScaledProbes) is never held whole; it must give the same values each time.
     """
     if len(quantizers) != len(offsets):
         raise ValueError(f"{len(quantizers)} quantizers but {len(offsets)} offsets")
     handles = []
     try:
-        for quantizer, offset in zip(quantizers, offsets):
-            handles.append(quantizer.register_forward_hook(functools.partial(_add_offset, offset)))
+        for index, quantizer in enumerate(quantizers):
+            handles.append(quantizer.register_forward_hook(
+                functools.partial(_add_offset, offsets, index)))
         yield
     finally:
         for handle in handles:
             handle.remove()
 
 
-def _add_offset(offset: Tensor, _module: nn.Module, _inputs: tuple, output: Tensor) -> Tensor:
-    return quant.displaced(output, offset)
+def _add_offset(offsets: Sequence[Tensor], index: int, _module: nn.Module, _inputs: tuple,
+                output: Tensor) -> Tensor:
+    return quant.displaced(output, offsets, index)

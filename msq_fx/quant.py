@@ -18,7 +18,7 @@ All functions accept ``bits`` and ``k`` as Python ints; tensors keep the dtype o
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -142,15 +142,19 @@ class _Recipe(NamedTuple):
     bits: int
     grid: str
     version: int
-    offset: Tensor | None = None
+    offsets: Sequence[Tensor] | None = None  # displaced: plus offsets[offset_index]
+    offset_index: int = 0
     offset_version: int = 0
+
+    def offset(self) -> Tensor:
+        return self.offsets[self.offset_index]
 
     def stale(self) -> str | None:
         """Why recomputing would not give the forward's tensor, or None."""
         if self.latent._version != self.version:
             return (f"its latent weight (shape {tuple(self.latent.shape)}) was modified in place "
                     f"after the forward pass (version {self.version} -> {self.latent._version})")
-        if self.offset is not None and self.offset._version != self.offset_version:
+        if self.offsets is not None and self.offset()._version != self.offset_version:
             return "the offset added to it was modified in place after the forward pass"
         return None
 
@@ -168,12 +172,18 @@ class _Displaced(torch.autograd.Function):
         return grad, None, None
 
 
-def displaced(quantized: Tensor, offset: Tensor) -> Tensor:
-    """``quantized + offset``; the sum of a fake_quantize output stays recomputable."""
+def displaced(quantized: Tensor, offsets: Sequence[Tensor], index: int) -> Tensor:
+    """``quantized + offsets[index]``; the sum of a fake_quantize output stays recomputable.
+
+    The recipe keeps ``offsets`` and ``index``, not the offset, so a sequence that makes its
+    items on demand is indexed again in the backward pass instead of held until then.
+    """
+    offset = offsets[index]
     node = quantized.grad_fn
-    if not isinstance(node, _StraightThrough._backward_cls) or node.recipe.offset is not None:
+    if not isinstance(node, _StraightThrough._backward_cls) or node.recipe.offsets is not None:
         return quantized + offset
-    recipe = node.recipe._replace(offset=offset, offset_version=offset._version)
+    recipe = node.recipe._replace(offsets=offsets, offset_index=index,
+                                  offset_version=offset._version)
     return _Displaced.apply(quantized, offset, recipe)
 
 
@@ -211,8 +221,8 @@ def _unpack_quantized_weight(packed: Tensor | _Recomputed) -> Tensor:
     # No graph needed: autograd attaches the unpacked tensor to the saved one's grad_fn (this
     # node), so a double backward still reaches the latent.
     weight = quantize_value(recipe.latent, recipe.bits, recipe.grid)
-    if recipe.offset is not None:
-        weight = weight + recipe.offset  # the forward's own operation, so the same rounding
+    if recipe.offsets is not None:
+        weight = weight + recipe.offset()  # the forward's own operation, so the same rounding
     if (packed.size, packed.stride, packed.storage_offset) == (weight.size(), weight.stride(), 0):
         return weight
     return weight.as_strided(packed.size, packed.stride, packed.storage_offset)

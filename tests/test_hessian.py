@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from msq_fx.hessian import HessianTraces, finite_difference_traces, hutchinson_traces
+from msq_fx.hessian import (HessianTraces, ScaledProbes, finite_difference_traces,
+                            hutchinson_traces)
 
 # Tiny enough that the relative change of the running mean never drops under
 # it for a non-diagonal Hessian, so the estimator runs to max_samples.
@@ -598,3 +599,36 @@ def test_finite_differences_refuse_half_precision_tensors(dtype):
     weight = torch.randn(4, dtype=dtype, requires_grad=True)
     with pytest.raises(ValueError, match=f"params\\[0\\] \\(shape \\(4,\\)\\) is {dtype}"):
         finite_difference_traces(lambda: (weight.float() ** 3).sum(), [weight])
+
+
+def test_scaled_probes_make_scale_times_the_signs_in_each_tensors_dtype():
+    signs = [torch.tensor([1, -1, 1], dtype=torch.int8), torch.tensor([[-1]], dtype=torch.int8)]
+    offsets = ScaledProbes(signs, 0.25, [torch.float32, torch.float64])
+    assert len(offsets) == 2
+    assert torch.equal(offsets[0], torch.tensor([0.25, -0.25, 0.25]))
+    assert offsets[1].dtype == torch.float64 and offsets[1].item() == -0.25
+    assert offsets[0] is not offsets[0] and torch.equal(offsets[0], offsets[0])  # made anew
+    assert signs[0].dtype == torch.int8  # indexing leaves the stored signs alone
+
+
+def test_finite_differences_displace_by_plus_and_minus_the_step_times_int8_signs():
+    weight = torch.randn(6, requires_grad=True)
+    seen: list[tuple[type, torch.Tensor]] = []
+
+    @contextlib.contextmanager
+    def displaced(offsets):
+        seen.append((type(offsets), offsets[0]))
+        with torch.no_grad():
+            weight.add_(offsets[0])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                weight.sub_(offsets[0])
+
+    finite_difference_traces(lambda: (weight**4).sum(), [weight], displaced=displaced,
+                             max_samples=1, min_samples=1)
+    (kind_ahead, ahead), (kind_behind, behind) = seen
+    assert kind_ahead is kind_behind is ScaledProbes
+    assert torch.equal(behind, -ahead)
+    assert torch.equal(ahead.abs(), torch.full_like(ahead, ahead.abs()[0].item()))
