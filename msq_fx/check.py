@@ -587,14 +587,14 @@ def _train(findings: _Findings, qmodel: nn.Module, controller: MSQController, in
     """``steps`` SGD steps on task loss + LSB regularization, in train mode.
 
     Each parameter takes its SGD step as soon as its gradient is complete, inside the backward
-    pass, and its gradient is freed at once (``_steps_in_backward``): the check never holds a
+    pass, and its gradient is freed at once (``sgd_steps_in_backward``): the check never holds a
     whole gradient, which on the largest models is the difference between fitting and not.
     A failure here is a SKIP when the float model fails the same way eagerly in train mode
     (``rebuild`` gives a fresh float model to try, never the caller's own).
     """
     qmodel.train()
     try:
-        with _steps_in_backward(qmodel, lr=1e-3, max_norm=1.0):
+        with sgd_steps_in_backward(qmodel, lr=1e-3, max_norm=1.0):
             for step in range(1, steps + 1):
                 loss = task_loss(qmodel(inputs), targets) + controller.regularization()
                 if not torch.isfinite(loss):
@@ -618,7 +618,7 @@ def _train(findings: _Findings, qmodel: nn.Module, controller: MSQController, in
 
 
 @contextmanager
-def _steps_in_backward(model: nn.Module, lr: float, max_norm: float) -> Iterator[None]:
+def sgd_steps_in_backward(model: nn.Module, lr: float, max_norm: float) -> Iterator[None]:
     """Inside, a backward pass also applies ``p -= lr * clip(grad)`` to each parameter as its
     gradient lands, then drops the gradient.
 

@@ -24,7 +24,7 @@ from torch import nn
 
 import msq_fx
 from msq_fx import cli
-from msq_fx.check import CheckResult, SpecError, check_model
+from msq_fx.check import CheckResult, SpecError, check_model, sgd_steps_in_backward
 from conftest import load_tool
 
 SWEEP_PATH = Path(__file__).resolve().parents[1] / "tools" / "zoo_sweep"
@@ -185,6 +185,22 @@ def test_a_module_can_be_checked_directly_and_is_not_modified():
     result = check_model(model, input_size=(32, 32))
     assert result.status == "PASS" and result.model == "CifarResNet"
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_the_checks_sgd_steps_land_inside_backward_with_each_gradient_clipped_on_its_own():
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 3)
+    x = 100 * torch.randn(5, 4)
+    before = {name: p.detach().clone() for name, p in layer.named_parameters()}
+    grads = dict(zip(before, torch.autograd.grad(layer(x).square().sum(), list(layer.parameters()))))
+    with sgd_steps_in_backward(layer, lr=0.1, max_norm=1.0):
+        layer(x).square().sum().backward()
+    for name, param in layer.named_parameters():
+        grad = grads[name]
+        expected = before[name] - 0.1 * grad * min(1.0, 1.0 / float(grad.norm()))
+        assert torch.allclose(param.detach(), expected, rtol=1e-5, atol=1e-7), name
+        assert param.grad is None  # freed as soon as it was used
+    assert float(grads["weight"].norm()) > 1.0  # so the clipping was exercised
 
 
 def test_excluded_weights_are_listed_as_float_with_the_reason():
@@ -487,6 +503,25 @@ def test_sweep_markdown_summarizes_statuses_failures_and_float_leftovers(sweep_t
     assert "|        2 | FAIL     | prune   | prune: RuntimeError: boom N |" in text
     assert "| a       | head.weight [linear]: excluded by MSQConfig.exclude |" in text
     assert "In progress" not in text
+
+
+def test_sweep_markdown_counts_models_too_big_to_build_here_apart(sweep_tool):
+    def row(model, status, stage=""):
+        return {**{c: "" for c in sweep_tool.COLUMNS}, "model": model, "status": status,
+                "stage": stage, "reason": "out of memory" if status == "OOM" else ""}
+
+    rows = [row("a", "PASS"), row("b", "PASS"), row("c", "OOM", "train"),
+            row("d", "OOM", "build"), row("e", "OOM", "forward"), row("f", "SKIP", "forward")]
+    text = sweep_tool.markdown_report(rows, "title", "settings")
+    assert "(all but SKIP): 2/5 = 40.0%" in text
+    assert "does not fit this machine even in float): 2;" in text
+    assert "(all but SKIP and those): 2/3 = 66.7%" in text
+
+
+def test_sweep_markdown_has_no_line_for_unfit_models_when_there_are_none(sweep_tool):
+    rows = [{**{c: "" for c in sweep_tool.COLUMNS}, "model": "a", "status": "OOM",
+             "stage": "train", "reason": "out of memory"}]
+    assert "does not fit this machine" not in sweep_tool.markdown_report(rows, "t", "s")
 
 
 def test_sweep_markdown_lists_the_models_whose_hessian_fell_back_to_finite_differences(
