@@ -596,12 +596,20 @@ def _train(findings: _Findings, qmodel: nn.Module, controller: MSQController, in
     try:
         with sgd_steps_in_backward(qmodel, lr=1e-3, max_norm=1.0):
             for step in range(1, steps + 1):
-                loss = task_loss(qmodel(inputs), targets) + controller.regularization()
-                if not torch.isfinite(loss):
-                    findings.problem("train", f"train: loss is {float(loss.detach())} at step "
-                                              f"{step}")
-                    raise _StageFailed
-                loss.backward()
+                # Two backward passes, because in one the regularizer's gradient of every weight
+                # (its nodes run first) would wait in autograd's buffers for the task gradient
+                # of the same weight: a whole gradient's memory, which the in-backward steps
+                # are there to avoid. Alone, each weight's term is stepped on and dropped. The
+                # regularizer is taken after the task step, at the weights that step moved.
+                for name, make_loss in (("loss", lambda: task_loss(qmodel(inputs), targets)),
+                                        ("LSB regularization", controller.regularization)):
+                    loss = make_loss()
+                    if not torch.isfinite(loss):
+                        findings.problem("train", f"train: {name} is {float(loss.detach())} at "
+                                                  f"step {step}")
+                        raise _StageFailed
+                    if loss.requires_grad:
+                        loss.backward()
     except _StageFailed:
         raise
     except Exception as error:  # decide whose failure it is before recording it
