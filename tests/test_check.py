@@ -467,6 +467,38 @@ def test_sweep_keeps_the_out_of_memory_row_when_the_lean_retry_fails_and_says_ho
                            "(prune: out of memory)")
 
 
+def test_sweep_checks_a_model_above_lean_above_lean_from_the_start(sweep_tool, monkeypatch):
+    calls = _scripted_checks(sweep_tool, monkeypatch, ["PASS"])
+    row = sweep_tool.run_check("timm:huge", sweep_tool.Limits(60, 2**30, 1, None), lean=True)
+    assert calls == [sweep_tool.LEAN_RETRY]
+    assert row["status"] == "PASS"
+    assert row["note"] == ("checked at batch 1 with the finite-difference Hessian from the start "
+                           "(--lean-above)")
+
+
+def test_sweep_lean_specs_are_the_timm_models_with_at_least_that_many_parameters(
+        sweep_tool, tmp_path):
+    cache = tmp_path / "sizes.json"
+    cache.write_text(json.dumps({"timm": sweep_tool._version("timm"), "models": {
+        "small": [10, [3, 8, 8]], "edge": [100, [3, 8, 8]], "big": [1000, [3, 8, 8]]}}))
+    specs = ["timm:small", "timm:edge", "timm:big", "torchvision:resnet18"]
+    assert sweep_tool.lean_specs(specs, 100, cache) == {"timm:edge", "timm:big"}
+    assert sweep_tool.lean_specs(specs, None, cache) == set()
+
+
+def test_sweep_refuses_lean_above_without_timm_sizes(sweep_tool):
+    with pytest.raises(SystemExit):
+        sweep_tool.parse_args(["--source", "torchvision", "--lean-above", "1e9"])
+
+
+def test_sweep_settings_say_which_models_were_checked_lean_from_the_start(sweep_tool):
+    lean = sweep_tool.settings_text(sweep_tool.parse_args(["--source", "timm",
+                                                           "--lean-above", "1.5e9"]))
+    plain = sweep_tool.settings_text(sweep_tool.parse_args(["--source", "timm"]))
+    assert "timm models of 1.5e+09 parameters or more: checked at batch 1" in lean
+    assert "parameters or more" not in plain
+
+
 def test_sweep_does_not_retry_other_failures(sweep_tool, monkeypatch):
     calls = _scripted_checks(sweep_tool, monkeypatch, ["FAIL"])
     assert sweep_tool.run_check("timm:a", sweep_tool.Limits(60, 2**30, 1, None))["status"] == "FAIL"
