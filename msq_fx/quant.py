@@ -122,7 +122,9 @@ class _StraightThrough(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w: Tensor, bits: int, grid: str) -> Tensor:  # noqa: D102
-        ctx.recipe = _Recipe(w, bits, grid, w._version)
+        # A compiled graph saves what its own partitioner decides; the recipe (and the tensor
+        # version it reads, which the compiler cannot trace) is for eager autograd only.
+        ctx.recipe = None if torch.compiler.is_compiling() else _Recipe(w, bits, grid, w._version)
         # Computed here, not passed in: an output that is a new tensor (not an input returned
         # as is) keeps this node as its grad_fn, which is how a saved view of it is recognized.
         return quantize_value(w, bits, grid)
@@ -180,10 +182,11 @@ def displaced(quantized: Tensor, offsets: Sequence[Tensor], index: int) -> Tenso
     """
     offset = offsets[index]
     node = quantized.grad_fn
-    if not isinstance(node, _StraightThrough._backward_cls) or node.recipe.offsets is not None:
+    recipe = getattr(node, "recipe", None) if isinstance(node, _StraightThrough._backward_cls) \
+        else None
+    if recipe is None or recipe.offsets is not None:
         return quantized + offset
-    recipe = node.recipe._replace(offsets=offsets, offset_index=index,
-                                  offset_version=offset._version)
+    recipe = recipe._replace(offsets=offsets, offset_index=index, offset_version=offset._version)
     return _Displaced.apply(quantized, offset, recipe)
 
 
@@ -202,8 +205,8 @@ _RECOMPUTABLE = (_StraightThrough._backward_cls, _Displaced._backward_cls)
 def _pack_quantized_weight(tensor: Tensor) -> Tensor | _Recomputed:
     base = tensor if tensor._base is None else tensor._base
     node = base.grad_fn
-    if (not isinstance(node, _RECOMPUTABLE) or base.storage_offset() != 0
-            or not base.is_contiguous()):
+    if (not isinstance(node, _RECOMPUTABLE) or getattr(node, "recipe", None) is None
+            or base.storage_offset() != 0 or not base.is_contiguous()):
         return tensor  # not a quantizer output (or laid out unusually): saved as usual
     return _Recomputed(node, tensor.size(), tensor.stride(), tensor.storage_offset())
 

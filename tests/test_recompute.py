@@ -192,3 +192,17 @@ def test_a_forward_that_raises_leaves_no_saved_tensor_hooks_behind():
 def test_config_rejects_a_non_boolean_recompute_setting():
     with pytest.raises(ValueError, match="recompute_quantized_weights"):
         msq_fx.MSQConfig(recompute_quantized_weights=1)
+
+
+def test_a_prepared_model_compiles_with_the_eager_output_and_gradients():
+    torch._dynamo.reset()
+    model = prepared(recompute=True)
+    eager_loss = model(batch()).square().mean()
+    eager_loss.backward()
+    eager_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compiled_loss = torch.compile(model)(batch()).square().mean()
+    compiled_loss.backward()
+    assert torch.allclose(compiled_loss, eager_loss, rtol=1e-5)
+    assert all(torch.allclose(g, p.grad, rtol=1e-4, atol=1e-6)
+               for g, p in zip(eager_grads, model.parameters()))
