@@ -107,8 +107,10 @@ class LoweredWeight(nn.Module):
         return int(self.bits)
 
     def forward(self, _latent: Tensor | None = None) -> Tensor:
-        return quant.dequantize(self.codes.to(self.step.dtype), self.step, float(self.offset),
-                                inplace=True)  # the int8 -> float copy is ours to overwrite
+        # The offset stays a tensor (0 or 0.5, exact either way), so torch.export can trace the
+        # forward; the int8 -> float copy is ours to overwrite.
+        return quant.dequantize(self.codes.to(self.step.dtype), self.step, self.offset,
+                                inplace=True)
 
     def extra_repr(self) -> str:
         return f"bits={self.num_bits}, shape={tuple(self.codes.shape)}, kind={self.kind}"

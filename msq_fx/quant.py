@@ -90,7 +90,8 @@ def grid_offset(grid: str = "nested") -> float:
     return 0.0 if grid == "nested" else 0.5
 
 
-def dequantize(signed: Tensor, step: Tensor, offset: float, inplace: bool = False) -> Tensor:
+def dequantize(signed: Tensor, step: Tensor, offset: float | Tensor,
+               inplace: bool = False) -> Tensor:
     """``(signed + offset) * step``: the one formula both the fake-quant and the lowered model use,
     so their weights agree bit for bit (in place or not, the same two roundings happen)."""
     if inplace:

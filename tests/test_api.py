@@ -8,6 +8,7 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import nn
 
 import msq_fx
@@ -124,6 +125,18 @@ def test_convert_does_not_modify_the_prepared_model():
     after = qmodel.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("build,shape", [
+    (small_cnn, (2, 1, 16, 16)),
+    (lambda: torchvision.models.mobilenet_v3_small(num_classes=10), (1, 3, 64, 64)),
+], ids=["small_cnn", "mobilenet_v3_small"])
+def test_converted_model_exports_with_torch_export_and_the_same_output(build, shape):
+    inputs = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    int_model = msq_fx.convert(msq_fx.prepare(build(), inputs)).eval()
+    exported = torch.export.export(int_model, (inputs,))
+    with torch.no_grad():
+        assert torch.equal(exported.module()(inputs), int_model(inputs))
 
 
 def test_convert_of_an_unprepared_model_says_to_prepare_first():
