@@ -359,7 +359,7 @@ class ScaledProbes(Sequence[torch.Tensor]):
     def __getitem__(self, index):  # noqa: D105
         if isinstance(index, slice):
             return [self[i] for i in range(len(self))[index]]
-        return self.probes[index].to(self.dtypes[index]).mul_(self.scale)
+        return self.probes[index].to(self.dtypes[index], copy=True).mul_(self.scale)
 
 
 def _trace_sample(

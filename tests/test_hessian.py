@@ -632,3 +632,10 @@ def test_finite_differences_displace_by_plus_and_minus_the_step_times_int8_signs
     assert kind_ahead is kind_behind is ScaledProbes
     assert torch.equal(behind, -ahead)
     assert torch.equal(ahead.abs(), torch.full_like(ahead, ahead.abs()[0].item()))
+
+
+def test_scaled_probes_never_change_float_probes_they_were_given():
+    probes = [torch.tensor([1.0, -1.0])]
+    offsets = ScaledProbes(probes, 0.5, [torch.float32])
+    assert torch.equal(offsets[0], torch.tensor([0.5, -0.5]))
+    assert torch.equal(probes[0], torch.tensor([1.0, -1.0]))
