@@ -99,9 +99,11 @@ def dequantize(signed: Tensor, step: Tensor, offset: float | Tensor,
     return (signed + offset) * step
 
 
-def quantize_value(w: Tensor, bits: int, grid: str = "nested") -> Tensor:
-    """The fake-quantized value of ``w`` at ``bits`` (no gradient)."""
-    scale = weight_scale(w)
+def quantize_value(w: Tensor, bits: int, grid: str = "nested",
+                   scale: Tensor | None = None) -> Tensor:
+    """The fake-quantized value of ``w`` at ``bits`` (no gradient); ``scale`` defaults to
+    ``weight_scale(w)``."""
+    scale = weight_scale(w) if scale is None else scale
     signed = signed_codes(roundclamp_codes(w, bits, scale), bits, inplace=True)
     return dequantize(signed, grid_step(scale, bits, grid), grid_offset(grid),
                       inplace=True).to(w.dtype)
@@ -125,10 +127,12 @@ class _StraightThrough(torch.autograd.Function):
     def forward(ctx, w: Tensor, bits: int, grid: str) -> Tensor:  # noqa: D102
         # A compiled graph saves what its own partitioner decides; the recipe (and the tensor
         # version it reads, which the compiler cannot trace) is for eager autograd only.
-        ctx.recipe = None if torch.compiler.is_compiling() else _Recipe(w, bits, grid, w._version)
+        scale = weight_scale(w)
+        ctx.recipe = (None if torch.compiler.is_compiling()
+                      else _Recipe(w, bits, grid, w._version, scale))
         # Computed here, not passed in: an output that is a new tensor (not an input returned
         # as is) keeps this node as its grad_fn, which is how a saved view of it is recognized.
-        return quantize_value(w, bits, grid)
+        return quantize_value(w, bits, grid, scale)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # noqa: D102
@@ -145,6 +149,7 @@ class _Recipe(NamedTuple):
     bits: int
     grid: str
     version: int
+    scale: Tensor | None = None  # kept (a scalar) so a recompute skips the max|w| pass
     offsets: Sequence[Tensor] | None = None  # displaced: plus offsets[offset_index]
     offset_index: int = 0
     offset_version: int = 0
@@ -224,7 +229,7 @@ def _unpack_quantized_weight(packed: Tensor | _Recomputed) -> Tensor:
             f"MSQConfig(recompute_quantized_weights=False).")
     # No graph needed: autograd attaches the unpacked tensor to the saved one's grad_fn (this
     # node), so a double backward still reaches the latent.
-    weight = quantize_value(recipe.latent, recipe.bits, recipe.grid)
+    weight = quantize_value(recipe.latent, recipe.bits, recipe.grid, recipe.scale)
     if recipe.offsets is not None:
         weight = weight + recipe.offset()  # the forward's own operation, so the same rounding
     if (packed.size, packed.stride, packed.storage_offset) == (weight.size(), weight.stride(), 0):
