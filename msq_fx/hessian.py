@@ -356,9 +356,7 @@ class ScaledProbes(Sequence[torch.Tensor]):
     def __len__(self) -> int:
         return len(self.probes)
 
-    def __getitem__(self, index):  # noqa: D105
-        if isinstance(index, slice):
-            return [self[i] for i in range(len(self))[index]]
+    def __getitem__(self, index: int) -> torch.Tensor:  # noqa: D105
         return self.probes[index].to(self.dtypes[index], copy=True).mul_(self.scale)
 
 

@@ -190,12 +190,13 @@ def _forward_with_input_quantizer(self: nn.Module, *args, **kwargs):
                 bound.arguments[name] = seen.setdefault(id(value), input_quantizer(value))
         args, kwargs = bound.args[1:], bound.kwargs
     if _recomputes_weights(self):
-        with quant.recomputed_quantized_weights():
+        with _RECOMPUTE_HOOKS:
             return self._msq_base.forward(self, *args, **kwargs)
     return self._msq_base.forward(self, *args, **kwargs)
 
 
-#: Stateless (two functions), so one instance serves every model and nested forwards.
+#: Stateless (two functions), so one instance serves every owner, every model and nested
+#: forwards.
 _RECOMPUTE_HOOKS = quant.recomputed_quantized_weights()
 
 

@@ -118,9 +118,9 @@ class _StraightThrough(torch.autograd.Function):
     for backward. Its backward is itself differentiable (identity), so Hessian-vector products
     through it work.
 
-    The node keeps the recipe of its output (``w``, ``bits``, ``grid`` and ``w``'s version), so
-    a consumer that saves the quantized weight for its backward can store the recipe instead of
-    the tensor (see ``recomputed_quantized_weights``).
+    The node keeps the recipe of its output (``w``, ``bits``, ``grid``, ``w``'s version and the
+    scale), so a consumer that saves the quantized weight for its backward can store the recipe
+    instead of the tensor (see ``recomputed_quantized_weights``).
     """
 
     @staticmethod
