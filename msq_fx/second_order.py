@@ -58,8 +58,11 @@ class FrozenKinks:
     it; on ReLU networks that made the two differ severalfold. Replaying the pattern recorded at
     the undisplaced point makes each displaced forward the network with its activation pattern
     held fixed: the same value and gradient at the point, and the second derivative the double
-    backward computes. Covered: relu (every spelling), hardtanh / relu6, leaky_relu, hardswish,
-    hardsigmoid and max pooling (the argmax positions); other ops run as they are.
+    backward computes. Covered: relu (every spelling), hardtanh / relu6, leaky_relu, threshold,
+    hardswish, hardsigmoid, and max pooling, adaptive or not (the argmax positions); other ops
+    run as they are. ``torch.clamp`` is left out on purpose: models use it on norms'
+    denominators, where the kink is never reached, and the quantizers use it on weight-sized
+    tensors, where a pattern would cost a quarter of a weight copy per call.
 
     Usage: ``with kinks.recording(key): loss_fn()`` once at the point, then
     ``with kinks.replaying(key): loss_fn()`` at displaced points; ``key`` names one loss
@@ -216,8 +219,27 @@ def _leaky(x, pattern, slope):
     return torch.where(pattern, x, x * slope)
 
 
+class _Threshold:
+    """``F.threshold``: x where x > threshold, else a constant; the pattern is x > threshold."""
+
+    def record(self, func, args, kwargs):
+        arguments = _arguments(func, args, kwargs)
+        pattern = _input(arguments).detach() > float(arguments["threshold"])
+        return func(*args, **kwargs), pattern
+
+    def replay(self, func, args, kwargs, pattern):
+        arguments = _arguments(func, args, kwargs)
+        x = _input(arguments)
+        pattern = _checked(func, pattern, x)
+        return _applied(_thresholded, x, arguments["inplace"], pattern, float(arguments["value"]))
+
+
+def _thresholded(x, pattern, value):
+    return torch.where(pattern, x, x * 0 + value)
+
+
 class _MaxPool:
-    """Max pooling: the pattern is the argmax of every window."""
+    """Max pooling, adaptive or not: the pattern is the argmax of every window."""
 
     def __init__(self, with_indices, spatial_dims: int) -> None:
         self.with_indices = with_indices
@@ -249,8 +271,14 @@ _KINK_RULES = {
     F.hardswish: _Regions(lambda arguments: (-3.0, 3.0), _hardswish),
     F.hardsigmoid: _Regions(lambda arguments: (-3.0, 3.0), _hardsigmoid),
     F.leaky_relu: _LeakyRelu(),
+    F.threshold: _Threshold(),
 }
 for _dims, _pool, _with_indices in ((1, F.max_pool1d, F.max_pool1d_with_indices),
                                     (2, F.max_pool2d, F.max_pool2d_with_indices),
                                     (3, F.max_pool3d, F.max_pool3d_with_indices)):
+    _KINK_RULES[_pool] = _KINK_RULES[_with_indices] = _MaxPool(_with_indices, _dims)
+for _dims, _pool, _with_indices in (
+        (1, F.adaptive_max_pool1d, F.adaptive_max_pool1d_with_indices),
+        (2, F.adaptive_max_pool2d, F.adaptive_max_pool2d_with_indices),
+        (3, F.adaptive_max_pool3d, F.adaptive_max_pool3d_with_indices)):
     _KINK_RULES[_pool] = _KINK_RULES[_with_indices] = _MaxPool(_with_indices, _dims)

@@ -84,6 +84,12 @@ KINKED_OPS = {
     "max_pool1d": lambda x: F.max_pool1d(x.flatten(2), 2),
     "max_pool2d": nn.MaxPool2d(2), "max_pool3d": lambda x: F.max_pool3d(x.unsqueeze(1), 2),
     "max_pool2d, indices": lambda x: F.max_pool2d(x, 3, 1, 1, return_indices=True)[0],
+    "threshold": lambda x: F.threshold(x, 0.5, -2.0), "nn.Threshold(inplace)":
+        lambda x: nn.Threshold(-0.3, 1.5, inplace=True)(x * 1),
+    "adaptive_max_pool1d": lambda x: F.adaptive_max_pool1d(x.flatten(2), 5),
+    "nn.AdaptiveMaxPool2d": nn.AdaptiveMaxPool2d((3, 2)),
+    "adaptive_max_pool3d": lambda x: F.adaptive_max_pool3d(x.unsqueeze(1), (2, 3, 1)),
+    "adaptive_max_pool2d, indices": lambda x: F.adaptive_max_pool2d(x, 1, return_indices=True)[0],
 }
 
 
@@ -123,6 +129,20 @@ def test_replay_keeps_the_recorded_argmax_of_each_pooling_window():
     assert replayed(lambda t: F.max_pool1d(t, 2), x, recorded_at).tolist() == [[[1.0, 5.0]]]
 
 
+def test_replay_keeps_the_recorded_threshold_pattern_and_fills_the_rest_with_the_value():
+    recorded_at = torch.tensor([0.0, 2.0, 3.0])
+    x = torch.tensor([5.0, 0.5, 3.0])
+    assert replayed(lambda t: F.threshold(t, 1.0, -7.0), x, recorded_at).tolist() == [
+        -7.0, 0.5, 3.0]
+
+
+def test_replay_keeps_the_recorded_argmax_of_each_adaptive_pooling_window():
+    recorded_at = torch.tensor([[[1.0, 0.0, 0.0, 5.0, 2.0, 0.0]]])
+    x = torch.tensor([[[1.0, 2.0, 7.0, 5.0, 2.0, 9.0]]])
+    assert replayed(lambda t: F.adaptive_max_pool1d(t, 2), x, recorded_at).tolist() == [
+        [[1.0, 5.0]]]
+
+
 def test_replay_refuses_an_input_of_another_shape_naming_the_op():
     with pytest.raises(RuntimeError, match="relu: input of shape \\(4,\\) where the recorded"):
         replayed(F.relu, torch.randn(4), torch.randn(3))
@@ -140,21 +160,32 @@ def test_replay_refuses_a_forward_that_makes_more_or_fewer_kinked_calls():
             torch.randn(3).exp()
 
 
-class ReluPoolNet(nn.Module):
-    def __init__(self) -> None:
+class KinkedNet(nn.Module):
+    """conv -> a piecewise-linear activation -> a max pooling to 4x4 or 3x3 -> linear."""
+
+    def __init__(self, activation, pool, pooled_side: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 6, 3, padding=1)
-        self.fc = nn.Linear(6 * 4 * 4, 4)
+        self.activation, self.pool = activation, pool
+        self.fc = nn.Linear(6 * pooled_side ** 2, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(F.max_pool2d(F.relu(self.conv(x)), 2).flatten(1))
+        return self.fc(self.pool(self.activation(self.conv(x))).flatten(1))
 
 
+KINKED_NETS = {
+    "relu, max_pool2d": lambda: KinkedNet(F.relu, lambda x: F.max_pool2d(x, 2), 4),
+    # Overlapping adaptive windows; the threshold's fill value is not its threshold.
+    "threshold, adaptive_max_pool2d": lambda: KinkedNet(
+        lambda x: F.threshold(x, 0.1, -0.2), lambda x: F.adaptive_max_pool2d(x, 3), 3),
+}
+
+
+@pytest.mark.parametrize("net", list(KINKED_NETS))
 @pytest.mark.parametrize("relative_step, rtol", [(1e-2, 1e-3), (1e-4, 1e-6)])
-def test_finite_differences_with_frozen_kinks_equal_the_double_backward_on_relu_and_max_pool(
-        relative_step, rtol):
+def test_finite_differences_with_frozen_kinks_equal_the_double_backward(net, relative_step, rtol):
     torch.manual_seed(0)
-    model = ReluPoolNet().double()
+    model = KINKED_NETS[net]().double()
     inputs = torch.randn(16, 3, 8, 8, dtype=torch.float64)
     targets = torch.randint(0, 4, (16,))
     params = [model.conv.weight, model.fc.weight]
