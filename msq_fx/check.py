@@ -311,6 +311,29 @@ def parse_spec(text: str) -> ModelSpec:
     return ModelSpec(text, "factory", text, _factory(source, name, text))
 
 
+def built_from_spec(text: str, input_size: int | Sequence[int] | None = None,
+                    fallback: tuple[int, ...] | None = None) -> tuple[nn.Module, tuple[int, ...]]:
+    """The model a SPEC names, built with random weights, and the per-sample input shape to feed
+    it: ``input_size`` (see :func:`normalize_input_size`), else the size the model declares,
+    else ``fallback``. SpecError for a SPEC that names nothing, ValueError when no shape is
+    known."""
+    spec = parse_spec(text)
+    model = spec.build()
+    shape = normalize_input_size(input_size, spec.default_input_size(model)) or fallback
+    if shape is None:
+        raise ValueError(f"{text}: the model declares no input size; give one (--input-size "
+                         f"CxHxW)")
+    return model, shape
+
+
+def output_classes(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """The width of the model's (batch, classes) output, from one eval forward on zeros; 1 for
+    any other output (whose :func:`task_loss` ignores the labels)."""
+    with torch.no_grad():
+        output = primary_output(model.eval()(torch.zeros(1, *input_shape)))
+    return output.shape[1] if output.dim() == 2 else 1
+
+
 def _known_timm_model(name: str) -> str:
     import timm
     if not timm.is_model(name):

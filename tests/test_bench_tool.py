@@ -66,6 +66,34 @@ def test_table_has_a_row_per_model_and_the_ratio(bench, tiny_report):
     assert f"torch {tiny_report['torch']}" in header
 
 
+def test_any_check_spec_is_benchmarked_at_the_input_size_it_declares(bench):
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert bench.main(["--model", "timm:test_vit", "--batch-size", "2", "--repeats", "1",
+                           "--steps", "1", "--warmup", "0", "--json"]) == 0
+    report = json.loads(stdout.getvalue())
+    assert report["input_shape"] == [3, 160, 160]  # timm's test_vit declares 160x160
+    assert set(report["results"]) == {"FP32", "MSQ"}
+    assert report["ratio_msq_over_fp"]["peak_memory"] > 0
+
+
+def test_input_size_overrides_the_declared_one(bench):
+    workload = bench.build_workload("timm:test_vit", (3, 64, 64))
+    assert workload.input_shape == (3, 64, 64)
+    assert workload.num_classes == 10  # the check's 10-class head
+
+
+def test_a_factory_that_declares_no_input_size_needs_one(bench):
+    with pytest.raises(SystemExit, match="declares no input size; give one \\(--input-size"):
+        bench.build_workload("msq_fx.models:SmallCNN")
+    assert bench.build_workload("msq_fx.models:SmallCNN", (1, 28, 28)).input_shape == (1, 28, 28)
+
+
+def test_an_unknown_model_is_refused_with_a_suggestion(bench):
+    with pytest.raises(SystemExit, match="unknown timm model 'resnet_18'.*did you mean"):
+        bench.build_workload("timm:resnet_18")
+
+
 @pytest.fixture(scope="module")
 def hessian_report(bench):
     stdout = io.StringIO()
