@@ -95,7 +95,10 @@ def dequantize(signed: Tensor, step: Tensor, offset: float | Tensor,
     """``(signed + offset) * step``: the one formula both the fake-quant and the lowered model use,
     so their weights agree bit for bit (in place or not, the same two roundings happen)."""
     if inplace:
-        return signed.add_(offset).mul_(step)
+        # The nested grid's offset is 0.0, and x + 0.0 is x for codes (never -0.0): skipping
+        # that weight-sized pass keeps the bits the lowered model, which adds it, computes.
+        shifted = signed if isinstance(offset, float) and offset == 0.0 else signed.add_(offset)
+        return shifted.mul_(step)
     return (signed + offset) * step
 
 
@@ -282,9 +285,15 @@ def lsb_l1(w: Tensor, bits: int, k: int) -> Tensor:
 
 
 def _unclamped_lsb(w: Tensor, bits: int, k: int, scale: Tensor) -> Tensor:
-    """``x - 2^k c_(n-k)``: lsb_value before its clamp, in place after the first op (no grad)."""
-    coarse = roundclamp_codes(w, bits - k, scale)
-    return _detached_code_position(w, bits, scale).sub_(coarse.mul_(float(2**k)))
+    """``x - 2^k c_(n-k)``: lsb_value before its clamp, in place after the first op (no grad).
+
+    The (n-k)-bit code position is taken as ``x * 2^-k`` rather than from ``w`` again: scaling by
+    a power of two is exact, so it has the same bits as ``code_position(w, n - k)`` and saves a
+    division (the slowest pass) and a weight-sized allocation.
+    """
+    x = _detached_code_position(w, bits, scale)
+    coarse = (x * float(2.0**-k)).round_().clamp_(0.0, float(2 ** (bits - k) - 1))
+    return x.sub_(coarse.mul_(float(2**k)))
 
 
 class _LsbL1(torch.autograd.Function):
@@ -304,10 +313,12 @@ class _LsbL1(torch.autograd.Function):
         w, scale = ctx.saved_tensors
         bits, k = ctx.bits, ctx.k
         bound = float(2 ** (k - 1))
-        lsb = _unclamped_lsb(w, bits, k, scale)
-        inside = lsb.abs() < bound
         slope = grad * (float(2 ** (bits - 1)) / scale)
-        return lsb.sign_().mul_(inside).mul_(slope), None, None
+        # sign(B) where |B| < bound, else 0, without a mask: after the clamp B / bound is in
+        # [-1, 1], its fractional part is itself inside and 0 on the bounds, and its sign is
+        # the wanted factor. bound is a power of two, so the scaling is exact.
+        factor = _unclamped_lsb(w, bits, k, scale).clamp_(-bound, bound).mul_(1.0 / bound)
+        return factor.frac_().sign_().mul_(slope), None, None
 
 
 def lsb_integer(unsigned: Tensor, k: int) -> Tensor:
