@@ -206,18 +206,50 @@ class _Recomputed(NamedTuple):
     size: torch.Size
     stride: tuple[int, ...]
     storage_offset: int
+    cast: tuple[torch.dtype, torch.device] | None = None  # the saved tensor is this copy of it
 
 
 _RECOMPUTABLE = (_StraightThrough._backward_cls, _Displaced._backward_cls)
 
 
+# Views that start where their input starts and keep every element: a cast of one (autocast
+# casting ``weight.t()`` for a matmul) keeps its strides, so it lays the elements out in the
+# quantized weight's own storage order.
+_WHOLE_VIEWS = frozenset({"TBackward0", "TransposeBackward0", "PermuteBackward0",
+                          "ViewBackward0", "UnsqueezeBackward0", "SqueezeBackward0",
+                          "SqueezeBackward1", "SqueezeBackward2", "AliasBackward0"})
+
+
+def _recipe_node(base: Tensor) -> tuple[object, tuple[torch.dtype, torch.device] | None] | None:
+    """The node holding ``base``'s recipe and the cast applied after it, or None.
+
+    Under ``torch.autocast`` a linear, conv or matmul casts its quantized weight (to bfloat16,
+    say) and saves the cast: a ``_to_copy`` of the quantizer's output, or of a whole view of it,
+    is recomputed as that output cast again, which rounds the same way.
+    """
+    node, cast = base.grad_fn, None
+    if type(node).__name__ == "ToCopyBackward0":
+        node, cast = node.next_functions[0][0], (base.dtype, base.device)
+        while type(node).__name__ in _WHOLE_VIEWS:
+            node = node.next_functions[0][0]
+    if not isinstance(node, _RECOMPUTABLE) or getattr(node, "recipe", None) is None:
+        return None
+    return node, cast
+
+
 def _pack_quantized_weight(tensor: Tensor) -> Tensor | _Recomputed:
     base = tensor if tensor._base is None else tensor._base
-    node = base.grad_fn
-    if (not isinstance(node, _RECOMPUTABLE) or getattr(node, "recipe", None) is None
-            or base.storage_offset() != 0 or not base.is_contiguous()):
-        return tensor  # not a quantizer output (or laid out unusually): saved as usual
-    return _Recomputed(node, tensor.size(), tensor.stride(), tensor.storage_offset())
+    found = _recipe_node(base)
+    if found is None or base.storage_offset() != 0:
+        return tensor  # not a quantizer output: saved as usual
+    node, cast = found
+    # The recompute is contiguous and is viewed with the saved tensor's geometry: that needs the
+    # quantizer's output (as its latent) laid out contiguously, and a cast to hold all of it.
+    laid_out = (base.is_contiguous() if cast is None else
+                node.recipe.latent.is_contiguous() and base.numel() == node.recipe.latent.numel())
+    if not laid_out:
+        return tensor  # laid out unusually: saved as usual
+    return _Recomputed(node, tensor.size(), tensor.stride(), tensor.storage_offset(), cast)
 
 
 def _unpack_quantized_weight(packed: Tensor | _Recomputed) -> Tensor:
@@ -235,6 +267,8 @@ def _unpack_quantized_weight(packed: Tensor | _Recomputed) -> Tensor:
     weight = quantize_value(recipe.latent, recipe.bits, recipe.grid, recipe.scale)
     if recipe.offsets is not None:
         weight = weight + recipe.offset()  # the forward's own operation, so the same rounding
+    if packed.cast is not None:
+        weight = weight.to(dtype=packed.cast[0], device=packed.cast[1])
     if (packed.size, packed.stride, packed.storage_offset) == (weight.size(), weight.stride(), 0):
         return weight
     return weight.as_strided(packed.size, packed.stride, packed.storage_offset)

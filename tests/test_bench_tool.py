@@ -94,6 +94,20 @@ def test_an_unknown_model_is_refused_with_a_suggestion(bench):
         bench.build_workload("timm:resnet_18")
 
 
+def test_autocast_runs_every_contenders_forward_in_that_dtype(bench):
+    import torch
+
+    workload = bench.build_workload("resnet20")
+    inputs, targets = torch.randn(4, 3, 32, 32), torch.randint(10, (4,))
+    contenders = bench.build_contenders(workload, inputs, torch.device("cpu"),
+                                        autocast=torch.bfloat16)
+    output_dtypes = []
+    for contender in contenders:
+        contender.model.register_forward_hook(lambda m, i, output: output_dtypes.append(output.dtype))
+        bench.train_step(contender, inputs, targets)
+    assert output_dtypes == [torch.bfloat16, torch.bfloat16]
+
+
 @pytest.fixture(scope="module")
 def hessian_report(bench):
     stdout = io.StringIO()

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import msq_fx
 from msq_fx.modules import (displaced_quantized_weights, iter_quantized_weights,
@@ -145,6 +146,45 @@ def test_gradients_at_displaced_weights_equal_the_saved_weights_gradients_bitwis
     recomputed, _ = displaced_gradients_and_alive_count(recompute=True)
     saved, alive = displaced_gradients_and_alive_count(recompute=False)
     assert alive == len(saved)
+    assert all(torch.equal(a, b) for a, b in zip(recomputed, saved))
+
+
+class WeightCasts(TorchDispatchMode):
+    """Weak references to every copy of a weight-shaped tensor into ``dtype`` (autocast's casts)."""
+
+    def __init__(self, shapes: set[torch.Size], dtype: torch.dtype) -> None:
+        super().__init__()
+        self.shapes, self.dtype, self.copies = shapes, dtype, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        output = func(*args, **(kwargs or {}))
+        if (func is torch.ops.aten._to_copy.default and output.dtype == self.dtype
+                and output.shape in self.shapes):
+            self.copies.append(weakref.ref(output))
+        return output
+
+
+def autocast_gradients_and_casts_alive(recompute: bool) -> tuple[list[torch.Tensor], int, int]:
+    """Latent gradients after a bfloat16-autocast step, the weight casts made in the forward,
+    and how many of them were still alive when it ended."""
+    model = prepared(recompute)
+    casts = WeightCasts({p.shape for p in latents(model)}, torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16), casts:
+        loss = model(batch()).float().square().mean()
+    alive = sum(ref() is not None for ref in casts.copies)
+    loss.backward()
+    return [p.grad for p in latents(model)], len(casts.copies), alive
+
+
+def test_under_autocast_the_casts_of_quantized_weights_are_recomputed_not_kept():
+    _, made, alive = autocast_gradients_and_casts_alive(recompute=True)
+    assert made > 0 and alive == 0
+
+
+def test_under_autocast_recomputed_gradients_equal_the_saved_casts_gradients_bitwise():
+    recomputed, _, _ = autocast_gradients_and_casts_alive(recompute=True)
+    saved, _, alive = autocast_gradients_and_casts_alive(recompute=False)
+    assert alive > 0  # without the recompute the ops keep their casts
     assert all(torch.equal(a, b) for a, b in zip(recomputed, saved))
 
 
