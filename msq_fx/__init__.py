@@ -9,7 +9,8 @@
 from .api import MSQError, convert, prepare
 from .config import MSQConfig
 from .controller import MSQController, PruneRecord
-from .hessian import HessianTraces, ScaledProbes, finite_difference_traces, hutchinson_traces
+from .hessian import (HessianTraces, NoSecondDerivative, ScaledProbes, finite_difference_traces,
+                      hutchinson_traces)
 from .io import load, save
 from .models import SmallCNN, resnet20
 from .modules import (ActivationFakeQuant, LoweredWeight, QuantizedWeight, WeightFakeQuant,
@@ -18,7 +19,8 @@ from .report import FloatRow, LayerRow, Report, report
 
 __all__ = [
     "MSQConfig", "MSQError", "MSQController", "PruneRecord", "HessianTraces", "hutchinson_traces",
-    "finite_difference_traces", "ScaledProbes", "prepare", "convert", "report", "Report", "LayerRow", "FloatRow", "save", "load",
+    "finite_difference_traces", "ScaledProbes", "NoSecondDerivative", "prepare", "convert",
+    "report", "Report", "LayerRow", "FloatRow", "save", "load",
     "WeightFakeQuant", "LoweredWeight", "ActivationFakeQuant", "QuantizedWeight",
     "iter_quantized_weights", "resnet20", "SmallCNN",
 ]

@@ -42,7 +42,8 @@ from torch import Tensor, nn
 
 from . import quant
 from .config import CONFIG_ATTR, MSQConfig
-from .hessian import HessianTraces, finite_difference_traces, hutchinson_traces
+from .hessian import (HessianTraces, NoSecondDerivative, finite_difference_traces,
+                      hutchinson_traces)
 from .modules import (QuantizedWeight, WeightFakeQuant, displaced_quantized_weights,
                       iter_quantized_weights)
 from .second_order import twice_differentiable
@@ -274,7 +275,10 @@ class MSQController:
 
     def _autograd_fallback_reason(self, error: BaseException) -> str:
         """Why finite differences should replace the double backward, or re-raise ``error``."""
-        no_second_derivative = "derivative for" in str(error)
+        # PyTorch's own message for an op whose backward has no derivative, or ours for a
+        # custom Function marked @once_differentiable.
+        no_second_derivative = (isinstance(error, NoSecondDerivative)
+                                or "derivative for" in str(error))
         distributed = _distributed_mean() is not None
         if self.config.hessian_method == "auto" and distributed and is_out_of_memory(error):
             # Ranks that fit would be inside the estimator's all-reduce while this one restarts

@@ -27,10 +27,16 @@ from dataclasses import dataclass
 from typing import Callable, ContextManager, Iterator, Sequence
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .second_order import FrozenKinks
 
-__all__ = ["HessianTraces", "finite_difference_traces", "hutchinson_traces"]
+__all__ = ["HessianTraces", "NoSecondDerivative", "finite_difference_traces",
+           "hutchinson_traces"]
+
+
+class NoSecondDerivative(RuntimeError):
+    """The loss's graph holds an op whose backward cannot itself be differentiated."""
 
 #: A loss, or pieces whose sum is the loss: each piece is built and differentiated on its own, so
 #: only one piece's graph is alive at a time (the Hessian is linear in the loss).
@@ -153,7 +159,37 @@ def _gradients_with_graph(
 ) -> tuple[torch.Tensor | None, ...]:
     loss = loss_fn()
     _check_loss(loss)
+    _check_twice_differentiable(loss)
     return torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+
+
+# Every backward wrapped by @once_differentiable runs this one code object.
+_ONCE_DIFFERENTIABLE_CODE = once_differentiable(lambda ctx, *grads: grads).__code__
+
+
+def _check_twice_differentiable(loss: torch.Tensor) -> None:
+    """Raise NoSecondDerivative if a custom autograd Function in ``loss``'s graph has a
+    backward marked ``@once_differentiable``.
+
+    Autograd does not refuse that double backward: the marked backward runs without a graph, so
+    every path through it drops out of H v and the traces come out too small, silently.
+    """
+    marked, seen, stack = [], set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        function = getattr(node, "_forward_cls", None)
+        backward = getattr(function, "backward", None)
+        if getattr(backward, "__code__", None) is _ONCE_DIFFERENTIABLE_CODE:
+            marked.append(function.__qualname__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    if marked:
+        names = ", ".join(sorted(set(marked)))
+        raise NoSecondDerivative(
+            f"the second derivative for {names} is not available: its backward is marked "
+            f"@once_differentiable, so a double backward would count its curvature as zero")
 
 
 def finite_difference_traces(

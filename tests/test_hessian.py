@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from msq_fx.hessian import (HessianTraces, ScaledProbes, finite_difference_traces,
-                            hutchinson_traces)
+from msq_fx.hessian import (HessianTraces, NoSecondDerivative, ScaledProbes,
+                            finite_difference_traces, hutchinson_traces)
 
 # Tiny enough that the relative change of the running mean never drops under
 # it for a non-diagonal Hessian, so the estimator runs to max_samples.
@@ -639,3 +639,82 @@ def test_scaled_probes_never_change_float_probes_they_were_given():
     offsets = ScaledProbes(probes, 0.5, [torch.float32])
     assert torch.equal(offsets[0], torch.tensor([0.5, -0.5]))
     assert torch.equal(probes[0], torch.tensor([1.0, -1.0]))
+
+
+# ---------------------------------------------------------------- once-differentiable Functions
+
+
+class _Square(torch.autograd.Function):
+    """x * x with a hand-written backward, which autograd can differentiate again."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, = ctx.saved_tensors
+        return 2 * x * grad
+
+
+class _SquareOnceDifferentiable(_Square):
+    """The same, with the backward marked @once_differentiable (as many custom kernels are)."""
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, = ctx.saved_tensors
+        return 2 * x * grad
+
+
+def square_net_loss(square: type[torch.autograd.Function]):
+    """A loss whose first layer reaches it only through ``square``, and its two weights."""
+    torch.manual_seed(0)
+    first, second = torch.randn(6, 4, requires_grad=True), torch.randn(3, 6, requires_grad=True)
+    inputs, targets = torch.randn(8, 4), torch.randint(0, 3, (8,))
+
+    def loss():
+        return F.cross_entropy(F.linear(square.apply(F.linear(inputs, first)), second), targets)
+
+    return loss, [first, second]
+
+
+def test_the_double_backward_refuses_a_once_differentiable_function_and_names_it():
+    loss, params = square_net_loss(_SquareOnceDifferentiable)
+    with pytest.raises(NoSecondDerivative, match="for _SquareOnceDifferentiable is not available"):
+        hutchinson_traces(loss, params, max_samples=2, min_samples=2)
+
+
+def test_a_custom_function_whose_backward_is_differentiable_is_taken_twice():
+    loss, params = square_net_loss(_Square)
+    traces = hutchinson_traces(loss, params, max_samples=2, min_samples=2,
+                               generator=torch.Generator().manual_seed(0)).traces
+    loss, params = square_net_loss(_SquareOnceDifferentiable)
+    by_differences = finite_difference_traces(loss, params, max_samples=2, min_samples=2,
+                                              generator=torch.Generator().manual_seed(0)).traces
+    # The first layer's curvature comes only through the square: what the marked backward
+    # hid from the double backward, finite differences of first-order gradients see.
+    torch.testing.assert_close(by_differences, traces, rtol=1e-2, atol=0)
+
+
+def test_the_controller_on_auto_takes_a_once_differentiable_model_by_finite_differences(caplog):
+    import msq_fx
+
+    class SquareNet(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first, self.second = torch.nn.Linear(4, 6), torch.nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.second(_SquareOnceDifferentiable.apply(self.first(x)))
+
+    torch.manual_seed(0)
+    config = msq_fx.MSQConfig(prune_interval=1, prune_threshold=1.0, hessian_min_samples=2,
+                              hessian_max_samples=2)
+    qmodel = msq_fx.prepare(SquareNet(), torch.randn(2, 4), config)
+    batch = (torch.randn(8, 4), torch.randint(0, 3, (8,)))
+    with caplog.at_level("WARNING", logger="msq_fx"):
+        records = msq_fx.MSQController(qmodel, config).epoch_end(1, [batch], F.cross_entropy)
+    assert {r.hessian_method for r in records} == {"finite_difference"}
+    assert "_SquareOnceDifferentiable" in caplog.text and "@once_differentiable" in caplog.text
