@@ -70,7 +70,9 @@ def _prepare(qmodel: nn.Module, inputs: tuple | None, config: MSQConfig) -> nn.M
     name = type(qmodel).__name__  # before an owner class swap can rename a root layer
     probed = None if inputs is None else _probe_or_explain(qmodel, inputs)
     captured = trace(qmodel, leaf_modules=config.leaf_modules, concrete_args=config.concrete_args)
-    discovery = discover(qmodel, captured.graph_module, config, probed=probed,
+    discovery = discover(qmodel, captured.graph_module, config,
+                         probed=None if probed is None else probed.kinds,
+                         transformed=None if probed is None else probed.transformed,
                          leaves=captured.leaves)
     refused = unrewritable(qmodel, discovery.targets, config)
     if refused and config.on_unquantizable == "error":
@@ -146,8 +148,8 @@ def _as_tuple(example_inputs: Any) -> tuple | None:
                     f"got {type(example_inputs).__name__}")
 
 
-def _probe_or_explain(model: nn.Module, inputs: tuple) -> dict[str, str] | None:
-    """The probe pass's weight uses of ``model``; MSQError when ``inputs`` do not run it.
+def _probe_or_explain(model: nn.Module, inputs: tuple):
+    """The probe pass's ``ProbeResult`` for ``model``; MSQError when ``inputs`` do not run it.
 
     When only the probe fails (the model runs without it), warn and return None: functional uses
     are then looked for in the FX graph only, and discover notes what that may miss.
@@ -155,7 +157,7 @@ def _probe_or_explain(model: nn.Module, inputs: tuple) -> dict[str, str] | None:
     from msq_fx.passes.probe import ProbeError, probe
 
     try:
-        return probe(model, inputs).kinds
+        return probe(model, inputs)
     except ProbeError as error:
         _run_or_explain(model, inputs, "the model given to prepare()")
         logger.warning("prepare: the eager probe failed although the model runs (%s); functional "

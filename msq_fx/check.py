@@ -89,6 +89,8 @@ class CheckResult:
         input_size: the per-sample input shape used, e.g. (3, 224, 224).
         quantized_weights: how many weight tensors carry an MSQ quantizer.
         float_weights: conv / linear / attention weights left in float: {name, kind, reason}.
+        notes: what prepare noted about the weights (uses it could not see; weights their op
+            reads through a transform such as weight standardization).
         max_abs_diff / rel_diff: max |converted - fake-quant| over the eval outputs, and that
             divided by max |fake-quant output|; None when the comparison was not reached.
         graph_nodes: nodes of the captured FX graph (0 when no graph could be captured).
@@ -118,6 +120,7 @@ class CheckResult:
     input_size: tuple[int, ...] | None = None
     quantized_weights: int = 0
     float_weights: list[dict[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
     max_abs_diff: float | None = None
     rel_diff: float | None = None
     graph_nodes: int = 0
@@ -588,6 +591,7 @@ def _check_coverage(findings: _Findings, expected: set[str], qmodel: nn.Module) 
     findings.fields["quantized_weights"] = len(rows.layers)
     findings.fields["float_weights"] = [{"name": f.name, "kind": f.kind, "reason": f.reason}
                                         for f in rows.float_weights]
+    findings.fields["notes"] = list(rows.notes)
     covered = ({r.name for r in rows.layers} | {n for r in rows.layers for n in r.shared_with}
                | {f.name for f in rows.float_weights})
     missing = sorted(expected - covered)

@@ -5,7 +5,7 @@ leaves the tracer kept opaque and, when ``prepare`` had example inputs, the prob
 of which Parameters one eager forward consumed as weights.
 Returns: a ``Discovery`` -- the weights to quantize (each tensor once, with every FQN it is
 reachable under, in execution order), the conv/linear/attention weights left in float with the
-reason, and notes on what could not be checked. Changes nothing.
+reason, and notes on what could not be checked or is read through a transform. Changes nothing.
 
 Weights are found in three ways, so neither a leaf nor a functional use hides one:
 * module walk: ``nn.Conv*``/``nn.ConvTranspose*`` (``groups == in_channels > 1`` is depthwise),
@@ -22,12 +22,16 @@ or a class whose name contains "Attention"/"Attn") is of kind ``"attention"``; a
 Without a probe, a Parameter inside a leaf (or anywhere, when there is no graph) is used where
 nothing looks; each such floating-point Parameter of 2+ dims that no other way classified is named
 in a note, since it may be a functional weight left in float without a row in the report.
+
+A quantized weight that its op reads only through other ops computed from parameters alone
+(weight standardization) is named in a note with those ops: the probe's record when it ran,
+else the graph's reads followed to their op (which cannot see inside leaves).
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 from torch import fx, nn
 
@@ -82,13 +86,18 @@ class Discovery:
 
 
 def discover(model: nn.Module, graph_module: fx.GraphModule | None, config: MSQConfig, *,
-             probed: Mapping[str, str] | None = None, leaves: Iterable[str] = ()) -> Discovery:
+             probed: Mapping[str, str] | None = None,
+             transformed: Mapping[str, Sequence[str]] | None = None,
+             leaves: Iterable[str] = ()) -> Discovery:
     """Find the quantizable weights of ``model`` and apply the config's exclusions and policies.
 
     Args:
         graph_module: the traced graph, or None when none could be captured.
         probed: FQN -> kind of the Parameters an eager forward used as weights (the probe
             pass's ``ProbeResult.kinds``), or None when no probe ran.
+        transformed: FQN -> the ops a Parameter went through before its weight operand (the
+            probe's ``ProbeResult.transformed``); None when no probe ran, and then the graph's
+            reads are followed instead (which cannot see inside leaves).
         leaves: FQNs of the submodules the graph keeps opaque (the trace pass's ``leaves``).
     """
     names_of = _parameter_names(model)
@@ -104,6 +113,9 @@ def discover(model: nn.Module, graph_module: fx.GraphModule | None, config: MSQC
     discovery = _apply_policies(model, found, config)
     if probed is None:
         discovery.notes.extend(_unseen_uses_note(model, graph_module, leaves, found, names_of))
+    if transformed is None and graph_module is not None:
+        transformed = _transformed_in_graph(graph_module, discovery.targets)
+    discovery.notes.extend(_transformed_weights_note(transformed or {}, discovery.targets))
     return discovery
 
 
@@ -299,12 +311,76 @@ def _unseen_uses_note(model: nn.Module, graph_module: fx.GraphModule | None,
             unseen.append(fqns[0])
     if not unseen:
         return []
-    shown = ", ".join(unseen[:8]) + (f" and {len(unseen) - 8} more" if len(unseen) > 8 else "")
+    shown = _listed(unseen)
     return [f"how these Parameters of 2+ dims are used was not seen ({where}, and no eager "
             f"probe ran: prepare() got no example_inputs, or probing them failed): {shown}. A "
             f"functional weight use among them (e.g. F.linear(x, self.w)) is missed and that "
             f"weight left in float without a report row; pass example_inputs to prepare() to "
             f"probe them."]
+
+
+def _transformed_in_graph(graph_module: fx.GraphModule,
+                          targets: list[WeightTarget]) -> dict[str, list[str]]:
+    """FQN -> the ops between a target's graph reads and the conv / linear they reach, for the
+    targets the graph reads (outside leaves) but never consumes as a weight through views only."""
+    reads: dict[str, list[fx.Node]] = {}
+    for node in graph_module.graph.nodes:
+        if node.op == "get_attr":
+            reads.setdefault(node.target, []).append(node)
+    transformed: dict[str, list[str]] = {}
+    for target in targets:
+        nodes = [node for fqn in target.fqns for node in reads.get(fqn, ())]
+        if not nodes or any(_graph_use_kind(node, target.shape) for node in nodes):
+            continue  # read by its module call (opaque), or consumed as a weight directly
+        ops = _ops_before_a_weight_use(nodes)
+        if ops:
+            transformed[target.name] = ops
+    return transformed
+
+
+def _transformed_weights_note(transformed: Mapping[str, Sequence[str]],
+                              targets: list[WeightTarget]) -> list[str]:
+    """A note on the quantized weights their conv / linear reads only through other ops.
+
+    Weight standardization (timm's StdConv2d, ScaledStdConv2d) is the common case: the op runs
+    on a float transform of the dequantized codes, so the codes are exact storage and the
+    converted model matches, but an integer kernel cannot take the codes as they are.
+    """
+    names = [t.name for t in targets if any(fqn in transformed for fqn in t.fqns)]
+    if not names:
+        return []
+    ops = sorted({op for t in targets for fqn in t.fqns for op in transformed.get(fqn, ())})
+    return [f"quantized weights that reach their conv / linear through other ops "
+            f"({', '.join(ops)}; e.g. weight standardization), {len(names)}: {_listed(names)}. "
+            f"They are stored as n-bit codes and the converted model reproduces the fake-quant "
+            f"output, but the op runs on the transformed float weights, which an integer kernel "
+            f"cannot take as they are."]
+
+
+def _ops_before_a_weight_use(reads: list[fx.Node], max_depth: int = 8) -> list[str]:
+    """Names of the non-view ops between ``reads`` and the conv / linear they reach, or []."""
+    seen, crossed, reached = set(reads), [], False
+    frontier = [(user, 1) for node in reads for user in node.users]
+    while frontier:
+        node, depth = frontier.pop(0)
+        if node in seen or depth > max_depth or node.op not in ("call_function", "call_method"):
+            continue
+        seen.add(node)
+        op = graph_op_name(node)
+        if op in USE_OPS:
+            reached = True
+            continue
+        if op is None:
+            name = node.target if isinstance(node.target, str) else getattr(
+                node.target, "__name__", str(node.target))
+            crossed.append(name)
+        frontier.extend((user, depth + 1) for user in node.users)
+    return sorted(set(crossed)) if reached else []
+
+
+def _listed(names: list[str], shown: int = 8) -> str:
+    more = len(names) - shown
+    return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")
 
 
 def _is_inside(fqn: str, scope: str) -> bool:

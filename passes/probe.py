@@ -12,10 +12,15 @@ Returns: a ``ProbeResult``. Changes nothing it can undo: every module's training
 back and the hooks it adds are removed (what the model's own eval forward writes to itself, such
 as a cache, stays, as after any eval call; ``prepare`` probes its private copy).
 
+It also records the weights that reach their weight operand through other ops computed from
+Parameters alone (weight standardization: ``F.batch_norm`` on the weight itself), with those
+ops' names, in ``ProbeResult.transformed``. Such a weight is not recorded as a use (its kind
+comes from its module), so ``F.conv2d(x, self.weight - mean)`` on a bare Parameter still goes
+unseen.
+
 What it cannot see: code paths these inputs do not take in eval mode (``if self.training:``
-branches; the FX graph, traced in the model's own mode, still covers those), ops that bypass
-``__torch_function__`` (custom ``torch.ops`` kernels), and weights transformed by arithmetic
-before use (``F.conv2d(x, self.weight - mean)``), since only view-like ops are followed.
+branches; the FX graph, traced in the model's own mode, still covers those), and ops that
+bypass ``__torch_function__`` (custom ``torch.ops`` kernels).
 """
 from __future__ import annotations
 
@@ -44,10 +49,13 @@ class ProbeResult:
             Parameter used as a weight operand, in order of first use; every FQN of a tied
             Parameter is listed.
         users: FQN -> the module whose forward made that first use (``""`` is the root).
+        transformed: FQN -> the names of the ops between a Parameter and the weight operand it
+            reached through them (sorted), for Parameters transformed before use.
     """
 
     kinds: dict[str, str] = field(default_factory=dict)
     users: dict[str, str] = field(default_factory=dict)
+    transformed: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 def probe(model: nn.Module, inputs: tuple) -> ProbeResult:
@@ -78,6 +86,9 @@ def probe(model: nn.Module, inputs: tuple) -> ProbeResult:
         for name in names_of.get(param_id, []):
             result.kinds[name] = kind
             result.users[name] = user
+    for param_id, ops in recorder.transformed_uses.items():
+        for name in names_of.get(param_id, []):
+            result.transformed[name] = tuple(sorted(ops))
     return result
 
 
@@ -92,6 +103,9 @@ class _WeightUseRecorder(TorchFunctionMode):
         # id(derived tensor) -> (the tensor, kept alive so its id is not reused; Parameter ids)
         self.derived: dict[int, tuple[Tensor, frozenset[int]]] = {}
         self.uses: dict[int, tuple[str, str]] = {}
+        # The same for tensors computed from Parameters alone by other ops, with those ops.
+        self.transformed: dict[int, tuple[Tensor, frozenset[int], frozenset[str]]] = {}
+        self.transformed_uses: dict[int, frozenset[str]] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -100,13 +114,49 @@ class _WeightUseRecorder(TorchFunctionMode):
             self._record(name, args, kwargs)
         out = func(*args, **kwargs)
         if name is not None:
-            sources = frozenset().union(*(self._origins(s)
-                                          for s in view_sources(name, args, kwargs)))
+            view_of = view_sources(name, args, kwargs)
+            sources = frozenset().union(*(self._origins(s) for s in view_of))
             if sources:
-                for tensor in out if isinstance(out, (tuple, list)) else (out,):
-                    if isinstance(tensor, Tensor):
-                        self.derived[id(tensor)] = (tensor, sources)
+                self._remember(self.derived, out, (sources,))
+            transforms = [self.transformed[id(s)] for s in view_of if self._is_transformed(s)]
+            if transforms:
+                self._remember(self.transformed, out, self._merged(transforms))
+        if name is None or (name not in USE_OPS and not view_sources(name, args, kwargs)):
+            self._follow_transform(func, args, kwargs, out)
         return out
+
+    @staticmethod
+    def _remember(table: dict, out: Any, entry: tuple) -> None:
+        for tensor in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(tensor, Tensor):
+                table[id(tensor)] = (tensor, *entry)
+
+    @staticmethod
+    def _merged(entries: list[tuple]) -> tuple[frozenset[int], frozenset[str]]:
+        return (frozenset().union(*(entry[1] for entry in entries)),
+                frozenset().union(*(entry[2] for entry in entries)))
+
+    def _is_transformed(self, value: Any) -> bool:
+        entry = self.transformed.get(id(value)) if isinstance(value, Tensor) else None
+        return entry is not None and entry[0] is value
+
+    def _follow_transform(self, func, args: tuple, kwargs: dict, out: Any) -> None:
+        """Mark ``out`` as transformed when every tensor ``func`` read comes from Parameters."""
+        tensors = [value for value in _flat(args) + _flat(tuple(kwargs.values()))
+                   if isinstance(value, Tensor)]
+        if not tensors:
+            return
+        entries = []
+        for tensor in tensors:
+            if self._is_transformed(tensor):
+                entries.append(self.transformed[id(tensor)])
+            elif self._origins(tensor):
+                entries.append((tensor, self._origins(tensor), frozenset()))
+            else:
+                return  # an activation takes part: its output is an activation
+        origins, ops = self._merged(entries)
+        op = getattr(func, "__name__", None) or type(func).__name__
+        self._remember(self.transformed, out, (origins, ops | {op}))
 
     def _origins(self, value: Any) -> frozenset[int]:
         if not isinstance(value, Tensor):
@@ -125,6 +175,22 @@ class _WeightUseRecorder(TorchFunctionMode):
             for param_id in self._origins(operand):
                 if self.params[param_id].dim() >= 2:
                     self.uses.setdefault(param_id, (kind, where))
+
+        def transformed_shape(operand: Any) -> tuple[int, ...] | None:
+            return tuple(operand.shape) if self._is_transformed(operand) else None
+
+        for operand, _ in weight_uses(name, args, kwargs, transformed_shape):
+            _, origins, ops = self.transformed[id(operand)]
+            for param_id in origins:
+                if self.params[param_id].dim() >= 2:
+                    self.transformed_uses[param_id] = (
+                        self.transformed_uses.get(param_id, frozenset()) | ops)
+
+
+def _flat(values: tuple) -> list[Any]:
+    """``values`` with lists and tuples among them opened one level (cat's tensor list)."""
+    return [item for value in values
+            for item in (value if isinstance(value, (list, tuple)) else (value,))]
 
 
 def _track_module_stack(model: nn.Module, stack: list[str]) -> list[Any]:

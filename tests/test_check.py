@@ -187,6 +187,18 @@ def test_a_module_can_be_checked_directly_and_is_not_modified():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_a_weight_standardized_conv_passes_and_the_result_notes_the_transform():
+    from timm.layers import StdConv2d
+
+    torch.manual_seed(0)
+    model = nn.Sequential(StdConv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 4))
+    result = check_model(model, input_size=(16, 16))
+    assert result.status == "PASS", result.reason
+    assert len(result.notes) == 1
+    assert "through other ops (batch_norm" in result.notes[0] and ", 1: 0.weight." in result.notes[0]
+
+
 def test_the_checks_sgd_steps_land_inside_backward_with_each_gradient_clipped_on_its_own():
     torch.manual_seed(0)
     layer = nn.Linear(4, 3)
@@ -306,7 +318,7 @@ def test_cli_json_prints_one_object_per_model_and_no_table(capsys):
     passed, skipped = (json.loads(line) for line in lines)
     for row in (passed, skipped):
         assert {"model", "status", "reason", "stage", "quantized_weights", "float_weights",
-                "max_abs_diff", "graph_nodes", "leaves", "seconds"} <= set(row)
+                "notes", "max_abs_diff", "graph_nodes", "leaves", "seconds"} <= set(row)
         assert "table" not in row
     assert (passed["model"], passed["status"], passed["quantized_weights"]) == (
         "msq_fx.models:resnet20", "PASS", 20)

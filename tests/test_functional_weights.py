@@ -325,6 +325,59 @@ def test_tied_weight_with_one_unrewritable_owner_stays_float_under_every_name():
 # ---------------------------------------------------------------- the probe pass itself
 
 
+# ---------------------------------------------------------------- weights transformed before use
+
+
+class StandardizedLinear(nn.Linear):
+    """A linear layer that standardizes its weight per output row before using it, as timm's
+    StdConv2d does for convs."""
+
+    def forward(self, x):
+        weight = F.batch_norm(self.weight.reshape(1, self.out_features, -1), None, None,
+                              training=True, momentum=0.0, eps=1e-6).reshape_as(self.weight)
+        return F.linear(x, weight, self.bias)
+
+
+class ActivationScaledLinear(nn.Module):
+    """Scales its weight by a statistic of the input: the weight operand is an activation."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(6, 8))
+
+    def forward(self, x):
+        return F.linear(x, self.weight * x.abs().mean())
+
+
+TRANSFORMED_NOTE = "reach their conv / linear through other ops (batch_norm"
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_weight_standardized_before_use_is_quantized_and_noted(path):
+    qmodel = prepare_via(path, StandardizedLinear(8, 6))
+    assert layers(qmodel)["inner.weight"].kind == "linear"
+    notes = [note for note in msq_fx.report(qmodel).notes if TRANSFORMED_NOTE in note]
+    assert len(notes) == 1 and "weight standardization), 1: inner.weight. " in notes[0]
+    assert fake_quant_equals_converted(qmodel, X)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_weights_used_as_they_are_get_no_transform_note(path):
+    qmodel = prepare_via(path, FunctionalLinear())
+    assert not any(TRANSFORMED_NOTE in note for note in msq_fx.report(qmodel).notes)
+
+
+def test_probe_names_the_ops_between_a_parameter_and_its_weight_operand():
+    result = probe(Net(StandardizedLinear(8, 6)), (X,))
+    assert result.transformed == {"inner.weight": ("batch_norm",)}
+    assert "inner.weight" not in result.kinds  # not a use as it is: its kind comes from the class
+
+
+def test_probe_does_not_count_a_weight_mixed_with_an_activation_as_transformed():
+    result = probe(Net(ActivationScaledLinear()), (X,))
+    assert result.transformed == {} and "inner.weight" not in result.kinds
+
+
 def test_probe_restores_training_flags_and_removes_its_hooks():
     model = Net(FunctionalLinear()).train()
     model.inner.eval()
