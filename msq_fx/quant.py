@@ -241,15 +241,28 @@ def _pack_quantized_weight(tensor: Tensor) -> Tensor | _Recomputed:
     base = tensor if tensor._base is None else tensor._base
     found = _recipe_node(base)
     if found is None or base.storage_offset() != 0:
-        return tensor  # not a quantizer output: saved as usual
+        return _saved_as_usual(tensor)  # not a quantizer output
     node, cast = found
     # The recompute is contiguous and is viewed with the saved tensor's geometry: that needs the
     # quantizer's output (as its latent) laid out contiguously, and a cast to hold all of it.
     laid_out = (base.is_contiguous() if cast is None else
                 node.recipe.latent.is_contiguous() and base.numel() == node.recipe.latent.numel())
     if not laid_out:
-        return tensor  # laid out unusually: saved as usual
+        return _saved_as_usual(tensor)  # laid out unusually
     return _Recomputed(node, tensor.size(), tensor.stride(), tensor.storage_offset(), cast)
+
+
+def _saved_as_usual(tensor: Tensor) -> Tensor:
+    """What a tensor that is not recomputed is stored as: a detached alias.
+
+    The pack hook receives the live tensor, ``grad_fn`` and all. Kept as it is, an op's saved
+    *output* would hold the op's own node, a reference cycle that no garbage collection
+    reclaims: every graph built without a backward (a forward under grad mode whose output is
+    dropped) or kept by ``retain_graph`` / ``create_graph`` (the Hessian's first-order pass)
+    would stay in memory for good. Detaching loses nothing; autograd keeps the saved tensor's
+    graph position itself and reattaches it on unpack.
+    """
+    return tensor.detach()
 
 
 def _unpack_quantized_weight(packed: Tensor | _Recomputed) -> Tensor:

@@ -3,6 +3,7 @@ their backward save how to recompute it instead, with bit-identical gradients.""
 
 from __future__ import annotations
 
+import gc
 import weakref
 
 import pytest
@@ -186,6 +187,48 @@ def test_under_autocast_recomputed_gradients_equal_the_saved_casts_gradients_bit
     saved, _, alive = autocast_gradients_and_casts_alive(recompute=False)
     assert alive > 0  # without the recompute the ops keep their casts
     assert all(torch.equal(a, b) for a, b in zip(recomputed, saved))
+
+
+class TanhLinear(nn.Linear):
+    """An owner whose own forward saves an op's output (tanh saves what it returns)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.activation = torch.tanh(super().forward(x))
+        return self.activation
+
+
+class SavesOutputs(nn.Module):
+    """tanh in the root forward and inside an owner: both save their outputs for backward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second, self.head = nn.Linear(8, 16), TanhLinear(16, 16), nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.activation = torch.tanh(self.first(x))
+        return self.head(self.second(self.activation))
+
+
+def graph_kept_alive(run) -> dict[str, bool]:
+    """Whether the root's and the owner's saved tanh outputs outlive ``run(model, x)``."""
+    torch.manual_seed(0)
+    model = msq_fx.prepare(SavesOutputs(), torch.randn(2, 8))
+    run(model, torch.randn(4, 8, requires_grad=True))
+    refs = {"root": weakref.ref(model.activation), "owner": weakref.ref(model.second.activation)}
+    del model.activation, model.second.activation
+    gc.collect()
+    return {where: ref() is not None for where, ref in refs.items()}
+
+
+def test_a_forward_whose_output_is_dropped_leaves_no_graph_behind():
+    assert graph_kept_alive(lambda model, x: model(x)) == {"root": False, "owner": False}
+
+
+def test_the_hessians_first_order_graph_is_freed_with_its_gradients():
+    def first_order(model, x):
+        torch.autograd.grad(model(x).square().mean(), latents(model), create_graph=True)
+
+    assert graph_kept_alive(first_order) == {"root": False, "owner": False}
 
 
 def test_a_latent_changed_in_place_before_backward_raises_an_error_that_says_what_to_do():
