@@ -190,14 +190,9 @@ def _forward_with_input_quantizer(self: nn.Module, *args, **kwargs):
                 bound.arguments[name] = seen.setdefault(id(value), input_quantizer(value))
         args, kwargs = bound.args[1:], bound.kwargs
     if _recomputes_weights(self):
-        with _RECOMPUTE_HOOKS:
+        with quant.recomputed_quantized_weights():
             return self._msq_base.forward(self, *args, **kwargs)
     return self._msq_base.forward(self, *args, **kwargs)
-
-
-#: Stateless (two functions), so one instance serves every owner, every model and nested
-#: forwards.
-_RECOMPUTE_HOOKS = quant.recomputed_quantized_weights()
 
 
 def install_model_recompute(model: nn.Module) -> None:
@@ -206,29 +201,33 @@ def install_model_recompute(model: nn.Module) -> None:
     The owners' forwards already do so for their own uses; this covers a parent that reads a
     child's weight functionally (``F.linear(x, self.qkv.weight)``), whose op runs outside the
     owner's forward. A forward pre-hook enters the saved-tensor hooks and a forward hook that
-    also runs on an exception leaves them.
+    also runs on an exception leaves them; the two share the stack of the hooks entered (one
+    per running forward of this model, made when it starts: see recomputed_quantized_weights).
     """
-    model.register_forward_pre_hook(_enter_recompute)
-    model.register_forward_hook(_leave_recompute, always_call=True)
+    entered: list = []
+    model.register_forward_pre_hook(functools.partial(_enter_recompute, entered))
+    model.register_forward_hook(functools.partial(_leave_recompute, entered), always_call=True)
 
 
 def remove_model_recompute(model: nn.Module) -> None:
     """Undo ``install_model_recompute`` (a lowered model has nothing to recompute)."""
     for hooks, hook in ((model._forward_pre_hooks, _enter_recompute),
                         (model._forward_hooks, _leave_recompute)):
-        for key in [key for key, value in hooks.items() if value is hook]:
+        for key in [key for key, value in hooks.items() if getattr(value, "func", None) is hook]:
             del hooks[key]
             model._forward_hooks_always_called.pop(key, None)
 
 
-def _enter_recompute(_model: nn.Module, _args: tuple) -> None:
+def _enter_recompute(entered: list, _model: nn.Module, _args: tuple) -> None:
     if not torch.compiler.is_compiling():
-        _RECOMPUTE_HOOKS.__enter__()
+        hooks = quant.recomputed_quantized_weights()
+        hooks.__enter__()
+        entered.append(hooks)
 
 
-def _leave_recompute(_model: nn.Module, _args: tuple, _output: object) -> None:
-    if not torch.compiler.is_compiling():
-        _RECOMPUTE_HOOKS.__exit__(None, None, None)
+def _leave_recompute(entered: list, _model: nn.Module, _args: tuple, _output: object) -> None:
+    if not torch.compiler.is_compiling() and entered:
+        entered.pop().__exit__(None, None, None)
 
 
 def _recomputes_weights(owner: nn.Module) -> bool:

@@ -237,37 +237,23 @@ def _recipe_node(base: Tensor) -> tuple[object, tuple[torch.dtype, torch.device]
     return node, cast
 
 
-def _pack_quantized_weight(tensor: Tensor) -> Tensor | _Recomputed:
+def _recomputable(tensor: Tensor) -> _Recomputed | None:
+    """How to recompute ``tensor`` if it is a quantizer's output (or a cast or view of one)."""
     base = tensor if tensor._base is None else tensor._base
     found = _recipe_node(base)
     if found is None or base.storage_offset() != 0:
-        return _saved_as_usual(tensor)  # not a quantizer output
+        return None
     node, cast = found
     # The recompute is contiguous and is viewed with the saved tensor's geometry: that needs the
     # quantizer's output (as its latent) laid out contiguously, and a cast to hold all of it.
     laid_out = (base.is_contiguous() if cast is None else
                 node.recipe.latent.is_contiguous() and base.numel() == node.recipe.latent.numel())
     if not laid_out:
-        return _saved_as_usual(tensor)  # laid out unusually
+        return None
     return _Recomputed(node, tensor.size(), tensor.stride(), tensor.storage_offset(), cast)
 
 
-def _saved_as_usual(tensor: Tensor) -> Tensor:
-    """What a tensor that is not recomputed is stored as: a detached alias.
-
-    The pack hook receives the live tensor, ``grad_fn`` and all. Kept as it is, an op's saved
-    *output* would hold the op's own node, a reference cycle that no garbage collection
-    reclaims: every graph built without a backward (a forward under grad mode whose output is
-    dropped) or kept by ``retain_graph`` / ``create_graph`` (the Hessian's first-order pass)
-    would stay in memory for good. Detaching loses nothing; autograd keeps the saved tensor's
-    graph position itself and reattaches it on unpack.
-    """
-    return tensor.detach()
-
-
-def _unpack_quantized_weight(packed: Tensor | _Recomputed) -> Tensor:
-    if isinstance(packed, Tensor):
-        return packed
+def _recomputed(packed: _Recomputed) -> Tensor:
     recipe = packed.node.recipe
     problem = recipe.stale()
     if problem is not None:
@@ -287,6 +273,52 @@ def _unpack_quantized_weight(packed: Tensor | _Recomputed) -> Tensor:
     return weight.as_strided(packed.size, packed.stride, packed.storage_offset)
 
 
+class _PackedByEnclosingHooks(NamedTuple):
+    value: object
+
+
+class _RecomputeHooks:
+    """The pack / unpack pair: quantized weights become recipes, every other saved tensor goes
+    to the saved-tensor hooks that were in force around these (``enclosing``), or is stored
+    detached when there were none.
+
+    Only the innermost saved-tensor hooks see a tensor, so without the hand-over an owner's
+    forward would take its activations away from ``torch.utils.checkpoint`` (which would then
+    keep them after all) or from ``torch.autograd.graph.save_on_cpu``.
+    """
+
+    def __init__(self, enclosing: tuple | None) -> None:
+        self.enclosing = enclosing
+
+    def pack(self, tensor: Tensor) -> object:
+        recipe = _recomputable(tensor)
+        if recipe is not None:
+            return recipe
+        if self.enclosing is not None:
+            return _PackedByEnclosingHooks(self.enclosing[0](tensor))
+        return _saved_as_usual(tensor)
+
+    def unpack(self, packed: object) -> Tensor:
+        if isinstance(packed, _Recomputed):
+            return _recomputed(packed)
+        if isinstance(packed, _PackedByEnclosingHooks):
+            return self.enclosing[1](packed.value)
+        return packed
+
+
+def _saved_as_usual(tensor: Tensor) -> Tensor:
+    """What a tensor that is not recomputed is stored as: a detached alias.
+
+    The pack hook receives the live tensor, ``grad_fn`` and all. Kept as it is, an op's saved
+    *output* would hold the op's own node, a reference cycle that no garbage collection
+    reclaims: every graph built without a backward (a forward under grad mode whose output is
+    dropped) or kept by ``retain_graph`` / ``create_graph`` (the Hessian's first-order pass)
+    would stay in memory for good. Detaching loses nothing; autograd keeps the saved tensor's
+    graph position itself and reattaches it on unpack.
+    """
+    return tensor.detach()
+
+
 def recomputed_quantized_weights() -> torch.autograd.graph.saved_tensors_hooks:
     """Inside, an op that saves a quantized weight for its backward saves how to recompute it.
 
@@ -294,9 +326,17 @@ def recomputed_quantized_weights() -> torch.autograd.graph.saved_tensors_hooks:
     weight-sized tensor per layer, alive from the forward to the backward, which on large models
     is a third of a training step's memory. Recomputing it costs one fake quantization per
     weight in the backward and gives the same bits, since the latent has not changed (checked).
+    Other saved tensors go to the saved-tensor hooks in force when this is called (activation
+    checkpointing, CPU offload), so make one per use rather than keeping one.
     """
-    return torch.autograd.graph.saved_tensors_hooks(_pack_quantized_weight,
-                                                    _unpack_quantized_weight)
+    top = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    enclosing = None
+    if top is not None:
+        ours = getattr(top[0], "__self__", None)
+        # Nested in our own (a model's hooks around an owner's): hand over to what those did.
+        enclosing = ours.enclosing if isinstance(ours, _RecomputeHooks) else top
+    hooks = _RecomputeHooks(enclosing)
+    return torch.autograd.graph.saved_tensors_hooks(hooks.pack, hooks.unpack)
 
 
 def lsb_value(w: Tensor, bits: int, k: int, scale: Tensor | None = None) -> Tensor:

@@ -108,6 +108,11 @@ def test_autocast_runs_every_contenders_forward_in_that_dtype(bench):
     assert output_dtypes == [torch.bfloat16, torch.bfloat16]
 
 
+def test_grad_checkpointing_needs_a_model_that_offers_it(bench):
+    with pytest.raises(SystemExit, match="resnet20 has no set_grad_checkpointing"):
+        bench.main(TINY_RUN + ["--grad-checkpointing"])
+
+
 @pytest.fixture(scope="module")
 def hessian_report(bench):
     stdout = io.StringIO()

@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import msq_fx
+from msq_fx import quant
 from msq_fx.modules import (displaced_quantized_weights, iter_quantized_weights,
                             remove_model_recompute)
 
@@ -229,6 +230,51 @@ def test_the_hessians_first_order_graph_is_freed_with_its_gradients():
         torch.autograd.grad(model(x).square().mean(), latents(model), create_graph=True)
 
     assert graph_kept_alive(first_order) == {"root": False, "owner": False}
+
+
+def latent_gradients(model: nn.Module, loss_of) -> list[torch.Tensor]:
+    loss_of(model).backward()
+    return [p.grad for p in latents(model)]
+
+
+def saved_under_enclosing_hooks(recompute: bool) -> tuple[list[str], list[torch.Tensor]]:
+    """What hooks around the model's forward were given to pack ("weight" for a quantized
+    weight, else the tensor's grad_fn), and the latent gradients."""
+    saved = []
+
+    def pack(tensor):
+        is_weight = quant._recomputable(tensor) is not None
+        saved.append("weight" if is_weight else type(tensor.grad_fn).__name__)
+        return tensor.detach()
+
+    def loss_of(model):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            return model(batch()).square().mean()
+
+    return saved, latent_gradients(prepared(recompute), loss_of)
+
+
+def test_every_saved_tensor_but_the_quantized_weights_goes_to_the_hooks_around_the_model():
+    with_recompute, gradients = saved_under_enclosing_hooks(recompute=True)
+    without, reference = saved_under_enclosing_hooks(recompute=False)
+    assert "weight" in without
+    assert sorted(with_recompute) == sorted(name for name in without if name != "weight")
+    assert all(torch.equal(a, b) for a, b in zip(gradients, reference))
+
+
+def test_activation_checkpointing_keeps_the_recompute_and_the_gradients():
+    def checkpointed(model):
+        output = torch.utils.checkpoint.checkpoint(model, batch(), use_reentrant=False)
+        return output.square().mean()
+
+    alive = []
+    model = prepared(True)
+    for weight in iter_quantized_weights(model):
+        weight.quantizer.register_forward_hook(lambda m, i, out: alive.append(weakref.ref(out)))
+    with_checkpoint = latent_gradients(model, checkpointed)
+    plain = latent_gradients(prepared(True), lambda model: model(batch()).square().mean())
+    assert all(torch.equal(a, b) for a, b in zip(with_checkpoint, plain))
+    assert not any(ref() is not None for ref in alive)
 
 
 def test_a_latent_changed_in_place_before_backward_raises_an_error_that_says_what_to_do():
