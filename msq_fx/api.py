@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -11,6 +11,9 @@ from .config import CONFIG_ATTR, MSQConfig
 from .modules import LoweredWeight, WeightFakeQuant
 from .report import FLOAT_WEIGHTS_ATTR, NOTES_ATTR
 from .utils import copy_module, eval_mode
+
+if TYPE_CHECKING:
+    from msq_fx.passes.probe import ProbeResult
 
 #: The networkx graph of the grouping pass, kept on the prepared model for inspection.
 SENSITIVITY_GRAPH_ATTR = "_msq_sensitivity_graph"
@@ -148,7 +151,7 @@ def _as_tuple(example_inputs: Any) -> tuple | None:
                     f"got {type(example_inputs).__name__}")
 
 
-def _probe_or_explain(model: nn.Module, inputs: tuple):
+def _probe_or_explain(model: nn.Module, inputs: tuple) -> ProbeResult | None:
     """The probe pass's ``ProbeResult`` for ``model``; MSQError when ``inputs`` do not run it.
 
     When only the probe fails (the model runs without it), warn and return None: functional uses

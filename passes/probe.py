@@ -113,15 +113,15 @@ class _WeightUseRecorder(TorchFunctionMode):
         if name in USE_OPS:
             self._record(name, args, kwargs)
         out = func(*args, **kwargs)
-        if name is not None:
-            view_of = view_sources(name, args, kwargs)
+        view_of = [] if name is None else view_sources(name, args, kwargs)
+        if view_of:
             sources = frozenset().union(*(self._origins(s) for s in view_of))
             if sources:
                 self._remember(self.derived, out, (sources,))
             transforms = [self.transformed[id(s)] for s in view_of if self._is_transformed(s)]
             if transforms:
                 self._remember(self.transformed, out, self._merged(transforms))
-        if name is None or (name not in USE_OPS and not view_sources(name, args, kwargs)):
+        elif name not in USE_OPS:
             self._follow_transform(func, args, kwargs, out)
         return out
 
