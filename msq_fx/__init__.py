@@ -14,7 +14,7 @@ from .hessian import (HessianTraces, NoSecondDerivative, ScaledProbes, finite_di
 from .io import load, save
 from .models import SmallCNN, resnet20
 from .modules import (ActivationFakeQuant, LoweredWeight, QuantizedWeight, WeightFakeQuant,
-                      iter_quantized_weights)
+                      cached_quantized_weights, iter_quantized_weights)
 from .report import FloatRow, LayerRow, Report, report
 
 __all__ = [
@@ -22,6 +22,6 @@ __all__ = [
     "finite_difference_traces", "ScaledProbes", "NoSecondDerivative", "prepare", "convert",
     "report", "Report", "LayerRow", "FloatRow", "save", "load",
     "WeightFakeQuant", "LoweredWeight", "ActivationFakeQuant", "QuantizedWeight",
-    "iter_quantized_weights", "resnet20", "SmallCNN",
+    "iter_quantized_weights", "cached_quantized_weights", "resnet20", "SmallCNN",
 ]
 __version__ = "0.1.0"

@@ -17,7 +17,7 @@ import contextlib
 import functools
 import inspect
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -35,7 +35,9 @@ class WeightFakeQuant(nn.Module):
     Buffers: ``bits`` (current width q), ``prune_step`` (p, LSBs removed at the next prune).
     Plain attributes (re-created by ``prepare``): ``kind``, ``names`` (every FQN of the tensor),
     ``grid``, ``prunable`` (False for layers whose width a policy fixes), ``recompute`` (the
-    owner's forward lets ops save how to recompute the quantized weight instead of a copy).
+    owner's forward lets ops save how to recompute the quantized weight instead of a copy),
+    ``cache`` (inside ``cached_quantized_weights``: the last quantized tensor and what it was
+    computed from, else None).
     """
 
     def __init__(self, bits: int, kind: str, names: tuple[str, ...], grid: str = "nested",
@@ -52,13 +54,18 @@ class WeightFakeQuant(nn.Module):
         self.prunable = prunable
         self.recompute = recompute
         self.group = self.names[0]
+        self.cache: _WeightCache | None = None
 
     @property
     def num_bits(self) -> int:
         return int(self.bits)
 
     def forward(self, latent: Tensor) -> Tensor:
-        return quant.fake_quantize(latent, self.num_bits, self.grid)
+        bits = self.num_bits
+        if _serves_from_cache(self, latent):
+            return _from_cache(self, (latent,), (bits, self.grid),
+                               lambda: quant.fake_quantize(latent, bits, self.grid))
+        return quant.fake_quantize(latent, bits, self.grid)
 
     def lsb_l1(self, latent: Tensor, k: int | None = None) -> Tensor:
         """``sum |B_k|`` over the tensor in step units (k defaults to the prune step p)."""
@@ -70,6 +77,78 @@ class WeightFakeQuant(nn.Module):
 
     def extra_repr(self) -> str:
         return f"bits={self.num_bits}, p={int(self.prune_step)}, kind={self.kind}, grid={self.grid}"
+
+
+class _WeightCache(NamedTuple):
+    """A weight computed once inside ``cached_quantized_weights``, and what it was computed from."""
+
+    key: tuple | None
+    value: Tensor | None
+    # A caller that changed the returned tensor in place gets a fresh one next time.
+    value_version: int | None = None
+    # Held so that a source's memory cannot be freed and reused by another tensor at the same
+    # address while the key still names that address.
+    storages: tuple[torch.UntypedStorage, ...] = ()
+
+
+def _serves_from_cache(module: nn.Module, *sources: Tensor) -> bool:
+    # ``cache`` is absent from modules pickled by older versions. A cached tensor has no graph:
+    # under autograd only a fresh one carries gradients. A compiled graph must contain the
+    # computation, not a tensor captured at trace time.
+    return (module.__dict__.get("cache") is not None
+            and not (torch.is_grad_enabled() and any(s.requires_grad for s in sources))
+            and not torch.compiler.is_compiling())
+
+
+def _from_cache(module: nn.Module, sources: tuple[Tensor, ...], settings: tuple,
+                compute: Callable[[], Tensor]) -> Tensor:
+    """``module.cache``'s value if it was computed from ``sources`` as they are now and from
+    ``settings``, else ``compute()``, stored as the new cache."""
+    # The version counter moves with every in-place update (optimizer steps, load_state_dict),
+    # and the address with a rebinding (``.data = ...``, ``.to()``), so a stale value is never
+    # returned. A tensor made under inference mode cannot enter autograd outside it.
+    key = tuple((s.data_ptr(), _version(s), tuple(s.shape), s.stride(), s.dtype, s.device)
+                for s in sources) + settings + (torch.is_inference_mode_enabled(),)
+    cache = module.cache
+    if cache.key != key or _version(cache.value) != cache.value_version:
+        with torch.no_grad():
+            value = compute()
+        cache = module.cache = _WeightCache(key, value, _version(value),
+                                            tuple(s.untyped_storage() for s in sources))
+    return cache.value
+
+
+def _version(tensor: Tensor) -> int | None:
+    # Inference tensors keep no version counter; outside inference mode they cannot be changed
+    # in place, and the inference-mode flag in the key separates the two worlds.
+    return None if tensor.is_inference() else tensor._version
+
+
+@contextlib.contextmanager
+def cached_quantized_weights(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside, each quantized weight of ``model`` is computed once and reused by every forward.
+
+    A fake-quant model otherwise quantizes every weight on every forward (several weight-sized
+    passes each), and a converted model dequantizes its codes on every forward; at small batches
+    on a large model that dominates evaluation. The cache holds one float copy per weight until
+    the block ends, and is used only where no gradient is needed (``torch.no_grad()``,
+    ``torch.inference_mode()``, frozen latents): a training step inside the block quantizes
+    afresh and trains as usual. A value is recomputed when what it came from changes (an
+    in-place update of the latent or the codes, a new tensor, a prune of the width), so it is
+    never stale. Nested blocks share the outer block's cache. Yields ``model``.
+    """
+    started = []
+    try:
+        for entry in iter_quantized_weights(model):
+            quantizer = entry.quantizer
+            if (isinstance(quantizer, (WeightFakeQuant, LoweredWeight))
+                    and quantizer.__dict__.get("cache") is None):
+                quantizer.cache = _WeightCache(None, None)
+                started.append(quantizer)
+        yield model
+    finally:
+        for quantizer in started:
+            quantizer.cache = None
 
 
 class LoweredWeight(nn.Module):
@@ -89,6 +168,7 @@ class LoweredWeight(nn.Module):
         self.kind = kind
         self.names = tuple(names)
         self.group = self.names[0]
+        self.cache: _WeightCache | None = None  # as WeightFakeQuant's
 
     @classmethod
     def from_fake_quant(cls, quantizer: WeightFakeQuant, latent: Tensor) -> "LoweredWeight":
@@ -107,6 +187,11 @@ class LoweredWeight(nn.Module):
         return int(self.bits)
 
     def forward(self, _latent: Tensor | None = None) -> Tensor:
+        if _serves_from_cache(self):
+            return _from_cache(self, (self.codes, self.step, self.offset), (), self._dequantized)
+        return self._dequantized()
+
+    def _dequantized(self) -> Tensor:
         # The offset stays a tensor (0 or 0.5, exact either way), so torch.export can trace the
         # forward; the int8 -> float copy is ours to overwrite.
         return quant.dequantize(self.codes.to(self.step.dtype), self.step, self.offset,

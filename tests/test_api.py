@@ -1,6 +1,7 @@
 """prepare() / convert(): copy semantics, modes, persistence and the errors users see."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import pickle
@@ -72,6 +73,44 @@ def test_models_survive_pickling_with_identical_outputs(stage):
     assert torch.equal(eval_output(model, X), eval_output(torch.load(buffer, weights_only=False), X))
 
 
+def _train_and_validate(qmodel: nn.Module, cache: bool) -> list[torch.Tensor]:
+    """Three SGD steps, each followed by an eval-mode forward; the whole run inside a cache block
+    when ``cache``. Returns the eval outputs."""
+    optimizer = torch.optim.SGD(qmodel.parameters(), lr=0.1)
+    target = torch.tensor([0, 1, 2, 3])
+    outputs = []
+    with msq_fx.cached_quantized_weights(qmodel) if cache else contextlib.nullcontext():
+        for _ in range(3):
+            loss = F.cross_entropy(qmodel(X), target)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            outputs.append(eval_output(qmodel, X))
+    return outputs
+
+
+def test_cached_validation_sees_every_optimizer_step():
+    cached = _train_and_validate(msq_fx.prepare(small_cnn(), X), cache=True)
+    plain = _train_and_validate(msq_fx.prepare(small_cnn(), X), cache=False)
+    assert all(torch.equal(a, b) for a, b in zip(cached, plain))
+    assert not torch.equal(cached[0], cached[-1])
+
+
+def test_cached_weights_of_frozen_layers_give_the_same_gradients_to_the_trained_ones():
+    def head_gradient(cache: bool) -> torch.Tensor:
+        qmodel = msq_fx.prepare(small_cnn(), X)
+        head = list(qmodel.parameters())[-2:]
+        for parameter in list(qmodel.parameters())[:-2]:
+            parameter.requires_grad_(False)
+        with msq_fx.cached_quantized_weights(qmodel) if cache else contextlib.nullcontext():
+            for _ in range(2):  # the second pass is served from the cache
+                qmodel.zero_grad()
+                qmodel(X).square().mean().backward()
+        return head[0].grad
+
+    assert torch.equal(head_gradient(cache=True), head_gradient(cache=False))
+
+
 def _train_a_little(qmodel: nn.Module) -> None:
     controller = msq_fx.MSQController(qmodel)
     optimizer = torch.optim.SGD(qmodel.parameters(), lr=0.1)
@@ -116,6 +155,16 @@ def test_convert_equals_fake_quant_output_after_pruning():
     _train_a_little(qmodel)
     int_model = msq_fx.convert(qmodel)
     assert torch.equal(eval_output(qmodel, X), eval_output(int_model, X))
+
+
+def test_a_program_exported_inside_a_cache_block_reads_the_codes_not_a_cached_weight():
+    int_model = msq_fx.convert(msq_fx.prepare(small_cnn(), X)).eval()
+    with torch.no_grad(), msq_fx.cached_quantized_weights(int_model):
+        expected = int_model(X)  # fills the cache
+        program = torch.export.export(int_model, (X,))
+    assert any(name.endswith("weight_quantizer.codes")
+               for name in program.graph_signature.buffers)
+    assert torch.equal(program.module()(X), expected)
 
 
 def test_convert_does_not_modify_the_prepared_model():

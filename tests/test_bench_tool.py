@@ -154,6 +154,54 @@ def test_hessian_table_names_both_methods(bench, hessian_report):
     assert "peak / MSQ step" in text
 
 
+@pytest.fixture(scope="module")
+def eval_report(bench):
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert bench.main(TINY_RUN + ["--eval"]) == 0
+    return json.loads(stdout.getvalue())
+
+
+def test_eval_mode_times_each_way_of_evaluating_against_the_float_forward(eval_report):
+    runs = eval_report["eval"]
+    assert set(runs) == {"FP32", "MSQ fake-quant", "MSQ fake-quant, cached weights",
+                         "MSQ converted", "MSQ converted, cached weights"}
+    for run in runs.values():
+        assert len(run["repeat_ms_per_forward"]) == 2
+        assert run["time_over_fp"] == pytest.approx(
+            run["median_ms_per_forward"] / runs["FP32"]["median_ms_per_forward"])
+
+
+def test_eval_mode_leaves_the_training_measurements_as_they_were(eval_report):
+    assert set(eval_report["results"]) == {"FP32", "MSQ"}
+    assert "eval" in eval_report and "hessian" not in eval_report
+
+
+def test_every_msq_eval_forward_gives_the_fake_quant_output(bench):
+    import torch
+
+    workload = bench.build_workload("resnet20")
+    inputs = torch.randn(4, 3, 32, 32)
+    float_model, qmodel = (c.model for c in bench.build_contenders(workload, inputs,
+                                                                    torch.device("cpu")))
+    outputs = []
+    # Copied with the model: the cached copies and the converted model report through it too.
+    qmodel.register_forward_hook(lambda m, i, output: outputs.append(output))
+    args = bench.parse_args(["--repeats", "1", "--steps", "1", "--warmup", "0"])
+    bench.eval_forward_times(float_model, qmodel, inputs, args, torch.device("cpu"))
+    assert qmodel.training  # the mode it had before
+    with torch.no_grad():
+        expected = qmodel.eval()(inputs)
+    assert len(outputs) >= 4  # convert may run the model itself as well
+    assert all(torch.equal(output, expected) for output in outputs)
+
+
+def test_eval_table_gives_the_ratio_to_the_float_forward(bench, eval_report):
+    text = bench.format_table(eval_report)
+    assert "eval forward, no_grad" in text and "time / FP32" in text
+    assert "MSQ fake-quant, cached weights" in text
+
+
 AGREEMENT_PATH = Path(__file__).resolve().parents[1] / "tools" / "hessian_agreement"
 
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from msq_fx import quant
 from msq_fx.modules import (ActivationFakeQuant, LoweredWeight, WeightFakeQuant,
-                            is_quantized_owner, iter_quantized_weights, quantized_class)
+                            cached_quantized_weights, is_quantized_owner, iter_quantized_weights, quantized_class)
 
 GRID_AND_BITS = [(grid, bits) for grid in quant.GRIDS for bits in range(2, 9)]
 
@@ -317,3 +317,171 @@ def test_activation_quant_state_survives_a_state_dict_round_trip():
 def test_activation_quant_rejects_bits_outside_2_to_16(bits):
     with pytest.raises(ValueError):
         ActivationFakeQuant(bits)
+
+
+# ---------------------------------------------------------------- cached_quantized_weights
+
+
+def count_quantizations(monkeypatch) -> list[int]:
+    calls = [0]
+    original = quant.fake_quantize
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(quant, "fake_quantize", counting)
+    return calls
+
+
+def test_cached_weights_give_the_uncached_outputs_bitwise():
+    layer, x = quantized_linear(), inputs(4, 5)
+    with torch.no_grad():
+        expected = layer(x)
+        with cached_quantized_weights(layer):
+            first, second = layer(x), layer(x)
+    assert torch.equal(first, expected) and torch.equal(second, expected)
+
+
+def test_cached_weights_quantize_each_weight_once_across_forwards(monkeypatch):
+    layer, x = quantized_linear(), inputs(4, 5)
+    calls = count_quantizations(monkeypatch)
+    with torch.no_grad(), cached_quantized_weights(layer):
+        for _ in range(3):
+            layer(x)
+    assert calls[0] == 1
+
+
+def test_cached_weights_are_requantized_after_an_in_place_update_of_the_latent():
+    layer, x = quantized_linear(), inputs(4, 5)
+    with torch.no_grad(), cached_quantized_weights(layer):
+        before = layer(x)
+        layer._parameters["weight"].mul_(-1.0)
+        after = layer(x)
+        expected = F.linear(x, quant.fake_quantize(layer._parameters["weight"], 4), layer.bias)
+    assert not torch.equal(after, before)
+    assert torch.equal(after, expected)
+
+
+def test_an_in_place_change_of_a_returned_weight_does_not_reach_later_forwards():
+    layer, x = quantized_linear(), inputs(4, 5)
+    with torch.no_grad():
+        expected = layer(x)
+        with cached_quantized_weights(layer):
+            layer.weight.zero_()
+            after = layer(x)
+    assert torch.equal(after, expected)
+
+
+def test_cached_weights_are_requantized_after_the_latent_is_rebound():
+    layer, x = quantized_linear(), inputs(4, 5)
+    with torch.no_grad(), cached_quantized_weights(layer):
+        layer(x)
+        layer._parameters["weight"].data = latent_weight(3, 5, seed=7)
+        after = layer(x)
+        expected = F.linear(x, quant.fake_quantize(latent_weight(3, 5, seed=7), 4), layer.bias)
+    assert torch.equal(after, expected)
+
+
+def test_cached_weights_follow_a_prune_of_the_bits():
+    layer, x = quantized_linear(bits=6), inputs(4, 5)
+    with torch.no_grad(), cached_quantized_weights(layer):
+        layer(x)
+        layer.weight_quantizer.bits.fill_(3)
+        after = layer(x)
+        expected = F.linear(x, quant.fake_quantize(layer._parameters["weight"], 3), layer.bias)
+    assert torch.equal(after, expected)
+
+
+def test_a_training_step_inside_the_cache_block_still_reaches_the_latent():
+    layer, x = quantized_linear(), inputs(4, 5)
+    reference = copy.deepcopy(layer)
+    with cached_quantized_weights(layer):
+        with torch.no_grad():
+            layer(x)
+        layer(x).square().sum().backward()
+    reference(x).square().sum().backward()
+    assert torch.equal(layer._parameters["weight"].grad, reference._parameters["weight"].grad)
+
+
+def test_a_frozen_latent_is_served_from_the_cache_under_grad_mode(monkeypatch):
+    layer, x = quantized_linear(), inputs(4, 5).requires_grad_()
+    layer.weight_quantizer.requires_grad_(False)
+    layer._parameters["weight"].requires_grad_(False)
+    calls = count_quantizations(monkeypatch)
+    with cached_quantized_weights(layer):
+        layer(x).sum().backward()
+        layer(x).sum().backward()
+    assert calls[0] == 1
+    assert x.grad is not None
+
+
+def test_the_cache_is_released_when_the_block_ends():
+    layer, x = quantized_linear(), inputs(4, 5)
+    with torch.no_grad(), cached_quantized_weights(layer):
+        layer(x)
+        assert layer.weight_quantizer.cache.value is not None
+    assert layer.weight_quantizer.cache is None
+
+
+def test_the_cache_is_released_when_the_block_raises():
+    layer, x = quantized_linear(), inputs(4, 5)
+    with pytest.raises(RuntimeError, match="inside"):
+        with torch.no_grad(), cached_quantized_weights(layer):
+            layer(x)
+            raise RuntimeError("inside")
+    assert layer.weight_quantizer.cache is None
+
+
+def test_a_nested_cache_block_keeps_the_outer_block_cache(monkeypatch):
+    layer, x = quantized_linear(), inputs(4, 5)
+    calls = count_quantizations(monkeypatch)
+    with torch.no_grad(), cached_quantized_weights(layer):
+        layer(x)
+        with cached_quantized_weights(layer):
+            layer(x)
+        layer(x)
+    assert calls[0] == 1
+
+
+def test_a_weight_cached_under_inference_mode_is_requantized_for_autograd():
+    layer, x = quantized_linear(), inputs(4, 5).requires_grad_()
+    layer._parameters["weight"].requires_grad_(False)
+    with cached_quantized_weights(layer):
+        with torch.inference_mode():
+            layer(x.detach())
+        layer(x).sum().backward()   # an inference tensor here would raise
+    assert x.grad is not None
+
+
+def lowered_linear(bits: int = 4) -> nn.Linear:
+    layer = quantized_linear(bits)
+    layer.weight_quantizer = LoweredWeight.from_fake_quant(layer.weight_quantizer,
+                                                           layer._parameters.pop("weight"))
+    return layer
+
+
+def test_a_lowered_weight_is_dequantized_once_across_forwards(monkeypatch):
+    layer, x = lowered_linear(), inputs(4, 5)
+    expected = layer(x)
+    calls = [0]
+    original = quant.dequantize
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(quant, "dequantize", counting)
+    with cached_quantized_weights(layer):
+        outputs = [layer(x) for _ in range(3)]
+    assert calls[0] == 1
+    assert all(torch.equal(output, expected) for output in outputs)
+
+
+def test_a_lowered_weight_is_dequantized_again_after_its_codes_change():
+    layer, x = lowered_linear(), inputs(4, 5)
+    with cached_quantized_weights(layer):
+        layer(x)
+        layer.weight_quantizer.codes.neg_()
+        after = layer(x)
+    assert torch.equal(after, layer(x))
