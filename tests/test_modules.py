@@ -322,16 +322,21 @@ def test_activation_quant_rejects_bits_outside_2_to_16(bits):
 # ---------------------------------------------------------------- cached_quantized_weights
 
 
-def count_quantizations(monkeypatch) -> list[int]:
+def count_calls(monkeypatch, function_name: str) -> list[int]:
+    """A one-item list holding how many times ``quant.<function_name>`` has been called."""
     calls = [0]
-    original = quant.fake_quantize
+    original = getattr(quant, function_name)
 
     def counting(*args, **kwargs):
         calls[0] += 1
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(quant, "fake_quantize", counting)
+    monkeypatch.setattr(quant, function_name, counting)
     return calls
+
+
+def count_quantizations(monkeypatch) -> list[int]:
+    return count_calls(monkeypatch, "fake_quantize")
 
 
 def test_cached_weights_give_the_uncached_outputs_bitwise():
@@ -464,14 +469,7 @@ def lowered_linear(bits: int = 4) -> nn.Linear:
 def test_a_lowered_weight_is_dequantized_once_across_forwards(monkeypatch):
     layer, x = lowered_linear(), inputs(4, 5)
     expected = layer(x)
-    calls = [0]
-    original = quant.dequantize
-
-    def counting(*args, **kwargs):
-        calls[0] += 1
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(quant, "dequantize", counting)
+    calls = count_calls(monkeypatch, "dequantize")
     with cached_quantized_weights(layer):
         outputs = [layer(x) for _ in range(3)]
     assert calls[0] == 1
