@@ -29,7 +29,16 @@ INPUT_QUANTIZER = "input_quantizer"
 KINDS = ("conv", "depthwise", "linear", "attention")
 
 
-class WeightFakeQuant(nn.Module):
+class _CachesItsWeight(nn.Module):
+    """A module whose ``forward`` may serve its weight from ``cache`` (see
+    ``cached_quantized_weights``). Copies and pickles leave the cache behind: it belongs to the
+    block that set it, which clears only the modules it started on."""
+
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "cache": None}
+
+
+class WeightFakeQuant(_CachesItsWeight):
     """RoundClamp fake quantization of one weight tensor during training.
 
     Buffers: ``bits`` (current width q), ``prune_step`` (p, LSBs removed at the next prune).
@@ -151,7 +160,7 @@ def cached_quantized_weights(model: nn.Module) -> Iterator[nn.Module]:
             quantizer.cache = None
 
 
-class LoweredWeight(nn.Module):
+class LoweredWeight(_CachesItsWeight):
     """A trained weight as signed integer codes (int8 container), a step and the bit width.
 
     ``forward`` rebuilds the float weight with the same formula the fake quantizer used, so the

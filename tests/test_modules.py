@@ -483,3 +483,16 @@ def test_a_lowered_weight_is_dequantized_again_after_its_codes_change():
         layer.weight_quantizer.codes.neg_()
         after = layer(x)
     assert torch.equal(after, layer(x))
+
+
+@pytest.mark.parametrize("make", [quantized_linear, lowered_linear], ids=["fake_quant", "lowered"])
+@pytest.mark.parametrize("duplicate", [copy.deepcopy, lambda m: pickle.loads(pickle.dumps(m))],
+                         ids=["deepcopy", "pickle"])
+def test_a_copy_made_inside_a_cache_block_does_not_cache(make, duplicate):
+    layer, x = make(), inputs(4, 5)
+    with torch.no_grad(), cached_quantized_weights(layer):
+        expected = layer(x)
+        copied = duplicate(layer)
+    assert copied.weight_quantizer.cache is None
+    with torch.no_grad():
+        assert torch.equal(copied(x), expected)
