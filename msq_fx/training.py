@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .controller import MSQController
+from .modules import cached_quantized_weights
 from .utils import eval_mode
 
 
@@ -40,9 +41,12 @@ def train_epoch(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]],
 
 @torch.no_grad()
 def accuracy(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]]) -> float:
-    """Top-1 accuracy in percent, in eval mode (the mode is restored afterwards)."""
+    """Top-1 accuracy in percent, in eval mode (the mode is restored afterwards).
+
+    Each quantized weight is computed once for all batches, not once per batch.
+    """
     correct = total = 0
-    with eval_mode(model):
+    with eval_mode(model), cached_quantized_weights(model):
         for inputs, targets in batches:
             correct += int((model(inputs).argmax(1) == targets).sum())
             total += len(targets)

@@ -12,6 +12,7 @@ from torch import nn
 
 import msq_fx
 import msq_fx.check
+from msq_fx import quant
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # One worker per core: a thread pool in each worker would only contend with the other.
@@ -57,3 +58,16 @@ def eval_output(model: nn.Module, inputs) -> torch.Tensor:
         out = model(*inputs) if isinstance(inputs, tuple) else model(inputs)
     model.train(was_training)
     return out
+
+
+def count_calls(monkeypatch, function_name: str) -> list[int]:
+    """A one-item list holding how many times ``msq_fx.quant.<function_name>`` has been called."""
+    calls = [0]
+    original = getattr(quant, function_name)
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(quant, function_name, counting)
+    return calls

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import count_calls
 from msq_fx import quant
 from msq_fx.modules import (ActivationFakeQuant, LoweredWeight, WeightFakeQuant,
                             cached_quantized_weights, is_quantized_owner, iter_quantized_weights, quantized_class)
@@ -320,19 +321,6 @@ def test_activation_quant_rejects_bits_outside_2_to_16(bits):
 
 
 # ---------------------------------------------------------------- cached_quantized_weights
-
-
-def count_calls(monkeypatch, function_name: str) -> list[int]:
-    """A one-item list holding how many times ``quant.<function_name>`` has been called."""
-    calls = [0]
-    original = getattr(quant, function_name)
-
-    def counting(*args, **kwargs):
-        calls[0] += 1
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(quant, function_name, counting)
-    return calls
 
 
 def count_quantizations(monkeypatch) -> list[int]:
