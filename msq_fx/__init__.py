@@ -12,6 +12,7 @@ from .controller import MSQController, PruneRecord
 from .hessian import (HessianTraces, NoSecondDerivative, ScaledProbes, finite_difference_traces,
                       hutchinson_traces)
 from .io import load, save
+from .onnx_export import OnnxExport, export_onnx
 from .models import SmallCNN, resnet20
 from .modules import (ActivationFakeQuant, LoweredWeight, QuantizedWeight, WeightFakeQuant,
                       cached_quantized_weights, iter_quantized_weights)
@@ -20,7 +21,7 @@ from .report import FloatRow, LayerRow, Report, report
 __all__ = [
     "MSQConfig", "MSQError", "MSQController", "PruneRecord", "HessianTraces", "hutchinson_traces",
     "finite_difference_traces", "ScaledProbes", "NoSecondDerivative", "prepare", "convert",
-    "report", "Report", "LayerRow", "FloatRow", "save", "load",
+    "report", "Report", "LayerRow", "FloatRow", "save", "load", "export_onnx", "OnnxExport",
     "WeightFakeQuant", "LoweredWeight", "ActivationFakeQuant", "QuantizedWeight",
     "iter_quantized_weights", "cached_quantized_weights", "resnet20", "SmallCNN",
 ]

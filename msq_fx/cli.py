@@ -1,4 +1,5 @@
-"""The ``msq-fx`` command line: ``demo`` (end-to-end run on generated data) and ``check``."""
+"""The ``msq-fx`` command line: ``demo`` (end-to-end run on generated data), ``check`` and
+``export-onnx``."""
 from __future__ import annotations
 
 import argparse
@@ -100,6 +101,63 @@ def check(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def export_onnx(args: argparse.Namespace) -> int:
+    """Write a model saved by ``msq_fx.save`` as ONNX with integer weights; 2 on bad input."""
+    from .io import load
+    from .onnx_export import export_onnx as export
+
+    try:
+        int_model = load(args.model)
+    except Exception as error:  # missing, unreadable or not written by msq_fx.save
+        print(f"msq-fx export-onnx: error: cannot load {args.model} "
+              f"({type(error).__name__}: {error})", file=sys.stderr)
+        return 2
+    inputs = torch.randn(args.input_shape, generator=torch.Generator().manual_seed(0))
+    result = export(int_model, inputs, args.output, int4=not args.int8)
+    print(f"{result.path}: {result.file_bytes:,} bytes; {len(result.int4_weights)} weights as "
+          f"INT4, {len(result.int8_weights)} as INT8, {len(result.float_weights)} in float")
+    for name, reason in result.float_weights:
+        print(f"  float: {name} ({reason})")
+    if args.verify:
+        for label, accuracy_level in (("float32 compute", "1"), ("ONNX Runtime defaults", None)):
+            difference = _onnx_max_abs_diff(int_model, inputs, result.path, accuracy_level)
+            print(f"ONNX Runtime ({label}) vs the converted model on a random input: "
+                  f"max |diff| {difference:.3g}")
+    return 0
+
+
+def _onnx_max_abs_diff(int_model: torch.nn.Module, inputs: torch.Tensor, path: Path,
+                       accuracy_level: str | None) -> float:
+    """Largest difference between ONNX Runtime's output and the converted model's.
+
+    ONNX Runtime rewrites DequantizeLinear -> MatMul into MatMulNBits, which by default
+    (accuracy level 4) quantizes the activations to int8 at run time; level 1 computes in
+    float32, which shows whether the file holds the converted model's weights.
+    """
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    if accuracy_level is not None:
+        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", accuracy_level)
+    session = onnxruntime.InferenceSession(str(path), options,
+                                           providers=["CPUExecutionProvider"])
+    onnx_output = session.run(None, {session.get_inputs()[0].name: inputs.numpy()})[0]
+    with torch.no_grad():
+        output = int_model.eval()(inputs)
+    return float((torch.from_numpy(onnx_output) - output).abs().max())
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``1x3x224x224``: the full input shape, batch first."""
+    try:
+        sizes = tuple(int(part) for part in text.lower().split("x"))
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected a shape like 1x3x224x224, got {text!r}")
+    return sizes
+
+
 def parse_input_size(text: str) -> tuple[int, ...]:
     """``224``, ``160x128`` (H x W) or ``3x224x224`` (C x H x W)."""
     try:
@@ -151,6 +209,20 @@ def build_parser() -> argparse.ArgumentParser:
                                   "other jobs share the CPU)")
     demo_parser.set_defaults(handler=demo)
     _add_check_parser(commands)
+    export_parser = commands.add_parser(
+        "export-onnx", help="write a model saved by msq_fx.save as ONNX with INT4 / INT8 weights",
+        description="Quantized weights become integer initializers read through "
+                    "DequantizeLinear (INT4 for layers of at most 4 bits, else INT8).")
+    export_parser.add_argument("model", type=Path, help="a file written by msq_fx.save")
+    export_parser.add_argument("output", type=Path, help="the .onnx file to write")
+    export_parser.add_argument("--input-shape", type=parse_shape, required=True,
+                               help="the example input's shape, batch first, e.g. 1x3x224x224")
+    export_parser.add_argument("--int8", action="store_true",
+                               help="INT8 for every quantized weight (no INT4)")
+    export_parser.add_argument("--verify", action="store_true",
+                               help="run the file with ONNX Runtime and print the largest "
+                                    "difference from the converted model")
+    export_parser.set_defaults(handler=export_onnx)
     return parser
 
 

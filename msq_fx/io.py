@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -23,14 +24,15 @@ FORMAT = "msq_fx.packed/1"
 
 def save(int_model: nn.Module, path: str | os.PathLike) -> None:
     """Write a model returned by ``msq_fx.convert`` to ``path`` with bit-packed codes."""
-    _require_converted(int_model)
+    require_converted(int_model, "msq_fx.save")
     skeleton = copy_module(int_model)
     packed = {}
     for name, lowered in _lowered_modules(skeleton):
         packed[name] = {"shape": tuple(lowered.codes.shape), "bits": lowered.num_bits,
                         "packed": pack_codes(lowered.codes, lowered.num_bits)}
         lowered.codes = torch.empty(0, dtype=torch.int8, device=lowered.codes.device)
-    _atomic_torch_save({"format": FORMAT, "model": skeleton, "codes": packed}, Path(path))
+    payload = {"format": FORMAT, "model": skeleton, "codes": packed}
+    atomic_write(Path(path), lambda tmp: torch.save(payload, tmp))
 
 
 def load(path: str | os.PathLike, map_location: str | torch.device | None = None) -> nn.Module:
@@ -53,25 +55,28 @@ def _lowered_modules(model: nn.Module) -> list[tuple[str, LoweredWeight]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, LoweredWeight)]
 
 
-def _require_converted(model: nn.Module) -> None:
+def require_converted(model: nn.Module, caller: str) -> None:
+    """Raise unless ``model`` is a model returned by ``msq_fx.convert`` (``caller`` names who asks)."""
     if not isinstance(model, nn.Module):
-        raise TypeError(f"msq_fx.save expects an nn.Module, got {type(model).__name__}")
+        raise TypeError(f"{caller} expects an nn.Module, got {type(model).__name__}")
     fake = [name for name, m in model.named_modules() if isinstance(m, WeightFakeQuant)]
     if fake:
-        raise ValueError(f"msq_fx.save: {fake[0]} is still a fake quantizer; call "
+        raise ValueError(f"{caller}: {fake[0]} is still a fake quantizer; call "
                          f"msq_fx.convert(model) first (save the prepared model for training "
                          f"with torch.save(model.state_dict(), ...)).")
     if not _lowered_modules(model):
-        raise ValueError("msq_fx.save: the model holds no quantized weight; pass the model "
-                         "returned by msq_fx.convert().")
+        raise ValueError(f"{caller}: the model holds no quantized weight; pass the model "
+                         f"returned by msq_fx.convert().")
 
 
-def _atomic_torch_save(obj: object, path: Path) -> None:
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` to a temporary file beside ``path``, then rename it to ``path``: an
+    interrupted write never leaves a truncated file under ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
     try:
-        torch.save(obj, tmp)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

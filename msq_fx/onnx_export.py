@@ -1,0 +1,194 @@
+"""Export a converted model to ONNX with its quantized weights as integer initializers.
+
+``torch.onnx.export`` of a converted model folds each weight's ``codes * step`` into a float
+initializer: the file is as large as the float model's and the bit widths are gone. Here each
+weight on the nested grid (``w = c * step``, a signed integer code times a scale) is written as
+the standard ONNX weight-only quantization pattern instead,
+
+    codes (INT4 initializer if the layer has at most 4 bits, else INT8)
+        -> DequantizeLinear(scale=step, zero_point=0) -> Conv / Gemm / MatMul ...
+
+which ONNX Runtime, TensorRT and other QDQ-aware runtimes read as a quantized weight. The
+dequantized values are the converted model's weights exactly. The paper-literal grid
+(``MSQConfig(grid="literal")``) puts its codes at ``(c + 1/2) * step``, which no integer zero
+point expresses; those weights are exported dequantized, in float, and listed as such.
+
+Needs the ``onnx``, ``onnxscript`` and ``onnxruntime`` packages (``pip install msq_fx[onnx]``).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from .io import atomic_write, require_converted
+from .modules import LoweredWeight
+
+ONNX_OPSET = 21  # the first opset with INT4 in DequantizeLinear
+INT4_MAX_BITS = 4
+_PROTOBUF_LIMIT = 2**31 - 1  # a larger model keeps its initializers in an external data file
+
+
+@torch.library.custom_op("msq_fx::dequantize_weight", mutates_args=())
+def dequantize_weight(codes: Tensor, step: Tensor) -> Tensor:
+    """``codes * step`` as one op, so the ONNX exporter can write it as DequantizeLinear."""
+    return codes.to(step.dtype) * step
+
+
+@dequantize_weight.register_fake
+def _dequantize_weight_shape(codes: Tensor, step: Tensor) -> Tensor:
+    return codes.new_empty(codes.shape, dtype=step.dtype)
+
+
+@dataclass(frozen=True)
+class OnnxExport:
+    """What ``export_onnx`` wrote.
+
+    Attributes:
+        path: the ONNX file.
+        int4_weights / int8_weights: names (of the ``codes`` buffers) stored as INT4 / INT8.
+        float_weights: quantized weights exported dequantized, with the reason.
+        file_bytes: size of the file (plus its external data file, if any).
+    """
+
+    path: Path
+    int4_weights: tuple[str, ...]
+    int8_weights: tuple[str, ...]
+    float_weights: tuple[tuple[str, str], ...]
+    file_bytes: int
+
+
+def export_onnx(int_model: nn.Module, example_inputs: Any, path: str | os.PathLike, *,
+                int4: bool = True, dynamic_shapes: Any = None) -> OnnxExport:
+    """Write ``int_model`` (from ``msq_fx.convert``) to ``path`` as ONNX with integer weights.
+
+    ``example_inputs`` is a tensor or a tuple of positional inputs; ``dynamic_shapes`` is passed
+    to ``torch.onnx.export``. ``int4=False`` stores every quantized weight as INT8. The model is
+    exported in eval mode and left as it was given (mode and modules), also when export fails.
+    """
+    require_converted(int_model, "msq_fx.export_onnx")
+    onnx, translation = _onnx_modules()
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    lowered = _lowered_by_codes_name(int_model)
+    float_weights = tuple((name, "grid offset 1/2 (grid='literal'): no integer zero point")
+                          for name, module in lowered.items() if float(module.offset) != 0.0)
+    integer = {name: module for name, module in lowered.items()
+               if name not in dict(float_weights)}
+    was_training = int_model.training
+    try:
+        int_model.eval()
+        with _dequantize_as_one_op(integer.values()):
+            program = torch.onnx.export(
+                int_model, inputs, dynamo=True, opset_version=ONNX_OPSET,
+                dynamic_shapes=dynamic_shapes, verbose=False,
+                custom_translation_table={torch.ops.msq_fx.dequantize_weight.default:
+                                          translation})
+    finally:
+        int_model.train(was_training)
+    proto = program.model_proto
+    int4_names = _store_as_int4(onnx, proto, {name for name, module in integer.items()
+                                              if module.num_bits <= INT4_MAX_BITS}) if int4 else ()
+    destination = Path(path)
+    external = proto.ByteSize() > _PROTOBUF_LIMIT
+    atomic_write(destination, lambda tmp: onnx.save_model(
+        proto, tmp, save_as_external_data=external,
+        location=destination.name + ".data" if external else None))
+    size = destination.stat().st_size
+    if external:
+        size += (destination.parent / (destination.name + ".data")).stat().st_size
+    return OnnxExport(destination, tuple(int4_names),
+                      tuple(name for name in integer if name not in int4_names), float_weights,
+                      size)
+
+
+def _onnx_modules() -> tuple[Any, Any]:
+    """The ``onnx`` module and the DequantizeLinear translation of ``dequantize_weight``."""
+    try:
+        import ml_dtypes  # noqa: F401  (an onnx dependency: numpy's int4)
+        import onnx
+        import onnx.numpy_helper
+        import onnxscript  # noqa: F401  (torch.onnx.export(dynamo=True) needs it)
+        from onnxscript import opset21
+    except ImportError as error:
+        raise ImportError(f"msq_fx.export_onnx needs onnx and onnxscript ({error.name} is "
+                          f"missing): pip install 'msq_fx[onnx]'") from error
+
+    def dequantize_linear(codes, step):
+        zero_point = opset21.Constant(value=onnx.helper.make_tensor(
+            "zero_point", onnx.TensorProto.INT8, [], [0]))
+        return opset21.DequantizeLinear(codes, step, zero_point)
+
+    return onnx, dequantize_linear
+
+
+def _lowered_by_codes_name(model: nn.Module) -> dict[str, LoweredWeight]:
+    """Each LoweredWeight once (a tied one under its first name), keyed by its codes buffer's
+    name, which torch.export gives the ONNX initializer."""
+    found: dict[str, LoweredWeight] = {}
+    seen: set[int] = set()
+    for name, module in model.named_modules():
+        if isinstance(module, LoweredWeight) and id(module) not in seen:
+            seen.add(id(module))
+            found[f"{name}.codes"] = module
+    return found
+
+
+@contextlib.contextmanager
+def _dequantize_as_one_op(modules: Iterable[LoweredWeight]) -> Iterator[None]:
+    """Inside, each of ``modules`` computes its weight with ``dequantize_weight``."""
+    patched = []
+    try:
+        for module in modules:
+            module.forward = _one_op_forward.__get__(module)
+            patched.append(module)
+        yield
+    finally:
+        for module in patched:
+            del module.forward
+
+
+def _one_op_forward(self: LoweredWeight, _latent: Tensor | None = None) -> Tensor:
+    return torch.ops.msq_fx.dequantize_weight(self.codes, self.step)
+
+
+def _store_as_int4(onnx: Any, proto: Any, names: set[str]) -> list[str]:
+    """Re-type the INT8 initializers ``names`` that feed a DequantizeLinear as INT4 (and that
+    node's zero point), in place; returns the names changed."""
+    import ml_dtypes
+    import numpy as np
+
+    initializers = {tensor.name: tensor for tensor in proto.graph.initializer}
+    changed, replaced_zero_points = [], set()
+    for node in proto.graph.node:
+        codes_name = node.input[0] if node.op_type == "DequantizeLinear" else None
+        if codes_name not in names or codes_name not in initializers:
+            continue
+        codes = onnx.numpy_helper.to_array(initializers[codes_name])
+        initializers[codes_name].CopyFrom(
+            onnx.numpy_helper.from_array(codes.astype(ml_dtypes.int4), codes_name))
+        zero_point = f"{codes_name}.zero_point"
+        proto.graph.initializer.append(
+            onnx.numpy_helper.from_array(np.zeros((), dtype=ml_dtypes.int4), zero_point))
+        if len(node.input) > 2:
+            replaced_zero_points.add(node.input[2])
+            node.input[2] = zero_point
+        else:
+            node.input.append(zero_point)
+        changed.append(codes_name)
+    _drop_unused_initializers(proto, replaced_zero_points)
+    return changed
+
+
+def _drop_unused_initializers(proto: Any, candidates: set[str]) -> None:
+    # The INT8 zero points that INT4 ones replaced: runtimes warn about unused initializers.
+    used = {name for node in proto.graph.node for name in node.input}
+    used |= {output.name for output in proto.graph.output}
+    kept = [tensor for tensor in proto.graph.initializer
+            if tensor.name in used or tensor.name not in candidates]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(kept)
