@@ -4,6 +4,7 @@ The pipeline is the one a user runs, shortened to a few steps on random data:
 
     build -> eager forward -> trace -> prepare -> train (SGD + LSB regularization)
           -> prune (one Algorithm 1 step, Hessian included) -> convert -> compare
+          [-> export:torch / export:onnx, when asked for]
 
 A model PASSes when nothing raises, every conv / linear / attention weight is either quantized or
 listed as float with a reason, and the converted integer model reproduces the fake-quant model's
@@ -56,6 +57,15 @@ TORCHVISION_DEFAULT_SIZE = 224
 TORCHVISION_SIZES = {"inception_v3": 299}
 
 STAGES = ("build", "forward", "trace", "prepare", "train", "prune", "convert", "compare")
+
+#: What ``exports`` may ask for: ``torch.export`` of the converted model, and
+#: ``msq_fx.export_onnx`` run by ONNX Runtime (float32 compute).
+EXPORT_FORMATS = ("torch", "onnx")
+
+#: An exported model's outputs may differ from the converted model's by at most this fraction of
+#: the largest output. torch.export runs the same kernels; ONNX Runtime's float kernels round
+#: differently, while a wrong weight moves outputs by their own order of magnitude.
+EXPORT_TOLERANCE = {"torch": RELATIVE_TOLERANCE, "onnx": 1e-3}
 
 
 class SpecError(ValueError):
@@ -111,6 +121,9 @@ class CheckResult:
             high-water mark, so in a process that checks one model the first stage where it
             jumps is the one that needed the memory.
         table: the per-layer report table of the converted (else prepared) model.
+        exports: per export format asked for, ``max_abs_diff`` / ``rel_diff`` of the exported
+            model's outputs against the converted model's, and for ONNX the number of weights
+            stored as INT4, INT8 and float and the file's size.
     """
 
     model: str
@@ -135,6 +148,7 @@ class CheckResult:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     peak_memory_mib: dict[str, float] = field(default_factory=dict)
     table: str = ""
+    exports: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -144,8 +158,10 @@ class CheckResult:
         """``PASS model (N weights quantized, max |diff| X)`` or ``FAIL model: reason``."""
         if self.passed:
             note = f"; {self.note}" if self.note else ""
+            exported = "".join(f", {target} export max |diff| {found['max_abs_diff']:.3g}"
+                               for target, found in self.exports.items())
             return (f"PASS {self.model} ({self.quantized_weights} weights quantized, "
-                    f"max |diff| {self.max_abs_diff:.3g}{note})")
+                    f"max |diff| {self.max_abs_diff:.3g}{exported}{note})")
         return f"{self.status} {self.model}: {self.reason}"
 
     def to_dict(self, include_table: bool = True) -> dict[str, Any]:
@@ -434,7 +450,7 @@ def task_loss(outputs: Any, targets: Tensor | None) -> Tensor:
 
 def check_model(spec_or_model: str | nn.Module, *, input_size: int | Sequence[int] | None = None,
                 batch_size: int = 2, steps: int = 3, seed: int = 0,
-                config: MSQConfig | None = None) -> CheckResult:
+                config: MSQConfig | None = None, exports: Sequence[str] = ()) -> CheckResult:
     """Run prepare -> train -> prune -> convert on one model and compare the converted output.
 
     Args:
@@ -445,6 +461,8 @@ def check_model(spec_or_model: str | nn.Module, *, input_size: int | Sequence[in
         batch_size, steps, seed: the random batch, the number of SGD steps, the seed of both.
         config: the MSQConfig to prepare with (default: ``check_config(seed)``); keep its
             ``prune_interval=1``, or the single ``epoch_end(1, ...)`` prunes nothing.
+        exports: formats of ``EXPORT_FORMATS`` to export the converted model to; each exported
+            model must reproduce the converted model's outputs (``EXPORT_TOLERANCE``).
 
     Returns a CheckResult; raises SpecError for a spec that names no model and ValueError when
     the input size is neither given nor declared by the model. Nothing else raises. When the
@@ -456,10 +474,13 @@ def check_model(spec_or_model: str | nn.Module, *, input_size: int | Sequence[in
     if spec is None and not isinstance(spec_or_model, nn.Module):
         raise TypeError(f"check_model expects a spec string or an nn.Module, "
                         f"got {type(spec_or_model).__name__}")
+    unknown = sorted(set(exports) - set(EXPORT_FORMATS))
+    if unknown:
+        raise ValueError(f"unknown export format(s) {unknown}; choose from {EXPORT_FORMATS}")
     config = check_config(seed) if config is None else config
     name = spec.text if spec else type(spec_or_model).__name__
     run = functools.partial(_checked_run, name, spec, spec_or_model, input_size,
-                            steps=steps, seed=seed, config=config)
+                            steps=steps, seed=seed, config=config, exports=tuple(exports))
     first = run(batch_size)
     if not (first.out_of_memory and batch_size > 1):
         return first.result()
@@ -478,11 +499,13 @@ def check_model(spec_or_model: str | nn.Module, *, input_size: int | Sequence[in
 
 
 def _checked_run(name: str, spec: ModelSpec | None, given: Any, input_size: Any,
-                 batch_size: int, *, steps: int, seed: int, config: MSQConfig) -> _Findings:
+                 batch_size: int, *, steps: int, seed: int, config: MSQConfig,
+                 exports: tuple[str, ...]) -> _Findings:
     findings = _Findings(name)
     findings.fields["batch_size"] = batch_size
     try:
-        _run_pipeline(findings, spec, given, input_size, batch_size, steps, seed, config)
+        _run_pipeline(findings, spec, given, input_size, batch_size, steps, seed, config,
+                      exports)
     except _StageFailed:
         pass
     return findings
@@ -490,7 +513,7 @@ def _checked_run(name: str, spec: ModelSpec | None, given: Any, input_size: Any,
 
 def _run_pipeline(findings: _Findings, spec: ModelSpec | None, given: Any,
                   input_size: Any, batch_size: int, steps: int, seed: int,
-                  config: MSQConfig) -> None:
+                  config: MSQConfig, exports: tuple[str, ...] = ()) -> None:
     requested = normalize_input_size(input_size, None) if input_size is not None else None
     torch.manual_seed(seed)
     with _stage(findings, "build", SKIP, "model cannot be built: "):
@@ -523,7 +546,10 @@ def _run_pipeline(findings: _Findings, spec: ModelSpec | None, given: Any,
     with _stage(findings, "convert"):
         int_model = convert(qmodel, inplace=True)  # the fake-quant model is not needed any more
     findings.fields["table"] = report(int_model).table()
-    _compare(findings, fake_quant, _eval_outputs(findings, int_model, inputs))
+    converted = _eval_outputs(findings, int_model, inputs)
+    _compare(findings, fake_quant, converted)
+    for target in exports:
+        _check_export(findings, target, int_model, inputs, converted)
 
 
 def _input_shape(findings: _Findings, spec: ModelSpec | None, model: nn.Module,
@@ -697,6 +723,50 @@ def _eval_outputs(findings: _Findings, model: nn.Module, inputs: Tensor) -> list
         return output_tensors(model(inputs))
 
 
+def _check_export(findings: _Findings, target: str, int_model: nn.Module, inputs: Tensor,
+                  converted: list[Tensor]) -> None:
+    """Export ``int_model`` to ``target``, run the result on ``inputs`` and record how far its
+    outputs are from ``converted``; a failure or a difference beyond EXPORT_TOLERANCE fails."""
+    stage = f"export:{target}"
+    found: dict[str, Any] = {}
+    with _stage(findings, stage), torch.no_grad(), eval_mode(int_model):
+        if target == "torch":
+            exported = output_tensors(torch.export.export(int_model, (inputs,)).module()(inputs))
+        else:
+            exported = _onnx_outputs(int_model, inputs, found)
+        if [t.shape for t in exported] != [t.shape for t in converted]:
+            raise ValueError(f"output shapes differ: exported {[tuple(t.shape) for t in exported]},"
+                             f" converted {[tuple(t.shape) for t in converted]}")
+    diff, scale = _largest_difference(converted, exported)
+    found.update(max_abs_diff=diff, rel_diff=diff / scale if scale > 0 else diff)
+    findings.fields.setdefault("exports", {})[target] = found
+    allowed = EXPORT_TOLERANCE[target]
+    if not diff <= allowed * scale:
+        findings.problem(stage, f"{stage}: exported output differs from the converted output by "
+                                f"{diff:.3g} (max |output| {scale:.3g}, allowed {allowed:g} of it)")
+
+
+def _largest_difference(reference: list[Tensor], other: list[Tensor]) -> tuple[float, float]:
+    """max |reference - other| over all outputs, and max |reference|."""
+    scale = max(float(t.detach().abs().max()) for t in reference)
+    diff = max(float((a.double() - b.double()).abs().max()) for a, b in zip(reference, other))
+    return diff, scale
+
+
+def _onnx_outputs(int_model: nn.Module, inputs: Tensor, found: dict[str, Any]) -> list[Tensor]:
+    """``int_model`` through ``export_onnx`` and ONNX Runtime; what was written goes to ``found``."""
+    import tempfile
+    from pathlib import Path
+
+    from .onnx_export import export_onnx, onnx_runtime_outputs
+
+    with tempfile.TemporaryDirectory() as directory:
+        written = export_onnx(int_model, inputs, Path(directory) / "model.onnx")
+        found.update(int4_weights=len(written.int4_weights), int8_weights=len(written.int8_weights),
+                     float_weights=len(written.float_weights), file_bytes=written.file_bytes)
+        return onnx_runtime_outputs(written.path, inputs)
+
+
 def _compare(findings: _Findings, fake_quant: list[Tensor], lowered: list[Tensor]) -> None:
     """Eval outputs of the converted and fake-quant models must match and be finite."""
     with _stage(findings, "compare"):
@@ -704,8 +774,7 @@ def _compare(findings: _Findings, fake_quant: list[Tensor], lowered: list[Tensor
             raise ValueError(f"output structures differ: fake-quant "
                              f"{[tuple(t.shape) for t in fake_quant]}, converted "
                              f"{[tuple(t.shape) for t in lowered]}")
-    scale = max(float(t.detach().abs().max()) for t in fake_quant)
-    diff = max(float((a.double() - b.double()).abs().max()) for a, b in zip(fake_quant, lowered))
+    diff, scale = _largest_difference(fake_quant, lowered)
     findings.fields.update(max_abs_diff=diff, rel_diff=diff / scale if scale > 0 else diff)
     if not all(bool(torch.isfinite(t).all()) for t in fake_quant + lowered):
         findings.problem("compare", "compare: eval output is not finite")

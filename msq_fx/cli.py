@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from . import MSQConfig, MSQController, SmallCNN, convert, prepare, report, save
+from .check import EXPORT_FORMATS
 from .config import HESSIAN_METHODS
 from .data import synthetic_patterns
 from .modules import LoweredWeight
@@ -88,7 +89,8 @@ def check(args: argparse.Namespace) -> int:
         try:
             config = check_config(args.seed).replace(hessian_method=args.hessian_method)
             result = check_model(spec, input_size=args.input_size, batch_size=args.batch_size,
-                                 steps=args.steps, seed=args.seed, config=config)
+                                 steps=args.steps, seed=args.seed, config=config,
+                                 exports=args.export)
         except ValueError as error:  # the model declares no input size and none was given
             print(f"msq-fx check: error: {error}", file=sys.stderr)
             return 2
@@ -128,23 +130,13 @@ def export_onnx(args: argparse.Namespace) -> int:
 
 def _onnx_max_abs_diff(int_model: torch.nn.Module, inputs: torch.Tensor, path: Path,
                        accuracy_level: str | None) -> float:
-    """Largest difference between ONNX Runtime's output and the converted model's.
+    """Largest difference between ONNX Runtime's first output and the converted model's."""
+    from .onnx_export import onnx_runtime_outputs
 
-    ONNX Runtime rewrites DequantizeLinear -> MatMul into MatMulNBits, which by default
-    (accuracy level 4) quantizes the activations to int8 at run time; level 1 computes in
-    float32, which shows whether the file holds the converted model's weights.
-    """
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    if accuracy_level is not None:
-        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", accuracy_level)
-    session = onnxruntime.InferenceSession(str(path), options,
-                                           providers=["CPUExecutionProvider"])
-    onnx_output = session.run(None, {session.get_inputs()[0].name: inputs.numpy()})[0]
+    onnx_output = onnx_runtime_outputs(path, inputs, accuracy_level)[0]
     with torch.no_grad():
         output = int_model.eval()(inputs)
-    return float((torch.from_numpy(onnx_output) - output).abs().max())
+    return float((onnx_output - output).abs().max())
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -188,6 +180,10 @@ def _add_check_parser(commands) -> None:
                         help="how the pruning step computes H v (MSQConfig.hessian_method; "
                              "default auto: double backward, finite differences if it runs out "
                              "of memory)")
+    parser.add_argument("--export", action="append", choices=EXPORT_FORMATS, default=[],
+                        help="also export the converted model (torch: torch.export; onnx: "
+                             "msq_fx.export_onnx run by ONNX Runtime) and compare its outputs; "
+                             "repeatable")
     parser.add_argument("--json", action="store_true",
                         help="one JSON object per model and line, no tables")
     parser.set_defaults(handler=check)

@@ -106,6 +106,29 @@ def export_onnx(int_model: nn.Module, example_inputs: Any, path: str | os.PathLi
                       size)
 
 
+def onnx_runtime_outputs(path: str | os.PathLike, inputs: Tensor,
+                         accuracy_level: str | None = "1") -> list[Tensor]:
+    """The outputs of ONNX Runtime (CPU) running the file ``path`` on ``inputs``.
+
+    ONNX Runtime rewrites ``DequantizeLinear -> MatMul`` into ``MatMulNBits``, which at its
+    default accuracy level (4) quantizes the activations to int8 at run time. Level "1" (the
+    default here) computes in float32, so the outputs show whether the file holds the converted
+    model's weights; None keeps ONNX Runtime's default.
+    """
+    try:
+        import onnxruntime
+    except ImportError as error:
+        raise ImportError("running an ONNX file needs onnxruntime: pip install 'msq_fx[onnx]'") \
+            from error
+    options = onnxruntime.SessionOptions()
+    if accuracy_level is not None:
+        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", accuracy_level)
+    session = onnxruntime.InferenceSession(str(path), options,
+                                           providers=["CPUExecutionProvider"])
+    outputs = session.run(None, {session.get_inputs()[0].name: inputs.detach().cpu().numpy()})
+    return [torch.from_numpy(output) for output in outputs]
+
+
 def _onnx_modules() -> tuple[Any, Any]:
     """The ``onnx`` module and the DequantizeLinear translation of ``dequantize_weight``."""
     try:

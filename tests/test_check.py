@@ -127,6 +127,38 @@ def out_of_memory_then_broken() -> nn.Module:
     return OutOfMemoryAboveOneSampleThenBroken()
 
 
+class ExportsDifferently(nn.Module):
+    """Gives another output once exported: what a wrong export would look like."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 10)
+
+    def forward(self, x):
+        shift = 1.0 if torch.compiler.is_exporting() else 0.0
+        return self.fc(x.mean((2, 3))) + shift
+
+
+def exports_differently() -> nn.Module:
+    return ExportsDifferently()
+
+
+class DataDependentBranch(nn.Module):
+    """Runs eagerly, but its branch on a value cannot be captured by torch.export."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 10)
+
+    def forward(self, x):
+        out = self.fc(x.mean((2, 3)))
+        return out if out.sum() > 0 else -out
+
+
+def data_dependent_branch() -> nn.Module:
+    return DataDependentBranch()
+
+
 def tiny_torchvision_vit() -> nn.Module:
     return torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2,
                                                 num_heads=4, hidden_dim=64, mlp_dim=128,
@@ -164,6 +196,45 @@ def test_resnet20_spec_passes_with_every_weight_quantized():
                                          "prune", "convert", "compare"}
     assert result.summary_line() == ("PASS msq_fx.models:resnet20 (20 weights quantized, "
                                      "max |diff| 0)")
+
+
+def test_exports_asked_for_are_run_and_compared_with_the_converted_model():
+    result = check_model("msq_fx.models:resnet20", input_size=32, exports=("torch", "onnx"))
+    assert (result.status, result.reason) == ("PASS", "")
+    assert set(result.exports) == {"torch", "onnx"}
+    assert result.exports["torch"]["max_abs_diff"] == 0.0
+    assert result.exports["onnx"]["rel_diff"] < 1e-5
+    assert (result.exports["onnx"]["int8_weights"] + result.exports["onnx"]["int4_weights"],
+            result.exports["onnx"]["float_weights"]) == (20, 0)
+    assert {"export:torch", "export:onnx"} <= set(result.stage_seconds)
+    assert "torch export max |diff| 0" in result.summary_line()
+    assert "onnx export max |diff|" in result.summary_line()
+
+
+def test_an_export_that_changes_the_output_fails_at_its_stage():
+    result = check_model(f"{THIS_MODULE}:exports_differently", input_size=8, exports=("torch",))
+    assert (result.status, result.stage) == ("FAIL", "export:torch")
+    assert result.reason.startswith("export:torch: exported output differs from the converted")
+    assert result.exports["torch"]["max_abs_diff"] == pytest.approx(1.0)
+
+
+def test_a_model_that_cannot_be_exported_fails_naming_the_error():
+    result = check_model(f"{THIS_MODULE}:data_dependent_branch", input_size=8,
+                         exports=("torch",))
+    assert (result.status, result.stage) == ("FAIL", "export:torch")
+    assert result.max_abs_diff == 0.0  # the converted model itself is right
+    assert result.reason.startswith("export:torch: ") and "data-dependent" in result.reason.lower()
+    assert result.exports == {}
+
+
+def test_without_exports_the_check_exports_nothing():
+    result = check_model(f"{THIS_MODULE}:exports_differently", input_size=8)
+    assert result.status == "PASS" and result.exports == {}
+
+
+def test_an_unknown_export_format_is_refused():
+    with pytest.raises(ValueError, match=r"unknown export format\(s\) \['tflite'\]"):
+        check_model("msq_fx.models:resnet20", input_size=32, exports=("tflite",))
 
 
 def test_the_peak_memory_is_recorded_after_every_stage_and_never_falls():
@@ -333,6 +404,14 @@ def test_cli_hessian_method_chooses_how_the_prune_takes_h_v(capsys, method):
     assert code == 0
     row = json.loads(capsys.readouterr().out)
     assert (row["status"], row["hessian_method"]) == ("PASS", method)
+
+
+def test_cli_export_adds_each_export_to_the_json_row(capsys):
+    code = cli.main(["check", "--json", "--input-size", "3x32x32", "--steps", "1",
+                     "--export", "onnx", "--export", "torch", "msq_fx.models:resnet20"])
+    assert code == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["status"] == "PASS" and set(row["exports"]) == {"onnx", "torch"}
 
 
 def test_cli_rejects_a_bad_spec_before_checking_anything(capsys):

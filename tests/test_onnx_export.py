@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx.numpy_helper
-import onnxruntime
 import pytest
 import torch
 import torchvision
@@ -13,6 +12,7 @@ from torch import nn
 
 import msq_fx
 from msq_fx.cli import main as cli_main
+from msq_fx.onnx_export import onnx_runtime_outputs
 
 X = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(1))
 
@@ -31,12 +31,7 @@ MIXED_BITS = [3, 6, 4, 8, 2, 5]  # one width per SmallCNN weight
 
 
 def onnx_output(path, inputs: torch.Tensor, accuracy_level: str | None = None) -> torch.Tensor:
-    options = onnxruntime.SessionOptions()
-    if accuracy_level is not None:
-        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", accuracy_level)
-    session = onnxruntime.InferenceSession(str(path), options,
-                                           providers=["CPUExecutionProvider"])
-    return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: inputs.numpy()})[0])
+    return onnx_runtime_outputs(path, inputs, accuracy_level)[0]
 
 
 def initializer_types(path) -> dict[str, int]:
