@@ -596,6 +596,39 @@ def test_sweep_does_not_retry_other_failures(sweep_tool, monkeypatch):
     assert calls == [()]
 
 
+def test_sweep_export_passes_each_format_to_every_check(sweep_tool):
+    args = sweep_tool.parse_args(["--export", "onnx", "--export", "torch"])
+    limits = sweep_tool.Limits(60, 2**30, 1, None, tuple(args.export))
+    command = sweep_tool.check_command("timm:a", limits)
+    assert " ".join(command).endswith("timm:a --export onnx --export torch")
+    assert "--export" not in sweep_tool.check_command("timm:a", sweep_tool.Limits(60, 2**30, 1,
+                                                                                  None))
+
+
+def test_sweep_row_gives_each_exports_relative_difference(sweep_tool):
+    result = check_model("msq_fx.models:resnet20", input_size=32, steps=1, exports=("torch",))
+    row = sweep_tool._result_row(result.to_dict(include_table=False), 0.0)
+    assert row["exports"] == "torch 0"
+
+
+def test_sweep_markdown_has_an_exports_column_only_when_a_row_has_exports(sweep_tool):
+    def row(model, exports):
+        return {**{c: "" for c in sweep_tool.COLUMNS}, "model": model, "status": "PASS",
+                "exports": exports}
+
+    with_exports = sweep_tool.markdown_report([row("a", "torch 0; onnx 1.3e-06"), row("b", "")],
+                                              "title", "settings")
+    without = sweep_tool.markdown_report([row("a", ""), row("b", "")], "title", "settings")
+    assert "torch 0; onnx 1.3e-06" in with_exports and "| exports" in with_exports
+    assert "exports" not in without
+
+
+def test_sweep_settings_describe_the_exports(sweep_tool):
+    exported = sweep_tool.settings_text(sweep_tool.parse_args(["--export", "onnx"]))
+    assert "Exports (onnx): the converted model exported and run" in exported
+    assert "Exports" not in sweep_tool.settings_text(sweep_tool.parse_args([]))
+
+
 LEAN_RETRY_OPTIONS = {"--batch-size", "1", "--hessian-method", "finite_difference"}
 
 
