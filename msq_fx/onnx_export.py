@@ -51,8 +51,10 @@ class OnnxExport:
 
     Attributes:
         path: the ONNX file.
-        int4_weights / int8_weights: names (of the ``codes`` buffers) stored as INT4 / INT8.
-        float_weights: quantized weights exported dequantized, with the reason.
+        int4_weights / int8_weights: the quantized weights (by their first name in the model,
+            e.g. ``features.0.weight``) stored as INT4 / INT8 initializers.
+        float_weights: (weight, reason) for quantized weights exported dequantized, in float.
+        initializers: weight -> the name of its codes initializer in the file.
         file_bytes: size of the file (plus its external data file, if any).
     """
 
@@ -60,6 +62,7 @@ class OnnxExport:
     int4_weights: tuple[str, ...]
     int8_weights: tuple[str, ...]
     float_weights: tuple[tuple[str, str], ...]
+    initializers: dict[str, str]
     file_bytes: int
 
 
@@ -74,15 +77,15 @@ def export_onnx(int_model: nn.Module, example_inputs: Any, path: str | os.PathLi
     require_converted(int_model, "msq_fx.export_onnx")
     onnx, translation = _onnx_modules()
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    lowered = _lowered_by_codes_name(int_model)
-    float_weights = tuple((name, "grid offset 1/2 (grid='literal'): no integer zero point")
-                          for name, module in lowered.items() if float(module.offset) != 0.0)
-    integer = {name: module for name, module in lowered.items()
-               if name not in dict(float_weights)}
+    lowered = _lowered_weights(int_model)
+    float_weights = tuple((module.names[0], "grid offset 1/2 (grid='literal'): no integer "
+                                            "zero point")
+                          for module in lowered if float(module.offset) != 0.0)
+    integer = [module for module in lowered if float(module.offset) == 0.0]
     was_training = int_model.training
     try:
         int_model.eval()
-        with _dequantize_as_one_op(integer.values()):
+        with _dequantize_as_one_op(integer):
             program = torch.onnx.export(
                 int_model, inputs, dynamo=True, opset_version=ONNX_OPSET,
                 dynamic_shapes=dynamic_shapes, verbose=False,
@@ -91,8 +94,10 @@ def export_onnx(int_model: nn.Module, example_inputs: Any, path: str | os.PathLi
     finally:
         int_model.train(was_training)
     proto = program.model_proto
-    int4_names = _store_as_int4(onnx, proto, {name for name, module in integer.items()
-                                              if module.num_bits <= INT4_MAX_BITS}) if int4 else ()
+    initializers = _initializer_names(int_model, integer, proto)
+    int4_weights = [module.names[0] for module in integer if int4
+                    and module.num_bits <= INT4_MAX_BITS]
+    _store_as_int4(onnx, proto, {initializers[name] for name in int4_weights})
     destination = Path(path)
     external = proto.ByteSize() > _PROTOBUF_LIMIT
     atomic_write(destination, lambda tmp: onnx.save_model(
@@ -101,9 +106,9 @@ def export_onnx(int_model: nn.Module, example_inputs: Any, path: str | os.PathLi
     size = destination.stat().st_size
     if external:
         size += (destination.parent / (destination.name + ".data")).stat().st_size
-    return OnnxExport(destination, tuple(int4_names),
-                      tuple(name for name in integer if name not in int4_names), float_weights,
-                      size)
+    return OnnxExport(destination, tuple(int4_weights),
+                      tuple(m.names[0] for m in integer if m.names[0] not in int4_weights),
+                      float_weights, initializers, size)
 
 
 def onnx_runtime_outputs(path: str | os.PathLike, inputs: Tensor,
@@ -149,16 +154,36 @@ def _onnx_modules() -> tuple[Any, Any]:
     return onnx, dequantize_linear
 
 
-def _lowered_by_codes_name(model: nn.Module) -> dict[str, LoweredWeight]:
-    """Each LoweredWeight once (a tied one under its first name), keyed by its codes buffer's
-    name, which torch.export gives the ONNX initializer."""
-    found: dict[str, LoweredWeight] = {}
-    seen: set[int] = set()
-    for name, module in model.named_modules():
-        if isinstance(module, LoweredWeight) and id(module) not in seen:
-            seen.add(id(module))
-            found[f"{name}.codes"] = module
-    return found
+def _lowered_weights(model: nn.Module) -> list[LoweredWeight]:
+    """Each LoweredWeight of ``model`` once (a tied one is shared by several owners)."""
+    found: dict[int, LoweredWeight] = {}
+    for module in model.modules():
+        if isinstance(module, LoweredWeight):
+            found.setdefault(id(module), module)
+    return list(found.values())
+
+
+def _initializer_names(model: nn.Module, modules: list[LoweredWeight],
+                       proto: Any) -> dict[str, str]:
+    """Weight name -> the name of its codes initializer in ``proto``.
+
+    torch.export names a buffer after one of the module paths that reach it, and for a tied
+    weight that need not be the first; so each path is tried against the file's initializers.
+    """
+    in_file = {tensor.name for tensor in proto.graph.initializer}
+    paths: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, LoweredWeight):
+            paths.setdefault(id(module), []).append(f"{name}.codes")
+    names = {}
+    for module in modules:
+        found = [path for path in paths[id(module)] if path in in_file]
+        if len(found) != 1:
+            raise RuntimeError(f"msq_fx.export_onnx: the codes of {module.names[0]} should be "
+                               f"one initializer of the ONNX file, found {found or 'none'} "
+                               f"among {paths[id(module)]}")
+        names[module.names[0]] = found[0]
+    return names
 
 
 @contextlib.contextmanager
@@ -179,14 +204,14 @@ def _one_op_forward(self: LoweredWeight, _latent: Tensor | None = None) -> Tenso
     return torch.ops.msq_fx.dequantize_weight(self.codes, self.step)
 
 
-def _store_as_int4(onnx: Any, proto: Any, names: set[str]) -> list[str]:
+def _store_as_int4(onnx: Any, proto: Any, names: set[str]) -> None:
     """Re-type the INT8 initializers ``names`` that feed a DequantizeLinear as INT4 (and that
-    node's zero point), in place; returns the names changed."""
+    node's zero point), in place."""
     import ml_dtypes
     import numpy as np
 
     initializers = {tensor.name: tensor for tensor in proto.graph.initializer}
-    changed, replaced_zero_points = [], set()
+    replaced_zero_points, retyped = set(), set()
     for node in proto.graph.node:
         codes_name = node.input[0] if node.op_type == "DequantizeLinear" else None
         if codes_name not in names or codes_name not in initializers:
@@ -202,9 +227,11 @@ def _store_as_int4(onnx: Any, proto: Any, names: set[str]) -> list[str]:
             node.input[2] = zero_point
         else:
             node.input.append(zero_point)
-        changed.append(codes_name)
+        retyped.add(codes_name)
+    if retyped != names:
+        raise RuntimeError(f"msq_fx.export_onnx: no DequantizeLinear reads "
+                           f"{sorted(names - retyped)} in the exported graph")
     _drop_unused_initializers(proto, replaced_zero_points)
-    return changed
 
 
 def _drop_unused_initializers(proto: Any, candidates: set[str]) -> None:

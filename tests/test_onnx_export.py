@@ -51,10 +51,10 @@ def test_weights_of_at_most_4_bits_are_int4_and_the_others_int8(tmp_path):
     types = initializer_types(result.path)
     codes = sorted(name for name in types if name.endswith(".codes"))
     assert len(codes) == len(MIXED_BITS)
-    assert {types[name] for name in result.int4_weights} == {onnx.TensorProto.INT4}
-    assert {types[name] for name in result.int8_weights} == {onnx.TensorProto.INT8}
+    assert {types[result.initializers[w]] for w in result.int4_weights} == {onnx.TensorProto.INT4}
+    assert {types[result.initializers[w]] for w in result.int8_weights} == {onnx.TensorProto.INT8}
     assert len(result.int4_weights) == sum(width <= 4 for width in MIXED_BITS)
-    assert sorted(result.int4_weights + result.int8_weights) == codes
+    assert sorted(result.initializers.values()) == codes
 
 
 def test_each_quantized_weight_is_read_through_dequantize_linear_with_its_step(tmp_path):
@@ -81,6 +81,33 @@ def test_no_float_copy_of_a_quantized_weight_is_stored(tmp_path):
     floats = [t for t in onnx.load(str(result.path)).graph.initializer
               if t.data_type == onnx.TensorProto.FLOAT and tuple(t.dims) in weight_shapes]
     assert floats == []
+
+
+class TiedLinears(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+@pytest.mark.parametrize("int4", [False, True], ids=["int8", "int4"])
+def test_a_tied_weight_is_stored_once_and_read_by_both_layers(tmp_path, int4):
+    torch.manual_seed(0)
+    inputs = torch.randn(4, 8)
+    qmodel = msq_fx.prepare(TiedLinears(), inputs)
+    qmodel.a.weight_quantizer.bits.fill_(4 if int4 else 8)
+    int_model = msq_fx.convert(qmodel).eval()
+    result = msq_fx.export_onnx(int_model, inputs, tmp_path / "tied.onnx")
+    assert (result.int4_weights if int4 else result.int8_weights) == ("a.weight",)
+    codes = [t.name for t in onnx.load(str(result.path)).graph.initializer
+             if t.name.endswith(".codes")]
+    assert codes == [result.initializers["a.weight"]]
+    with torch.no_grad():
+        expected = int_model(inputs)
+    torch.testing.assert_close(onnx_output(result.path, inputs), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_int4_storage_makes_the_file_smaller_than_int8_only(tmp_path):
