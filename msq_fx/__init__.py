@@ -14,7 +14,8 @@ from .hessian import (HessianTraces, NoSecondDerivative, ScaledProbes, finite_di
 from .io import load, save
 from .onnx_export import OnnxExport, export_onnx
 from .models import SmallCNN, resnet20
-from .modules import (ActivationFakeQuant, LoweredWeight, QuantizedWeight, WeightFakeQuant,
+from .modules import (ActivationFakeQuant, LoweredActivation, LoweredWeight, QuantizedWeight,
+                      WeightFakeQuant,
                       cached_quantized_weights, iter_quantized_weights)
 from .report import FloatRow, LayerRow, Report, report
 
@@ -22,7 +23,7 @@ __all__ = [
     "MSQConfig", "MSQError", "MSQController", "PruneRecord", "HessianTraces", "hutchinson_traces",
     "finite_difference_traces", "ScaledProbes", "NoSecondDerivative", "prepare", "convert",
     "report", "Report", "LayerRow", "FloatRow", "save", "load", "export_onnx", "OnnxExport",
-    "WeightFakeQuant", "LoweredWeight", "ActivationFakeQuant", "QuantizedWeight",
+    "WeightFakeQuant", "LoweredWeight", "ActivationFakeQuant", "LoweredActivation", "QuantizedWeight",
     "iter_quantized_weights", "cached_quantized_weights", "resnet20", "SmallCNN",
 ]
 __version__ = "0.1.0"

@@ -236,16 +236,51 @@ class ActivationFakeQuant(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not bool(self.initialized):
             self._calibrate(x)
-        bits, clip = int(self.bits), self.clip.abs().clamp_min(1e-8)
+        low, high, step = self.grid()
+        clipped = torch.minimum(torch.maximum(x, low), high)
+        return _RoundSTE.apply(clipped / step) * step
+
+    def grid(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(low, high, step)``: inputs are clamped to [low, high] and rounded to multiples of
+        step (the clip is learned, so these follow it)."""
+        bits, high = int(self.bits), self.clip.abs().clamp_min(1e-8)
         levels = float(2 ** (bits - 1) - 1) if bool(self.signed) else float(2**bits - 1)
-        low = -clip if bool(self.signed) else torch.zeros_like(clip)
-        clipped = torch.minimum(torch.maximum(x, low), clip)
-        step = clip / levels
-        scaled = clipped / step
-        return _RoundSTE.apply(scaled) * step
+        low = -high if bool(self.signed) else torch.zeros_like(high)
+        return low, high, high / levels
 
     def extra_repr(self) -> str:
         return f"bits={int(self.bits)}, signed={bool(self.signed)}"
+
+
+class LoweredActivation(nn.Module):
+    """A trained activation quantizer, frozen for deployment: inputs are clamped to
+    [``low``, ``high``] and rounded to multiples of ``step`` (buffers, from the trained clip).
+
+    The output equals the ``ActivationFakeQuant`` it came from bit for bit. ``bits`` and
+    ``signed`` are plain attributes, not buffers, so ``torch.export`` and the ONNX exporter trace
+    the forward without reading tensor values.
+    """
+
+    def __init__(self, low: Tensor, high: Tensor, step: Tensor, bits: int, signed: bool) -> None:
+        super().__init__()
+        self.register_buffer("low", low.detach().clone())
+        self.register_buffer("high", high.detach().clone())
+        self.register_buffer("step", step.detach().clone())
+        self.bits = int(bits)
+        self.signed = bool(signed)
+
+    @classmethod
+    def from_fake_quant(cls, quantizer: ActivationFakeQuant) -> "LoweredActivation":
+        with torch.no_grad():
+            low, high, step = quantizer.grid()
+        return cls(low, high, step, int(quantizer.bits), bool(quantizer.signed))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.round(torch.minimum(torch.maximum(x, self.low), self.high) / self.step) \
+            * self.step
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, signed={self.signed}"
 
 
 class _RoundSTE(torch.autograd.Function):

@@ -9,7 +9,10 @@ the standard ONNX weight-only quantization pattern instead,
         -> DequantizeLinear(scale=step, zero_point=0) -> Conv / Gemm / MatMul ...
 
 which ONNX Runtime, TensorRT and other QDQ-aware runtimes read as a quantized weight. The
-dequantized values are the converted model's weights exactly. The paper-literal grid
+dequantized values are the converted model's weights exactly. A model prepared with
+``act_bits`` also has each activation quantizer written as ``Clip -> QuantizeLinear ->
+DequantizeLinear`` (UINT8 / INT8, or 16-bit types above 8 bits), the same rounding as its
+``round(clip(x) / step) * step``, so a runtime can run those layers on integers end to end. The paper-literal grid
 (``MSQConfig(grid="literal")``) puts its codes at ``(c + 1/2) * step``, which no integer zero
 point expresses; those weights are exported dequantized, in float, and listed as such.
 
@@ -27,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .io import atomic_write, require_converted
-from .modules import LoweredWeight
+from .modules import LoweredActivation, LoweredWeight
 
 ONNX_OPSET = 21  # the first opset with INT4 in DequantizeLinear
 INT4_MAX_BITS = 4
@@ -45,6 +48,20 @@ def _dequantize_weight_shape(codes: Tensor, step: Tensor) -> Tensor:
     return codes.new_empty(codes.shape, dtype=step.dtype)
 
 
+@torch.library.custom_op("msq_fx::quantize_activation", mutates_args=())
+def quantize_activation(x: Tensor, low: Tensor, high: Tensor, step: Tensor,
+                        onnx_type: int) -> Tensor:
+    """``round(clip(x, low, high) / step) * step`` as one op, so the ONNX exporter can write it
+    as Clip -> QuantizeLinear -> DequantizeLinear with integers of ``onnx_type``."""
+    return torch.round(torch.minimum(torch.maximum(x, low), high) / step) * step
+
+
+@quantize_activation.register_fake
+def _quantize_activation_shape(x: Tensor, low: Tensor, high: Tensor, step: Tensor,
+                               onnx_type: int) -> Tensor:
+    return torch.empty_like(x)
+
+
 @dataclass(frozen=True)
 class OnnxExport:
     """What ``export_onnx`` wrote.
@@ -56,6 +73,8 @@ class OnnxExport:
         float_weights: (weight, reason) for quantized weights exported dequantized, in float.
         initializers: weight -> the name of its codes initializer in the file.
         file_bytes: size of the file (plus its external data file, if any).
+        quantized_activations: activation quantizers written as QuantizeLinear /
+            DequantizeLinear (module names).
     """
 
     path: Path
@@ -64,6 +83,7 @@ class OnnxExport:
     float_weights: tuple[tuple[str, str], ...]
     initializers: dict[str, str]
     file_bytes: int
+    quantized_activations: tuple[str, ...] = ()
 
 
 def export_onnx(int_model: nn.Module, example_inputs: Any, path: str | os.PathLike, *,
@@ -75,22 +95,24 @@ def export_onnx(int_model: nn.Module, example_inputs: Any, path: str | os.PathLi
     exported in eval mode and left as it was given (mode and modules), also when export fails.
     """
     require_converted(int_model, "msq_fx.export_onnx")
-    onnx, translation = _onnx_modules()
+    onnx, translations = _onnx_modules()
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     lowered = _lowered_weights(int_model)
     float_weights = tuple((module.names[0], "grid offset 1/2 (grid='literal'): no integer "
                                             "zero point")
                           for module in lowered if float(module.offset) != 0.0)
     integer = [module for module in lowered if float(module.offset) == 0.0]
+    activations = {name: module for name, module in int_model.named_modules()
+                   if isinstance(module, LoweredActivation)}
     was_training = int_model.training
     try:
         int_model.eval()
-        with _dequantize_as_one_op(integer):
+        with _as_one_op(integer, _one_op_forward), \
+                _as_one_op(activations.values(), _one_op_activation_forward):
             program = torch.onnx.export(
                 int_model, inputs, dynamo=True, opset_version=ONNX_OPSET,
                 dynamic_shapes=dynamic_shapes, verbose=False,
-                custom_translation_table={torch.ops.msq_fx.dequantize_weight.default:
-                                          translation})
+                custom_translation_table=translations)
     finally:
         int_model.train(was_training)
     proto = program.model_proto
@@ -108,7 +130,7 @@ def export_onnx(int_model: nn.Module, example_inputs: Any, path: str | os.PathLi
         size += (destination.parent / (destination.name + ".data")).stat().st_size
     return OnnxExport(destination, tuple(int4_weights),
                       tuple(m.names[0] for m in integer if m.names[0] not in int4_weights),
-                      float_weights, initializers, size)
+                      float_weights, initializers, size, tuple(activations))
 
 
 def onnx_runtime_outputs(path: str | os.PathLike, inputs: Tensor,
@@ -134,8 +156,8 @@ def onnx_runtime_outputs(path: str | os.PathLike, inputs: Tensor,
     return [torch.from_numpy(output) for output in outputs]
 
 
-def _onnx_modules() -> tuple[Any, Any]:
-    """The ``onnx`` module and the DequantizeLinear translation of ``dequantize_weight``."""
+def _onnx_modules() -> tuple[Any, dict]:
+    """The ``onnx`` module and the ONNX translations of this module's custom ops."""
     try:
         import ml_dtypes  # noqa: F401  (an onnx dependency: numpy's int4)
         import onnx
@@ -151,7 +173,15 @@ def _onnx_modules() -> tuple[Any, Any]:
             "zero_point", onnx.TensorProto.INT8, [], [0]))
         return opset21.DequantizeLinear(codes, step, zero_point)
 
-    return onnx, dequantize_linear
+    def quantize_dequantize(x, low, high, step, onnx_type: int):
+        zero_point = opset21.Constant(value=onnx.helper.make_tensor(
+            "zero_point", onnx_type, [], [0]))
+        clipped = opset21.Clip(x, low, high)
+        return opset21.DequantizeLinear(opset21.QuantizeLinear(clipped, step, zero_point), step,
+                                        zero_point)
+
+    return onnx, {torch.ops.msq_fx.dequantize_weight.default: dequantize_linear,
+                  torch.ops.msq_fx.quantize_activation.default: quantize_dequantize}
 
 
 def _lowered_weights(model: nn.Module) -> list[LoweredWeight]:
@@ -187,12 +217,12 @@ def _initializer_names(model: nn.Module, modules: list[LoweredWeight],
 
 
 @contextlib.contextmanager
-def _dequantize_as_one_op(modules: Iterable[LoweredWeight]) -> Iterator[None]:
-    """Inside, each of ``modules`` computes its weight with ``dequantize_weight``."""
+def _as_one_op(modules: Iterable[nn.Module], forward: Any) -> Iterator[None]:
+    """Inside, each of ``modules`` runs ``forward`` (which calls one of the custom ops above)."""
     patched = []
     try:
         for module in modules:
-            module.forward = _one_op_forward.__get__(module)
+            module.forward = forward.__get__(module)
             patched.append(module)
         yield
     finally:
@@ -202,6 +232,16 @@ def _dequantize_as_one_op(modules: Iterable[LoweredWeight]) -> Iterator[None]:
 
 def _one_op_forward(self: LoweredWeight, _latent: Tensor | None = None) -> Tensor:
     return torch.ops.msq_fx.dequantize_weight(self.codes, self.step)
+
+
+def _one_op_activation_forward(self: LoweredActivation, x: Tensor) -> Tensor:
+    return torch.ops.msq_fx.quantize_activation(x, self.low, self.high, self.step,
+                                                _ACTIVATION_TYPES[(self.signed, self.bits <= 8)])
+
+
+# ONNX TensorProto element types (INT8 = 3, UINT8 = 2, INT16 = 5, UINT16 = 4) by (signed,
+# at most 8 bits); kept as numbers so that this module imports without onnx.
+_ACTIVATION_TYPES = {(True, True): 3, (False, True): 2, (True, False): 5, (False, False): 4}
 
 
 def _store_as_int4(onnx: Any, proto: Any, names: set[str]) -> None:

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 from tabulate import tabulate
 from torch import nn
 
-from .modules import (ActivationFakeQuant, LoweredWeight, WeightFakeQuant,
+from .modules import (ActivationFakeQuant, LoweredActivation, LoweredWeight, WeightFakeQuant,
                       iter_quantized_weights)
 
 FLOAT_WEIGHTS_ATTR = "_msq_float_weights"
@@ -130,7 +130,7 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def _other_float_params(model: nn.Module, quantized_tensors: set[int]) -> int:
-    internal = (WeightFakeQuant, LoweredWeight, ActivationFakeQuant)
+    internal = (WeightFakeQuant, LoweredWeight, ActivationFakeQuant, LoweredActivation)
     skip = {id(t) for m in model.modules() if isinstance(m, internal)
             for t in list(m.parameters()) + list(m.buffers())}
     skip |= quantized_tensors

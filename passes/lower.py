@@ -4,14 +4,17 @@ Reads: a prepared model (owners carrying ``WeightFakeQuant`` quantizers and late
 Changes: the given model in place (``convert`` hands it a private copy). Every quantizer becomes a
 ``LoweredWeight`` holding int8 codes, the step and the bit width, computed with the very formula
 the fake quantizer used, and the latent float Parameter is removed from its owner. Tied uses of
-one tensor keep sharing one lowered module. Activation quantizers, biases and norms stay as they are.
+one tensor keep sharing one lowered module. Each calibrated activation quantizer becomes a
+``LoweredActivation`` (its trained clip frozen into bounds and a step, the same outputs); one that
+never saw an input stays as it is. Biases and norms stay as they are.
 """
 from __future__ import annotations
 
 from torch import nn
 
-from msq_fx.modules import (QUANTIZER_SUFFIX, LoweredWeight, WeightFakeQuant,
-                            is_quantized_owner, remove_model_recompute)
+from msq_fx.modules import (INPUT_QUANTIZER, QUANTIZER_SUFFIX, ActivationFakeQuant,
+                            LoweredActivation, LoweredWeight, WeightFakeQuant, is_quantized_owner,
+                            remove_model_recompute)
 
 
 class LowerError(RuntimeError):
@@ -30,13 +33,27 @@ def lower(model: nn.Module) -> None:
                 continue
             if id(quantizer) not in lowered:
                 lowered[id(quantizer)] = _lower_one(owner_name, owner, attr, quantizer)
+    activations = _lowered_activations(owners)
     for owner_name, owner in owners:
         for attr in owner._msq_names:
             quantizer = owner._modules[attr + QUANTIZER_SUFFIX]
             if id(quantizer) in lowered:
                 owner._modules[attr + QUANTIZER_SUFFIX] = lowered[id(quantizer)]
                 owner._parameters.pop(attr, None)
+        if id(owner._modules.get(INPUT_QUANTIZER)) in activations:
+            owner._modules[INPUT_QUANTIZER] = activations[id(owner._modules[INPUT_QUANTIZER])]
     remove_model_recompute(model)
+
+
+def _lowered_activations(owners: list[tuple[str, nn.Module]]) -> dict[int, LoweredActivation]:
+    """A LoweredActivation for each calibrated input quantizer of ``owners``, by the id of the
+    quantizer it replaces (built before anything is swapped)."""
+    found = {}
+    for _, owner in owners:
+        quantizer = owner._modules.get(INPUT_QUANTIZER)
+        if isinstance(quantizer, ActivationFakeQuant) and bool(quantizer.initialized):
+            found.setdefault(id(quantizer), LoweredActivation.from_fake_quant(quantizer))
+    return found
 
 
 def _lower_one(owner_name: str, owner: nn.Module, attr: str,

@@ -167,6 +167,21 @@ def test_a_program_exported_inside_a_cache_block_reads_the_codes_not_a_cached_we
     assert torch.equal(program.module()(X), expected)
 
 
+def test_convert_freezes_calibrated_activation_quantizers_with_the_same_output():
+    qmodel = msq_fx.prepare(small_cnn(), X, msq_fx.MSQConfig(act_bits=6))
+    int_model = msq_fx.convert(qmodel)
+    lowered = [m for m in int_model.modules() if isinstance(m, msq_fx.LoweredActivation)]
+    assert len(lowered) == len(list(msq_fx.iter_quantized_weights(qmodel)))
+    assert not any(isinstance(m, msq_fx.ActivationFakeQuant) for m in int_model.modules())
+    assert torch.equal(eval_output(qmodel, X), eval_output(int_model, X))
+
+
+def test_a_converted_model_with_quantized_activations_exports_with_torch_export():
+    int_model = msq_fx.convert(msq_fx.prepare(small_cnn(), X, msq_fx.MSQConfig(act_bits=8)))
+    program = torch.export.export(int_model.eval(), (X,))
+    assert torch.equal(program.module()(X), eval_output(int_model, X))
+
+
 def test_convert_does_not_modify_the_prepared_model():
     qmodel = msq_fx.prepare(small_cnn(), X)
     before = copy.deepcopy(qmodel.state_dict())

@@ -65,6 +65,16 @@ def test_a_saved_model_loads_with_identical_outputs(tmp_path):
     assert torch.equal(eval_output(loaded, inputs), eval_output(int_model, inputs))
 
 
+def test_a_saved_model_with_quantized_activations_loads_with_identical_outputs(tmp_path):
+    torch.manual_seed(0)
+    inputs = torch.randn(2, 1, 16, 16)
+    int_model = msq_fx.convert(msq_fx.prepare(msq_fx.SmallCNN(in_channels=1, width=16), inputs,
+                                              msq_fx.MSQConfig(act_bits=4)))
+    msq_fx.save(int_model, tmp_path / "model.msq")
+    loaded = msq_fx.load(tmp_path / "model.msq")
+    assert torch.equal(eval_output(loaded, inputs), eval_output(int_model, inputs))
+
+
 def test_loaded_codes_and_bit_widths_equal_the_saved_ones(tmp_path):
     int_model, _ = _converted_cnn({0: 3, 1: 5, 2: 2})
     msq_fx.save(int_model, tmp_path / "model.msq")

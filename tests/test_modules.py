@@ -12,7 +12,8 @@ from torch import nn
 
 from conftest import count_calls
 from msq_fx import quant
-from msq_fx.modules import (ActivationFakeQuant, LoweredWeight, WeightFakeQuant,
+from msq_fx.modules import (ActivationFakeQuant, LoweredActivation, LoweredWeight,
+                            WeightFakeQuant,
                             cached_quantized_weights, is_quantized_owner, iter_quantized_weights, quantized_class)
 
 GRID_AND_BITS = [(grid, bits) for grid in quant.GRIDS for bits in range(2, 9)]
@@ -286,6 +287,29 @@ def test_activation_quant_outputs_at_most_2_pow_bits_levels(bits, low):
     levels = torch.unique(quantizer(x))
     assert len(levels) <= 2**bits
     assert len(levels) >= 2 ** (bits - 1)  # the grid is actually used, not collapsed
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8, 12])
+@pytest.mark.parametrize("low", [0.0, -1.0], ids=["unsigned", "signed"])
+def test_lowered_activation_equals_the_trained_activation_quantizer_bitwise(bits, low):
+    quantizer = ActivationFakeQuant(bits)
+    quantizer(torch.linspace(low, 1.0, 7))  # calibrate
+    with torch.no_grad():
+        quantizer.clip.mul_(0.83)  # a trained clip, not the calibrated one
+    lowered = LoweredActivation.from_fake_quant(quantizer)
+    x = torch.linspace(-2.0, 2.0, 4001)
+    assert torch.equal(lowered(x), quantizer(x).detach())
+    assert (lowered.bits, lowered.signed) == (bits, low < 0)
+
+
+def test_lowered_activation_survives_a_state_dict_round_trip():
+    quantizer = ActivationFakeQuant(4)
+    quantizer(torch.tensor([-0.5, 1.5]))
+    lowered = LoweredActivation.from_fake_quant(quantizer)
+    fresh = LoweredActivation(torch.zeros(()), torch.ones(()), torch.ones(()), 4, True)
+    fresh.load_state_dict(lowered.state_dict())
+    x = torch.linspace(-2.0, 2.0, 101)
+    assert torch.equal(fresh(x), lowered(x))
 
 
 def test_activation_quant_passes_the_gradient_to_the_input_inside_the_clip():

@@ -129,6 +129,34 @@ def test_literal_grid_weights_are_exported_in_float_and_listed(tmp_path):
     torch.testing.assert_close(onnx_output(result.path, X), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("act_bits,integer_type", [(8, onnx.TensorProto.UINT8),
+                                                    (4, onnx.TensorProto.UINT8),
+                                                    (12, onnx.TensorProto.UINT16)])
+def test_quantized_activations_become_quantize_dequantize_pairs(tmp_path, act_bits, integer_type):
+    torch.manual_seed(0)
+    qmodel = msq_fx.prepare(msq_fx.SmallCNN(in_channels=1, width=8), X,
+                            msq_fx.MSQConfig(act_bits=act_bits))
+    int_model = msq_fx.convert(qmodel).eval()
+    result = msq_fx.export_onnx(int_model, X, tmp_path / "model.onnx")
+    activations = [name for name, m in int_model.named_modules()
+                   if isinstance(m, msq_fx.LoweredActivation)]
+    assert list(result.quantized_activations) == activations
+    proto = onnx.load(str(result.path))
+    quantize = [node for node in proto.graph.node if node.op_type == "QuantizeLinear"]
+    assert len(quantize) == len(activations)
+    # The first layer sees the signed network input; the later ones ReLU / pooled outputs.
+    types = {t.name: t.data_type for t in proto.graph.initializer}
+    types |= {node.output[0]: node.attribute[0].t.data_type for node in proto.graph.node
+              if node.op_type == "Constant"}
+    zero_point_types = [types[node.input[2]] for node in quantize]
+    signed_type = {onnx.TensorProto.UINT8: onnx.TensorProto.INT8,
+                   onnx.TensorProto.UINT16: onnx.TensorProto.INT16}[integer_type]
+    assert zero_point_types[0] == signed_type and set(zero_point_types[1:]) == {integer_type}
+    with torch.no_grad():
+        expected = int_model(X)
+    torch.testing.assert_close(onnx_output(result.path, X), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_export_leaves_the_model_as_it_was_given(tmp_path):
     int_model = converted_cnn(MIXED_BITS).train()
     with torch.no_grad():
