@@ -115,7 +115,8 @@ def export_onnx(args: argparse.Namespace) -> int:
               f"({type(error).__name__}: {error})", file=sys.stderr)
         return 2
     inputs = torch.randn(args.input_shape, generator=torch.Generator().manual_seed(0))
-    result = export(int_model, inputs, args.output, int4=not args.int8)
+    dynamic = ({0: torch.export.Dim("batch")},) if args.dynamic_batch else None
+    result = export(int_model, inputs, args.output, int4=not args.int8, dynamic_shapes=dynamic)
     print(f"{result.path}: {result.file_bytes:,} bytes; {len(result.int4_weights)} weights as "
           f"INT4, {len(result.int8_weights)} as INT8, {len(result.float_weights)} in float")
     for name, reason in result.float_weights:
@@ -215,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
                                help="the example input's shape, batch first, e.g. 1x3x224x224")
     export_parser.add_argument("--int8", action="store_true",
                                help="INT8 for every quantized weight (no INT4)")
+    export_parser.add_argument("--dynamic-batch", action="store_true",
+                               help="the file takes any batch size (the first input dimension)")
     export_parser.add_argument("--verify", action="store_true",
                                help="run the file with ONNX Runtime and print the largest "
                                     "difference from the converted model")

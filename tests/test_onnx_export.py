@@ -226,6 +226,25 @@ def test_cli_exports_a_saved_model_and_verifies_it(tmp_path, capsys):
     assert (tmp_path / "model.onnx").exists()
 
 
+def test_a_dynamic_batch_export_runs_at_another_batch_size(tmp_path):
+    int_model = converted_cnn(MIXED_BITS)
+    result = msq_fx.export_onnx(int_model, X, tmp_path / "model.onnx",
+                                dynamic_shapes=({0: torch.export.Dim("batch")},))
+    five = torch.randn(5, 1, 16, 16, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = int_model(five)
+    torch.testing.assert_close(onnx_output(result.path, five), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_cli_dynamic_batch_writes_a_file_for_any_batch(tmp_path, capsys):
+    int_model = converted_cnn(MIXED_BITS)
+    msq_fx.save(int_model, tmp_path / "model.msq")
+    assert cli_main(["export-onnx", str(tmp_path / "model.msq"), str(tmp_path / "model.onnx"),
+                     "--input-shape", "2x1x16x16", "--dynamic-batch"]) == 0
+    three = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(3))
+    assert onnx_output(tmp_path / "model.onnx", three).shape == (3, 10)
+
+
 def test_cli_names_a_file_it_cannot_load(tmp_path, capsys):
     (tmp_path / "not_a_model.msq").write_bytes(b"not a model")
     code = cli_main(["export-onnx", str(tmp_path / "not_a_model.msq"),
