@@ -217,3 +217,40 @@ def test_hessian_agreement_reports_each_step_against_the_double_backward():
     for row in report["by_relative_step"].values():
         assert row["groups"] > 0 and 0 <= row["same_p"] <= row["groups"]
         assert 0 <= row["median_relative_difference"] <= row["max_relative_difference"]
+
+
+BENCH_ONNX_PATH = Path(__file__).resolve().parents[1] / "tools" / "bench_onnx"
+
+
+@pytest.fixture(scope="module")
+def onnx_report():
+    tool = load_tool(BENCH_ONNX_PATH, "msq_bench_onnx_tool")
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert tool.main(["--model", "msq_fx.models:resnet20", "--input-size", "32",
+                          "--bits", "4", "--repeats", "2", "--runs", "1",
+                          "--warmup", "0", "--json"]) == 0
+    return json.loads(stdout.getvalue())
+
+
+def test_onnx_bench_times_each_session_once_per_repeat(onnx_report):
+    assert set(onnx_report["results"]) == {"float", "MSQ", "MSQ, Q/DQ folded at load"}
+    for result in onnx_report["results"].values():
+        assert len(result["repeat_ms"]) == 2 and result["median_ms"] > 0
+    assert set(onnx_report["ratio_over_float"]) == {"MSQ", "MSQ, Q/DQ folded at load"}
+
+
+def test_onnx_bench_files_reproduce_the_models_they_came_from(onnx_report):
+    for result in onnx_report["results"].values():
+        assert result["max_abs_diff_from_pytorch"] < 1e-4
+
+
+def test_onnx_bench_stores_the_weights_as_int4_and_the_file_is_smaller(onnx_report):
+    assert (onnx_report["int4_weights"], onnx_report["int8_weights"]) == (20, 0)
+    assert onnx_report["quantized_activations"] == 0
+    assert onnx_report["ratio_over_float"]["MSQ"]["file_bytes"] < 0.5
+
+
+def test_onnx_bench_is_an_executable_python_script():
+    assert BENCH_ONNX_PATH.read_text().startswith("#!/usr/bin/env python3\n")
+    assert BENCH_ONNX_PATH.stat().st_mode & 0o111
