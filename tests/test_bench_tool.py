@@ -205,14 +205,19 @@ def test_eval_table_gives_the_ratio_to_the_float_forward(bench, eval_report):
 AGREEMENT_PATH = Path(__file__).resolve().parents[1] / "tools" / "hessian_agreement"
 
 
-def test_hessian_agreement_reports_each_step_against_the_double_backward():
-    tool = load_tool(AGREEMENT_PATH, "msq_hessian_agreement_tool")
+def json_report_of(tool_path: Path, argv: list[str]) -> dict:
+    """Run a tool's ``main(argv)`` (argv ends with --json); its exit status must be 0."""
+    tool = load_tool(tool_path, f"msq_{tool_path.name}_tool")
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        assert tool.main(["--model", "msq_fx.models:SmallCNN", "--input-size", "1x28x28",
-                          "--batch-size", "4", "--steps", "1", "--probes", "1",
-                          "--relative-steps", "1e-2", "1e-3", "--json"]) == 0
-    report = json.loads(stdout.getvalue())
+        assert tool.main(argv) == 0
+    return json.loads(stdout.getvalue())
+
+
+def test_hessian_agreement_reports_each_step_against_the_double_backward():
+    report = json_report_of(AGREEMENT_PATH, [
+        "--model", "msq_fx.models:SmallCNN", "--input-size", "1x28x28", "--batch-size", "4",
+        "--steps", "1", "--probes", "1", "--relative-steps", "1e-2", "1e-3", "--json"])
     assert set(report["by_relative_step"]) == {"0.01", "0.001"}
     for row in report["by_relative_step"].values():
         assert row["groups"] > 0 and 0 <= row["same_p"] <= row["groups"]
@@ -224,13 +229,9 @@ BENCH_ONNX_PATH = Path(__file__).resolve().parents[1] / "tools" / "bench_onnx"
 
 @pytest.fixture(scope="module")
 def onnx_report():
-    tool = load_tool(BENCH_ONNX_PATH, "msq_bench_onnx_tool")
-    stdout = io.StringIO()
-    with contextlib.redirect_stdout(stdout):
-        assert tool.main(["--model", "msq_fx.models:resnet20", "--input-size", "32",
-                          "--bits", "4", "--repeats", "2", "--runs", "1",
-                          "--warmup", "0", "--json"]) == 0
-    return json.loads(stdout.getvalue())
+    return json_report_of(BENCH_ONNX_PATH, [
+        "--model", "msq_fx.models:resnet20", "--input-size", "32", "--bits", "4", "--repeats",
+        "2", "--runs", "1", "--warmup", "0", "--json"])
 
 
 def test_onnx_bench_times_each_session_once_per_repeat(onnx_report):
