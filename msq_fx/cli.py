@@ -54,7 +54,23 @@ def demo(args: argparse.Namespace) -> int:
     print(f"\nconverted model: test acc {accuracy(int_model, test_set.batches(500)):.1f}%, "
           f"max |converted - fake-quant| = {diff:.3g}")
     print(_saved_sizes(int_model, SmallCNN(in_channels=1, width=16)))
+    print(_onnx_summary(int_model, test_set.images[:8]))
     return 0
+
+
+def _onnx_summary(int_model: torch.nn.Module, inputs: torch.Tensor) -> str:
+    """One line on the ONNX export of the converted model, or how to get it."""
+    try:
+        import onnxruntime  # noqa: F401
+        from .onnx_export import export_onnx as export
+    except ImportError:
+        return "ONNX export: pip install 'msq_fx[onnx]' to write the model with integer weights"
+    with tempfile.TemporaryDirectory() as tmp:
+        written = export(int_model, inputs, Path(tmp) / "model.onnx")
+        difference = _onnx_max_abs_diff(int_model, inputs, written.path, "1")
+    return (f"msq_fx.export_onnx: {written.file_bytes:,} bytes, {len(written.int4_weights)} "
+            f"weights as INT4 and {len(written.int8_weights)} as INT8 through DequantizeLinear; "
+            f"ONNX Runtime vs the converted model: max |diff| {difference:.3g}")
 
 
 def _saved_sizes(int_model: torch.nn.Module, float_model: torch.nn.Module) -> str:
