@@ -494,6 +494,20 @@ def test_sweep_is_an_executable_python_script():
     assert SWEEP_PATH.stat().st_mode & 0o111
 
 
+def test_sweep_report_only_rewrites_the_markdown_for_a_selection_and_checks_nothing(sweep_tool,
+                                                                                 tmp_path):
+    out = tmp_path / "zoo"
+    row = {**{c: "" for c in sweep_tool.COLUMNS}, "model": "torchvision:resnet18",
+           "status": "PASS"}
+    sweep_tool.write_rows(out.with_suffix(".csv"), [row])
+    code = sweep_tool.main(["--source", "torchvision", "--filter", "^torchvision:resnet(18|34)$",
+                            "--out", str(out), "--report-only", "--no-progress"])
+    assert code == 0
+    text = out.with_suffix(".md").read_text()
+    assert "1 of the 2 selected models checked so far" in text and "- PASS: 1" in text
+    assert _csv_rows(out.with_suffix(".csv")) == [row]
+
+
 def test_sweep_records_timeouts_reruns_them_and_resumes(tmp_path):
     selection = ["--source", "torchvision", "--filter", r"^torchvision:(resnet18|squeezenet1_1)$",
                  "--input-size", "32", "--out", str(tmp_path / "zoo")]
