@@ -103,7 +103,8 @@ def check(args: argparse.Namespace) -> int:
     failed = False
     for spec in args.specs:
         try:
-            config = check_config(args.seed).replace(hessian_method=args.hessian_method)
+            config = check_config(args.seed).replace(hessian_method=args.hessian_method,
+                                                     act_bits=args.act_bits)
             result = check_model(spec, input_size=args.input_size, batch_size=args.batch_size,
                                  steps=args.steps, seed=args.seed, config=config,
                                  exports=args.export)
@@ -197,6 +198,9 @@ def _add_check_parser(commands) -> None:
                         help="how the pruning step computes H v (MSQConfig.hessian_method; "
                              "default auto: double backward, finite differences if it runs out "
                              "of memory)")
+    parser.add_argument("--act-bits", type=int, default=None,
+                        help="also quantize each quantized layer's input to this many bits "
+                             "(MSQConfig.act_bits)")
     parser.add_argument("--export", action="append", choices=EXPORT_FORMATS, default=[],
                         help="also export the converted model (torch: torch.export; onnx: "
                              "msq_fx.export_onnx run by ONNX Runtime) and compare its outputs; "

@@ -414,6 +414,21 @@ def test_cli_export_adds_each_export_to_the_json_row(capsys):
     assert row["status"] == "PASS" and set(row["exports"]) == {"onnx", "torch"}
 
 
+def test_cli_act_bits_checks_with_quantized_activations_and_exports_them(capsys, monkeypatch):
+    seen = []
+    original = check_model
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["config"].act_bits)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr("msq_fx.check.check_model", recording)
+    code = cli.main(["check", "--json", "--input-size", "3x32x32", "--steps", "1",
+                     "--act-bits", "8", "--export", "torch", "msq_fx.models:resnet20"])
+    assert code == 0 and seen == [8]
+    assert json.loads(capsys.readouterr().out)["status"] == "PASS"
+
+
 def test_cli_rejects_a_bad_spec_before_checking_anything(capsys):
     assert cli.main(["check", "msq_fx.models:resnet20", "torchvision:resnt18"]) == 2
     captured = capsys.readouterr()
