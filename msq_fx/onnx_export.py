@@ -12,9 +12,10 @@ which ONNX Runtime, TensorRT and other QDQ-aware runtimes read as a quantized we
 dequantized values are the converted model's weights exactly. A model prepared with
 ``act_bits`` also has each activation quantizer written as ``Clip -> QuantizeLinear ->
 DequantizeLinear`` (UINT8 / INT8, or 16-bit types above 8 bits), the same rounding as its
-``round(clip(x) / step) * step``, so a runtime can run those layers on integers end to end. The paper-literal grid
-(``MSQConfig(grid="literal")``) puts its codes at ``(c + 1/2) * step``, which no integer zero
-point expresses; those weights are exported dequantized, in float, and listed as such.
+``round(clip(x) / step) * step``: both inputs of a quantized layer are then integers in the
+graph. The paper-literal grid (``MSQConfig(grid="literal")``) puts its codes at
+``(c + 1/2) * step``, which no integer zero point expresses; those weights are exported
+dequantized, in float, and listed as such.
 
 Needs the ``onnx``, ``onnxscript`` and ``onnxruntime`` packages (``pip install msq_fx[onnx]``).
 """
