@@ -276,11 +276,16 @@ class LoweredActivation(nn.Module):
         return cls(low, high, step, int(quantizer.bits), bool(quantizer.signed))
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.round(torch.minimum(torch.maximum(x, self.low), self.high) / self.step) \
-            * self.step
+        return rounded_to_grid(x, self.low, self.high, self.step)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, signed={self.signed}"
+
+
+def rounded_to_grid(x: Tensor, low: Tensor, high: Tensor, step: Tensor) -> Tensor:
+    """``x`` clamped to [low, high] and rounded to the nearest multiple of ``step`` (ties to
+    even), computed as ActivationFakeQuant computes it, so the values are the same bits."""
+    return torch.round(torch.minimum(torch.maximum(x, low), high) / step) * step
 
 
 class _RoundSTE(torch.autograd.Function):

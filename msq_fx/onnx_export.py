@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from .io import atomic_write, require_converted
-from .modules import LoweredActivation, LoweredWeight
+from .modules import LoweredActivation, LoweredWeight, rounded_to_grid
 
 ONNX_OPSET = 21  # the first opset with INT4 in DequantizeLinear
 INT4_MAX_BITS = 4
@@ -54,7 +54,7 @@ def quantize_activation(x: Tensor, low: Tensor, high: Tensor, step: Tensor,
                         onnx_type: int) -> Tensor:
     """``round(clip(x, low, high) / step) * step`` as one op, so the ONNX exporter can write it
     as Clip -> QuantizeLinear -> DequantizeLinear with integers of ``onnx_type``."""
-    return torch.round(torch.minimum(torch.maximum(x, low), high) / step) * step
+    return rounded_to_grid(x, low, high, step)
 
 
 @quantize_activation.register_fake
