@@ -26,9 +26,11 @@ import functools
 import gc
 import importlib
 import math
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -480,7 +482,8 @@ def check_model(spec_or_model: str | nn.Module, *, input_size: int | Sequence[in
     config = check_config(seed) if config is None else config
     name = spec.text if spec else type(spec_or_model).__name__
     run = functools.partial(_checked_run, name, spec, spec_or_model, input_size,
-                            steps=steps, seed=seed, config=config, exports=tuple(exports))
+                            steps=steps, seed=seed, config=config,
+                            exports=tuple(dict.fromkeys(exports)))
     first = run(batch_size)
     if not (first.out_of_memory and batch_size > 1):
         return first.result()
@@ -755,10 +758,7 @@ def _largest_difference(reference: list[Tensor], other: list[Tensor]) -> tuple[f
 
 def _onnx_outputs(int_model: nn.Module, inputs: Tensor, found: dict[str, Any]) -> list[Tensor]:
     """``int_model`` through ``export_onnx`` and ONNX Runtime; what was written goes to ``found``."""
-    import tempfile
-    from pathlib import Path
-
-    from .onnx_export import export_onnx, onnx_runtime_outputs
+    from .onnx_export import export_onnx, onnx_runtime_outputs  # onnx is an optional extra
 
     with tempfile.TemporaryDirectory() as directory:
         written = export_onnx(int_model, inputs, Path(directory) / "model.onnx")
