@@ -640,6 +640,14 @@ def test_sweep_row_gives_each_exports_relative_difference(sweep_tool):
     assert row["exports"] == "torch 0"
 
 
+def test_sweep_row_splits_the_check_time_by_stage(sweep_tool):
+    result = check_model("msq_fx.models:resnet20", input_size=32, steps=1)
+    row = sweep_tool._result_row(result.to_dict(include_table=False), 0.0)
+    stages = [part.split(" ")[0] for part in row["stage_seconds"].split("; ")]
+    assert stages == list(result.stage_seconds)
+    assert {"build", "train", "prune", "compare"} <= set(stages)
+
+
 def test_sweep_markdown_has_an_exports_column_only_when_a_row_has_exports(sweep_tool):
     def row(model, exports):
         return {**{c: "" for c in sweep_tool.COLUMNS}, "model": model, "status": "PASS",
