@@ -660,6 +660,20 @@ def test_sweep_markdown_has_an_exports_column_only_when_a_row_has_exports(sweep_
     assert "exports" not in without
 
 
+def test_sweep_markdown_counts_the_rows_per_limits_they_were_checked_under(sweep_tool):
+    def row(model, limits):
+        return {**{c: "" for c in sweep_tool.COLUMNS}, "model": model, "status": "PASS",
+                "limits": limits}
+
+    limits = sweep_tool.Limits(900, 10 * 2**30, 1, None).describe()
+    assert limits == "900 s, 10 GiB, 1 thread"
+    text = sweep_tool.markdown_report([row("a", limits), row("b", limits), row("c", "")],
+                                      "title", "settings")
+    assert "| 900 s, 10 GiB, 1 thread |        2 |" in text
+    assert "| not recorded            |        1 |" in text
+    assert "Limits the rows" not in sweep_tool.markdown_report([row("a", "")], "t", "s")
+
+
 def test_sweep_settings_describe_the_exports(sweep_tool):
     exported = sweep_tool.settings_text(sweep_tool.parse_args(["--export", "onnx"]))
     assert "Exports (onnx): the converted model exported and run" in exported
