@@ -23,7 +23,8 @@ __all__ = [
     "MSQConfig", "MSQError", "MSQController", "PruneRecord", "HessianTraces", "hutchinson_traces",
     "finite_difference_traces", "ScaledProbes", "NoSecondDerivative", "prepare", "convert",
     "report", "Report", "LayerRow", "FloatRow", "save", "load", "export_onnx", "OnnxExport",
-    "WeightFakeQuant", "LoweredWeight", "ActivationFakeQuant", "LoweredActivation", "QuantizedWeight",
+    "WeightFakeQuant", "LoweredWeight", "ActivationFakeQuant", "LoweredActivation",
+    "QuantizedWeight",
     "iter_quantized_weights", "cached_quantized_weights", "resnet20", "SmallCNN",
 ]
 __version__ = "0.1.0"

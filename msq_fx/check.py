@@ -757,7 +757,8 @@ def _largest_difference(reference: list[Tensor], other: list[Tensor]) -> tuple[f
 
 
 def _onnx_outputs(int_model: nn.Module, inputs: Tensor, found: dict[str, Any]) -> list[Tensor]:
-    """``int_model`` through ``export_onnx`` and ONNX Runtime; what was written goes to ``found``."""
+    """``int_model`` through ``export_onnx`` and ONNX Runtime; what was written goes to
+    ``found``."""
     from .onnx_export import export_onnx, onnx_runtime_outputs  # onnx is an optional extra
 
     with tempfile.TemporaryDirectory() as directory:

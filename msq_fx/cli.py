@@ -60,11 +60,12 @@ def demo(args: argparse.Namespace) -> int:
 
 def _onnx_summary(int_model: torch.nn.Module, inputs: torch.Tensor) -> str:
     """One line on the ONNX export of the converted model, or how to get it."""
+    from .onnx_export import INSTALL_HINT, export_onnx as export
+
     try:
         import onnxruntime  # noqa: F401
-        from .onnx_export import export_onnx as export
     except ImportError:
-        return "ONNX export: pip install 'msq_fx[onnx]' to write the model with integer weights"
+        return f"ONNX export: {INSTALL_HINT} to write the model with integer weights"
     with tempfile.TemporaryDirectory() as tmp:
         written = export(int_model, inputs, Path(tmp) / "model.onnx")
         difference = _onnx_max_abs_diff(int_model, inputs, written.path, "1")

@@ -17,7 +17,8 @@ graph. The paper-literal grid (``MSQConfig(grid="literal")``) puts its codes at
 ``(c + 1/2) * step``, which no integer zero point expresses; those weights are exported
 dequantized, in float, and listed as such.
 
-Needs the ``onnx``, ``onnxscript`` and ``onnxruntime`` packages (``pip install msq_fx[onnx]``).
+Needs the ``onnx``, ``onnxscript`` and ``onnxruntime`` packages: the ``onnx`` extra
+(``pip install -e ".[onnx]"`` in a checkout).
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from .modules import LoweredActivation, LoweredWeight, rounded_to_grid
 
 ONNX_OPSET = 21  # the first opset with INT4 in DequantizeLinear
 INT4_MAX_BITS = 4
+INSTALL_HINT = "install the onnx extra (pip install -e '.[onnx]' in a checkout)"
 _PROTOBUF_LIMIT = 2**31 - 1  # a larger model keeps its initializers in an external data file
 
 
@@ -146,8 +148,7 @@ def onnx_runtime_outputs(path: str | os.PathLike, inputs: Tensor,
     try:
         import onnxruntime
     except ImportError as error:
-        raise ImportError("running an ONNX file needs onnxruntime: pip install 'msq_fx[onnx]'") \
-            from error
+        raise ImportError(f"running an ONNX file needs onnxruntime: {INSTALL_HINT}") from error
     options = onnxruntime.SessionOptions()
     if accuracy_level is not None:
         options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", accuracy_level)
@@ -167,7 +168,7 @@ def _onnx_modules() -> tuple[Any, dict]:
         from onnxscript import opset21
     except ImportError as error:
         raise ImportError(f"msq_fx.export_onnx needs onnx and onnxscript ({error.name} is "
-                          f"missing): pip install 'msq_fx[onnx]'") from error
+                          f"missing): {INSTALL_HINT}") from error
 
     def dequantize_linear(codes, step):
         zero_point = opset21.Constant(value=onnx.helper.make_tensor(
