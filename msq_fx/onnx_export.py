@@ -136,9 +136,10 @@ def export_onnx(int_model: nn.Module, example_inputs: Any, path: str | os.PathLi
                       float_weights, initializers, size, tuple(activations))
 
 
-def onnx_runtime_outputs(path: str | os.PathLike, inputs: Tensor,
+def onnx_runtime_outputs(path: str | os.PathLike, inputs: Tensor | tuple[Tensor, ...],
                          accuracy_level: str | None = "1") -> list[Tensor]:
-    """The outputs of ONNX Runtime (CPU) running the file ``path`` on ``inputs``.
+    """The outputs of ONNX Runtime (CPU) running the file ``path`` on ``inputs`` (a tensor, or
+    a tuple of tensors fed to the file's inputs in order).
 
     ONNX Runtime rewrites ``DequantizeLinear -> MatMul`` into ``MatMulNBits``, which at its
     default accuracy level (4) quantizes the activations to int8 at run time. Level "1" (the
@@ -154,7 +155,12 @@ def onnx_runtime_outputs(path: str | os.PathLike, inputs: Tensor,
         options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", accuracy_level)
     session = onnxruntime.InferenceSession(str(path), options,
                                            providers=["CPUExecutionProvider"])
-    outputs = session.run(None, {session.get_inputs()[0].name: inputs.detach().cpu().numpy()})
+    tensors = inputs if isinstance(inputs, tuple) else (inputs,)
+    names = [given.name for given in session.get_inputs()]
+    if len(names) != len(tensors):
+        raise ValueError(f"{path} takes {len(names)} inputs ({names}), {len(tensors)} given")
+    outputs = session.run(None, {name: tensor.detach().cpu().numpy()
+                                 for name, tensor in zip(names, tensors)})
     return [torch.from_numpy(output) for output in outputs]
 
 

@@ -157,6 +157,28 @@ def test_quantized_activations_become_quantize_dequantize_pairs(tmp_path, act_bi
     torch.testing.assert_close(onnx_output(result.path, X), expected, rtol=1e-5, atol=1e-6)
 
 
+class TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.image, self.side = nn.Linear(6, 4), nn.Linear(3, 4)
+
+    def forward(self, x, y):
+        return self.image(x) * self.side(y)
+
+
+def test_a_model_with_two_inputs_exports_and_runs_on_both(tmp_path):
+    torch.manual_seed(0)
+    inputs = (torch.randn(2, 6), torch.randn(2, 3))
+    int_model = msq_fx.convert(msq_fx.prepare(TwoInputs(), inputs)).eval()
+    result = msq_fx.export_onnx(int_model, inputs, tmp_path / "two.onnx")
+    with torch.no_grad():
+        expected = int_model(*inputs)
+    torch.testing.assert_close(onnx_runtime_outputs(result.path, inputs)[0], expected,
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"takes 2 inputs .* 1 given"):
+        onnx_runtime_outputs(result.path, inputs[0])
+
+
 def test_export_leaves_the_model_as_it_was_given(tmp_path):
     int_model = converted_cnn(MIXED_BITS).train()
     with torch.no_grad():
