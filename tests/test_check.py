@@ -24,7 +24,8 @@ from torch import nn
 
 import msq_fx
 from msq_fx import cli
-from msq_fx.check import CheckResult, SpecError, check_model, sgd_steps_in_backward
+from msq_fx.check import (CheckResult, SpecError, check_model, describe_error,
+                           sgd_steps_in_backward)
 from conftest import load_tool
 
 SWEEP_PATH = Path(__file__).resolve().parents[1] / "tools" / "zoo_sweep"
@@ -196,6 +197,35 @@ def test_resnet20_spec_passes_with_every_weight_quantized():
                                          "prune", "convert", "compare"}
     assert result.summary_line() == ("PASS msq_fx.models:resnet20 (20 weights quantized, "
                                      "max |diff| 0)")
+
+
+def raised_from(cause: BaseException, message: str) -> RuntimeError:
+    try:
+        try:
+            raise cause
+        except BaseException as error:
+            raise RuntimeError(message) from error
+    except RuntimeError as wrapped:
+        return wrapped
+
+
+def test_an_error_is_described_by_its_type_and_first_line():
+    assert describe_error(ValueError("bad shape\nmore detail")) == "ValueError: bad shape"
+
+
+def test_a_wrapping_error_is_described_with_the_error_it_was_raised_from():
+    error = raised_from(KeyError("qkv"), "export failed. Next steps:")
+    assert describe_error(error) == "RuntimeError: export failed. Next steps: (from KeyError: 'qkv')"
+
+
+def test_a_cause_the_message_already_quotes_is_not_repeated():
+    error = raised_from(ValueError("no such op"), "prepare failed: no such op")
+    assert describe_error(error) == "RuntimeError: prepare failed: no such op"
+
+
+def test_terminal_colour_codes_are_removed_from_a_description():
+    assert describe_error(RuntimeError("\x1b[96mstep 1/3\x1b[0m failed")) == \
+        "RuntimeError: step 1/3 failed"
 
 
 def test_exports_asked_for_are_run_and_compared_with_the_converted_model():
