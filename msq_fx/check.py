@@ -176,6 +176,30 @@ class CheckResult:
         return data
 
 
+def junit_xml(results: Sequence[CheckResult], suite: str = "msq-fx check") -> str:
+    """The results as a JUnit XML test suite, one test case per model, which CI systems show as
+    tests: a FAIL is a failure with its reason, a SKIP is skipped, and each case's output holds
+    its summary line and per-layer table."""
+    from xml.etree import ElementTree
+
+    root = ElementTree.Element("testsuite", name=suite, tests=str(len(results)),
+                               failures=str(sum(r.status == FAIL for r in results)),
+                               skipped=str(sum(r.status == SKIP for r in results)),
+                               time=f"{sum(r.seconds for r in results):.3f}")
+    for result in results:
+        case = ElementTree.SubElement(root, "testcase", classname=suite, name=result.model,
+                                      time=f"{result.seconds:.3f}")
+        if result.status == FAIL:
+            ElementTree.SubElement(case, "failure", message=result.reason,
+                                   type=result.stage or "").text = result.reason
+        elif result.status == SKIP:
+            ElementTree.SubElement(case, "skipped", message=result.reason)
+        ElementTree.SubElement(case, "system-out").text = "\n".join(
+            filter(None, [result.summary_line(), result.note, result.table]))
+    ElementTree.indent(root)
+    return ElementTree.tostring(root, encoding="unicode", xml_declaration=True) + "\n"
+
+
 class _Findings:
     """The facts gathered so far while one check runs; becomes a CheckResult at the end."""
 

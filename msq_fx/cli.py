@@ -91,7 +91,8 @@ def _saved_sizes(int_model: torch.nn.Module, float_model: torch.nn.Module) -> st
 
 def check(args: argparse.Namespace) -> int:
     """Run msq_fx.check.check_model on each spec; 1 if any FAILs, 2 if a spec names no model."""
-    from .check import SpecError, check_config, check_model, parse_spec
+    from .check import SpecError, check_config, check_model, junit_xml, parse_spec
+    from .io import atomic_write
 
     try:
         for spec in args.specs:  # resolve every spec first: a typo should not wait for a long run
@@ -101,7 +102,7 @@ def check(args: argparse.Namespace) -> int:
         return 2
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    failed = False
+    failed, results = False, []
     for spec in args.specs:
         try:
             config = check_config(args.seed).replace(hessian_method=args.hessian_method,
@@ -113,6 +114,10 @@ def check(args: argparse.Namespace) -> int:
             print(f"msq-fx check: error: {error}", file=sys.stderr)
             return 2
         failed |= result.status == "FAIL"
+        results.append(result)
+        if args.junit_xml is not None:  # rewritten after each model: a killed run keeps them
+            report_xml = junit_xml(results)
+            atomic_write(args.junit_xml, lambda tmp: Path(tmp).write_text(report_xml))
         if args.json:
             print(json.dumps(result.to_dict(include_table=False)), flush=True)
         else:
@@ -208,6 +213,9 @@ def _add_check_parser(commands) -> None:
                              "repeatable")
     parser.add_argument("--json", action="store_true",
                         help="one JSON object per model and line, no tables")
+    parser.add_argument("--junit-xml", type=Path, default=None, metavar="PATH",
+                        help="also write the results as a JUnit XML report (one test case per "
+                             "model) for CI systems")
     parser.set_defaults(handler=check)
 
 

@@ -837,3 +837,27 @@ def test_sweep_size_order_puts_cheap_models_first_and_caches_timm_sizes(sweep_to
     stored["models"]["resnet50"][0] = 1  # the cache is what later sweeps read
     cache.write_text(json.dumps(stored))
     assert sweep_tool.smallest_first(specs, cache)[0] == "timm:resnet50"
+
+
+# --------------------------------------------------------------- JUnit XML for CI
+
+
+def test_cli_junit_xml_has_one_test_case_per_model_with_failures_and_skips(tmp_path, capsys):
+    import xml.etree.ElementTree as ElementTree
+
+    report_path = tmp_path / "reports" / "msq.xml"
+    code = cli.main(["check", "--input-size", "3x32x32", "--steps", "1", "--junit-xml",
+                     str(report_path), "msq_fx.models:resnet20",
+                     f"{THIS_MODULE}:parameter_sum_model", f"{THIS_MODULE}:factory_that_raises"])
+    assert code == 1
+    suite = ElementTree.parse(report_path).getroot()
+    assert suite.tag == "testsuite"
+    assert (suite.get("tests"), suite.get("failures"), suite.get("skipped")) == ("3", "1", "1")
+    cases = {case.get("name"): case for case in suite.iter("testcase")}
+    passed = cases["msq_fx.models:resnet20"]
+    assert passed.find("failure") is None and passed.find("skipped") is None
+    assert "layer1.0.conv1.weight" in passed.find("system-out").text
+    failure = cases[f"{THIS_MODULE}:parameter_sum_model"].find("failure")
+    assert failure.get("type") == "compare"
+    assert failure.get("message").startswith("compare: converted output differs")
+    assert cases[f"{THIS_MODULE}:factory_that_raises"].find("skipped") is not None
