@@ -146,15 +146,9 @@ def onnx_runtime_outputs(path: str | os.PathLike, inputs: Tensor | tuple[Tensor,
     default here) computes in float32, so the outputs show whether the file holds the converted
     model's weights; None keeps ONNX Runtime's default.
     """
-    try:
-        import onnxruntime
-    except ImportError as error:
-        raise ImportError(f"running an ONNX file needs onnxruntime: {INSTALL_HINT}") from error
-    options = onnxruntime.SessionOptions()
-    if accuracy_level is not None:
-        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", accuracy_level)
-    session = onnxruntime.InferenceSession(str(path), options,
-                                           providers=["CPUExecutionProvider"])
+    config = ({} if accuracy_level is None
+              else {"session.qdq_matmulnbits_accuracy_level": accuracy_level})
+    session = onnx_runtime_session(path, config)
     tensors = inputs if isinstance(inputs, tuple) else (inputs,)
     names = [given.name for given in session.get_inputs()]
     if len(names) != len(tensors):
@@ -162,6 +156,23 @@ def onnx_runtime_outputs(path: str | os.PathLike, inputs: Tensor | tuple[Tensor,
     outputs = session.run(None, {name: tensor.detach().cpu().numpy()
                                  for name, tensor in zip(names, tensors)})
     return [torch.from_numpy(output) for output in outputs]
+
+
+def onnx_runtime_session(path: str | os.PathLike, config: dict[str, str] | None = None,
+                         threads: int | None = None):
+    """An ONNX Runtime CPU session on the file ``path``, with the session config entries
+    ``config`` and, if given, ``threads`` intra-op threads (one inter-op thread)."""
+    try:
+        import onnxruntime
+    except ImportError as error:
+        raise ImportError(f"running an ONNX file needs onnxruntime: {INSTALL_HINT}") from error
+    options = onnxruntime.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    for key, value in (config or {}).items():
+        options.add_session_config_entry(key, value)
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def _onnx_modules() -> tuple[Any, dict]:
