@@ -15,7 +15,9 @@ quantization. Every other exception is a FAIL naming the stage and the error.
 Models are named by a spec:
 
     timm:resnet18                   timm.create_model(name, pretrained=False)
-    torchvision:vit_b_16            torchvision.models.get_model(name, weights=None)
+    torchvision:vit_b_16            torchvision.models.get_model(name, weights=None); any task:
+                                    segmentation, detection, video and optical flow too (see
+                                    msq_fx.torchvision_tasks for the adapters of the last two)
     package.module:factory          importlib.import_module(package.module).factory()
 """
 from __future__ import annotations
@@ -42,6 +44,7 @@ from .api import convert, prepare
 from .config import MSQConfig
 from .controller import MSQController
 from .report import Report, report
+from .torchvision_tasks import build_torchvision_model, torchvision_input_size, torchvision_tasks
 from .utils import eval_mode, is_out_of_memory
 
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
@@ -52,12 +55,6 @@ RELATIVE_TOLERANCE = 1e-5
 #: Classes for the classifier head where the factory lets us choose: small heads save memory and
 #: time on 1000-class models, and the check does not depend on the number of classes.
 NUM_CLASSES = 10
-
-#: torchvision classification models take any input size >= their minimum; the ImageNet training
-#: resolution is 224 for all of them except Inception v3 (299). Models that pin their resolution
-#: (VisionTransformer's ``image_size``) are built for it and report it themselves.
-TORCHVISION_DEFAULT_SIZE = 224
-TORCHVISION_SIZES = {"inception_v3": 299}
 
 STAGES = ("build", "forward", "trace", "prepare", "train", "prune", "convert", "compare")
 
@@ -324,15 +321,13 @@ class ModelSpec:
         if self.source == "timm":
             import timm
             return timm.create_model(self.name, pretrained=False, **kwargs)
-        import torchvision
-        return torchvision.models.get_model(self.name, weights=None, **kwargs)
+        return build_torchvision_model(self.name, **kwargs)
 
     def default_input_size(self, model: nn.Module) -> tuple[int, ...] | None:
-        """The per-sample input shape the model is made for (C, H, W), or None if unknown."""
+        """The per-sample input shape the model is made for ((C, H, W), (C, T, H, W) for video), or
+        None if unknown."""
         if self.source == "torchvision":
-            size = getattr(model, "image_size", None) or TORCHVISION_SIZES.get(
-                self.name, TORCHVISION_DEFAULT_SIZE)
-            return (3, size, size)
+            return torchvision_input_size(self.name, model)
         return input_size_of_module(model)
 
 
@@ -413,11 +408,10 @@ def torchvision_classification_models() -> list[str]:
 
 
 def _known_torchvision_model(name: str) -> str:
-    known = torchvision_classification_models()
+    known = torchvision_tasks()
     if name not in known:
-        raise SpecError(f"unknown torchvision classification model {name!r}"
-                        f"{_suggest(name, known)}; see "
-                        f"torchvision.models.list_models(module=torchvision.models)")
+        raise SpecError(f"unknown torchvision model {name!r}{_suggest(name, list(known))}; see "
+                        f"torchvision.models.list_models()")
     return name
 
 
@@ -442,19 +436,20 @@ def _suggest(name: str, known: Sequence[str]) -> str:
 
 def normalize_input_size(size: int | Sequence[int] | None,
                          default: tuple[int, ...] | None) -> tuple[int, ...] | None:
-    """A per-sample shape from ``size``: an int (or 1-tuple) is a square side, (H, W) keeps the
-    default's channel count (3 when unknown), (C, H, W) is taken as is; None keeps ``default``."""
+    """A per-sample shape from ``size``: an int (or 1-tuple) is a square side and (H, W) a
+    spatial size, both replacing the default's last two dimensions (channels 3 when there is no
+    default); three or more numbers, (C, H, W) or a video's (C, T, H, W), are taken as is. None
+    keeps ``default``."""
     if size is None:
         return default
-    channels = default[0] if default and len(default) == 3 else 3
     size = (size,) if isinstance(size, int) else tuple(int(s) for s in size)
-    if len(size) == 1:
-        return (channels, size[0], size[0])
-    if len(size) == 2:
-        return (channels, *size)
-    if len(size) == 3:
+    if not size or min(size) < 1:
+        raise ValueError(f"input_size must be positive: an int, (H, W), (C, H, W) or "
+                         f"(C, T, H, W), got {size}")
+    if len(size) >= 3:
         return size
-    raise ValueError(f"input_size must be an int, (H, W) or (C, H, W), got {size}")
+    leading = default[:-2] if default and len(default) >= 3 else (3,)
+    return (*leading, *(size * 2 if len(size) == 1 else size))
 
 
 # --------------------------------------------------------------------------- outputs and loss
@@ -484,7 +479,11 @@ def output_tensors(outputs: Any) -> list[Tensor]:
 
 def task_loss(outputs: Any, targets: Tensor | None) -> Tensor:
     """Cross-entropy of the primary output against class labels; the mean square of it for
-    models whose output is not (batch, classes)."""
+    models whose output is not (batch, classes). A dict of scalars is a model's own losses
+    (torchvision detection in train mode): their sum, labels unused."""
+    if isinstance(outputs, dict) and outputs and all(
+            isinstance(value, Tensor) and value.dim() == 0 for value in outputs.values()):
+        return torch.stack([value.float() for value in outputs.values()]).sum()
     logits = primary_output(outputs).float()
     if targets is not None and logits.dim() == 2:
         return F.cross_entropy(logits, targets)
@@ -501,8 +500,9 @@ def check_model(spec_or_model: str | nn.Module, *, input_size: int | Sequence[in
     Args:
         spec_or_model: a spec string (see the module docstring) or an nn.Module (used as given;
             prepare works on a copy, but the eager forward checks run it).
-        input_size: per-sample input shape (int side, (H, W) or (C, H, W)); default: the size
-            the model declares (timm's pretrained_cfg, 224 / 299 for torchvision).
+        input_size: per-sample input shape (int side, (H, W), (C, H, W), video (C, T, H, W));
+            default: the size the model declares (timm's pretrained_cfg; for torchvision see
+            msq_fx.torchvision_tasks.torchvision_input_size).
         batch_size, steps, seed: the random batch, the number of SGD steps, the seed of both.
         config: the MSQConfig to prepare with (default: ``check_config(seed)``); keep its
             ``prune_interval=1``, or the single ``epoch_end(1, ...)`` prunes nothing.
@@ -614,14 +614,15 @@ def _input_shape(findings: _Findings, spec: ModelSpec | None, model: nn.Module,
 def _random_batch(findings: _Findings, model: nn.Module, shape: tuple[int, ...],
                   batch_size: int, seed: int) -> tuple[Tensor, Tensor | None]:
     """Random inputs, and labels for the classes the model predicts (None when its output is not
-    (batch, classes)). Runs the model once in eval mode: a model that fails here is a SKIP."""
+    (batch, classes): one row per sample). Runs the model once in eval mode: a model that fails
+    here is a SKIP."""
     generator = torch.Generator().manual_seed(seed)
     inputs = torch.randn((batch_size, *shape), generator=generator)
     with _stage(findings, "forward", SKIP,
                 f"model does not run eagerly at input {tuple(inputs.shape)}: "):
         with torch.no_grad(), eval_mode(model):
             logits = primary_output(model(inputs))
-    if logits.dim() != 2:
+    if logits.dim() != 2 or logits.shape[0] != batch_size:  # e.g. a detector's boxes
         return inputs, None
     return inputs, torch.randint(0, logits.shape[1], (batch_size,), generator=generator)
 

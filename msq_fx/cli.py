@@ -175,13 +175,14 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 
 def parse_input_size(text: str) -> tuple[int, ...]:
-    """``224``, ``160x128`` (H x W) or ``3x224x224`` (C x H x W)."""
+    """``224``, ``160x128`` (H x W), ``3x224x224`` (C x H x W) or ``3x16x112x112`` (a video's
+    C x T x H x W)."""
     try:
         sizes = tuple(int(part) for part in text.lower().split("x"))
     except ValueError:
         sizes = ()
-    if len(sizes) not in (1, 2, 3) or min(sizes) < 1:
-        raise argparse.ArgumentTypeError(f"expected N, HxW or CxHxW, got {text!r}")
+    if len(sizes) not in (1, 2, 3, 4) or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected N, HxW, CxHxW or CxTxHxW, got {text!r}")
     return sizes
 
 
@@ -194,7 +195,7 @@ def _add_check_parser(commands) -> None:
                     "not build or run eagerly). Exit status 1 if any model FAILs, 2 for a bad SPEC.")
     parser.add_argument("specs", nargs="+", metavar="SPEC")
     parser.add_argument("--input-size", type=parse_input_size, default=None,
-                        help="N, HxW or CxHxW (default: the size the model is made for)")
+                        help="N, HxW, CxHxW or CxTxHxW (default: the size the model is made for)")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3, help="SGD steps before the prune")
     parser.add_argument("--seed", type=int, default=0)

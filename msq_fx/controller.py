@@ -110,6 +110,13 @@ class _Group:
         return nonzero / self.params
 
 
+#: How an op without a second derivative says so in a double backward: PyTorch's autograd
+#: ("the derivative for 'X' is not implemented") and torchvision's C++ ops (roi_align,
+#: ps_roi_align, deform_conv2d: "double backwards on roi_align not supported"). Ours,
+#: NoSecondDerivative, is caught by type.
+NO_SECOND_DERIVATIVE = ("derivative for", "double backwards on")
+
+
 class MSQController:
     """Owns Algorithm 1's state for one prepared model; see the module docstring."""
 
@@ -275,10 +282,8 @@ class MSQController:
 
     def _autograd_fallback_reason(self, error: BaseException) -> str:
         """Why finite differences should replace the double backward, or re-raise ``error``."""
-        # PyTorch's own message for an op whose backward has no derivative, or ours for a
-        # custom Function marked @once_differentiable.
         no_second_derivative = (isinstance(error, NoSecondDerivative)
-                                or "derivative for" in str(error))
+                                or any(text in str(error) for text in NO_SECOND_DERIVATIVE))
         distributed = _distributed_mean() is not None
         if self.config.hessian_method == "auto" and distributed and is_out_of_memory(error):
             # Ranks that fit would be inside the estimator's all-reduce while this one restarts

@@ -374,7 +374,7 @@ def test_a_model_that_fits_is_checked_once_at_the_batch_asked_for():
 
 @pytest.mark.parametrize("spec, message", [
     ("resnet18", "expected timm:NAME, torchvision:NAME or package.module:factory"),
-    ("torchvision:resnet1800", r"unknown torchvision classification model 'resnet1800' "
+    ("torchvision:resnet1800", r"unknown torchvision model 'resnet1800' "
                                r"\(did you mean resnet18"),
     ("timm:resnet_nonexistent", "unknown timm model 'resnet_nonexistent'"),
     ("msq_fx.no_such_module:resnet20", "cannot import module 'msq_fx.no_such_module'"),
@@ -463,13 +463,13 @@ def test_cli_rejects_a_bad_spec_before_checking_anything(capsys):
     assert cli.main(["check", "msq_fx.models:resnet20", "torchvision:resnt18"]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert "msq-fx check: error: unknown torchvision classification model 'resnt18'" in captured.err
+    assert "msq-fx check: error: unknown torchvision model 'resnt18'" in captured.err
 
 
 def test_cli_rejects_a_malformed_input_size(capsys):
     with pytest.raises(SystemExit):
         cli.main(["check", "msq_fx.models:resnet20", "--input-size", "32x"])
-    assert "expected N, HxW or CxHxW" in capsys.readouterr().err
+    assert "expected N, HxW, CxHxW or CxTxHxW" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------- CI subset of real architectures

@@ -617,6 +617,33 @@ def test_auto_falls_back_to_finite_differences_and_warns(monkeypatch, caplog, me
     assert "finite differences" in caplog.text and message.split(":")[0] in caplog.text
 
 
+class RoIPooledNet(nn.Module):
+    """A conv whose features go through torchvision's roi_align (a C++ op with no double
+    backward, as in every R-CNN head) into a linear classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 2 * 2, 5)
+
+    def forward(self, x):
+        from torchvision.ops import roi_align
+        boxes = torch.tensor([[0.0, 0.0, 5.0, 5.0]]).expand(x.shape[0], 4)
+        boxes = torch.cat([torch.arange(x.shape[0], dtype=x.dtype)[:, None], boxes], dim=1)
+        return self.fc(roi_align(self.conv(x), boxes, output_size=2).flatten(1))
+
+
+def test_auto_falls_back_to_finite_differences_for_torchvision_roi_align():
+    torch.manual_seed(0)
+    qmodel = msq_fx.prepare(RoIPooledNet(), torch.randn(2, 3, 6, 6), msq_fx.MSQConfig(
+        prune_threshold=1.0, prune_interval=1, hessian_min_samples=2, hessian_max_samples=2))
+    data = [(torch.randn(4, 3, 6, 6), torch.randint(0, 5, (4,)))]
+    records = msq_fx.MSQController(qmodel).epoch_end(1, data, F.cross_entropy)
+    assert {r.hessian_method for r in records} == {"finite_difference"}
+    assert all(math.isfinite(r.hessian_trace) for r in records)
+    assert any(r.hessian_trace != 0 for r in records)
+
+
 def test_explicit_autograd_without_a_second_derivative_names_both_ways_out(monkeypatch):
     monkeypatch.setattr("msq_fx.controller.hutchinson_traces",
                         failing_double_backward(NO_SECOND_DERIVATIVE))
