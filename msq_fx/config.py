@@ -11,6 +11,7 @@ from .quant import GRIDS
 FIRST_LAST_POLICIES = ("quantize", "fixed", "float")
 PRUNE_STEP_POLICIES = ("hessian", "fixed")
 HESSIAN_METHODS = ("auto", "autograd", "finite_difference")
+HESSIAN_MODEL_MODES = ("eval", "train")
 UNQUANTIZABLE_POLICIES = ("float", "error")
 
 #: A prepared model keeps ``config.to_dict()`` under this attribute; the controller defaults to it.
@@ -75,6 +76,13 @@ class MSQConfig:
             and max pooling recorded at the undisplaced point (default), giving the curvature
             the double backward sees; False lets the step cross kinks and adds the gradient's
             jumps there, which on ReLU networks dominates the traces.
+        hessian_model_mode: the mode the model runs in for the Hessian's loss. "eval" (default):
+            running BN statistics, no dropout, so the loss is a function of the weights alone.
+            "train": for models whose loss exists only in train mode (torchvision detectors
+            return their losses in train mode and detections in eval mode); batches are then
+            ``((inputs, targets), None)`` pairs fed as ``model(inputs, targets)``. Keep that
+            loss deterministic (fixed sampler seeds, no dropout): finite differences compare
+            gradients from several forwards.
         seed: seeds the Rademacher vectors, so decisions are reproducible and resumable.
     """
 
@@ -103,6 +111,7 @@ class MSQConfig:
     hessian_chunk_size: int | None = None
     hessian_relative_step: float = 1e-3
     hessian_frozen_kinks: bool = True
+    hessian_model_mode: str = "eval"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -168,6 +177,8 @@ class MSQConfig:
                  "recompute_quantized_weights", self.recompute_quantized_weights, "True or False")
         _require(isinstance(self.hessian_frozen_kinks, bool), "hessian_frozen_kinks",
                  self.hessian_frozen_kinks, "True or False")
+        _require(self.hessian_model_mode in HESSIAN_MODEL_MODES, "hessian_model_mode",
+                 self.hessian_model_mode, f"one of {HESSIAN_MODEL_MODES}")
         _require(_is_int(self.seed), "seed", self.seed, "an integer")
 
     def replace(self, **changes: Any) -> "MSQConfig":

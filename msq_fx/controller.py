@@ -47,7 +47,7 @@ from .hessian import (HessianTraces, NoSecondDerivative, finite_difference_trace
 from .modules import (QuantizedWeight, WeightFakeQuant, displaced_quantized_weights,
                       iter_quantized_weights)
 from .second_order import twice_differentiable
-from .utils import eval_mode, is_out_of_memory
+from .utils import is_out_of_memory, model_mode
 
 logger = logging.getLogger("msq_fx")
 
@@ -259,7 +259,8 @@ class MSQController:
 
     def _estimate_traces(self, method: str, members: list[QuantizedWeight], chosen: list,
                          loss_fn) -> HessianTraces:
-        """Hutchinson traces over ``members``' latents, on ``chosen`` batches, in eval mode.
+        """Hutchinson traces over ``members``' latents, on ``chosen`` batches, with the model in
+        ``hessian_model_mode`` (eval by default).
 
         Probes are seeded by (seed, prune index), so both methods draw the same ones.
         """
@@ -269,7 +270,7 @@ class MSQController:
                       min_samples=self.config.hessian_min_samples, tol=self.config.hessian_tol,
                       generator=generator, all_reduce=_distributed_mean())
         loss = _loss_pieces(self.model, chosen, loss_fn, self.config.hessian_chunk_size)
-        with eval_mode(self.model):
+        with model_mode(self.model, training=self.config.hessian_model_mode == "train"):
             if method == "finite_difference":
                 displaced = functools.partial(displaced_quantized_weights,
                                               [m.quantizer for m in members])

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Iterator
+from typing import ContextManager, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -21,11 +21,17 @@ def is_out_of_memory(error: BaseException) -> bool:
         and any(text in str(error) for text in OUT_OF_MEMORY_MESSAGES))
 
 
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+def eval_mode(model: nn.Module) -> ContextManager[nn.Module]:
     """Put ``model`` in eval mode, then restore every module's own flag (some may be frozen)."""
+    return model_mode(model, training=False)
+
+
+@contextlib.contextmanager
+def model_mode(model: nn.Module, training: bool) -> Iterator[nn.Module]:
+    """Put ``model`` in train (``training=True``) or eval mode, then restore every module's own
+    flag."""
     modes = [(module, module.training) for module in model.modules()]
-    model.eval()
+    model.train(training)
     try:
         yield model
     finally:

@@ -17,7 +17,7 @@ from msq_fx import MSQConfig
     ("hessian_batches", 0), ("groups", ((),)), ("filter_fn", "not callable"),
     ("on_unquantizable", "skip"), ("hessian_method", "exact"), ("hessian_chunk_size", 0),
     ("hessian_chunk_size", 2.5), ("hessian_relative_step", 0.0), ("hessian_relative_step", 1.0),
-    ("hessian_frozen_kinks", "yes"),
+    ("hessian_frozen_kinks", "yes"), ("hessian_model_mode", "training"),
 ])
 def test_invalid_values_are_rejected_with_the_field_named(field, value):
     with pytest.raises(ValueError, match=rf"MSQConfig\.{field.split('_')[0]}"):

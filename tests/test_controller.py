@@ -644,6 +644,47 @@ def test_auto_falls_back_to_finite_differences_for_torchvision_roi_align():
     assert any(r.hessian_trace != 0 for r in records)
 
 
+class LossInTrainMode(nn.Module):
+    """Like a torchvision detector: ``model(x, targets)`` returns its losses in train mode and
+    its predictions in eval mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x, targets=None):
+        logits = self.fc(self.conv(x).mean((2, 3)))
+        return {"loss_classifier": F.cross_entropy(logits, targets)} if self.training else logits
+
+
+@pytest.mark.parametrize("method", ["autograd", "finite_difference"])
+def test_the_hessian_takes_a_train_mode_loss_when_asked(method):
+    torch.manual_seed(0)
+    config = msq_fx.MSQConfig(prune_threshold=1.0, prune_interval=1, hessian_min_samples=2,
+                              hessian_max_samples=2, hessian_method=method,
+                              hessian_model_mode="train")
+    qmodel = msq_fx.prepare(LossInTrainMode(), torch.randn(2, 3, 6, 6), config).eval()
+    batches = [((torch.randn(4, 3, 6, 6), torch.randint(0, 5, (4,))), None)]
+    records = msq_fx.MSQController(qmodel).epoch_end(
+        1, batches, lambda losses, _: sum(losses.values()))
+    assert {r.hessian_method for r in records} == {method}
+    assert all(math.isfinite(r.hessian_trace) and r.hessian_trace != 0 for r in records)
+    assert not any(module.training for module in qmodel.modules())
+
+
+def test_the_hessian_runs_in_eval_mode_by_default():
+    torch.manual_seed(0)
+    qmodel = msq_fx.prepare(LossInTrainMode(), torch.randn(2, 3, 6, 6), msq_fx.MSQConfig(
+        prune_threshold=1.0, prune_interval=1, hessian_min_samples=2, hessian_max_samples=2))
+    seen = []
+    msq_fx.MSQController(qmodel.train()).epoch_end(
+        1, [(torch.randn(4, 3, 6, 6), torch.randint(0, 5, (4,)))],
+        lambda outputs, targets: seen.append(type(outputs)) or F.cross_entropy(outputs, targets))
+    assert seen and set(seen) == {torch.Tensor}
+    assert all(module.training for module in qmodel.modules())
+
+
 def test_explicit_autograd_without_a_second_derivative_names_both_ways_out(monkeypatch):
     monkeypatch.setattr("msq_fx.controller.hutchinson_traces",
                         failing_double_backward(NO_SECOND_DERIVATIVE))

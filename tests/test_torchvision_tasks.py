@@ -6,6 +6,8 @@ import pytest
 import torch
 import torchvision
 
+import msq_fx
+
 from msq_fx.check import check_model, normalize_input_size, parse_spec, task_loss
 from msq_fx.torchvision_tasks import (DetectionTraining, FramePair, build_torchvision_model,
                                       torchvision_input_size, torchvision_task, torchvision_tasks)
@@ -118,3 +120,35 @@ def test_a_model_of_each_task_passes_the_check(spec, input_size):
     result = check_model(spec, input_size=input_size)
     assert result.status == "PASS", result.reason
     assert result.quantized_weights > 0 and not result.float_weights
+
+
+def test_a_detector_trains_with_msq_and_converts_to_the_same_detections():
+    # The user's path, without the check's adapter: list inputs, the detector's own losses,
+    # and a Hessian taken in train mode, where those losses exist.
+    torch.manual_seed(0)
+    detector = torchvision.models.detection.ssdlite320_mobilenet_v3_large(
+        weights=None, weights_backbone=None, num_classes=3, score_thresh=0.0)
+    images = [torch.rand(3, 96, 128), torch.rand(3, 112, 96)]
+    targets = [{"boxes": torch.tensor([[8.0, 8.0, 64.0, 72.0]]), "labels": torch.tensor([1])},
+               {"boxes": torch.tensor([[20.0, 10.0, 90.0, 60.0]]), "labels": torch.tensor([2])}]
+    qmodel = msq_fx.prepare(detector, (images,), msq_fx.MSQConfig(
+        prune_threshold=1.0, prune_interval=1, hessian_max_samples=1, hessian_min_samples=1,
+        hessian_model_mode="train"))
+    controller = msq_fx.MSQController(qmodel)
+    optimizer = torch.optim.SGD(qmodel.parameters(), lr=1e-3)
+    qmodel.train()
+    loss = sum(qmodel(images, targets).values()) + controller.regularization()
+    loss.backward()
+    optimizer.step()
+    records = controller.epoch_end(1, [((images, targets), None)],
+                                   lambda losses, _: sum(losses.values()))
+    assert records and controller.compression() > 32 / 8
+    qmodel.eval()
+    with torch.no_grad():
+        expected = qmodel(images)
+        converted = msq_fx.convert(qmodel)(images)
+    assert all(len(d["boxes"]) > 0 for d in expected)
+    for fake_quant, lowered in zip(expected, converted):
+        assert fake_quant.keys() == lowered.keys()
+        assert all(torch.allclose(fake_quant[k].float(), lowered[k].float(), atol=1e-5)
+                   for k in fake_quant)
