@@ -10,7 +10,8 @@ import msq_fx
 
 from msq_fx.check import check_model, normalize_input_size, parse_spec, task_loss
 from msq_fx.torchvision_tasks import (DetectionTraining, FramePair, build_torchvision_model,
-                                      torchvision_input_size, torchvision_task, torchvision_tasks)
+                                      keep_every_detection, torchvision_input_size,
+                                      torchvision_task, torchvision_tasks)
 
 
 def built(name: str, **kwargs):
@@ -71,6 +72,18 @@ def test_a_detector_comes_wrapped_and_keeps_every_detection():
     assert model.detector.score_thresh == 0.0
     detections = model.eval()(torch.rand(2, 3, 96, 96))
     assert len(detections) == 2 and all(len(d["boxes"]) > 0 for d in detections)
+
+
+@pytest.mark.parametrize("name", ["fasterrcnn_mobilenet_v3_large_320_fpn", "fcos_resnet50_fpn"])
+def test_every_detector_family_has_its_score_threshold_lowered(name):
+    model = built(name, num_classes=3)
+    owner = getattr(model.detector, "roi_heads", model.detector)
+    assert owner.score_thresh == 0.0
+
+
+def test_a_detector_without_a_score_threshold_is_named():
+    with pytest.raises(ValueError, match="Linear has no score_thresh"):
+        keep_every_detection(torch.nn.Linear(2, 2))
 
 
 def test_a_detector_in_train_mode_returns_the_same_losses_on_every_call():
