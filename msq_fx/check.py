@@ -19,6 +19,10 @@ Models are named by a spec:
                                     segmentation, detection, video and optical flow too (see
                                     msq_fx.torchvision_tasks for the adapters of the last two)
     package.module:factory          importlib.import_module(package.module).factory()
+
+A factory may return ``(model, example_inputs)`` instead of a model, for models whose input is not
+one float batch of the declared size: token ids, several inputs. The check then runs on those
+inputs (a tensor, or a tuple of positional tensors, each batched along its first dimension).
 """
 from __future__ import annotations
 
@@ -96,7 +100,8 @@ class CheckResult:
         status: "PASS", "FAIL" or "SKIP" (the model itself does not build or run eagerly).
         reason: why it failed or was skipped, one line per problem; "" on PASS.
         stage: the stage of the first problem (one of STAGES), None on PASS.
-        input_size: the per-sample input shape used, e.g. (3, 224, 224).
+        input_size: the per-sample input shape used, e.g. (3, 224, 224); with several example
+            inputs, a tuple of their per-sample shapes.
         quantized_weights: how many weight tensors carry an MSQ quantizer.
         float_weights: conv / linear / attention weights left in float: {name, kind, reason}.
         notes: what prepare noted about the weights (uses it could not see; weights their op
@@ -490,11 +495,68 @@ def task_loss(outputs: Any, targets: Tensor | None) -> Tensor:
     return logits.pow(2).mean()
 
 
+# --------------------------------------------------------------------------- inputs
+
+def call_model(model: nn.Module, inputs: Tensor | tuple) -> Any:
+    """``model(inputs)``, or ``model(*inputs)`` for a tuple of positional inputs."""
+    return model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+
+
+def first_rows(inputs: Tensor | tuple, count: int = 1) -> Tensor | tuple:
+    """The first ``count`` samples of every input."""
+    if isinstance(inputs, tuple):
+        return tuple(first_rows(value, count) for value in inputs)
+    return inputs[:count]
+
+
+def input_shapes(inputs: Tensor | tuple) -> tuple:
+    """The shape of the inputs: a tensor's, or a tuple of them."""
+    if isinstance(inputs, tuple):
+        return tuple(tuple(value.shape) for value in inputs)
+    return tuple(inputs.shape)
+
+
+def sample_shapes(inputs: Tensor | tuple) -> tuple:
+    """The per-sample shape of the inputs (without the batch dimension): a tensor's, or a tuple
+    of them."""
+    if isinstance(inputs, tuple):
+        return tuple(tuple(value.shape[1:]) for value in inputs)
+    return tuple(inputs.shape[1:])
+
+
+def model_and_inputs(built: Any, name: str) -> tuple[nn.Module, Tensor | tuple | None]:
+    """Split what a spec built into the model and its example inputs (None when it gave none).
+    TypeError, naming the spec, when it is neither a module nor ``(module, example_inputs)``
+    with batched tensor inputs."""
+    if isinstance(built, nn.Module):
+        return built, None
+    if isinstance(built, tuple) and len(built) == 2 and isinstance(built[0], nn.Module):
+        model, inputs = built
+        tensors = inputs if isinstance(inputs, tuple) else (inputs,)
+        if tensors and all(isinstance(t, Tensor) and t.dim() >= 1 for t in tensors) and len(
+                {t.shape[0] for t in tensors}) == 1:
+            return model, inputs
+        raise TypeError(f"{name}: the example inputs must be a tensor or a tuple of tensors "
+                        f"with the same batch size along their first dimension; got "
+                        f"{_describe_value(inputs)}")
+    raise TypeError(f"{name}: expected an nn.Module or a (nn.Module, example_inputs) pair, got "
+                    f"{_describe_value(built)}")
+
+
+def _describe_value(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of ({', '.join(_describe_value(v) for v in value)})"
+    return f"a {type(value).__name__}"
+
+
 # --------------------------------------------------------------------------- the check
 
 def check_model(spec_or_model: str | nn.Module, *, input_size: int | Sequence[int] | None = None,
                 batch_size: int = 2, steps: int = 3, seed: int = 0,
-                config: MSQConfig | None = None, exports: Sequence[str] = ()) -> CheckResult:
+                config: MSQConfig | None = None, exports: Sequence[str] = (),
+                example_inputs: Tensor | tuple | None = None) -> CheckResult:
     """Run prepare -> train -> prune -> convert on one model and compare the converted output.
 
     Args:
@@ -508,6 +570,11 @@ def check_model(spec_or_model: str | nn.Module, *, input_size: int | Sequence[in
             ``prune_interval=1``, or the single ``epoch_end(1, ...)`` prunes nothing.
         exports: formats of ``EXPORT_FORMATS`` to export the converted model to; each exported
             model must reproduce the converted model's outputs (``EXPORT_TOLERANCE``).
+        example_inputs: the inputs to check a module with instead of a random batch: a tensor,
+            or a tuple of positional tensors (token ids, several inputs), batched along their
+            first dimension. ``input_size`` does not apply then, and ``batch_size`` only in the
+            retry after an out-of-memory, which takes their first sample. A factory spec gives
+            its own by returning ``(model, example_inputs)``.
 
     Returns a CheckResult; raises SpecError for a spec that names no model and ValueError when
     the input size is neither given nor declared by the model. Nothing else raises. When the
@@ -519,6 +586,11 @@ def check_model(spec_or_model: str | nn.Module, *, input_size: int | Sequence[in
     if spec is None and not isinstance(spec_or_model, nn.Module):
         raise TypeError(f"check_model expects a spec string or an nn.Module, "
                         f"got {type(spec_or_model).__name__}")
+    if example_inputs is not None:
+        if input_size is not None:
+            raise ValueError("check_model: give input_size (a random batch of that shape) or "
+                             "example_inputs (the batch itself), not both")
+        model_and_inputs((nn.Identity(), example_inputs), "check_model(example_inputs=...)")
     unknown = sorted(set(exports) - set(EXPORT_FORMATS))
     if unknown:
         raise ValueError(f"unknown export format(s) {unknown}; choose from {EXPORT_FORMATS}")
@@ -526,7 +598,7 @@ def check_model(spec_or_model: str | nn.Module, *, input_size: int | Sequence[in
     name = spec.text if spec else type(spec_or_model).__name__
     run = functools.partial(_checked_run, name, spec, spec_or_model, input_size,
                             steps=steps, seed=seed, config=config,
-                            exports=tuple(dict.fromkeys(exports)))
+                            exports=tuple(dict.fromkeys(exports)), example_inputs=example_inputs)
     first = run(batch_size)
     if not (first.out_of_memory and batch_size > 1):
         return first.result()
@@ -546,12 +618,12 @@ def check_model(spec_or_model: str | nn.Module, *, input_size: int | Sequence[in
 
 def _checked_run(name: str, spec: ModelSpec | None, given: Any, input_size: Any,
                  batch_size: int, *, steps: int, seed: int, config: MSQConfig,
-                 exports: tuple[str, ...]) -> _Findings:
+                 exports: tuple[str, ...], example_inputs: Tensor | tuple | None) -> _Findings:
     findings = _Findings(name)
     findings.fields["batch_size"] = batch_size
     try:
         _run_pipeline(findings, spec, given, input_size, batch_size, steps, seed, config,
-                      exports)
+                      exports, example_inputs)
     except _StageFailed:
         pass
     return findings
@@ -559,13 +631,27 @@ def _checked_run(name: str, spec: ModelSpec | None, given: Any, input_size: Any,
 
 def _run_pipeline(findings: _Findings, spec: ModelSpec | None, given: Any,
                   input_size: Any, batch_size: int, steps: int, seed: int,
-                  config: MSQConfig, exports: tuple[str, ...] = ()) -> None:
+                  config: MSQConfig, exports: tuple[str, ...] = (),
+                  example_inputs: Tensor | tuple | None = None) -> None:
     requested = normalize_input_size(input_size, None) if input_size is not None else None
     torch.manual_seed(seed)
     with _stage(findings, "build", SKIP, "model cannot be built: "):
-        model = spec.build(requested) if spec else given
-    shape = _input_shape(findings, spec, model, input_size)
-    inputs, targets = _random_batch(findings, model, shape, batch_size, seed)
+        built = spec.build(requested) if spec else given
+    with _stage(findings, "build"):
+        model, given_inputs = model_and_inputs(built, findings.name)
+    given_inputs = example_inputs if given_inputs is None else given_inputs
+    generator = torch.Generator().manual_seed(seed)
+    if given_inputs is None:
+        shape = _input_shape(findings, spec, model, input_size)
+        inputs = torch.randn((batch_size, *shape), generator=generator)
+    else:
+        if input_size is not None:
+            findings.fields["note"] = (f"input_size {input_size} not used: the factory gave its "
+                                       f"own example inputs")
+        inputs = first_rows(given_inputs) if batch_size == 1 else given_inputs
+        findings.fields["input_size"] = sample_shapes(inputs)
+        findings.fields["batch_size"] = len(_first_tensor(inputs))
+    targets = _labels(findings, model, inputs, generator)
     _capture(findings, model, config)
     # A model the spec built is the check's own: prepare it in place, so the largest models
     # need not fit twice. The expected weight names are taken first, from the float model.
@@ -579,11 +665,12 @@ def _run_pipeline(findings: _Findings, spec: ModelSpec | None, given: Any,
         controller = MSQController(qmodel, config)
     with findings.timed("train"):
         _train(findings, qmodel, controller, inputs, targets, steps,
-               rebuild=(lambda: spec.build(requested)) if spec else (lambda: copy.deepcopy(given)))
+               rebuild=(lambda: model_and_inputs(spec.build(requested), findings.name)[0])
+               if spec else (lambda: copy.deepcopy(given)))
     with _stage(findings, "prune"):
         # The Hessian's double backward keeps about three copies of the activations; one sample
         # exercises it as fully as the batch does, at half the memory on the largest models.
-        first = (inputs[:1], None if targets is None else targets[:1])
+        first = (first_rows(inputs), None if targets is None else targets[:1])
         records = controller.epoch_end(1, [first], task_loss)
     findings.fields["hessian_method"] = records[0].hessian_method if records else None
     findings.fields["compression"] = round(controller.compression(), 4)
@@ -611,20 +698,23 @@ def _input_shape(findings: _Findings, spec: ModelSpec | None, model: nn.Module,
     return shape
 
 
-def _random_batch(findings: _Findings, model: nn.Module, shape: tuple[int, ...],
-                  batch_size: int, seed: int) -> tuple[Tensor, Tensor | None]:
-    """Random inputs, and labels for the classes the model predicts (None when its output is not
-    (batch, classes): one row per sample). Runs the model once in eval mode: a model that fails
-    here is a SKIP."""
-    generator = torch.Generator().manual_seed(seed)
-    inputs = torch.randn((batch_size, *shape), generator=generator)
+def _labels(findings: _Findings, model: nn.Module, inputs: Tensor | tuple,
+            generator: torch.Generator) -> Tensor | None:
+    """Random labels for the classes the model predicts (None when its output is not (batch,
+    classes): one row per sample). Runs the model once in eval mode on ``inputs``: a model
+    that fails here is a SKIP."""
     with _stage(findings, "forward", SKIP,
-                f"model does not run eagerly at input {tuple(inputs.shape)}: "):
+                f"model does not run eagerly at input {input_shapes(inputs)}: "):
         with torch.no_grad(), eval_mode(model):
-            logits = primary_output(model(inputs))
+            logits = primary_output(call_model(model, inputs))
+    batch_size = len(_first_tensor(inputs))
     if logits.dim() != 2 or logits.shape[0] != batch_size:  # e.g. a detector's boxes
-        return inputs, None
-    return inputs, torch.randint(0, logits.shape[1], (batch_size,), generator=generator)
+        return None
+    return torch.randint(0, logits.shape[1], (batch_size,), generator=generator)
+
+
+def _first_tensor(inputs: Tensor | tuple) -> Tensor:
+    return inputs[0] if isinstance(inputs, tuple) else inputs
 
 
 def _capture(findings: _Findings, model: nn.Module, config: MSQConfig) -> None:
@@ -682,7 +772,8 @@ def _first(names: list[str], count: int = 5) -> str:
     return ", ".join(names[:count]) + more
 
 
-def _train(findings: _Findings, qmodel: nn.Module, controller: MSQController, inputs: Tensor,
+def _train(findings: _Findings, qmodel: nn.Module, controller: MSQController,
+           inputs: Tensor | tuple,
            targets: Tensor | None, steps: int, rebuild: Callable[[], nn.Module]) -> None:
     """``steps`` SGD steps on task loss + LSB regularization, in train mode.
 
@@ -701,7 +792,7 @@ def _train(findings: _Findings, qmodel: nn.Module, controller: MSQController, in
                 # of the same weight: a whole gradient's memory, which the in-backward steps
                 # are there to avoid. Alone, each weight's term is stepped on and dropped. The
                 # regularizer is taken after the task step, at the weights that step moved.
-                for name, make_loss in (("loss", lambda: task_loss(qmodel(inputs), targets)),
+                for name, make_loss in (("loss", lambda: task_loss(call_model(qmodel, inputs), targets)),
                                         ("LSB regularization", controller.regularization)):
                     loss = make_loss()
                     if not torch.isfinite(loss):
@@ -719,7 +810,7 @@ def _train(findings: _Findings, qmodel: nn.Module, controller: MSQController, in
                                                                               targets)
         if eager_error is not None:
             findings.problem("train", f"train: model does not run eagerly in train mode at input "
-                                      f"{tuple(inputs.shape)}: {eager_error}", SKIP)
+                                      f"{input_shapes(inputs)}: {eager_error}", SKIP)
         else:
             findings.problem("train", f"train: {describe_error(error)}", error=error)
         raise _StageFailed from error
@@ -754,31 +845,32 @@ def sgd_steps_in_backward(model: nn.Module, lr: float, max_norm: float) -> Itera
             param.grad = None
 
 
-def _eager_train_error(rebuild: Callable[[], nn.Module], inputs: Tensor,
+def _eager_train_error(rebuild: Callable[[], nn.Module], inputs: Tensor | tuple,
                        targets: Tensor | None) -> str | None:
     """The error the float model raises in one train-mode step, or None if it runs."""
     try:
         model = rebuild().train()
-        task_loss(model(inputs), targets).backward()
+        task_loss(call_model(model, inputs), targets).backward()
     except Exception as error:  # the float model's own failure is what we are looking for
         return describe_error(error)
     return None
 
 
-def _eval_outputs(findings: _Findings, model: nn.Module, inputs: Tensor) -> list[Tensor]:
+def _eval_outputs(findings: _Findings, model: nn.Module, inputs: Tensor | tuple) -> list[Tensor]:
     with _stage(findings, "compare"), torch.no_grad(), eval_mode(model):
-        return output_tensors(model(inputs))
+        return output_tensors(call_model(model, inputs))
 
 
-def _check_export(findings: _Findings, target: str, int_model: nn.Module, inputs: Tensor,
-                  converted: list[Tensor]) -> None:
+def _check_export(findings: _Findings, target: str, int_model: nn.Module,
+                  inputs: Tensor | tuple, converted: list[Tensor]) -> None:
     """Export ``int_model`` to ``target``, run the result on ``inputs`` and record how far its
     outputs are from ``converted``; a failure or a difference beyond EXPORT_TOLERANCE fails."""
     stage = f"export:{target}"
     found: dict[str, Any] = {}
     with _stage(findings, stage), torch.no_grad(), eval_mode(int_model):
         if target == "torch":
-            exported = output_tensors(torch.export.export(int_model, (inputs,)).module()(inputs))
+            args = inputs if isinstance(inputs, tuple) else (inputs,)
+            exported = output_tensors(torch.export.export(int_model, args).module()(*args))
         else:
             exported = _onnx_outputs(int_model, inputs, found)
         if [t.shape for t in exported] != [t.shape for t in converted]:
@@ -800,7 +892,8 @@ def _largest_difference(reference: list[Tensor], other: list[Tensor]) -> tuple[f
     return diff, scale
 
 
-def _onnx_outputs(int_model: nn.Module, inputs: Tensor, found: dict[str, Any]) -> list[Tensor]:
+def _onnx_outputs(int_model: nn.Module, inputs: Tensor | tuple,
+                  found: dict[str, Any]) -> list[Tensor]:
     """``int_model`` through ``export_onnx`` and ONNX Runtime; what was written goes to
     ``found``."""
     from .onnx_export import export_onnx, onnx_runtime_outputs  # onnx is an optional extra
