@@ -5,8 +5,11 @@
     int_model = msq_fx.convert(qmodel)
     print(msq_fx.report(int_model))
     msq_fx.save(int_model, "model.msq")   # codes bit-packed: n bits per weight on disk
+
+    msq_fx.assert_quantizes(model, input_size=64)   # in a test suite: does it quantize?
 """
 from .api import MSQError, convert, prepare
+from .check import CheckResult, assert_quantizes, check_model
 from .config import MSQConfig
 from .controller import MSQController, PruneRecord
 from .hessian import (HessianTraces, NoSecondDerivative, ScaledProbes, finite_difference_traces,
@@ -26,5 +29,6 @@ __all__ = [
     "WeightFakeQuant", "LoweredWeight", "ActivationFakeQuant", "LoweredActivation",
     "QuantizedWeight",
     "iter_quantized_weights", "cached_quantized_weights", "resnet20", "SmallCNN",
+    "check_model", "assert_quantizes", "CheckResult",
 ]
 __version__ = "0.1.0"

@@ -616,6 +616,19 @@ def check_model(spec_or_model: str | nn.Module, *, input_size: int | Sequence[in
     return retry.result()
 
 
+def assert_quantizes(spec_or_model: str | nn.Module, **options: Any) -> CheckResult:
+    """:func:`check_model`, for a test suite: the result on PASS, else AssertionError with the
+    status, the reason and the per-layer table. ``options`` go to check_model.
+
+        def test_my_net_quantizes():
+            msq_fx.assert_quantizes(MyNet(), input_size=64)
+    """
+    result = check_model(spec_or_model, **options)
+    if not result.passed:
+        raise AssertionError(f"{result.summary_line()}\n{result.table}".rstrip())
+    return result
+
+
 def _checked_run(name: str, spec: ModelSpec | None, given: Any, input_size: Any,
                  batch_size: int, *, steps: int, seed: int, config: MSQConfig,
                  exports: tuple[str, ...], example_inputs: Tensor | tuple | None) -> _Findings:

@@ -1,5 +1,6 @@
 """msq-fx check on models whose input is not one float image batch: token ids, several inputs,
-given by the caller or by a factory spec returning ``(model, example_inputs)``."""
+given by the caller or by a factory spec returning ``(model, example_inputs)``; and
+``assert_quantizes``, the check in a test suite."""
 from __future__ import annotations
 
 import sys
@@ -9,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+import msq_fx
 from msq_fx.check import check_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -95,3 +97,13 @@ def test_example_inputs_of_different_batch_sizes_are_refused():
 def test_example_inputs_and_an_input_size_are_refused_together():
     with pytest.raises(ValueError, match="input_size .* or example_inputs .*, not both"):
         check_model(TokenClassifier(), example_inputs=tokens(), input_size=12)
+
+
+def test_assert_quantizes_returns_the_result_of_a_pass():
+    assert msq_fx.assert_quantizes(TokenClassifier(), example_inputs=tokens()).passed
+
+
+def test_assert_quantizes_fails_with_the_status_and_the_reason():
+    with pytest.raises(AssertionError, match=r"SKIP ImageAndSide: forward: model does not run "
+                                             r"eagerly at input \(2, 3, 8, 8\)"):
+        msq_fx.assert_quantizes(ImageAndSide(), input_size=(3, 8, 8))  # the side input missing
