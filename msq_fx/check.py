@@ -576,8 +576,9 @@ def check_model(spec_or_model: str | nn.Module, *, input_size: int | Sequence[in
             retry after an out-of-memory, which takes their first sample. A factory spec gives
             its own by returning ``(model, example_inputs)``.
 
-    Returns a CheckResult; raises SpecError for a spec that names no model and ValueError when
-    the input size is neither given nor declared by the model. Nothing else raises. When the
+    Returns a CheckResult; raises SpecError for a spec that names no model, ValueError when
+    the input size is neither given nor declared by the model (or given with example inputs),
+    and TypeError for example inputs that are not batched tensors. Nothing else raises. When the
     batch asked for runs out of memory, the check runs again at batch 1 and returns that result
     (with ``note`` saying so) if it passes; otherwise the first result, whose ``note`` says how
     the batch of 1 failed. ``seconds`` and the peak memory then cover both runs.
@@ -652,18 +653,9 @@ def _run_pipeline(findings: _Findings, spec: ModelSpec | None, given: Any,
         built = spec.build(requested) if spec else given
     with _stage(findings, "build"):
         model, given_inputs = model_and_inputs(built, findings.name)
-    given_inputs = example_inputs if given_inputs is None else given_inputs
     generator = torch.Generator().manual_seed(seed)
-    if given_inputs is None:
-        shape = _input_shape(findings, spec, model, input_size)
-        inputs = torch.randn((batch_size, *shape), generator=generator)
-    else:
-        if input_size is not None:
-            findings.fields["note"] = (f"input_size {input_size} not used: the factory gave its "
-                                       f"own example inputs")
-        inputs = first_rows(given_inputs) if batch_size == 1 else given_inputs
-        findings.fields["input_size"] = sample_shapes(inputs)
-        findings.fields["batch_size"] = len(_first_tensor(inputs))
+    inputs = _inputs(findings, spec, model, input_size, batch_size, generator,
+                     example_inputs if given_inputs is None else given_inputs)
     targets = _labels(findings, model, inputs, generator)
     _capture(findings, model, config)
     # A model the spec built is the check's own: prepare it in place, so the largest models
@@ -696,6 +688,23 @@ def _run_pipeline(findings: _Findings, spec: ModelSpec | None, given: Any,
     _compare(findings, fake_quant, converted)
     for target in exports:
         _check_export(findings, target, int_model, inputs, converted)
+
+
+def _inputs(findings: _Findings, spec: ModelSpec | None, model: nn.Module, input_size: Any,
+            batch_size: int, generator: torch.Generator,
+            given: Tensor | tuple | None) -> Tensor | tuple:
+    """The batch to check with: the given example inputs (their first sample at batch 1), else
+    a random one of the requested or declared size."""
+    if given is None:
+        shape = _input_shape(findings, spec, model, input_size)
+        return torch.randn((batch_size, *shape), generator=generator)
+    if input_size is not None:
+        findings.fields["note"] = (f"input_size {input_size} not used: the factory gave its own "
+                                   f"example inputs")
+    inputs = first_rows(given) if batch_size == 1 else given
+    findings.fields["input_size"] = sample_shapes(inputs)
+    findings.fields["batch_size"] = len(_first_tensor(inputs))
+    return inputs
 
 
 def _input_shape(findings: _Findings, spec: ModelSpec | None, model: nn.Module,
