@@ -408,8 +408,7 @@ def _known_timm_model(name: str) -> str:
 
 def torchvision_classification_models() -> list[str]:
     """Every torchvision classification model name (torchvision.models, not its submodules)."""
-    import torchvision
-    return torchvision.models.list_models(module=torchvision.models)
+    return [name for name, task in torchvision_tasks().items() if task == "classification"]
 
 
 def _known_torchvision_model(name: str) -> str:
