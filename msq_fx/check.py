@@ -49,7 +49,7 @@ from .config import MSQConfig
 from .controller import MSQController
 from .report import Report, report
 from .torchvision_tasks import build_torchvision_model, torchvision_input_size, torchvision_tasks
-from .utils import eval_mode, is_out_of_memory
+from .utils import call_model, eval_mode, is_out_of_memory
 
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 
@@ -496,11 +496,6 @@ def task_loss(outputs: Any, targets: Tensor | None) -> Tensor:
 
 # --------------------------------------------------------------------------- inputs
 
-def call_model(model: nn.Module, inputs: Tensor | tuple) -> Any:
-    """``model(inputs)``, or ``model(*inputs)`` for a tuple of positional inputs."""
-    return model(*inputs) if isinstance(inputs, tuple) else model(inputs)
-
-
 def first_rows(inputs: Tensor | tuple, count: int = 1) -> Tensor | tuple:
     """The first ``count`` samples of every input."""
     if isinstance(inputs, tuple):
@@ -508,19 +503,13 @@ def first_rows(inputs: Tensor | tuple, count: int = 1) -> Tensor | tuple:
     return inputs[:count]
 
 
-def input_shapes(inputs: Tensor | tuple) -> tuple:
-    """The shape of the inputs: a tensor's, or a tuple of them."""
+def input_shapes(inputs: Tensor | tuple, per_sample: bool = False) -> tuple:
+    """The shape of the inputs: a tensor's, or a tuple of them; ``per_sample`` drops the batch
+    dimension."""
+    start = 1 if per_sample else 0
     if isinstance(inputs, tuple):
-        return tuple(tuple(value.shape) for value in inputs)
-    return tuple(inputs.shape)
-
-
-def sample_shapes(inputs: Tensor | tuple) -> tuple:
-    """The per-sample shape of the inputs (without the batch dimension): a tensor's, or a tuple
-    of them."""
-    if isinstance(inputs, tuple):
-        return tuple(tuple(value.shape[1:]) for value in inputs)
-    return tuple(inputs.shape[1:])
+        return tuple(tuple(value.shape[start:]) for value in inputs)
+    return tuple(inputs.shape[start:])
 
 
 def model_and_inputs(built: Any, name: str) -> tuple[nn.Module, Tensor | tuple | None]:
@@ -701,7 +690,7 @@ def _inputs(findings: _Findings, spec: ModelSpec | None, model: nn.Module, input
         findings.fields["note"] = (f"input_size {input_size} not used: the factory gave its own "
                                    f"example inputs")
     inputs = first_rows(given) if batch_size == 1 else given
-    findings.fields["input_size"] = sample_shapes(inputs)
+    findings.fields["input_size"] = input_shapes(inputs, per_sample=True)
     findings.fields["batch_size"] = len(_first_tensor(inputs))
     return inputs
 
@@ -813,7 +802,8 @@ def _train(findings: _Findings, qmodel: nn.Module, controller: MSQController,
                 # of the same weight: a whole gradient's memory, which the in-backward steps
                 # are there to avoid. Alone, each weight's term is stepped on and dropped. The
                 # regularizer is taken after the task step, at the weights that step moved.
-                for name, make_loss in (("loss", lambda: task_loss(call_model(qmodel, inputs), targets)),
+                for name, make_loss in (("loss",
+                                         lambda: task_loss(call_model(qmodel, inputs), targets)),
                                         ("LSB regularization", controller.regularization)):
                     loss = make_loss()
                     if not torch.isfinite(loss):

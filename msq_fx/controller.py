@@ -47,7 +47,7 @@ from .hessian import (HessianTraces, NoSecondDerivative, finite_difference_trace
 from .modules import (QuantizedWeight, WeightFakeQuant, displaced_quantized_weights,
                       iter_quantized_weights)
 from .second_order import twice_differentiable
-from .utils import is_out_of_memory, model_mode
+from .utils import call_model, is_out_of_memory, model_mode
 
 logger = logging.getLogger("msq_fx")
 
@@ -362,8 +362,7 @@ def _take(batches: Iterable, count: int) -> list:
 def _mean_loss(model: nn.Module, batches: list, loss_fn) -> Tensor:
     total = None
     for inputs, targets in batches:
-        outputs = model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
-        loss = loss_fn(outputs, targets)
+        loss = loss_fn(call_model(model, inputs), targets)
         total = loss if total is None else total + loss
     return total / len(batches)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import ContextManager, Iterator
+from typing import Any, ContextManager, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -19,6 +19,11 @@ def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or (
         isinstance(error, RuntimeError)
         and any(text in str(error) for text in OUT_OF_MEMORY_MESSAGES))
+
+
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    """``model(*inputs)`` for a tuple or list of positional inputs, else ``model(inputs)``."""
+    return model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
 
 
 def eval_mode(model: nn.Module) -> ContextManager[nn.Module]:
