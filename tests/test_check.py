@@ -649,6 +649,21 @@ def test_sweep_settings_say_which_models_were_checked_lean_from_the_start(sweep_
     assert "parameters or more" not in plain
 
 
+def test_sweep_settings_give_the_default_input_sizes_of_the_swept_source_only(sweep_tool):
+    timm_text = sweep_tool.settings_text(sweep_tool.parse_args(["--source", "timm"]))
+    tasks_text = sweep_tool.settings_text(sweep_tool.parse_args(["--source", "torchvision-tasks"]))
+    assert "pretrained_cfg" in timm_text and "segmentation" not in timm_text
+    assert "segmentation 520" in tasks_text and "pretrained_cfg" not in tasks_text
+
+
+def test_sweep_report_only_settings_point_at_each_rows_limits_not_the_report_commands(sweep_tool):
+    options = ["--source", "timm", "--timeout", "123", "--lean-above", "3e8"]
+    report = sweep_tool.settings_text(sweep_tool.parse_args([*options, "--report-only"]))
+    run = sweep_tool.settings_text(sweep_tool.parse_args(options))
+    assert "123 s" not in report and "Limits: each row's own" in report
+    assert "Limits of the run that last wrote this page: 123 s" in run
+
+
 def test_sweep_does_not_retry_other_failures(sweep_tool, monkeypatch):
     calls = _scripted_checks(sweep_tool, monkeypatch, ["FAIL"])
     assert sweep_tool.run_check("timm:a", sweep_tool.Limits(60, 2**30, 1, None))["status"] == "FAIL"
