@@ -619,11 +619,12 @@ def test_sweep_keeps_the_out_of_memory_row_when_the_lean_retry_fails_and_says_ho
 
 def test_sweep_checks_a_model_above_lean_above_lean_from_the_start(sweep_tool, monkeypatch):
     calls = _scripted_checks(sweep_tool, monkeypatch, ["PASS"])
-    row = sweep_tool.run_check("timm:huge", sweep_tool.Limits(60, 2**30, 1, None), lean=True)
+    row = sweep_tool.run_check("timm:huge", sweep_tool.Limits(60, 2**30, 1, None),
+                               lean_option="--lean-cost-above")
     assert calls == [sweep_tool.LEAN_RETRY]
     assert row["status"] == "PASS"
     assert row["note"] == ("checked at batch 1 with the finite-difference Hessian from the start "
-                           "(--lean-above)")
+                           "(--lean-cost-above)")
 
 
 def test_sweep_lean_specs_are_the_timm_models_with_at_least_that_many_parameters(
@@ -632,20 +633,46 @@ def test_sweep_lean_specs_are_the_timm_models_with_at_least_that_many_parameters
     cache.write_text(json.dumps({"timm": sweep_tool._version("timm"), "models": {
         "small": [10, [3, 8, 8]], "edge": [100, [3, 8, 8]], "big": [1000, [3, 8, 8]]}}))
     specs = ["timm:small", "timm:edge", "timm:big", "torchvision:resnet18"]
-    assert sweep_tool.lean_specs(specs, 100, cache) == {"timm:edge", "timm:big"}
-    assert sweep_tool.lean_specs(specs, None, cache) == set()
+    assert sweep_tool.lean_specs(specs, 100, cache) == {"timm:edge": "--lean-above",
+                                                         "timm:big": "--lean-above"}
+    assert sweep_tool.lean_specs(specs, None, cache) == {}
 
 
-def test_sweep_refuses_lean_above_without_timm_sizes(sweep_tool):
+def test_sweep_lean_cost_specs_also_catch_few_parameters_at_a_large_input(sweep_tool, tmp_path):
+    cache = tmp_path / "sizes.json"
+    cache.write_text(json.dumps({"timm": sweep_tool._version("timm"), "models": {
+        "small": [10, [3, 8, 8]], "wide_input": [10, [3, 100, 100]], "big": [1000, [3, 8, 8]]}}))
+    specs = ["timm:small", "timm:wide_input", "timm:big"]
+    # costs: small 640, wide_input 100 000, big 64 000
+    assert sweep_tool.lean_specs(specs, None, cache, cost_threshold=64_000) == {
+        "timm:wide_input": "--lean-cost-above", "timm:big": "--lean-cost-above"}
+    assert sweep_tool.lean_specs(specs, 1000, cache, cost_threshold=100_000) == {
+        "timm:wide_input": "--lean-cost-above", "timm:big": "--lean-above"}
+
+
+@pytest.mark.parametrize("option", ["--lean-above", "--lean-cost-above"])
+def test_sweep_refuses_a_lean_threshold_without_timm_sizes(sweep_tool, option, capsys):
     with pytest.raises(SystemExit):
-        sweep_tool.parse_args(["--source", "torchvision", "--lean-above", "1e9"])
+        sweep_tool.parse_args(["--source", "torchvision", option, "1e9"])
+    assert f"{option} needs --source timm" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", ["--lean-above", "--lean-cost-above"])
+def test_sweep_refuses_a_lean_threshold_that_is_not_positive(sweep_tool, option, capsys):
+    with pytest.raises(SystemExit):
+        sweep_tool.parse_args(["--source", "timm", option, "0"])
+    assert f"{option} must be a positive number" in capsys.readouterr().err
 
 
 def test_sweep_settings_say_which_models_were_checked_lean_from_the_start(sweep_tool):
     lean = sweep_tool.settings_text(sweep_tool.parse_args(["--source", "timm",
                                                            "--lean-above", "1.5e9"]))
     plain = sweep_tool.settings_text(sweep_tool.parse_args(["--source", "timm"]))
+    both = sweep_tool.settings_text(sweep_tool.parse_args(["--source", "timm", "--lean-above",
+                                                           "1.5e9", "--lean-cost-above", "8e13"]))
     assert "timm models of 1.5e+09 parameters or more: checked at batch 1" in lean
+    assert ("timm models of 1.5e+09 parameters or more, or whose parameters x input pixels "
+            "reach 8e+13: checked at batch 1") in both
     assert "parameters or more" not in plain
 
 
