@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -584,12 +585,12 @@ def test_sweep_records_timeouts_reruns_them_and_resumes(tmp_path):
 
 
 def _scripted_checks(sweep_tool, monkeypatch, statuses):
-    """Make run_check_once return rows with ``statuses`` in turn; returns the options it got."""
+    """Make run_check_once return rows with ``statuses`` in turn; returns whether each was lean."""
     calls = []
 
-    def run_check_once(spec, limits, options, start):
+    def run_check_once(spec, limits, start, lean=False):
         status = statuses[len(calls)]
-        calls.append(options)
+        calls.append(lean)
         row = sweep_tool._row(spec, status, "" if status == "PASS" else "prune: out of memory",
                               start, stage="" if status == "PASS" else "prune")
         return row
@@ -601,7 +602,7 @@ def _scripted_checks(sweep_tool, monkeypatch, statuses):
 def test_sweep_retries_an_out_of_memory_check_lean_in_a_fresh_process(sweep_tool, monkeypatch):
     calls = _scripted_checks(sweep_tool, monkeypatch, ["OOM", "PASS"])
     row = sweep_tool.run_check("timm:big", sweep_tool.Limits(60, 2**30, 1, None))
-    assert calls == [(), sweep_tool.LEAN_RETRY]
+    assert calls == [False, True]
     assert LEAN_RETRY_OPTIONS <= set(sweep_tool.LEAN_RETRY)
     assert row["status"] == "PASS"
     assert row["note"] == ("passed in a fresh process at batch 1 with the finite-difference "
@@ -621,7 +622,7 @@ def test_sweep_checks_a_model_above_lean_above_lean_from_the_start(sweep_tool, m
     calls = _scripted_checks(sweep_tool, monkeypatch, ["PASS"])
     row = sweep_tool.run_check("timm:huge", sweep_tool.Limits(60, 2**30, 1, None),
                                lean_option="--lean-cost-above")
-    assert calls == [sweep_tool.LEAN_RETRY]
+    assert calls == [True]
     assert row["status"] == "PASS"
     assert row["note"] == ("checked at batch 1 with the finite-difference Hessian from the start "
                            "(--lean-cost-above)")
@@ -694,7 +695,15 @@ def test_sweep_report_only_settings_point_at_each_rows_limits_not_the_report_com
 def test_sweep_does_not_retry_other_failures(sweep_tool, monkeypatch):
     calls = _scripted_checks(sweep_tool, monkeypatch, ["FAIL"])
     assert sweep_tool.run_check("timm:a", sweep_tool.Limits(60, 2**30, 1, None))["status"] == "FAIL"
-    assert calls == [()]
+    assert calls == [False]
+
+
+def test_sweep_lean_checks_run_with_an_allocator_that_returns_freed_tensors(sweep_tool):
+    limits = sweep_tool.Limits(60, 2**30, 3, None)
+    lean, plain = sweep_tool.check_env(limits, lean=True), sweep_tool.check_env(limits)
+    assert lean["MALLOC_MMAP_THRESHOLD_"] == str(2**20)
+    assert plain.get("MALLOC_MMAP_THRESHOLD_") == os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    assert lean["OMP_NUM_THREADS"] == plain["OMP_NUM_THREADS"] == "3"
 
 
 def test_sweep_export_passes_each_format_to_every_check(sweep_tool):
