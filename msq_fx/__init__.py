@@ -15,6 +15,7 @@ from .controller import MSQController, PruneRecord
 from .hessian import (HessianTraces, NoSecondDerivative, ScaledProbes, finite_difference_traces,
                       hutchinson_traces)
 from .io import load, save
+from .offload import offload_saved_tensors
 from .onnx_export import OnnxExport, export_onnx
 from .models import SmallCNN, resnet20
 from .modules import (ActivationFakeQuant, LoweredActivation, LoweredWeight, QuantizedWeight,
@@ -29,6 +30,6 @@ __all__ = [
     "WeightFakeQuant", "LoweredWeight", "ActivationFakeQuant", "LoweredActivation",
     "QuantizedWeight",
     "iter_quantized_weights", "cached_quantized_weights", "resnet20", "SmallCNN",
-    "check_model", "assert_quantizes", "CheckResult",
+    "check_model", "assert_quantizes", "CheckResult", "offload_saved_tensors",
 ]
 __version__ = "0.1.0"

@@ -47,6 +47,7 @@ from torch import Tensor, nn
 from .api import convert, prepare
 from .config import MSQConfig
 from .controller import MSQController
+from .offload import offload_saved_tensors
 from .report import Report, report
 from .torchvision_tasks import build_torchvision_model, torchvision_input_size, torchvision_tasks
 from .utils import call_model, eval_mode, is_out_of_memory
@@ -125,6 +126,8 @@ class CheckResult:
         peak_memory_mib: the process's peak resident memory (MiB) at the end of each stage; a
             high-water mark, so in a process that checks one model the first stage where it
             jumps is the one that needed the memory.
+        offloaded_mib: with ``offload_activations``, the saved activations written to disk by
+            the training steps and the prune (MiB); None without.
         table: the per-layer report table of the converted (else prepared) model.
         exports: per export format asked for, ``max_abs_diff`` / ``rel_diff`` of the exported
             model's outputs against the converted model's, and for ONNX the number of weights
@@ -152,6 +155,7 @@ class CheckResult:
     seconds: float = 0.0
     stage_seconds: dict[str, float] = field(default_factory=dict)
     peak_memory_mib: dict[str, float] = field(default_factory=dict)
+    offloaded_mib: float | None = None
     table: str = ""
     exports: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -544,7 +548,8 @@ def _describe_value(value: Any) -> str:
 def check_model(spec_or_model: str | nn.Module, *, input_size: int | Sequence[int] | None = None,
                 batch_size: int = 2, steps: int = 3, seed: int = 0,
                 config: MSQConfig | None = None, exports: Sequence[str] = (),
-                example_inputs: Tensor | tuple | None = None) -> CheckResult:
+                example_inputs: Tensor | tuple | None = None,
+                offload_activations: bool = False) -> CheckResult:
     """Run prepare -> train -> prune -> convert on one model and compare the converted output.
 
     Args:
@@ -563,6 +568,10 @@ def check_model(spec_or_model: str | nn.Module, *, input_size: int | Sequence[in
             first dimension. ``input_size`` does not apply then, and ``batch_size`` only in the
             retry after an out-of-memory, which takes their first sample. A factory spec gives
             its own by returning ``(model, example_inputs)``.
+        offload_activations: keep the activations the training steps and the prune save for
+            their backward in files, not in memory (``msq_fx.offload_saved_tensors``): for
+            models whose activations at the input size, not their weights, exceed the memory.
+            Slower by a write and a read of each; ``offloaded_mib`` says how much went to disk.
 
     Returns a CheckResult; raises SpecError for a spec that names no model, ValueError when
     the input size is neither given nor declared by the model (or given with example inputs),
@@ -587,7 +596,8 @@ def check_model(spec_or_model: str | nn.Module, *, input_size: int | Sequence[in
     name = spec.text if spec else type(spec_or_model).__name__
     run = functools.partial(_checked_run, name, spec, spec_or_model, input_size,
                             steps=steps, seed=seed, config=config,
-                            exports=tuple(dict.fromkeys(exports)), example_inputs=example_inputs)
+                            exports=tuple(dict.fromkeys(exports)), example_inputs=example_inputs,
+                            offload=offload_activations)
     first = run(batch_size)
     if not (first.out_of_memory and batch_size > 1):
         return first.result()
@@ -620,12 +630,13 @@ def assert_quantizes(spec_or_model: str | nn.Module, **options: Any) -> CheckRes
 
 def _checked_run(name: str, spec: ModelSpec | None, given: Any, input_size: Any,
                  batch_size: int, *, steps: int, seed: int, config: MSQConfig,
-                 exports: tuple[str, ...], example_inputs: Tensor | tuple | None) -> _Findings:
+                 exports: tuple[str, ...], example_inputs: Tensor | tuple | None,
+                 offload: bool) -> _Findings:
     findings = _Findings(name)
     findings.fields["batch_size"] = batch_size
     try:
         _run_pipeline(findings, spec, given, input_size, batch_size, steps, seed, config,
-                      exports, example_inputs)
+                      exports, example_inputs, offload)
     except _StageFailed:
         pass
     return findings
@@ -634,7 +645,7 @@ def _checked_run(name: str, spec: ModelSpec | None, given: Any, input_size: Any,
 def _run_pipeline(findings: _Findings, spec: ModelSpec | None, given: Any,
                   input_size: Any, batch_size: int, steps: int, seed: int,
                   config: MSQConfig, exports: tuple[str, ...] = (),
-                  example_inputs: Tensor | tuple | None = None) -> None:
+                  example_inputs: Tensor | tuple | None = None, offload: bool = False) -> None:
     requested = normalize_input_size(input_size, None) if input_size is not None else None
     torch.manual_seed(seed)
     with _stage(findings, "build", SKIP, "model cannot be built: "):
@@ -656,15 +667,16 @@ def _run_pipeline(findings: _Findings, spec: ModelSpec | None, given: Any,
     del model  # the spec can rebuild it if a failure needs diagnosing
     with _stage(findings, "train"):
         controller = MSQController(qmodel, config)
-    with findings.timed("train"):
-        _train(findings, qmodel, controller, inputs, targets, steps,
-               rebuild=(lambda: model_and_inputs(spec.build(requested), findings.name)[0])
-               if spec else (lambda: copy.deepcopy(given)))
-    with _stage(findings, "prune"):
-        # The Hessian's double backward keeps about three copies of the activations; one sample
-        # exercises it as fully as the batch does, at half the memory on the largest models.
-        first = (first_rows(inputs), None if targets is None else targets[:1])
-        records = controller.epoch_end(1, [first], task_loss)
+    with _saved_activations(findings, offload):
+        with findings.timed("train"):
+            _train(findings, qmodel, controller, inputs, targets, steps,
+                   rebuild=(lambda: model_and_inputs(spec.build(requested), findings.name)[0])
+                   if spec else (lambda: copy.deepcopy(given)))
+        with _stage(findings, "prune"):
+            # The Hessian's double backward keeps about three copies of the activations; one
+            # sample exercises it as fully as the batch does, at half the memory on the largest.
+            first = (first_rows(inputs), None if targets is None else targets[:1])
+            records = controller.epoch_end(1, [first], task_loss)
     findings.fields["hessian_method"] = records[0].hessian_method if records else None
     findings.fields["compression"] = round(controller.compression(), 4)
     findings.fields["table"] = report(qmodel).table()  # the widths after the prune
@@ -676,6 +688,19 @@ def _run_pipeline(findings: _Findings, spec: ModelSpec | None, given: Any,
     _compare(findings, fake_quant, converted)
     for target in exports:
         _check_export(findings, target, int_model, inputs, converted)
+
+
+@contextmanager
+def _saved_activations(findings: _Findings, offload: bool) -> Iterator[None]:
+    """Inside, with ``offload``, saved activations go to disk; records ``offloaded_mib``."""
+    if not offload:
+        yield
+        return
+    with offload_saved_tensors() as hooks:
+        try:
+            yield
+        finally:
+            findings.fields["offloaded_mib"] = round(hooks.bytes_written / 2**20, 1)
 
 
 def _inputs(findings: _Findings, spec: ModelSpec | None, model: nn.Module, input_size: Any,

@@ -109,7 +109,8 @@ def check(args: argparse.Namespace) -> int:
                                                      act_bits=args.act_bits)
             result = check_model(spec, input_size=args.input_size, batch_size=args.batch_size,
                                  steps=args.steps, seed=args.seed, config=config,
-                                 exports=args.export)
+                                 exports=args.export,
+                                 offload_activations=args.offload_activations)
         except ValueError as error:  # the model declares no input size and none was given
             print(f"msq-fx check: error: {error}", file=sys.stderr)
             return 2
@@ -205,6 +206,10 @@ def _add_check_parser(commands) -> None:
                         help="how the pruning step computes H v (MSQConfig.hessian_method; "
                              "default auto: double backward, finite differences if it runs out "
                              "of memory)")
+    parser.add_argument("--offload-activations", action="store_true",
+                        help="keep the activations the training steps and the prune save for "
+                             "their backward in temporary files, not in memory: for models whose "
+                             "activations, not weights, exceed the memory (slower)")
     parser.add_argument("--act-bits", type=int, default=None,
                         help="also quantize each quantized layer's input to this many bits "
                              "(MSQConfig.act_bits)")

@@ -606,7 +606,7 @@ def test_sweep_retries_an_out_of_memory_check_lean_in_a_fresh_process(sweep_tool
     assert LEAN_RETRY_OPTIONS <= set(sweep_tool.LEAN_RETRY)
     assert row["status"] == "PASS"
     assert row["note"] == ("passed in a fresh process at batch 1 with the finite-difference "
-                           "Hessian; batch 2 ran out of memory in prune")
+                           "Hessian and activations on disk; batch 2 ran out of memory in prune")
 
 
 def test_sweep_keeps_the_out_of_memory_row_when_the_lean_retry_fails_and_says_how(
@@ -614,8 +614,8 @@ def test_sweep_keeps_the_out_of_memory_row_when_the_lean_retry_fails_and_says_ho
     _scripted_checks(sweep_tool, monkeypatch, ["OOM", "OOM"])
     row = sweep_tool.run_check("timm:big", sweep_tool.Limits(60, 2**30, 1, None))
     assert (row["status"], row["stage"]) == ("OOM", "prune")
-    assert row["note"] == ("fresh process at batch 1 with the finite-difference Hessian: OOM "
-                           "(prune: out of memory)")
+    assert row["note"] == ("fresh process at batch 1 with the finite-difference Hessian and "
+                           "activations on disk: OOM (prune: out of memory)")
 
 
 def test_sweep_checks_a_model_above_lean_above_lean_from_the_start(sweep_tool, monkeypatch):
@@ -624,8 +624,8 @@ def test_sweep_checks_a_model_above_lean_above_lean_from_the_start(sweep_tool, m
                                lean_option="--lean-cost-above")
     assert calls == [True]
     assert row["status"] == "PASS"
-    assert row["note"] == ("checked at batch 1 with the finite-difference Hessian from the start "
-                           "(--lean-cost-above)")
+    assert row["note"] == ("checked at batch 1 with the finite-difference Hessian and "
+                           "activations on disk from the start (--lean-cost-above)")
 
 
 def test_sweep_lean_specs_are_the_timm_models_with_at_least_that_many_parameters(
@@ -761,7 +761,8 @@ def test_sweep_settings_describe_the_exports(sweep_tool):
     assert "Exports" not in sweep_tool.settings_text(sweep_tool.parse_args([]))
 
 
-LEAN_RETRY_OPTIONS = {"--batch-size", "1", "--hessian-method", "finite_difference"}
+LEAN_RETRY_OPTIONS = {"--batch-size", "1", "--hessian-method", "finite_difference",
+                      "--offload-activations"}
 
 
 def test_sweep_selection_is_deterministic(sweep_tool):
