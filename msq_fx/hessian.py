@@ -239,9 +239,9 @@ def finite_difference_traces(
     Design choices:
         * Central difference: the error is O(h^2) in the third derivative, against O(h) one-sided.
         * Only ``v_l . g_l`` is kept from each gradient, accumulated in float64 as each block
-          lands, and the probes are kept as int8 signs from which each offset h v is made
-          where it is used, so the estimator holds a quarter of a weight-sized copy beyond the
-          model, and with ``frozen_kinks`` one bool (one index for max pooling) per output of
+          lands, and the probes are kept as signs packed eight to a byte, from which each
+          offset h v is made where it is used, so the estimator holds a 32nd of a weight-sized
+          copy beyond the model, and with ``frozen_kinks`` one bool (one index for max pooling) per output of
           a kinked op; the probe is recovered from the offset as offset / h.
         * The step trades float rounding (the difference of two float32 gradients loses about
           log10(1/relative_step) digits) against the O(h^2) error of the smooth part. Kinks
@@ -365,24 +365,47 @@ def _rademacher_like(
 
 def _rademacher_signs(
     params: list[torch.Tensor], generator: torch.Generator | None
-) -> list[torch.Tensor]:
-    """+-1 as int8 (a quarter of float32's memory), on each tensor's device."""
+) -> list[PackedSigns]:
+    """+-1 per element, one bit each (a 32nd of float32's memory), on each tensor's device."""
     # Drawn on CPU for every tensor, used or not, so the random stream depends
     # only on the shapes and a seed reproduces results on any device.
-    probes = []
-    for param in params:
-        bits = torch.randint(0, 2, param.shape, generator=generator, dtype=torch.int8)
-        probes.append(bits.mul_(2).sub_(1).to(device=param.device))
-    return probes
+    return [PackedSigns(torch.randint(0, 2, param.shape, generator=generator, dtype=torch.uint8),
+                        param.device) for param in params]
+
+
+class PackedSigns:
+    """The signs ``2 b - 1`` of 0/1 ``bits``, kept eight to a byte on ``device``.
+
+    ``to(dtype)`` makes the +-1 tensor. On a model of billions of weights the probe is the
+    estimator's one weight-sized store: as bits it is 0.5 GB for 4 B weights, where int8
+    signs were 4 GB.
+    """
+
+    def __init__(self, bits: torch.Tensor, device: torch.device | str = "cpu") -> None:
+        self.shape = bits.shape
+        flat = bits.reshape(-1)
+        padded = torch.cat([flat, flat.new_zeros(-flat.numel() % 8)]).view(-1, 8)
+        self.packed = padded.bitwise_left_shift(_bit_positions(padded.device)).sum(
+            1, dtype=torch.uint8).to(device)
+
+    def to(self, dtype: torch.dtype, copy: bool = True) -> torch.Tensor:
+        """The +-1 tensor in ``dtype`` (always a new tensor; ``copy`` is for the Tensor API)."""
+        bits = self.packed.unsqueeze(1).bitwise_right_shift(_bit_positions(self.packed.device))
+        bits = bits.bitwise_and_(1).reshape(-1)[:self.shape.numel()].reshape(self.shape)
+        return bits.to(dtype).mul_(2).sub_(1)
+
+
+def _bit_positions(device: torch.device) -> torch.Tensor:
+    return torch.arange(8, dtype=torch.uint8, device=device)
 
 
 class ScaledProbes(Sequence[torch.Tensor]):
     """``offsets[l] = scale * probes[l]`` in ``params[l]``'s dtype, made when indexed.
 
-    The probes stay int8, so the finite-difference estimator holds a quarter of a weight-sized
-    copy rather than one; a user of an offset holds it only while it is used. The same index
-    gives the same values every time, so a consumer may make an offset again instead of
-    keeping it.
+    The probes stay packed signs (or whatever tensors they were given), so the
+    finite-difference estimator holds a 32nd of a weight-sized copy rather than one; a user of
+    an offset holds it only while it is used. The same index gives the same values every time,
+    so a consumer may make an offset again instead of keeping it.
     """
 
     def __init__(self, probes: list[torch.Tensor], scale: float,
@@ -448,7 +471,7 @@ def _difference_sample(
     displaced: Callable[[list[torch.Tensor]], ContextManager[None]],
 ) -> torch.Tensor:
     """v_l . (H v)_l for every tensor l, from the gradients at w + h v and w - h v
-    (``probes`` are int8 signs; each offset h v is made from them where it is used)."""
+    (``probes`` are packed signs; each offset h v is made from them where it is used)."""
     dtypes = [param.dtype for param in params]
     ahead = _offset_gradient_dots(pieces, params, ScaledProbes(probes, step, dtypes),
                                   displaced)  # (h v) . g(w + h v)

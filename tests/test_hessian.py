@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from msq_fx.hessian import (HessianTraces, NoSecondDerivative, ScaledProbes,
+from msq_fx.hessian import (HessianTraces, NoSecondDerivative, PackedSigns, ScaledProbes,
                             finite_difference_traces, hutchinson_traces)
 
 # Tiny enough that the relative change of the running mean never drops under
@@ -611,7 +611,7 @@ def test_scaled_probes_make_scale_times_the_signs_in_each_tensors_dtype():
     assert signs[0].dtype == torch.int8  # indexing leaves the stored signs alone
 
 
-def test_finite_differences_displace_by_plus_and_minus_the_step_times_int8_signs():
+def test_finite_differences_displace_by_plus_and_minus_the_step_times_the_signs():
     weight = torch.randn(6, requires_grad=True)
     seen: list[tuple[type, torch.Tensor]] = []
 
@@ -632,6 +632,24 @@ def test_finite_differences_displace_by_plus_and_minus_the_step_times_int8_signs
     assert kind_ahead is kind_behind is ScaledProbes
     assert torch.equal(behind, -ahead)
     assert torch.equal(ahead.abs(), torch.full_like(ahead, ahead.abs()[0].item()))
+
+
+@settings(max_examples=60, deadline=None)
+@given(shape=st.lists(st.integers(1, 11), min_size=0, max_size=3), seed=st.integers(0, 2**16))
+def test_packed_signs_give_back_two_bits_minus_one_from_an_eighth_of_a_byte_each(shape, seed):
+    bits = torch.randint(0, 2, shape, generator=torch.Generator().manual_seed(seed),
+                         dtype=torch.uint8)
+    signs = PackedSigns(bits)
+    assert signs.packed.numel() == -(-bits.numel() // 8)
+    for dtype in (torch.float32, torch.float64):
+        assert torch.equal(signs.to(dtype), bits.to(dtype) * 2 - 1)
+
+
+def test_scaled_probes_of_packed_signs_scale_them_in_each_tensors_dtype():
+    offsets = ScaledProbes([PackedSigns(torch.tensor([1, 0, 1], dtype=torch.uint8))], 0.25,
+                           [torch.float64])
+    assert offsets[0].dtype == torch.float64
+    assert torch.equal(offsets[0], torch.tensor([0.25, -0.25, 0.25], dtype=torch.float64))
 
 
 def test_scaled_probes_never_change_float_probes_they_were_given():
