@@ -105,13 +105,18 @@ def _prepare(qmodel: nn.Module, inputs: tuple | None, config: MSQConfig) -> nn.M
     return qmodel
 
 
-def convert(qmodel: nn.Module, *, inplace: bool = False) -> nn.Module:
+def convert(qmodel: nn.Module, *, inplace: bool = False, one_at_a_time: bool = False) -> nn.Module:
     """Return a copy of a prepared model whose quantized weights are int8 codes + step + bit width.
 
     In eval mode its output equals the prepared model's output: both rebuild each weight with the
     same formula from the same codes. ``inplace=True`` lowers ``qmodel`` itself and returns it
     (no copy of the latent weights); every weight is lowered before any is swapped in, so a
-    weight that cannot be lowered raises with ``qmodel`` unchanged.
+    weight that cannot be lowered raises with ``qmodel`` unchanged. ``one_at_a_time=True``
+    swaps each weight in as soon as it is lowered, so its latent goes at once: the peak is the
+    model plus one weight's temporaries instead of plus every weight's codes. Weights that
+    cannot be lowered are still found before anything changes, but running out of memory
+    midway would leave ``qmodel`` partly converted: for a model you would discard then (the
+    largest models, converted in place where they were trained).
     """
     from msq_fx.passes.lower import LowerError, lower
 
@@ -125,7 +130,7 @@ def convert(qmodel: nn.Module, *, inplace: bool = False) -> nn.Module:
                        f"example_inputs) and train it first.")
     int_model = qmodel if inplace else copy_module(qmodel)
     try:
-        lower(int_model)
+        lower(int_model, one_at_a_time=one_at_a_time)
     except LowerError as error:
         raise MSQError(str(error)) from error
     return int_model

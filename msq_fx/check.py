@@ -680,9 +680,12 @@ def _run_pipeline(findings: _Findings, spec: ModelSpec | None, given: Any,
     findings.fields["hessian_method"] = records[0].hessian_method if records else None
     findings.fields["compression"] = round(controller.compression(), 4)
     findings.fields["table"] = report(qmodel).table()  # the widths after the prune
+    del controller  # it holds every latent weight, which the conversion is to let go
     fake_quant = _eval_outputs(findings, qmodel, inputs)
     with _stage(findings, "convert"):
-        int_model = convert(qmodel, inplace=True)  # the fake-quant model is not needed any more
+        # The fake-quant model is not needed any more, and a check that fails midway discards
+        # the model anyway: each latent goes as soon as its codes exist.
+        int_model = convert(qmodel, inplace=True, one_at_a_time=True)
     findings.fields["table"] = report(int_model).table()
     converted = _eval_outputs(findings, int_model, inputs)
     _compare(findings, fake_quant, converted)

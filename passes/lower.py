@@ -21,28 +21,55 @@ class LowerError(RuntimeError):
     """A quantized weight cannot be lowered; the message names it."""
 
 
-def lower(model: nn.Module) -> None:
-    """Lower every ``WeightFakeQuant`` in ``model`` to a ``LoweredWeight`` (in place)."""
-    lowered: dict[int, LoweredWeight] = {}
+def lower(model: nn.Module, one_at_a_time: bool = False) -> None:
+    """Lower every ``WeightFakeQuant`` in ``model`` to a ``LoweredWeight`` (in place).
+
+    Every weight is first checked to be lowerable (LowerError names the first that is not, with
+    ``model`` unchanged). By default all are then lowered before any is swapped in, so nothing
+    that fails midway leaves the model partly lowered; that holds every weight's codes beside
+    every latent. ``one_at_a_time`` swaps each weight in, and drops its latent, as soon as its
+    codes exist: the peak is then the model plus one weight's float temporaries, for a caller
+    that owns the model and would discard it if something (running out of memory) failed
+    midway.
+    """
     owners = [(name, m) for name, m in model.named_modules(remove_duplicate=False)
               if is_quantized_owner(m)]
-    for owner_name, owner in owners:
-        for attr in owner._msq_names:
-            quantizer = owner._modules[attr + QUANTIZER_SUFFIX]
-            if not isinstance(quantizer, WeightFakeQuant):
-                continue
-            if id(quantizer) not in lowered:
-                lowered[id(quantizer)] = _lower_one(owner_name, owner, attr, quantizer)
+    uses = _weight_uses(owners)
+    for fqn, owner, attr, quantizer in (found[0] for found in uses.values()):
+        _check_lowerable(fqn, owner, attr, quantizer)
     activations = _lowered_activations(owners)
-    for owner_name, owner in owners:
-        for attr in owner._msq_names:
-            quantizer = owner._modules[attr + QUANTIZER_SUFFIX]
-            if id(quantizer) in lowered:
-                owner._modules[attr + QUANTIZER_SUFFIX] = lowered[id(quantizer)]
-                owner._parameters.pop(attr, None)
+    if one_at_a_time:
+        for found in uses.values():
+            _swap_in(found, _lower_one(*found[0]))
+    else:
+        lowered = [(found, _lower_one(*found[0])) for found in uses.values()]
+        for found, weight in lowered:
+            _swap_in(found, weight)
+    for _, owner in owners:
         if id(owner._modules.get(INPUT_QUANTIZER)) in activations:
             owner._modules[INPUT_QUANTIZER] = activations[id(owner._modules[INPUT_QUANTIZER])]
     remove_model_recompute(model)
+
+
+_Use = tuple[str, nn.Module, str, WeightFakeQuant]  # weight FQN, owner, attribute, quantizer
+
+
+def _weight_uses(owners: list[tuple[str, nn.Module]]) -> dict[int, list[_Use]]:
+    """Each WeightFakeQuant's uses (tied weights: several), by the quantizer's id, in order."""
+    uses: dict[int, list[_Use]] = {}
+    for owner_name, owner in owners:
+        for attr in owner._msq_names:
+            quantizer = owner._modules[attr + QUANTIZER_SUFFIX]
+            if isinstance(quantizer, WeightFakeQuant):
+                fqn = f"{owner_name}.{attr}" if owner_name else attr
+                uses.setdefault(id(quantizer), []).append((fqn, owner, attr, quantizer))
+    return uses
+
+
+def _swap_in(uses: list[_Use], lowered: LoweredWeight) -> None:
+    for _, owner, attr, _ in uses:
+        owner._modules[attr + QUANTIZER_SUFFIX] = lowered
+        owner._parameters.pop(attr, None)
 
 
 def _lowered_activations(owners: list[tuple[str, nn.Module]]) -> dict[int, LoweredActivation]:
@@ -56,14 +83,17 @@ def _lowered_activations(owners: list[tuple[str, nn.Module]]) -> dict[int, Lower
     return found
 
 
-def _lower_one(owner_name: str, owner: nn.Module, attr: str,
-               quantizer: WeightFakeQuant) -> LoweredWeight:
-    latent = owner._parameters.get(attr)
-    fqn = f"{owner_name}.{attr}" if owner_name else attr
-    if latent is None:
+def _check_lowerable(fqn: str, owner: nn.Module, attr: str, quantizer: WeightFakeQuant) -> None:
+    if owner._parameters.get(attr) is None:
         raise LowerError(f"{fqn}: the latent weight is missing from its module; was the model "
                          f"modified after prepare()?")
+    if quantizer.num_bits > 8:
+        raise LowerError(f"{fqn}: {quantizer.num_bits}-bit codes do not fit an int8 container "
+                         f"(was its bit width changed after prepare()? MSQ starts at 8 or fewer)")
+
+
+def _lower_one(fqn: str, owner: nn.Module, attr: str, quantizer: WeightFakeQuant) -> LoweredWeight:
     try:
-        return LoweredWeight.from_fake_quant(quantizer, latent)
+        return LoweredWeight.from_fake_quant(quantizer, owner._parameters[attr])
     except ValueError as error:
         raise LowerError(f"{fqn}: {error}") from error

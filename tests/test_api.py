@@ -274,6 +274,47 @@ def test_convert_in_place_lowers_the_given_model_with_the_same_output():
     assert torch.equal(eval_output(int_model, X), expected)
 
 
+def test_convert_one_at_a_time_gives_the_same_model_as_all_at_once():
+    qmodel = msq_fx.prepare(small_cnn(), X)
+    _train_a_little(qmodel)
+    expected = eval_output(qmodel, X)
+    at_once = msq_fx.convert(qmodel)
+    streamed = msq_fx.convert(qmodel, inplace=True, one_at_a_time=True)
+    assert at_once.state_dict().keys() == streamed.state_dict().keys()
+    assert all(torch.equal(v, streamed.state_dict()[k]) for k, v in at_once.state_dict().items())
+    assert torch.equal(eval_output(streamed, X), expected)
+
+
+def test_convert_one_at_a_time_lets_each_latent_go_before_lowering_the_next(monkeypatch):
+    import weakref
+
+    from msq_fx.modules import LoweredWeight
+
+    qmodel = msq_fx.prepare(small_cnn(), X)
+    latents = [weakref.ref(w.latent) for w in msq_fx.iter_quantized_weights(qmodel)]
+    alive_when_lowering: list[int] = []
+    from_fake_quant = LoweredWeight.from_fake_quant.__func__
+
+    def counting(cls, quantizer, latent):
+        alive_when_lowering.append(sum(ref() is not None for ref in latents))
+        return from_fake_quant(cls, quantizer, latent)
+
+    monkeypatch.setattr(LoweredWeight, "from_fake_quant", classmethod(counting))
+    msq_fx.convert(qmodel, inplace=True, one_at_a_time=True)
+    assert alive_when_lowering == list(range(len(latents), 0, -1))
+
+
+def test_convert_one_at_a_time_still_changes_nothing_when_a_weight_cannot_be_lowered():
+    qmodel = msq_fx.prepare(small_cnn(), X)
+    last = list(msq_fx.iter_quantized_weights(qmodel))[-1]
+    last.quantizer.bits.fill_(12)  # as if edited by hand after prepare
+    before = {k: v.clone() for k, v in qmodel.state_dict().items()}
+    with pytest.raises(msq_fx.MSQError, match=f"{last.name}: 12-bit codes do not fit"):
+        msq_fx.convert(qmodel, inplace=True, one_at_a_time=True)
+    assert qmodel.state_dict().keys() == before.keys()
+    assert not any(isinstance(m, msq_fx.LoweredWeight) for m in qmodel.modules())
+
+
 def test_prepare_rejects_a_config_of_the_wrong_type():
     with pytest.raises(TypeError, match="MSQConfig"):
         msq_fx.prepare(small_cnn(), X, {"init_bits": 8})
