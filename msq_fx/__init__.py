@@ -15,7 +15,7 @@ from .controller import MSQController, PruneRecord
 from .hessian import (HessianTraces, NoSecondDerivative, ScaledProbes, finite_difference_traces,
                       hutchinson_traces)
 from .io import load, save
-from .offload import offload_saved_tensors
+from .offload import offload_saved_tensors, release_freed_memory
 from .onnx_export import OnnxExport, export_onnx
 from .models import SmallCNN, resnet20
 from .modules import (ActivationFakeQuant, LoweredActivation, LoweredWeight, QuantizedWeight,
@@ -31,5 +31,6 @@ __all__ = [
     "QuantizedWeight",
     "iter_quantized_weights", "cached_quantized_weights", "resnet20", "SmallCNN",
     "check_model", "assert_quantizes", "CheckResult", "offload_saved_tensors",
+    "release_freed_memory",
 ]
 __version__ = "0.1.0"

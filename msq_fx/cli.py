@@ -16,6 +16,7 @@ from .check import EXPORT_FORMATS
 from .config import HESSIAN_METHODS
 from .data import synthetic_patterns
 from .modules import LoweredWeight
+from .offload import release_freed_memory
 from .packing import packed_size
 from .training import accuracy, cosine_schedule, train_epoch
 
@@ -102,6 +103,8 @@ def check(args: argparse.Namespace) -> int:
         return 2
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.offload_activations:
+        release_freed_memory()  # else the activations read back from disk stay with the process
     failed, results = False, []
     for spec in args.specs:
         try:
@@ -209,7 +212,8 @@ def _add_check_parser(commands) -> None:
     parser.add_argument("--offload-activations", action="store_true",
                         help="keep the activations the training steps and the prune save for "
                              "their backward in temporary files, not in memory: for models whose "
-                             "activations, not weights, exceed the memory (slower)")
+                             "activations, not weights, exceed the memory (slower; on glibc also "
+                             "returns freed blocks of 1 MiB or more to the system)")
     parser.add_argument("--act-bits", type=int, default=None,
                         help="also quantize each quantized layer's input to this many bits "
                              "(MSQConfig.act_bits)")

@@ -8,12 +8,19 @@ holds the weights and the working set of one op at a time; the disk and the page
 rest (page cache is not the process's memory: it counts against neither its resident size nor
 an address-space cap, and the kernel drops it under pressure).
 
+Freed memory has to leave the process too: glibc's malloc keeps freed blocks below its mmap
+threshold (which rises to 32 MiB as large blocks are freed) in its heap, so without
+:func:`release_freed_memory` (or ``MALLOC_MMAP_THRESHOLD_=1048576`` in the environment) the
+activations read back and dropped still count, and offloading saves almost nothing.
+
 Parameters are never written out (they are alive anyway), and quantized weights inside an MSQ
 owner are recomputed rather than saved (``recomputed_quantized_weights``), which composes with
 this: they hand every other saved tensor over to these hooks.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import tempfile
 import weakref
 from contextlib import contextmanager
@@ -25,6 +32,27 @@ from torch import Tensor
 
 #: Saved tensors smaller than this stay in memory: the file per tensor costs more than they do.
 DEFAULT_MIN_BYTES = 1 << 20
+
+#: glibc's mallopt parameter for the mmap threshold (malloc.h).
+_M_MMAP_THRESHOLD = -3
+
+
+def release_freed_memory(threshold_bytes: int = 1 << 20) -> bool:
+    """Make glibc's malloc serve every block of at least ``threshold_bytes`` by its own mapping,
+    returned to the system when freed, for the rest of the process; True if it took effect.
+
+    The process-wide equivalent of ``MALLOC_MMAP_THRESHOLD_`` set before start (also fixing the
+    threshold, which glibc otherwise raises as large blocks are freed). It costs a page fault
+    per fresh page of each such block; False, changing nothing, where malloc is not glibc's.
+    """
+    if threshold_bytes <= 0:
+        raise ValueError(f"threshold_bytes must be positive, got {threshold_bytes}")
+    name = ctypes.util.find_library("c")
+    try:
+        mallopt = ctypes.CDLL(name).mallopt if name else None
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt and mallopt(_M_MMAP_THRESHOLD, int(threshold_bytes)) == 1)
 
 
 class _OnDisk:

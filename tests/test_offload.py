@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -118,12 +121,16 @@ def test_check_model_with_offloaded_activations_passes_and_says_how_much_went_to
     assert msq_fx.check_model("timm:resnet18", input_size=96, steps=1).offloaded_mib is None
 
 
-def test_cli_offload_activations_reaches_the_check(capsys):
+def test_cli_offload_activations_reaches_the_check_and_releases_freed_memory(capsys,
+                                                                            monkeypatch):
+    released = []  # recorded, not done: it would slow this test process's later allocations
+    monkeypatch.setattr(cli, "release_freed_memory", lambda: released.append(True))
     code = cli.main(["check", "--json", "--input-size", "96", "--steps", "1",
                      "--offload-activations", "timm:resnet18"])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (code, result["status"]) == (0, "PASS")
     assert result["offloaded_mib"] > 0
+    assert released == [True]
 
 
 def test_a_saved_tensor_comes_back_with_its_values_and_strides_whatever_its_layout(tmp_path):
@@ -138,3 +145,17 @@ def test_a_saved_tensor_comes_back_with_its_values_and_strides_whatever_its_layo
         assert restored.dtype == tensor.dtype and torch.equal(restored, tensor), name
         if name in layouts:  # gaps and overlaps come back contiguous
             assert restored.stride() == tensor.stride(), name
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_release_freed_memory_takes_effect_under_glibc():
+    # In a child process: the setting lasts for the rest of the process that makes it.
+    done = subprocess.run([sys.executable, "-c",
+                           "import msq_fx; print(msq_fx.release_freed_memory(1 << 20))"],
+                          capture_output=True, text=True, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "True"
+
+
+def test_release_freed_memory_refuses_a_threshold_that_is_not_positive():
+    with pytest.raises(ValueError, match="threshold_bytes"):
+        msq_fx.release_freed_memory(0)
