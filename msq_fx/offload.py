@@ -124,8 +124,8 @@ def offload_saved_tensors(directory: str | Path | None = None,
     memory: in a fresh directory under ``directory`` (the system's temporary directory when
     None), removed on exit.
 
-    Run the forward (whose ops save the tensors) and its backward inside. Gradients are the same bits as without (the files hold
-    the exact bytes); double backward works too, since autograd keeps each saved tensor's place
+    Run the forward (whose ops save the tensors) and its backward inside. Gradients are the
+    same bits as without (the files hold the exact bytes); double backward works too, since autograd keeps each saved tensor's place
     in the graph itself. It costs a write and a read of each saved tensor: use it when the
     activations, not the weights, are what does not fit. Yields the hooks, whose ``count`` and
     ``bytes_written`` say how much went to disk.

@@ -38,13 +38,10 @@ def lower(model: nn.Module, one_at_a_time: bool = False) -> None:
     for fqn, owner, attr, quantizer in (found[0] for found in uses.values()):
         _check_lowerable(fqn, owner, attr, quantizer)
     activations = _lowered_activations(owners)
-    if one_at_a_time:
-        for found in uses.values():
-            _swap_in(found, _lower_one(*found[0]))
-    else:
-        lowered = [(found, _lower_one(*found[0])) for found in uses.values()]
-        for found, weight in lowered:
-            _swap_in(found, weight)
+    lowered = ((found, _lower_one(*found[0])) for found in uses.values())
+    # Lazily, each weight is lowered just before it is swapped in; as a list, all are first.
+    for found, weight in (lowered if one_at_a_time else list(lowered)):
+        _swap_in(found, weight)
     for _, owner in owners:
         if id(owner._modules.get(INPUT_QUANTIZER)) in activations:
             owner._modules[INPUT_QUANTIZER] = activations[id(owner._modules[INPUT_QUANTIZER])]
