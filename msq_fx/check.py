@@ -572,6 +572,8 @@ def check_model(spec_or_model: str | nn.Module, *, input_size: int | Sequence[in
             their backward in files, not in memory (``msq_fx.offload_saved_tensors``): for
             models whose activations at the input size, not their weights, exceed the memory.
             Slower by a write and a read of each; ``offloaded_mib`` says how much went to disk.
+            Call ``msq_fx.release_freed_memory()`` once before (``msq-fx check`` does), or the
+            memory of the activations read back stays with the process.
 
     Returns a CheckResult; raises SpecError for a spec that names no model, ValueError when
     the input size is neither given nor declared by the model (or given with example inputs),

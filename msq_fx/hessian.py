@@ -241,8 +241,8 @@ def finite_difference_traces(
         * Only ``v_l . g_l`` is kept from each gradient, accumulated in float64 as each block
           lands, and the probes are kept as signs packed eight to a byte, from which each
           offset h v is made where it is used, so the estimator holds a 32nd of a weight-sized
-          copy beyond the model, and with ``frozen_kinks`` one bool (one index for max pooling) per output of
-          a kinked op; the probe is recovered from the offset as offset / h.
+          copy beyond the model, and with ``frozen_kinks`` one bool (one index for max pooling)
+          per output of a kinked op; the probe is recovered from the offset as offset / h.
         * The step trades float rounding (the difference of two float32 gradients loses about
           log10(1/relative_step) digits) against the O(h^2) error of the smooth part. Kinks
           are taken out of the trade by ``frozen_kinks``: without it, a step that moves a ReLU
@@ -359,18 +359,26 @@ def _draw_until_stable(
 def _rademacher_like(
     params: list[torch.Tensor], generator: torch.Generator | None
 ) -> list[torch.Tensor]:
-    return [probe.to(dtype=param.dtype)
-            for probe, param in zip(_rademacher_signs(params, generator), params)]
+    """+-1 per element in each tensor's dtype, on its device (Hutchinson uses them at once)."""
+    return [bits.to(device=param.device, dtype=param.dtype).mul_(2).sub_(1)
+            for bits, param in zip(_random_bits(params, generator), params)]
 
 
 def _rademacher_signs(
     params: list[torch.Tensor], generator: torch.Generator | None
 ) -> list[PackedSigns]:
     """+-1 per element, one bit each (a 32nd of float32's memory), on each tensor's device."""
+    return [PackedSigns(bits, param.device)
+            for bits, param in zip(_random_bits(params, generator), params)]
+
+
+def _random_bits(params: list[torch.Tensor],
+                 generator: torch.Generator | None) -> Iterator[torch.Tensor]:
+    """0/1 uint8 tensors shaped like ``params``, drawn on CPU one at a time."""
     # Drawn on CPU for every tensor, used or not, so the random stream depends
     # only on the shapes and a seed reproduces results on any device.
-    return [PackedSigns(torch.randint(0, 2, param.shape, generator=generator, dtype=torch.uint8),
-                        param.device) for param in params]
+    for param in params:
+        yield torch.randint(0, 2, param.shape, generator=generator, dtype=torch.uint8)
 
 
 class PackedSigns:
