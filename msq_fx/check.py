@@ -118,7 +118,8 @@ class CheckResult:
         batch_size: the batch the result was obtained with: the one asked for, or 1 when that
             ran out of memory and a batch of 1 got further (``note`` then says so).
         note: what a reader should know beyond the status: that a PASS came at batch 1, or how
-            the batch-1 retry of an out-of-memory failure failed; "" otherwise.
+            the batch-1 retry of an out-of-memory failure failed and which options would lower
+            the memory of the stage that failed; "" otherwise.
         hessian_method: how the prune computed H v: "autograd" (double backward) or
             "finite_difference" (the fallback when the double backward ran out of memory or met
             an op without a second derivative); None when the prune was not reached.
@@ -164,14 +165,16 @@ class CheckResult:
         return self.status == PASS
 
     def summary_line(self) -> str:
-        """``PASS model (N weights quantized, max |diff| X)`` or ``FAIL model: reason``."""
+        """``PASS model (N weights quantized, max |diff| X; note)`` or ``FAIL model: reason
+        (note)``, the note where there is one."""
         if self.passed:
             note = f"; {self.note}" if self.note else ""
             exported = "".join(f", {target} export max |diff| {found['max_abs_diff']:.3g}"
                                for target, found in self.exports.items())
             return (f"PASS {self.model} ({self.quantized_weights} weights quantized, "
                     f"max |diff| {self.max_abs_diff:.3g}{exported}{note})")
-        return f"{self.status} {self.model}: {self.reason}"
+        return f"{self.status} {self.model}: {self.reason}" + (f" ({self.note})" if self.note
+                                                                else "")
 
     def to_dict(self, include_table: bool = True) -> dict[str, Any]:
         """Plain JSON-able data; the table is left out when ``include_table`` is False."""
@@ -201,7 +204,7 @@ def junit_xml(results: Sequence[CheckResult], suite: str = "msq-fx check") -> st
         elif result.status == SKIP:
             ElementTree.SubElement(case, "skipped", message=result.reason)
         ElementTree.SubElement(case, "system-out").text = "\n".join(
-            filter(None, [result.summary_line(), result.note, result.table]))
+            filter(None, [result.summary_line(), result.table]))  # the line holds the note
     ElementTree.indent(root)
     return ElementTree.tostring(root, encoding="unicode", xml_declaration=True) + "\n"
 
@@ -580,7 +583,9 @@ def check_model(spec_or_model: str | nn.Module, *, input_size: int | Sequence[in
     and TypeError for example inputs that are not batched tensors. Nothing else raises. When the
     batch asked for runs out of memory, the check runs again at batch 1 and returns that result
     (with ``note`` saying so) if it passes; otherwise the first result, whose ``note`` says how
-    the batch of 1 failed. ``seconds`` and the peak memory then cover both runs.
+    the batch of 1 failed. ``seconds`` and the peak memory then cover both runs. Where the batch
+    of 1 ran out of memory in training or in the prune, ``note`` also names the options (the
+    finite-difference Hessian, activations on disk) not yet in effect that need less there.
     """
     spec = parse_spec(spec_or_model) if isinstance(spec_or_model, str) else None
     if spec is None and not isinstance(spec_or_model, nn.Module):
@@ -601,7 +606,10 @@ def check_model(spec_or_model: str | nn.Module, *, input_size: int | Sequence[in
                             exports=tuple(dict.fromkeys(exports)), example_inputs=example_inputs,
                             offload=offload_activations)
     first = run(batch_size)
-    if not (first.out_of_memory and batch_size > 1):
+    if not first.out_of_memory:
+        return first.result()
+    if batch_size == 1:
+        first.fields["note"] = _less_memory_hint(first, config, offload_activations)
         return first.result()
     # Whether an architecture quantizes does not depend on the batch; a batch of 1 halves the
     # activations, so a model too big for this machine at the asked batch may still be checked.
@@ -610,11 +618,37 @@ def check_model(spec_or_model: str | nn.Module, *, input_size: int | Sequence[in
     retry = run(1)
     if retry.status != PASS:
         retry_reason = retry.problems[0][1] if retry.problems else retry.status
-        first.fields["note"] = f"at batch 1: {retry.status} ({retry_reason})"
+        first.fields["note"] = "; ".join(filter(None, [
+            f"at batch 1: {retry.status} ({retry_reason})",
+            _less_memory_hint(retry, config, offload_activations)]))
         return first.result()
     retry.start = first.start  # the time of both runs
     retry.fields["note"] = f"at batch 1: batch {batch_size} ran out of memory in {stage}"
     return retry.result()
+
+
+#: For each stage, the check's options that lower its memory: (check_model's, msq-fx check's).
+_LESS_MEMORY_OPTIONS = {
+    "train": [("offload_activations=True", "--offload-activations")],
+    "prune": [("config hessian_method='finite_difference'", "--hessian-method finite_difference"),
+              ("offload_activations=True", "--offload-activations")],
+}
+
+
+def _less_memory_hint(findings: _Findings, config: MSQConfig, offload: bool) -> str:
+    """What to try when ``findings`` ran out of memory at batch 1: the options that lower the
+    memory of the stage that failed and were not in effect; "" when none would help."""
+    if not findings.out_of_memory:
+        return ""
+    in_effect = {"offload_activations=True": offload,
+                 "config hessian_method='finite_difference'":
+                     config.hessian_method == "finite_difference"}
+    untried = [option for option in _LESS_MEMORY_OPTIONS.get(findings.problems[0][0], [])
+               if not in_effect[option[0]]]
+    if not untried:
+        return ""
+    return (f"to check it in less memory, try {', '.join(api for api, _ in untried)} "
+            f"(msq-fx check {' '.join(cli for _, cli in untried)})")
 
 
 def assert_quantizes(spec_or_model: str | nn.Module, **options: Any) -> CheckResult:

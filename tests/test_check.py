@@ -368,6 +368,45 @@ def test_when_batch_1_fails_otherwise_the_out_of_memory_at_the_batch_is_the_find
                            "two samples)")
 
 
+def test_out_of_memory_in_training_at_batch_1_names_the_options_that_need_less():
+    result = check_model(f"{THIS_MODULE}:out_of_memory_in_training", input_size=(3, 8, 8))
+    assert result.note.startswith("at batch 1: FAIL (train: RuntimeError: DefaultCPUAllocator")
+    assert result.note.endswith("; to check it in less memory, try offload_activations=True "
+                                "(msq-fx check --offload-activations)")
+
+
+def test_a_failures_summary_line_ends_with_its_note():
+    result = check_model(f"{THIS_MODULE}:out_of_memory_in_training", input_size=(3, 8, 8))
+    assert result.summary_line().endswith(f" ({result.note})") and result.note
+
+
+def test_a_check_asked_at_batch_1_that_runs_out_of_memory_is_not_retried_but_advised():
+    result = check_model(f"{THIS_MODULE}:out_of_memory_in_training", input_size=(3, 8, 8),
+                         batch_size=1)
+    assert (result.status, result.batch_size) == ("FAIL", 1)
+    assert result.note == ("to check it in less memory, try offload_activations=True "
+                           "(msq-fx check --offload-activations)")
+
+
+def test_the_advice_leaves_out_options_already_in_effect():
+    result = check_model(f"{THIS_MODULE}:out_of_memory_in_training", input_size=(3, 8, 8),
+                         batch_size=1, offload_activations=True)
+    assert result.status == "FAIL" and result.note == ""
+
+
+def test_out_of_memory_in_the_prune_advises_the_finite_difference_hessian_too(monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+                           "26214400 bytes")
+    monkeypatch.setattr(msq_fx.MSQController, "epoch_end", out_of_memory)
+    result = check_model("msq_fx.models:resnet20", input_size=8, batch_size=1, steps=1)
+    assert (result.status, result.stage) == ("FAIL", "prune")
+    assert result.note == (
+        "to check it in less memory, try config hessian_method='finite_difference', "
+        "offload_activations=True (msq-fx check --hessian-method finite_difference "
+        "--offload-activations)")
+
+
 def test_a_model_that_fits_is_checked_once_at_the_batch_asked_for():
     result = check_model("msq_fx.models:resnet20", input_size=32, batch_size=3, steps=1)
     assert (result.status, result.batch_size, result.note) == ("PASS", 3, "")
@@ -690,6 +729,17 @@ def test_sweep_report_only_settings_point_at_each_rows_limits_not_the_report_com
     run = sweep_tool.settings_text(sweep_tool.parse_args(options))
     assert "123 s" not in report and "Limits: each row's own" in report
     assert "Limits of the run that last wrote this page: 123 s" in run
+
+
+def test_sweep_report_only_settings_leave_each_rows_lean_options_to_its_note(sweep_tool):
+    # Rows from earlier runs were retried without the activations on disk; the page must not
+    # claim every row had them.
+    options = ["--source", "timm"]
+    report = sweep_tool.settings_text(sweep_tool.parse_args([*options, "--report-only"]))
+    run = sweep_tool.settings_text(sweep_tool.parse_args(options))
+    assert f"in a fresh process {sweep_tool.LEAN_WAY}:" in run
+    assert f"in a fresh process {sweep_tool.LEAN_WAY}:" not in report
+    assert "each row's note says which" in report
 
 
 def test_sweep_does_not_retry_other_failures(sweep_tool, monkeypatch):
