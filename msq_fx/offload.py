@@ -125,10 +125,10 @@ def offload_saved_tensors(directory: str | Path | None = None,
     None), removed on exit.
 
     Run the forward (whose ops save the tensors) and its backward inside. Gradients are the
-    same bits as without (the files hold the exact bytes); double backward works too, since autograd keeps each saved tensor's place
-    in the graph itself. It costs a write and a read of each saved tensor: use it when the
-    activations, not the weights, are what does not fit. Yields the hooks, whose ``count`` and
-    ``bytes_written`` say how much went to disk.
+    same bits as without (the files hold the exact bytes); double backward works too, since
+    autograd keeps each saved tensor's place in the graph itself. It costs a write and a read
+    of each saved tensor: use it when the activations, not the weights, are what does not fit.
+    Yields the hooks, whose ``count`` and ``bytes_written`` say how much went to disk.
     """
     if min_bytes < 0:
         raise ValueError(f"min_bytes must be >= 0, got {min_bytes}")
