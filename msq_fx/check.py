@@ -627,12 +627,15 @@ def check_model(spec_or_model: str | nn.Module, *, input_size: int | Sequence[in
     return retry.result()
 
 
-#: For each stage, the check's options that lower its memory: (check_model's, msq-fx check's).
+#: The check's options that lower its memory: (check_model's, msq-fx check's) spelling.
 _LESS_MEMORY_OPTIONS = {
-    "train": [("offload_activations=True", "--offload-activations")],
-    "prune": [("config hessian_method='finite_difference'", "--hessian-method finite_difference"),
-              ("offload_activations=True", "--offload-activations")],
+    "finite_difference": ("config hessian_method='finite_difference'",
+                          "--hessian-method finite_difference"),
+    "offload": ("offload_activations=True", "--offload-activations"),
 }
+
+#: Which of them lower the memory of each stage.
+_LESS_MEMORY_BY_STAGE = {"train": ("offload",), "prune": ("finite_difference", "offload")}
 
 
 def _less_memory_hint(findings: _Findings, config: MSQConfig, offload: bool) -> str:
@@ -640,11 +643,11 @@ def _less_memory_hint(findings: _Findings, config: MSQConfig, offload: bool) -> 
     memory of the stage that failed and were not in effect; "" when none would help."""
     if not findings.out_of_memory:
         return ""
-    in_effect = {"offload_activations=True": offload,
-                 "config hessian_method='finite_difference'":
-                     config.hessian_method == "finite_difference"}
-    untried = [option for option in _LESS_MEMORY_OPTIONS.get(findings.problems[0][0], [])
-               if not in_effect[option[0]]]
+    in_effect = {"offload": offload,
+                 "finite_difference": config.hessian_method == "finite_difference"}
+    untried = [_LESS_MEMORY_OPTIONS[option]
+               for option in _LESS_MEMORY_BY_STAGE.get(findings.problems[0][0], ())
+               if not in_effect[option]]
     if not untried:
         return ""
     return (f"to check it in less memory, try {', '.join(api for api, _ in untried)} "
