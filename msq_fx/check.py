@@ -552,7 +552,7 @@ def check_model(spec_or_model: str | nn.Module, *, input_size: int | Sequence[in
                 batch_size: int = 2, steps: int = 3, seed: int = 0,
                 config: MSQConfig | None = None, exports: Sequence[str] = (),
                 example_inputs: Tensor | tuple | None = None,
-                offload_activations: bool = False) -> CheckResult:
+                offload_activations: bool = False, lean_retry: bool = False) -> CheckResult:
     """Run prepare -> train -> prune -> convert on one model and compare the converted output.
 
     Args:
@@ -577,6 +577,11 @@ def check_model(spec_or_model: str | nn.Module, *, input_size: int | Sequence[in
             Slower by a write and a read of each; ``offloaded_mib`` says how much went to disk.
             Call ``msq_fx.release_freed_memory()`` once before (``msq-fx check`` does), or the
             memory of the activations read back stays with the process.
+        lean_retry: when the batch of 1 runs out of memory in training or in the prune, check
+            once more at batch 1 with the options that lower that stage's memory and were not
+            in effect (the finite-difference Hessian, activations on disk), instead of only
+            naming them in ``note``. Call ``msq_fx.release_freed_memory()`` once before, as
+            for ``offload_activations``.
 
     Returns a CheckResult; raises SpecError for a spec that names no model, ValueError when
     the input size is neither given nor declared by the model (or given with example inputs),
@@ -585,7 +590,9 @@ def check_model(spec_or_model: str | nn.Module, *, input_size: int | Sequence[in
     (with ``note`` saying so) if it passes; otherwise the first result, whose ``note`` says how
     the batch of 1 failed. ``seconds`` and the peak memory then cover both runs. Where the batch
     of 1 ran out of memory in training or in the prune, ``note`` also names the options (the
-    finite-difference Hessian, activations on disk) not yet in effect that need less there.
+    finite-difference Hessian, activations on disk) not yet in effect that need less there;
+    with ``lean_retry`` a third run tries them, and its PASS is the result (``note`` names the
+    options, ``hessian_method`` and ``offloaded_mib`` show them).
     """
     spec = parse_spec(spec_or_model) if isinstance(spec_or_model, str) else None
     if spec is None and not isinstance(spec_or_model, nn.Module):
@@ -608,23 +615,42 @@ def check_model(spec_or_model: str | nn.Module, *, input_size: int | Sequence[in
     first = run(batch_size)
     if not first.out_of_memory:
         return first.result()
-    if batch_size == 1:
-        first.fields["note"] = _less_memory_hint(first, config, offload_activations)
-        return first.result()
-    # Whether an architecture quantizes does not depend on the batch; a batch of 1 halves the
-    # activations, so a model too big for this machine at the asked batch may still be checked.
     stage = first.problems[0][0]
-    gc.collect()
-    retry = run(1)
-    if retry.status != PASS:
-        retry_reason = retry.problems[0][1] if retry.problems else retry.status
-        first.fields["note"] = "; ".join(filter(None, [
-            f"at batch 1: {retry.status} ({retry_reason})",
-            _less_memory_hint(retry, config, offload_activations)]))
-        return first.result()
-    retry.start = first.start  # the time of both runs
-    retry.fields["note"] = f"at batch 1: batch {batch_size} ran out of memory in {stage}"
-    return retry.result()
+    at_one = first
+    if batch_size != 1:
+        # Whether an architecture quantizes does not depend on the batch; a batch of 1 halves
+        # the activations, so a model too big for this machine at the batch may still be checked.
+        gc.collect()
+        at_one = run(1)
+        if at_one.status == PASS:
+            at_one.start = first.start  # the time of both runs
+            at_one.fields["note"] = f"at batch 1: batch {batch_size} ran out of memory in {stage}"
+            return at_one.result()
+    untried = _untried_less_memory_options(at_one, config, offload_activations)
+    notes = [] if at_one is first else [f"at batch 1: {_outcome(at_one)}"]
+    if lean_retry and untried:
+        gc.collect()
+        lean = run(1, config=(config.replace(hessian_method="finite_difference")
+                              if "finite_difference" in untried else config),
+                   offload=offload_activations or "offload" in untried)
+        way = ", ".join(_LESS_MEMORY_OPTIONS[option][0] for option in untried)
+        if lean.status == PASS:
+            lean.start = first.start  # the time of every run
+            ran_out = (f"batch {batch_size} ran out of memory in {stage}, batch 1 in "
+                       f"{at_one.problems[0][0]}" if at_one is not first
+                       else f"it ran out of memory in {stage}")
+            lean.fields["note"] = f"at batch 1 with {way}: {ran_out}"
+            return lean.result()
+        notes.append(f"at batch 1 with {way}: {_outcome(lean)}")
+    else:
+        notes.append(_less_memory_hint(untried))
+    first.fields["note"] = "; ".join(filter(None, notes))
+    return first.result()
+
+
+def _outcome(findings: _Findings) -> str:
+    """``STATUS (first reason)`` of a run that did not pass, for the note of the first run."""
+    return f"{findings.status} ({findings.problems[0][1] if findings.problems else ''})"
 
 
 #: The check's options that lower its memory: (check_model's, msq-fx check's) spelling.
@@ -638,20 +664,25 @@ _LESS_MEMORY_OPTIONS = {
 _LESS_MEMORY_BY_STAGE = {"train": ("offload",), "prune": ("finite_difference", "offload")}
 
 
-def _less_memory_hint(findings: _Findings, config: MSQConfig, offload: bool) -> str:
-    """What to try when ``findings`` ran out of memory at batch 1: the options that lower the
-    memory of the stage that failed and were not in effect; "" when none would help."""
+def _untried_less_memory_options(findings: _Findings, config: MSQConfig,
+                                 offload: bool) -> list[str]:
+    """The keys of ``_LESS_MEMORY_OPTIONS`` that lower the memory of the stage where
+    ``findings`` ran out of memory and were not in effect; [] when it did not run out."""
     if not findings.out_of_memory:
-        return ""
+        return []
     in_effect = {"offload": offload,
                  "finite_difference": config.hessian_method == "finite_difference"}
-    untried = [_LESS_MEMORY_OPTIONS[option]
-               for option in _LESS_MEMORY_BY_STAGE.get(findings.problems[0][0], ())
-               if not in_effect[option]]
-    if not untried:
+    return [option for option in _LESS_MEMORY_BY_STAGE.get(findings.problems[0][0], ())
+            if not in_effect[option]]
+
+
+def _less_memory_hint(options: Sequence[str]) -> str:
+    """What to try, in both spellings, for the ``_LESS_MEMORY_OPTIONS`` keys given."""
+    if not options:
         return ""
-    return (f"to check it in less memory, try {', '.join(api for api, _ in untried)} "
-            f"(msq-fx check {' '.join(cli for _, cli in untried)})")
+    spellings = [_LESS_MEMORY_OPTIONS[option] for option in options]
+    return (f"to check it in less memory, try {', '.join(api for api, _ in spellings)} "
+            f"(msq-fx check {' '.join(cli for _, cli in spellings)} or --lean-retry)")
 
 
 def assert_quantizes(spec_or_model: str | nn.Module, **options: Any) -> CheckResult:

@@ -103,7 +103,7 @@ def check(args: argparse.Namespace) -> int:
         return 2
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    if args.offload_activations:
+    if args.offload_activations or args.lean_retry:
         release_freed_memory()  # else the activations read back from disk stay with the process
     failed, results = False, []
     for spec in args.specs:
@@ -113,7 +113,8 @@ def check(args: argparse.Namespace) -> int:
             result = check_model(spec, input_size=args.input_size, batch_size=args.batch_size,
                                  steps=args.steps, seed=args.seed, config=config,
                                  exports=args.export,
-                                 offload_activations=args.offload_activations)
+                                 offload_activations=args.offload_activations,
+                                 lean_retry=args.lean_retry)
         except ValueError as error:  # the model declares no input size and none was given
             print(f"msq-fx check: error: {error}", file=sys.stderr)
             return 2
@@ -214,6 +215,11 @@ def _add_check_parser(commands) -> None:
                              "their backward in temporary files, not in memory: for models whose "
                              "activations, not weights, exceed the memory (slower; on glibc also "
                              "returns freed blocks of 1 MiB or more to the system)")
+    parser.add_argument("--lean-retry", action="store_true",
+                        help="when even a batch of 1 runs out of memory in training or the "
+                             "prune, check once more with the options that need less there and "
+                             "were not given (--hessian-method finite_difference, "
+                             "--offload-activations); else the FAIL's note only names them")
     parser.add_argument("--act-bits", type=int, default=None,
                         help="also quantize each quantized layer's input to this many bits "
                              "(MSQConfig.act_bits)")

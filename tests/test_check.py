@@ -9,6 +9,7 @@ it shows up as an XPASS to be promoted to the passing list.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -372,7 +373,7 @@ def test_out_of_memory_in_training_at_batch_1_names_the_options_that_need_less()
     result = check_model(f"{THIS_MODULE}:out_of_memory_in_training", input_size=(3, 8, 8))
     assert result.note.startswith("at batch 1: FAIL (train: RuntimeError: DefaultCPUAllocator")
     assert result.note.endswith("; to check it in less memory, try offload_activations=True "
-                                "(msq-fx check --offload-activations)")
+                                "(msq-fx check --offload-activations or --lean-retry)")
 
 
 def test_a_failures_summary_line_ends_with_its_note():
@@ -385,7 +386,7 @@ def test_a_check_asked_at_batch_1_that_runs_out_of_memory_is_not_retried_but_adv
                          batch_size=1)
     assert (result.status, result.batch_size) == ("FAIL", 1)
     assert result.note == ("to check it in less memory, try offload_activations=True "
-                           "(msq-fx check --offload-activations)")
+                           "(msq-fx check --offload-activations or --lean-retry)")
 
 
 def test_the_advice_leaves_out_options_already_in_effect():
@@ -404,7 +405,94 @@ def test_out_of_memory_in_the_prune_advises_the_finite_difference_hessian_too(mo
     assert result.note == (
         "to check it in less memory, try config hessian_method='finite_difference', "
         "offload_activations=True (msq-fx check --hessian-method finite_difference "
-        "--offload-activations)")
+        "--offload-activations or --lean-retry)")
+
+
+class OutOfMemoryInTrainingUnlessOffloaded(nn.Module):
+    """Trains only while saved activations go to disk (the ``offloading`` fixture tells it), as
+    a model whose activations at one sample exceed the memory does."""
+
+    offloading = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 10)
+
+    def forward(self, x):
+        if self.training and torch.is_grad_enabled() and not self.offloading:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to "
+                               "allocate 26214400 bytes")
+        return self.fc(x.mean((2, 3)))
+
+
+def out_of_memory_unless_offloaded() -> nn.Module:
+    return OutOfMemoryInTrainingUnlessOffloaded()
+
+
+@pytest.fixture
+def offloading(monkeypatch):
+    """Lets OutOfMemoryInTrainingUnlessOffloaded see when the check offloads activations."""
+    real = msq_fx.check.offload_saved_tensors
+
+    @contextlib.contextmanager
+    def telling(*args, **kwargs):
+        with real(*args, **kwargs) as hooks:
+            monkeypatch.setattr(OutOfMemoryInTrainingUnlessOffloaded, "offloading", True)
+            try:
+                yield hooks
+            finally:
+                monkeypatch.setattr(OutOfMemoryInTrainingUnlessOffloaded, "offloading", False)
+    monkeypatch.setattr(msq_fx.check, "offload_saved_tensors", telling)
+
+
+def test_the_lean_retry_checks_a_model_that_needs_its_activations_on_disk(offloading):
+    result = check_model(f"{THIS_MODULE}:out_of_memory_unless_offloaded", input_size=(3, 8, 8),
+                         lean_retry=True)
+    assert (result.status, result.batch_size) == ("PASS", 1)
+    assert result.offloaded_mib is not None
+    assert result.note == ("at batch 1 with offload_activations=True: batch 2 ran out of memory "
+                           "in train, batch 1 in train")
+
+
+def test_without_the_lean_retry_the_same_model_fails_with_advice(offloading):
+    result = check_model(f"{THIS_MODULE}:out_of_memory_unless_offloaded", input_size=(3, 8, 8))
+    assert (result.status, result.stage) == ("FAIL", "train")
+    assert result.note.endswith("try offload_activations=True "
+                                "(msq-fx check --offload-activations or --lean-retry)")
+
+
+def test_the_lean_retry_of_a_check_asked_at_batch_1_runs_once_more(offloading):
+    result = check_model(f"{THIS_MODULE}:out_of_memory_unless_offloaded", input_size=(3, 8, 8),
+                         batch_size=1, lean_retry=True)
+    assert (result.status, result.batch_size) == ("PASS", 1)
+    assert result.note == ("at batch 1 with offload_activations=True: it ran out of memory "
+                           "in train")
+
+
+def test_a_failed_lean_retry_is_noted_after_the_batch_1_failure():
+    result = check_model(f"{THIS_MODULE}:out_of_memory_in_training", input_size=(3, 8, 8),
+                         lean_retry=True)
+    assert (result.status, result.stage, result.batch_size) == ("FAIL", "train", 2)
+    assert result.note.startswith("at batch 1: FAIL (train: RuntimeError: DefaultCPUAllocator")
+    assert "; at batch 1 with offload_activations=True: FAIL (train: RuntimeError: " \
+           "DefaultCPUAllocator" in result.note
+
+
+def test_the_lean_retry_of_the_prune_also_takes_the_finite_difference_hessian(monkeypatch):
+    real_epoch_end = msq_fx.MSQController.epoch_end
+
+    def out_of_memory_with_double_backward(self, *args, **kwargs):
+        if self.config.hessian_method != "finite_difference":
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to "
+                               "allocate 26214400 bytes")
+        return real_epoch_end(self, *args, **kwargs)
+    monkeypatch.setattr(msq_fx.MSQController, "epoch_end", out_of_memory_with_double_backward)
+    result = check_model("msq_fx.models:resnet20", input_size=8, batch_size=1, steps=1,
+                         lean_retry=True)
+    assert result.status == "PASS"
+    assert result.hessian_method == "finite_difference" and result.offloaded_mib is not None
+    assert result.note == ("at batch 1 with config hessian_method='finite_difference', "
+                           "offload_activations=True: it ran out of memory in prune")
 
 
 def test_a_model_that_fits_is_checked_once_at_the_batch_asked_for():
@@ -497,6 +585,18 @@ def test_cli_act_bits_checks_with_quantized_activations_and_exports_them(capsys,
                      "--act-bits", "8", "--export", "torch", "msq_fx.models:resnet20"])
     assert code == 0 and seen == [8]
     assert json.loads(capsys.readouterr().out)["status"] == "PASS"
+
+
+def test_cli_lean_retry_checks_with_less_memory_and_releases_freed_memory(capsys, monkeypatch,
+                                                                          offloading):
+    released = []  # recorded, not done: it would slow this test process's later allocations
+    monkeypatch.setattr(cli, "release_freed_memory", lambda: released.append(True))
+    code = cli.main(["check", "--json", "--input-size", "3x8x8", "--lean-retry",
+                     f"{THIS_MODULE}:out_of_memory_unless_offloaded"])
+    row = json.loads(capsys.readouterr().out)
+    assert (code, row["status"], row["batch_size"]) == (0, "PASS", 1)
+    assert row["note"].startswith("at batch 1 with offload_activations=True")
+    assert released == [True]
 
 
 def test_cli_rejects_a_bad_spec_before_checking_anything(capsys):
