@@ -588,7 +588,7 @@ def check_model(spec_or_model: str | nn.Module, *, input_size: int | Sequence[in
     and TypeError for example inputs that are not batched tensors. Nothing else raises. When the
     batch asked for runs out of memory, the check runs again at batch 1 and returns that result
     (with ``note`` saying so) if it passes; otherwise the first result, whose ``note`` says how
-    the batch of 1 failed. ``seconds`` and the peak memory then cover both runs. Where the batch
+    the batch of 1 failed. ``seconds`` and the peak memory then cover every run. Where the batch
     of 1 ran out of memory in training or in the prune, ``note`` also names the options (the
     finite-difference Hessian, activations on disk) not yet in effect that need less there;
     with ``lean_retry`` a third run tries them, and its PASS is the result (``note`` names the
