@@ -37,6 +37,28 @@ class TensorDataset:
             yield self.images[index], self.labels[index]
 
 
+def random_crop_flip(images: Tensor, generator: torch.Generator | None = None,
+                     padding: int = 4) -> Tensor:
+    """The standard CIFAR augmentation, on a whole batch at once: zero-pad by ``padding``,
+    crop back to the original size at a random offset, and mirror half the images.
+
+    ``images`` is (N, C, H, W); the result is a new tensor of the same shape. Zero is the
+    dataset mean after ``load_npz``'s standardization, so the padding adds no bright border.
+    """
+    count, _, height, width = images.shape
+    padded = torch.nn.functional.pad(images, (padding,) * 4)
+    top = torch.randint(2 * padding + 1, (count, 1), generator=generator)
+    left = torch.randint(2 * padding + 1, (count, 1), generator=generator)
+    flip = torch.rand(count, 1, generator=generator) < 0.5
+    columns = torch.arange(width).expand(count, width)
+    columns = left + torch.where(flip, width - 1 - columns, columns)
+    rows = top + torch.arange(height)
+    samples = torch.arange(count)[:, None, None]
+    # Advanced indexing puts the sample, row and column axes first and the channels last.
+    crops = padded.permute(0, 2, 3, 1)[samples, rows[:, :, None], columns[:, None, :]]
+    return crops.permute(0, 3, 1, 2).contiguous()
+
+
 def load_npz(path: str | Path, split: str = "train") -> TensorDataset:
     """Load ``x_<split>``/``y_<split>`` from an npz of uint8 HWC (or HW) images, standardized."""
     if split not in ("train", "test"):

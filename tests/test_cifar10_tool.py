@@ -1,0 +1,100 @@
+"""Specification of tools/cifar10_resnet20 on a generated CIFAR-shaped archive (no data needed)."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import msq_fx
+from conftest import load_tool
+
+TOOL_PATH = Path(__file__).resolve().parents[1] / "tools" / "cifar10_resnet20"
+TINY = ["--train-size", "64", "--batch-size", "32", "--epochs", "2", "--prune-interval", "1",
+        "--target-compression", "4.2", "--prune-threshold", "0.6", "--reg-strength", "1e-3",
+        "--hessian-batches", "1", "--no-progress", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def tool():
+    return load_tool(TOOL_PATH, "msq_cifar10_tool")
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory) -> Path:
+    generator = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("data") / "cifar_like.npz"
+    np.savez(path, x_train=generator.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8),
+             y_train=generator.integers(0, 10, 64, dtype=np.uint8),
+             x_test=generator.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8),
+             y_test=generator.integers(0, 10, 40, dtype=np.uint8),
+             test_exact=np.arange(40) < 10)
+    return path
+
+
+def run(tool, archive: Path, out: Path, *extra: str) -> str:
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert tool.main(["--data", str(archive), "--out", str(out), *TINY, *extra]) == 0
+    return stdout.getvalue()
+
+
+@pytest.fixture(scope="module")
+def msq_run(tool, archive, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("msq")
+    run(tool, archive, out, "--run", "msq")
+    return out
+
+
+def test_an_msq_run_writes_one_row_per_epoch_with_its_bits(msq_run):
+    rows = json.loads((msq_run / "msq.json").read_text())["epochs"]
+    assert [row["epoch"] for row in rows] == [1, 2]
+    assert all(len(row["bits"]) == 20 for row in rows)  # ResNet-20: 19 convs and the classifier
+    assert all("test_exact_acc" in row for row in rows)
+
+
+def test_an_msq_run_ends_with_a_converted_model_equal_to_the_fake_quant_one(msq_run):
+    summary = json.loads((msq_run / "msq_summary.json").read_text())
+    assert summary["max_abs_diff"] == 0.0
+    int_model = msq_fx.load(msq_run / "resnet20_msq.msq")
+    bits = [row.bits for row in msq_fx.report(int_model).layers]
+    assert bits == json.loads((msq_run / "msq.json").read_text())["epochs"][-1]["bits"]
+
+
+def test_a_run_stopped_and_continued_computes_what_an_uninterrupted_run_does(
+        tool, archive, msq_run, tmp_path):
+    printed = run(tool, archive, tmp_path, "--run", "msq", "--stop-after", "1")
+    assert "stopped after epoch 1" in printed
+    assert len(json.loads((tmp_path / "msq.json").read_text())["epochs"]) == 1
+    assert "resumed from" in run(tool, archive, tmp_path, "--run", "msq")
+
+    def comparable(out: Path) -> list[dict]:
+        rows = json.loads((out / "msq.json").read_text())["epochs"]
+        return [{key: value for key, value in row.items() if key != "seconds"} for row in rows]
+    assert comparable(tmp_path) == comparable(msq_run)
+
+
+def test_a_checkpoint_of_other_settings_is_refused_and_kept(tool, archive, tmp_path):
+    run(tool, archive, tmp_path, "--run", "float", "--stop-after", "1")
+    before = (tmp_path / "float.pt").read_bytes()
+    with pytest.raises(SystemExit, match="other settings"):
+        run(tool, archive, tmp_path, "--run", "float", "--lr", "0.01")
+    assert (tmp_path / "float.pt").read_bytes() == before
+
+
+def test_a_missing_data_file_says_how_to_give_one(tool, tmp_path):
+    with pytest.raises(SystemExit, match="--data"):
+        tool.main(["--run", "float", "--data", str(tmp_path / "absent.npz"), "--out",
+                   str(tmp_path)])
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_float_run_has_no_bits(tool, archive, tmp_path):
+    run(tool, archive, tmp_path, "--run", "float")
+    rows = json.loads((tmp_path / "float.json").read_text())["epochs"]
+    assert len(rows) == 2 and not any("bits" in row for row in rows)
+    assert torch.load(tmp_path / "float.pt", weights_only=False)["controller"] is None
