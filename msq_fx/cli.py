@@ -1,5 +1,5 @@
-"""The ``msq-fx`` command line: ``demo`` (end-to-end run on generated data), ``check`` and
-``export-onnx``."""
+"""The ``msq-fx`` command line: ``demo`` (end-to-end run on generated data), ``check``,
+``export-onnx`` and ``report``."""
 from __future__ import annotations
 
 import argparse
@@ -82,12 +82,17 @@ def _saved_sizes(int_model: torch.nn.Module, float_model: torch.nn.Module) -> st
         save(int_model, packed_path)
         torch.save(float_model.state_dict(), float_path)
         packed, full = packed_path.stat().st_size, float_path.stat().st_size
-    lowered = [m for m in int_model.modules() if isinstance(m, LoweredWeight)]
-    code_bytes = sum(packed_size(m.codes.numel(), m.num_bits) for m in lowered)
-    float_bytes = sum(4 * m.codes.numel() for m in lowered)
+    code_bytes, float_bytes = _weight_bytes(int_model)
     return (f"msq_fx.save: quantized weights take {code_bytes:,} bytes packed vs {float_bytes:,} "
             f"in float32; whole file {packed:,} bytes (float32 state_dict file {full:,} bytes; "
             f"the file also holds the pickled module structure)")
+
+
+def _weight_bytes(int_model: torch.nn.Module) -> tuple[int, int]:
+    """Bytes of the converted model's quantized weights: bit-packed as saved, and in float32."""
+    lowered = [m for m in int_model.modules() if isinstance(m, LoweredWeight)]
+    return (sum(packed_size(m.codes.numel(), m.num_bits) for m in lowered),
+            sum(4 * m.codes.numel() for m in lowered))
 
 
 def check(args: argparse.Namespace) -> int:
@@ -133,14 +138,10 @@ def check(args: argparse.Namespace) -> int:
 
 def export_onnx(args: argparse.Namespace) -> int:
     """Write a model saved by ``msq_fx.save`` as ONNX with integer weights; 2 on bad input."""
-    from .io import load
     from .onnx_export import export_onnx as export
 
-    try:
-        int_model = load(args.model)
-    except Exception as error:  # missing, unreadable or not written by msq_fx.save
-        print(f"msq-fx export-onnx: error: cannot load {args.model} "
-              f"({type(error).__name__}: {error})", file=sys.stderr)
+    int_model = _load_saved(args.model, "export-onnx")
+    if int_model is None:
         return 2
     inputs = torch.randn(args.input_shape, generator=torch.Generator().manual_seed(0))
     dynamic = ({0: torch.export.Dim("batch")},) if args.dynamic_batch else None
@@ -154,6 +155,37 @@ def export_onnx(args: argparse.Namespace) -> int:
             difference = _onnx_max_abs_diff(int_model, inputs, result.path, accuracy_level)
             print(f"ONNX Runtime ({label}) vs the converted model on a random input: "
                   f"max |diff| {difference:.3g}")
+    return 0
+
+
+def _load_saved(path: Path, command: str) -> torch.nn.Module | None:
+    """The model ``msq_fx.save`` wrote to ``path``, or None after saying why it cannot be read."""
+    from .io import load
+
+    try:
+        return load(path)
+    except Exception as error:  # missing, unreadable or not written by msq_fx.save
+        print(f"msq-fx {command}: error: cannot load {path} "
+              f"({type(error).__name__}: {error})", file=sys.stderr)
+        return None
+
+
+def show_report(args: argparse.Namespace) -> int:
+    """Print the per-layer bit table of a model saved by ``msq_fx.save``; 2 on bad input."""
+    int_model = _load_saved(args.model, "report")
+    if int_model is None:
+        return 2
+    result = report(int_model)
+    packed, float32 = _weight_bytes(int_model)
+    sizes = {"file_bytes": args.model.stat().st_size, "packed_weight_bytes": packed,
+             "float32_weight_bytes": float32}
+    if args.json:
+        print(json.dumps({"model": str(args.model), **result.to_dict(), **sizes}))
+    else:
+        print(result.table())
+        print(f"{args.model}: {sizes['file_bytes']:,} bytes; the quantized weights take "
+              f"{sizes['packed_weight_bytes']:,} bytes packed ({sizes['float32_weight_bytes']:,} "
+              f"in float32)")
     return 0
 
 
@@ -267,6 +299,13 @@ def build_parser() -> argparse.ArgumentParser:
                                help="run the file with ONNX Runtime and print the largest "
                                     "difference from the converted model")
     export_parser.set_defaults(handler=export_onnx)
+    report_parser = commands.add_parser(
+        "report", help="print the per-layer bit table of a model saved by msq_fx.save")
+    report_parser.add_argument("model", type=Path, help="a file written by msq_fx.save")
+    report_parser.add_argument("--json", action="store_true",
+                               help="one JSON object: layers, float weights, notes, compression, "
+                                    "byte counts")
+    report_parser.set_defaults(handler=show_report)
     return parser
 
 

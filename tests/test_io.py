@@ -1,6 +1,7 @@
 """Bit-packed saving of converted models: exact round trip, n bits per weight on disk."""
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -9,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import msq_fx
+from msq_fx.cli import main as cli_main
 from conftest import eval_output
 from msq_fx.modules import LoweredWeight
 from msq_fx.packing import pack_codes, packed_size, unpack_codes
@@ -119,3 +121,34 @@ def test_saving_does_not_change_the_model_in_memory(tmp_path):
     before = eval_output(int_model, inputs)
     msq_fx.save(int_model, tmp_path / "model.msq")
     assert torch.equal(eval_output(int_model, inputs), before)
+
+
+# ------------------------------------------------------------------------ msq-fx report FILE
+
+def test_cli_report_prints_each_saved_layer_with_its_bits(tmp_path, capsys):
+    int_model, _ = _converted_cnn({0: 3, 3: 5})
+    msq_fx.save(int_model, tmp_path / "model.msq")
+    assert cli_main(["report", str(tmp_path / "model.msq")]) == 0
+    out = capsys.readouterr().out
+    for row in msq_fx.report(int_model).layers:
+        line = next(line for line in out.splitlines() if line.startswith(row.name + " "))
+        assert f" {row.bits} " in line
+    assert f"compression {msq_fx.report(int_model).compression:.2f}x" in out
+
+
+def test_cli_report_json_counts_the_packed_bytes_of_the_saved_file(tmp_path, capsys):
+    int_model, _ = _converted_cnn({0: 3, 3: 5})
+    msq_fx.save(int_model, tmp_path / "model.msq")
+    assert cli_main(["report", "--json", str(tmp_path / "model.msq")]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    expected = msq_fx.report(int_model)
+    assert [layer["bits"] for layer in printed["layers"]] == [row.bits for row in expected.layers]
+    assert printed["packed_weight_bytes"] == sum(packed_size(row.params, row.bits)
+                                                 for row in expected.layers)
+    assert printed["file_bytes"] == (tmp_path / "model.msq").stat().st_size
+
+
+def test_cli_report_of_an_unreadable_file_says_so_and_exits_2(tmp_path, capsys):
+    (tmp_path / "model.msq").write_bytes(b"not a saved model")
+    assert cli_main(["report", str(tmp_path / "model.msq")]) == 2
+    assert "msq-fx report: error: cannot load" in capsys.readouterr().err
