@@ -14,7 +14,7 @@ from .config import MSQConfig
 from .controller import MSQController, PruneRecord
 from .hessian import (HessianTraces, NoSecondDerivative, ScaledProbes, finite_difference_traces,
                       hutchinson_traces)
-from .io import load, save
+from .io import load, save, saved_config, saved_report
 from .offload import offload_saved_tensors, release_freed_memory
 from .onnx_export import OnnxExport, export_onnx
 from .models import SmallCNN, resnet20
@@ -26,7 +26,8 @@ from .report import FloatRow, LayerRow, Report, report
 __all__ = [
     "MSQConfig", "MSQError", "MSQController", "PruneRecord", "HessianTraces", "hutchinson_traces",
     "finite_difference_traces", "ScaledProbes", "NoSecondDerivative", "prepare", "convert",
-    "report", "Report", "LayerRow", "FloatRow", "save", "load", "export_onnx", "OnnxExport",
+    "report", "Report", "LayerRow", "FloatRow", "save", "load", "saved_report", "saved_config",
+    "export_onnx", "OnnxExport",
     "WeightFakeQuant", "LoweredWeight", "ActivationFakeQuant", "LoweredActivation",
     "QuantizedWeight",
     "iter_quantized_weights", "cached_quantized_weights", "resnet20", "SmallCNN",

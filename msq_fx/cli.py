@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
-from . import MSQConfig, MSQController, SmallCNN, convert, prepare, report, save
+from . import LayerRow, MSQConfig, MSQController, SmallCNN, convert, prepare, report, save
 from .check import EXPORT_FORMATS
 from .config import HESSIAN_METHODS
 from .data import synthetic_patterns
-from .modules import LoweredWeight
 from .offload import release_freed_memory
 from .packing import packed_size
 from .training import accuracy, cosine_schedule, train_epoch
@@ -82,17 +83,17 @@ def _saved_sizes(int_model: torch.nn.Module, float_model: torch.nn.Module) -> st
         save(int_model, packed_path)
         torch.save(float_model.state_dict(), float_path)
         packed, full = packed_path.stat().st_size, float_path.stat().st_size
-    code_bytes, float_bytes = _weight_bytes(int_model)
+    code_bytes, float_bytes = _weight_bytes(report(int_model).layers)
     return (f"msq_fx.save: quantized weights take {code_bytes:,} bytes packed vs {float_bytes:,} "
             f"in float32; whole file {packed:,} bytes (float32 state_dict file {full:,} bytes; "
             f"the file also holds the pickled module structure)")
 
 
-def _weight_bytes(int_model: torch.nn.Module) -> tuple[int, int]:
-    """Bytes of the converted model's quantized weights: bit-packed as saved, and in float32."""
-    lowered = [m for m in int_model.modules() if isinstance(m, LoweredWeight)]
-    return (sum(packed_size(m.codes.numel(), m.num_bits) for m in lowered),
-            sum(4 * m.codes.numel() for m in lowered))
+def _weight_bytes(layers: list[LayerRow]) -> tuple[int, int]:
+    """Bytes of a report's quantized weights: bit-packed as ``msq_fx.save`` writes them, and in
+    float32."""
+    return (sum(packed_size(row.params, row.bits) for row in layers),
+            sum(4 * row.params for row in layers))
 
 
 def check(args: argparse.Namespace) -> int:
@@ -140,7 +141,11 @@ def export_onnx(args: argparse.Namespace) -> int:
     """Write a model saved by ``msq_fx.save`` as ONNX with integer weights; 2 on bad input."""
     from .onnx_export import export_onnx as export
 
-    int_model = _load_saved(args.model, "export-onnx")
+    from .io import load
+
+    int_model = _read_saved(functools.partial(load, trusted=args.trusted), args.model,
+                            "export-onnx", "" if args.trusted else
+                            "\nmsq-fx export-onnx: add --trusted for a file you trust")
     if int_model is None:
         return 2
     inputs = torch.randn(args.input_shape, generator=torch.Generator().manual_seed(0))
@@ -158,25 +163,26 @@ def export_onnx(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_saved(path: Path, command: str) -> torch.nn.Module | None:
-    """The model ``msq_fx.save`` wrote to ``path``, or None after saying why it cannot be read."""
-    from .io import load
-
+def _read_saved(read: Callable[[Path], Any], path: Path, command: str, hint: str = "") -> Any:
+    """``read(path)`` for a file ``msq_fx.save`` wrote, or None after saying why it failed
+    (and ``hint``, what the command's user can do about it)."""
     try:
-        return load(path)
+        return read(path)
     except Exception as error:  # missing, unreadable or not written by msq_fx.save
         print(f"msq-fx {command}: error: cannot load {path} "
-              f"({type(error).__name__}: {error})", file=sys.stderr)
+              f"({type(error).__name__}: {error}){hint}", file=sys.stderr)
         return None
 
 
 def show_report(args: argparse.Namespace) -> int:
-    """Print the per-layer bit table of a model saved by ``msq_fx.save``; 2 on bad input."""
-    int_model = _load_saved(args.model, "report")
-    if int_model is None:
+    """Print the per-layer bit table of a model saved by ``msq_fx.save`` (read without
+    unpickling anything); 2 on bad input."""
+    from .io import saved_report
+
+    result = _read_saved(saved_report, args.model, "report")
+    if result is None:
         return 2
-    result = report(int_model)
-    packed, float32 = _weight_bytes(int_model)
+    packed, float32 = _weight_bytes(result.layers)
     sizes = {"file_bytes": args.model.stat().st_size, "packed_weight_bytes": packed,
              "float32_weight_bytes": float32}
     if args.json:
@@ -298,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     export_parser.add_argument("--verify", action="store_true",
                                help="run the file with ONNX Runtime and print the largest "
                                     "difference from the converted model")
+    export_parser.add_argument("--trusted", action="store_true",
+                               help="rebuild the model from the module structure pickled in the "
+                                    "file (reading it can run code: only for files you trust)")
     export_parser.set_defaults(handler=export_onnx)
     report_parser = commands.add_parser(
         "report", help="print the per-layer bit table of a model saved by msq_fx.save")

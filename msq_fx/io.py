@@ -1,53 +1,196 @@
 """Save and load converted models with their weight codes bit-packed (n bits per weight on disk).
 
-``save(int_model, path)`` writes the whole module (as ``torch.save`` does) with every
-``LoweredWeight``'s int8 codes replaced by a packed bit stream; ``load(path)`` restores a model
-whose outputs equal the saved one's exactly. The file is written to a temporary name first and
+A file written by ``save`` holds only tensors and plain data, so reading it never runs code
+from the file: the converted model's state (every ``LoweredWeight``'s codes as a packed bit
+stream, the rest as tensors), its per-layer report, its ``MSQConfig``, and its module structure
+as an opaque byte string. ``load(path, model=skeleton)`` fills a converted model of the same
+architecture (``convert(prepare(arch, example_inputs, saved_config(path)))``) with the saved
+state and unpickles nothing; ``load(path, trusted=True)`` rebuilds the module from the file's
+structure, which runs the pickle in it: only for files you trust. ``saved_report`` and
+``saved_config`` read the plain parts alone. Files are written to a temporary name first and
 renamed, so an interrupted save never leaves a truncated file under ``path``.
 """
 from __future__ import annotations
 
+import io
+import logging
 import os
+import pickle
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from .modules import LoweredWeight, WeightFakeQuant
+from .config import CONFIG_ATTR, MSQConfig
+from .modules import LoweredActivation, LoweredWeight, WeightFakeQuant
 from .packing import pack_codes, unpack_codes
+from .report import FloatRow, LayerRow, Report, report
 from .utils import copy_module
 
-FORMAT = "msq_fx.packed/1"
+logger = logging.getLogger("msq_fx")
+
+FORMAT = "msq_fx.packed/2"
+#: Files of this format hold the whole pickled module; they are read with ``trusted=True`` only.
+PICKLED_FORMAT = "msq_fx.packed/1"
 
 
 def save(int_model: nn.Module, path: str | os.PathLike) -> None:
     """Write a model returned by ``msq_fx.convert`` to ``path`` with bit-packed codes."""
     require_converted(int_model, "msq_fx.save")
-    skeleton = copy_module(int_model)
-    packed = {}
-    for name, lowered in _lowered_modules(skeleton):
-        packed[name] = {"shape": tuple(lowered.codes.shape), "bits": lowered.num_bits,
-                        "packed": pack_codes(lowered.codes, lowered.num_bits)}
-        lowered.codes = torch.empty(0, dtype=torch.int8, device=lowered.codes.device)
-    payload = {"format": FORMAT, "model": skeleton, "codes": packed}
+    state = int_model.state_dict()
+    codes = {}
+    for name, lowered in _lowered_modules(int_model):
+        del state[f"{name}.codes"]
+        codes[name] = {"shape": tuple(lowered.codes.shape), "bits": lowered.num_bits,
+                       "packed": pack_codes(lowered.codes, lowered.num_bits)}
+    model_report = report(int_model)
+    payload = {
+        "format": FORMAT, "state": state, "codes": codes,
+        "activations": {name: {"bits": m.bits, "signed": m.signed}
+                        for name, m in int_model.named_modules()
+                        if isinstance(m, LoweredActivation)},
+        "report": {**model_report.to_dict(), "other_float_params": model_report.other_float_params},
+        "config": getattr(int_model, CONFIG_ATTR, None),
+        "structure": _structure_bytes(int_model),
+    }
+    if payload["structure"] is None:
+        logger.warning("msq_fx.save: %s cannot be pickled (e.g. a class defined inside a "
+                       "function), so %s holds its state alone; load it with "
+                       "msq_fx.load(path, model=...)", type(int_model).__name__, path)
     atomic_write(Path(path), lambda tmp: torch.save(payload, tmp))
 
 
-def load(path: str | os.PathLike, map_location: str | torch.device | None = None) -> nn.Module:
-    """Read a model written by ``save``. The file holds a pickled module: load trusted files only."""
-    payload = torch.load(path, map_location=map_location, weights_only=False)
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+def load(path: str | os.PathLike, model: nn.Module | None = None, *, trusted: bool = False,
+         map_location: str | torch.device | None = None) -> nn.Module:
+    """Read a model written by ``save``.
+
+    With ``model`` (a converted model of the saved architecture, e.g.
+    ``convert(prepare(arch, example_inputs, saved_config(path)))``), fill it with the saved state
+    and return it; nothing in the file is unpickled, and a model that does not match is left
+    unchanged. Without ``model``, ``trusted=True`` rebuilds the module from the file's pickled
+    structure (which can run code: for files you trust only).
+    """
+    payload = _read(path, trusted, map_location)
+    if payload["format"] == PICKLED_FORMAT:
+        return _fill_codes(payload["model"], payload["codes"], path)
+    if model is not None:
+        return _load_into(model, payload, path)
+    if not trusted:
+        raise ValueError(f"{path}: loading without a model rebuilds the module from the pickled "
+                         f"structure in the file, which can run code. Pass model=<a converted "
+                         f"model of the same architecture> (convert(prepare(arch, example_inputs, "
+                         f"msq_fx.saved_config(path)))) to read tensors only, or trusted=True "
+                         f"for a file you trust.")
+    if payload["structure"] is None:
+        raise ValueError(f"{path}: holds no module structure (the model could not be pickled "
+                         f"when it was saved); pass model=<a converted model of the same "
+                         f"architecture>")
+    skeleton = torch.load(io.BytesIO(payload["structure"].numpy().tobytes()),
+                          map_location=map_location, weights_only=False)
+    state = _full_state(payload, path)
+    with torch.no_grad():
+        # The structure's empty placeholders take the saved tensors in place, so a tensor that
+        # several modules share stays one object.
+        for key, placeholder in skeleton.state_dict(keep_vars=True).items():
+            placeholder.set_(state[key])
+    return skeleton
+
+
+def saved_report(path: str | os.PathLike) -> Report:
+    """The per-layer report of a saved model, read without unpickling anything."""
+    data = _read(path, trusted=False, map_location="cpu")["report"]
+    return Report(layers=[LayerRow(**{**row, "shape": tuple(row["shape"]),
+                                      "shared_with": tuple(row["shared_with"])})
+                          for row in data["layers"]],
+                  float_weights=[FloatRow(**row) for row in data["float_weights"]],
+                  other_float_params=data["other_float_params"], notes=list(data["notes"]))
+
+
+def saved_config(path: str | os.PathLike) -> MSQConfig | None:
+    """The ``MSQConfig`` the saved model was prepared with (None if it did not record one)."""
+    data = _read(path, trusted=False, map_location="cpu")["config"]
+    return None if data is None else MSQConfig.from_dict(data)
+
+
+def _read(path: str | os.PathLike, trusted: bool, map_location) -> dict[str, Any]:
+    """The file's payload, read with torch's tensors-only unpickler unless ``trusted``."""
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        if not trusted:
+            raise ValueError(
+                f"{path}: holds objects other than tensors and plain data (an msq_fx file "
+                f"of the older format {PICKLED_FORMAT!r}, or not an msq_fx file), and reading "
+                f"them can run code; pass trusted=True for a file you trust") from error
+        payload = torch.load(path, map_location=map_location, weights_only=False)
+    if not isinstance(payload, dict) or payload.get("format") not in (FORMAT, PICKLED_FORMAT):
         raise ValueError(f"{path}: not an msq_fx packed model (expected format {FORMAT!r}); it "
                          f"was not written by msq_fx.save()")
-    model = payload["model"]
+    return payload
+
+
+def _structure_bytes(int_model: nn.Module) -> torch.Tensor | None:
+    """The module pickled with every state tensor replaced by an empty one, as uint8 bytes;
+    None for a module that cannot be pickled."""
+    empty = {id(tensor): (nn.Parameter(torch.empty(0, dtype=tensor.dtype),
+                                       requires_grad=tensor.requires_grad)
+                          if isinstance(tensor, nn.Parameter)
+                          else torch.empty(0, dtype=tensor.dtype))
+             for tensor in int_model.state_dict(keep_vars=True).values()}
+    buffer = io.BytesIO()
+    try:
+        torch.save(copy_module(int_model, replacements=empty), buffer)
+    except (pickle.PicklingError, AttributeError, TypeError):
+        return None
+    return torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+
+
+def _full_state(payload: dict[str, Any], path) -> dict[str, torch.Tensor]:
+    """The saved state with each module's codes unpacked under ``<module>.codes``."""
+    state = dict(payload["state"])
+    for name, entry in payload["codes"].items():
+        state[f"{name}.codes"] = unpack_codes(entry["packed"], entry["bits"],
+                                              tuple(entry["shape"]))
+    return state
+
+
+def _load_into(model: nn.Module, payload: dict[str, Any], path) -> nn.Module:
+    """Copy the saved state into ``model`` after checking every key and shape matches."""
+    require_converted(model, "msq_fx.load(model=...)")
+    state = _full_state(payload, path)
+    own = model.state_dict()
+    problems = [f"{key}: the file has {tuple(state[key].shape)} {state[key].dtype}, the model "
+                f"{tuple(own[key].shape)} {own[key].dtype}"
+                for key in own if key in state
+                and (state[key].shape != own[key].shape or state[key].dtype != own[key].dtype)]
+    problems += [f"missing in the file: {key}" for key in own if key not in state]
+    problems += [f"not in the model: {key}" for key in state if key not in own]
+    activations = payload["activations"]
+    modules = dict(model.named_modules())
+    problems += [f"{name}: the file has a quantized activation here, the model does not"
+                 for name in activations if not isinstance(modules.get(name), LoweredActivation)]
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more"
+                                            if len(problems) > 5 else "")
+        raise ValueError(f"msq_fx.load: {path} does not match the given model ({shown}); build "
+                         f"it as convert(prepare(arch, example_inputs, saved_config(path))) from "
+                         f"the architecture that was saved")
+    model.load_state_dict(state, strict=True)
+    for name, settings in activations.items():
+        modules[name].bits, modules[name].signed = settings["bits"], settings["signed"]
+    return model
+
+
+def _fill_codes(model: nn.Module, codes: dict[str, Any], path) -> nn.Module:
+    """A module of the older format: put each module's unpacked codes back in place."""
     for name, lowered in _lowered_modules(model):
-        entry = payload["codes"].get(name)
+        entry = codes.get(name)
         if entry is None:
             raise ValueError(f"{path}: no packed codes for quantized weight module {name!r}")
-        codes = unpack_codes(entry["packed"], entry["bits"], tuple(entry["shape"]))
-        lowered.codes = codes.to(lowered.step.device)
+        codes_tensor = unpack_codes(entry["packed"], entry["bits"], tuple(entry["shape"]))
+        lowered.codes = codes_tensor.to(lowered.step.device)
     return model
 
 

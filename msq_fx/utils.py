@@ -44,15 +44,17 @@ def model_mode(model: nn.Module, training: bool) -> Iterator[nn.Module]:
             module.training = training
 
 
-def copy_module(model: nn.Module) -> nn.Module:
+def copy_module(model: nn.Module, replacements: dict[int, object] | None = None) -> nn.Module:
     """``copy.deepcopy(model)``, also when the model caches autograd-graph tensors.
 
     Some models cache tensors computed from their parameters in plain attributes during an eval
     forward (timm's EfficientViT attention-bias cache); after a forward with gradients enabled,
     such as a Hessian-vector product, those tensors are not graph leaves and ``deepcopy`` refuses
     them. The copy holds detached clones of them instead (same values, no graph).
+    ``replacements`` maps ``id(obj)`` of objects in ``model`` to what the copy holds in their
+    place (e.g. empty tensors for a structure-only copy), never copying those objects.
     """
-    memo: dict[int, object] = {}
+    memo: dict[int, object] = dict(replacements or {})
     for module in model.modules():
         for value in vars(module).values():
             _memo_detached(value, memo, depth=3)

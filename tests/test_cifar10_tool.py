@@ -60,8 +60,7 @@ def test_an_msq_run_writes_one_row_per_epoch_with_its_bits(msq_run):
 def test_an_msq_run_ends_with_a_converted_model_equal_to_the_fake_quant_one(msq_run):
     summary = json.loads((msq_run / "msq_summary.json").read_text())
     assert summary["max_abs_diff"] == 0.0
-    int_model = msq_fx.load(msq_run / "resnet20_msq.msq")
-    bits = [row.bits for row in msq_fx.report(int_model).layers]
+    bits = [row.bits for row in msq_fx.saved_report(msq_run / "resnet20_msq.msq").layers]
     assert bits == json.loads((msq_run / "msq.json").read_text())["epochs"][-1]["bits"]
 
 

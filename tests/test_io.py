@@ -63,7 +63,7 @@ def _converted_cnn(bits: dict[int, int]) -> tuple[torch.nn.Module, torch.Tensor]
 def test_a_saved_model_loads_with_identical_outputs(tmp_path):
     int_model, inputs = _converted_cnn({0: 3, 1: 5, 2: 2})
     msq_fx.save(int_model, tmp_path / "model.msq")
-    loaded = msq_fx.load(tmp_path / "model.msq")
+    loaded = msq_fx.load(tmp_path / "model.msq", trusted=True)
     assert torch.equal(eval_output(loaded, inputs), eval_output(int_model, inputs))
 
 
@@ -73,14 +73,14 @@ def test_a_saved_model_with_quantized_activations_loads_with_identical_outputs(t
     int_model = msq_fx.convert(msq_fx.prepare(msq_fx.SmallCNN(in_channels=1, width=16), inputs,
                                               msq_fx.MSQConfig(act_bits=4)))
     msq_fx.save(int_model, tmp_path / "model.msq")
-    loaded = msq_fx.load(tmp_path / "model.msq")
+    loaded = msq_fx.load(tmp_path / "model.msq", trusted=True)
     assert torch.equal(eval_output(loaded, inputs), eval_output(int_model, inputs))
 
 
 def test_loaded_codes_and_bit_widths_equal_the_saved_ones(tmp_path):
     int_model, _ = _converted_cnn({0: 3, 1: 5, 2: 2})
     msq_fx.save(int_model, tmp_path / "model.msq")
-    loaded = msq_fx.load(tmp_path / "model.msq")
+    loaded = msq_fx.load(tmp_path / "model.msq", trusted=True)
     saved = {n: m for n, m in int_model.named_modules() if isinstance(m, LoweredWeight)}
     restored = {n: m for n, m in loaded.named_modules() if isinstance(m, LoweredWeight)}
     assert saved.keys() == restored.keys()
@@ -114,6 +114,122 @@ def test_loading_a_file_not_written_by_save_is_explained(tmp_path):
     torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not an msq_fx packed model"):
         msq_fx.load(tmp_path / "other.pt")
+
+
+def test_a_saved_file_holds_only_tensors_and_plain_data(tmp_path):
+    int_model, _ = _converted_cnn({0: 3})
+    msq_fx.save(int_model, tmp_path / "model.msq")
+    payload = torch.load(tmp_path / "model.msq", weights_only=True)  # refuses any other object
+    assert payload["format"] == msq_fx.io.FORMAT
+
+
+def test_loading_without_a_model_needs_trust_because_it_unpickles_the_structure(tmp_path):
+    int_model, _ = _converted_cnn({0: 3})
+    msq_fx.save(int_model, tmp_path / "model.msq")
+    with pytest.raises(ValueError, match=r"Pass model=.* or trusted=True"):
+        msq_fx.load(tmp_path / "model.msq")
+
+
+def test_loading_into_a_model_of_the_same_architecture_gives_identical_outputs(tmp_path):
+    int_model, inputs = _converted_cnn({0: 3, 1: 5, 2: 2})
+    msq_fx.save(int_model, tmp_path / "model.msq")
+    config = msq_fx.saved_config(tmp_path / "model.msq")
+    torch.manual_seed(1)  # other weights: everything must come from the file
+    skeleton = msq_fx.convert(msq_fx.prepare(msq_fx.SmallCNN(in_channels=1, width=16), inputs,
+                                             config))
+    loaded = msq_fx.load(tmp_path / "model.msq", model=skeleton)
+    assert loaded is skeleton
+    assert torch.equal(eval_output(loaded, inputs), eval_output(int_model, inputs))
+    assert [row.bits for row in msq_fx.report(loaded).layers] == \
+        [row.bits for row in msq_fx.report(int_model).layers]
+
+
+def test_loading_into_a_model_restores_the_activation_quantizers(tmp_path):
+    torch.manual_seed(0)
+    inputs = torch.randn(2, 1, 16, 16)
+    config = msq_fx.MSQConfig(act_bits=4)
+    int_model = msq_fx.convert(msq_fx.prepare(msq_fx.SmallCNN(in_channels=1, width=16), inputs,
+                                              config))
+    msq_fx.save(int_model, tmp_path / "model.msq")
+    # Calibrated on non-negative inputs, the skeleton's first activation quantizer is unsigned.
+    skeleton = msq_fx.convert(msq_fx.prepare(msq_fx.SmallCNN(in_channels=1, width=16),
+                                             inputs.abs(), config))
+    loaded = msq_fx.load(tmp_path / "model.msq", model=skeleton)
+    saved = [(m.bits, m.signed) for m in int_model.modules()
+             if isinstance(m, msq_fx.LoweredActivation)]
+    assert [(m.bits, m.signed) for m in loaded.modules()
+            if isinstance(m, msq_fx.LoweredActivation)] == saved
+    assert torch.equal(eval_output(loaded, inputs), eval_output(int_model, inputs))
+
+
+def test_a_model_of_another_architecture_is_refused_and_left_unchanged(tmp_path):
+    int_model, inputs = _converted_cnn({0: 3})
+    msq_fx.save(int_model, tmp_path / "model.msq")
+    other = msq_fx.convert(msq_fx.prepare(msq_fx.SmallCNN(in_channels=1, width=8), inputs))
+    before = {key: value.clone() for key, value in other.state_dict().items()}
+    with pytest.raises(ValueError, match=r"does not match the given model \(features\.0\."):
+        msq_fx.load(tmp_path / "model.msq", model=other)
+    assert all(torch.equal(other.state_dict()[key], value) for key, value in before.items())
+
+
+class TiedLayers(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first = torch.nn.Linear(8, 8)
+        self.second = torch.nn.Linear(8, 8)
+        self.second.weight = self.first.weight
+
+    def forward(self, x):
+        return self.second(self.first(x))
+
+
+def test_a_trusted_load_keeps_a_shared_weight_one_tensor(tmp_path):
+    inputs = torch.randn(2, 8)
+    int_model = msq_fx.convert(msq_fx.prepare(TiedLayers(), inputs))
+    msq_fx.save(int_model, tmp_path / "model.msq")
+    loaded = msq_fx.load(tmp_path / "model.msq", trusted=True)
+    lowered = [m for m in loaded.modules() if isinstance(m, LoweredWeight)]
+    assert len(lowered) == len([m for m in int_model.modules() if isinstance(m, LoweredWeight)])
+    assert torch.equal(eval_output(loaded, inputs), eval_output(int_model, inputs))
+
+
+def test_a_model_that_cannot_be_pickled_is_saved_as_its_state_alone(tmp_path, caplog):
+    class DefinedInAFunction(TiedLayers):
+        pass
+
+    inputs = torch.randn(2, 8)
+    int_model = msq_fx.convert(msq_fx.prepare(DefinedInAFunction(), inputs))
+    msq_fx.save(int_model, tmp_path / "model.msq")
+    assert "cannot be pickled" in caplog.text
+    with pytest.raises(ValueError, match="holds no module structure"):
+        msq_fx.load(tmp_path / "model.msq", trusted=True)
+    skeleton = msq_fx.convert(msq_fx.prepare(DefinedInAFunction(), inputs))
+    loaded = msq_fx.load(tmp_path / "model.msq", model=skeleton)
+    assert torch.equal(eval_output(loaded, inputs), eval_output(int_model, inputs))
+
+
+def test_the_saved_report_and_config_are_read_without_the_model(tmp_path):
+    int_model, _ = _converted_cnn({0: 3, 4: 2})
+    msq_fx.save(int_model, tmp_path / "model.msq")
+    assert msq_fx.saved_report(tmp_path / "model.msq") == msq_fx.report(int_model)
+    assert msq_fx.saved_config(tmp_path / "model.msq") == msq_fx.MSQConfig()
+
+
+def test_a_file_of_the_older_pickled_format_loads_only_when_trusted(tmp_path):
+    int_model, inputs = _converted_cnn({0: 3})
+    skeleton = msq_fx.utils.copy_module(int_model)
+    codes = {}
+    for name, module in skeleton.named_modules():
+        if isinstance(module, LoweredWeight):
+            codes[name] = {"shape": tuple(module.codes.shape), "bits": module.num_bits,
+                           "packed": pack_codes(module.codes, module.num_bits)}
+            module.codes = torch.empty(0, dtype=torch.int8)
+    torch.save({"format": msq_fx.io.PICKLED_FORMAT, "model": skeleton, "codes": codes},
+               tmp_path / "old.msq")
+    with pytest.raises(ValueError, match="trusted=True"):
+        msq_fx.load(tmp_path / "old.msq")
+    loaded = msq_fx.load(tmp_path / "old.msq", trusted=True)
+    assert torch.equal(eval_output(loaded, inputs), eval_output(int_model, inputs))
 
 
 def test_saving_does_not_change_the_model_in_memory(tmp_path):

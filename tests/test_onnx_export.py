@@ -238,7 +238,7 @@ def test_a_timm_vit_runs_in_onnx_runtime_with_the_converted_weights(tmp_path):
 def test_cli_exports_a_saved_model_and_verifies_it(tmp_path, capsys):
     msq_fx.save(converted_cnn(MIXED_BITS), tmp_path / "model.msq")
     code = cli_main(["export-onnx", str(tmp_path / "model.msq"), str(tmp_path / "model.onnx"),
-                     "--input-shape", "2x1x16x16", "--verify"])
+                     "--input-shape", "2x1x16x16", "--verify", "--trusted"])
     out = capsys.readouterr().out
     assert code == 0
     assert "3 weights as INT4, 3 as INT8, 0 in float" in out
@@ -262,9 +262,17 @@ def test_cli_dynamic_batch_writes_a_file_for_any_batch(tmp_path, capsys):
     int_model = converted_cnn(MIXED_BITS)
     msq_fx.save(int_model, tmp_path / "model.msq")
     assert cli_main(["export-onnx", str(tmp_path / "model.msq"), str(tmp_path / "model.onnx"),
-                     "--input-shape", "2x1x16x16", "--dynamic-batch"]) == 0
+                     "--input-shape", "2x1x16x16", "--dynamic-batch", "--trusted"]) == 0
     three = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(3))
     assert onnx_output(tmp_path / "model.onnx", three).shape == (3, 10)
+
+
+def test_cli_reads_the_pickled_structure_only_when_told_the_file_is_trusted(tmp_path, capsys):
+    msq_fx.save(converted_cnn(MIXED_BITS), tmp_path / "model.msq")
+    code = cli_main(["export-onnx", str(tmp_path / "model.msq"), str(tmp_path / "model.onnx"),
+                     "--input-shape", "2x1x16x16"])
+    assert code == 2
+    assert "add --trusted" in capsys.readouterr().err and not (tmp_path / "model.onnx").exists()
 
 
 def test_cli_names_a_file_it_cannot_load(tmp_path, capsys):
