@@ -17,6 +17,7 @@ from .hessian import (HessianTraces, NoSecondDerivative, ScaledProbes, finite_di
 from .io import load, save, saved_config, saved_report
 from .offload import offload_saved_tensors, release_freed_memory
 from .onnx_export import OnnxExport, export_onnx
+from .plots import plot_history
 from .models import SmallCNN, resnet20
 from .modules import (ActivationFakeQuant, LoweredActivation, LoweredWeight, QuantizedWeight,
                       WeightFakeQuant,
@@ -27,7 +28,7 @@ __all__ = [
     "MSQConfig", "MSQError", "MSQController", "PruneRecord", "HessianTraces", "hutchinson_traces",
     "finite_difference_traces", "ScaledProbes", "NoSecondDerivative", "prepare", "convert",
     "report", "Report", "LayerRow", "FloatRow", "save", "load", "saved_report", "saved_config",
-    "export_onnx", "OnnxExport",
+    "export_onnx", "OnnxExport", "plot_history",
     "WeightFakeQuant", "LoweredWeight", "ActivationFakeQuant", "LoweredActivation",
     "QuantizedWeight",
     "iter_quantized_weights", "cached_quantized_weights", "resnet20", "SmallCNN",

@@ -62,6 +62,7 @@ def test_an_msq_run_ends_with_a_converted_model_equal_to_the_fake_quant_one(msq_
     assert summary["max_abs_diff"] == 0.0
     bits = [row.bits for row in msq_fx.saved_report(msq_run / "resnet20_msq.msq").layers]
     assert bits == json.loads((msq_run / "msq.json").read_text())["epochs"][-1]["bits"]
+    assert (msq_run / "msq_history.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_a_run_stopped_and_continued_computes_what_an_uninterrupted_run_does(
