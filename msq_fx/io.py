@@ -123,7 +123,8 @@ def _read(path: str | os.PathLike, trusted: bool, map_location) -> dict[str, Any
             raise ValueError(
                 f"{path}: holds objects other than tensors and plain data (an msq_fx file "
                 f"of the older format {PICKLED_FORMAT!r}, or not an msq_fx file), and reading "
-                f"them can run code; pass trusted=True for a file you trust") from error
+                f"them can run code; for a file you trust, msq_fx.load(path, trusted=True) reads "
+                f"it (msq_fx.save writes it again in the current format)") from error
         payload = torch.load(path, map_location=map_location, weights_only=False)
     if not isinstance(payload, dict) or payload.get("format") not in (FORMAT, PICKLED_FORMAT):
         raise ValueError(f"{path}: not an msq_fx packed model (expected format {FORMAT!r}); it "

@@ -228,6 +228,8 @@ def test_a_file_of_the_older_pickled_format_loads_only_when_trusted(tmp_path):
                tmp_path / "old.msq")
     with pytest.raises(ValueError, match="trusted=True"):
         msq_fx.load(tmp_path / "old.msq")
+    with pytest.raises(ValueError, match="trusted=True"):
+        msq_fx.saved_report(tmp_path / "old.msq")
     loaded = msq_fx.load(tmp_path / "old.msq", trusted=True)
     assert torch.equal(eval_output(loaded, inputs), eval_output(int_model, inputs))
 
