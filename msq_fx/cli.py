@@ -139,9 +139,8 @@ def check(args: argparse.Namespace) -> int:
 
 def export_onnx(args: argparse.Namespace) -> int:
     """Write a model saved by ``msq_fx.save`` as ONNX with integer weights; 2 on bad input."""
-    from .onnx_export import export_onnx as export
-
     from .io import load
+    from .onnx_export import export_onnx as export
 
     int_model = _read_saved(functools.partial(load, trusted=args.trusted), args.model,
                             "export-onnx", "" if args.trusted else
