@@ -109,7 +109,11 @@ def saved_report(path: str | os.PathLike) -> Report:
 
 
 def saved_config(path: str | os.PathLike) -> MSQConfig | None:
-    """The ``MSQConfig`` the saved model was prepared with (None if it did not record one)."""
+    """The ``MSQConfig`` the saved model was prepared with (None if it did not record one).
+
+    A file holds plain data only, so ``filter_fn``, ``leaf_modules`` and ``concrete_args`` come
+    back at their defaults: pass them again with ``config.replace(...)`` if the model used them.
+    """
     data = _read(path, trusted=False, map_location="cpu")["config"]
     return None if data is None else MSQConfig.from_dict(data)
 
@@ -177,7 +181,8 @@ def _load_into(model: nn.Module, payload: dict[str, Any], path) -> nn.Module:
                                             if len(problems) > 5 else "")
         raise ValueError(f"msq_fx.load: {path} does not match the given model ({shown}); build "
                          f"it as convert(prepare(arch, example_inputs, saved_config(path))) from "
-                         f"the architecture that was saved")
+                         f"the architecture that was saved (with the filter_fn, leaf_modules and "
+                         f"concrete_args it was prepared with: the file cannot hold them)")
     model.load_state_dict(state, strict=True)
     for name, settings in activations.items():
         modules[name].bits, modules[name].signed = settings["bits"], settings["signed"]
