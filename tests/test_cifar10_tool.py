@@ -98,3 +98,10 @@ def test_the_float_run_has_no_bits(tool, archive, tmp_path):
     rows = json.loads((tmp_path / "float.json").read_text())["epochs"]
     assert len(rows) == 2 and not any("bits" in row for row in rows)
     assert torch.load(tmp_path / "float.pt", weights_only=False)["controller"] is None
+
+
+def test_act_bits_quantize_the_inputs_of_the_quantized_layers(tool, archive, tmp_path):
+    run(tool, archive, tmp_path, "--run", "msq", "--act-bits", "3", "--epochs", "1")
+    state = torch.load(tmp_path / "msq.pt", weights_only=False)["model"]
+    activation_bits = [value for key, value in state.items() if key.endswith("input_quantizer.bits")]
+    assert len(activation_bits) == 20 and all(int(bits) == 3 for bits in activation_bits)
