@@ -138,6 +138,15 @@ class MSQController:
         self.prune_count = 0
         self.done = self.compression() >= self.config.target_compression
         self.history: list[PruneRecord] = []
+        if self.config.target_compression >= 0.95 * 32 / self.config.min_bits:
+            # At 32/min_bits the target is met only when every weight sits at min_bits: the run
+            # ends in uniform precision however the Hessian ranked the layers.
+            logger.warning("target_compression %gx is %s 32/min_bits = %gx: it is reached only "
+                           "with (nearly) every layer at min_bits=%d, i.e. uniform precision; "
+                           "lower the target or min_bits for a mixed-precision result",
+                           self.config.target_compression,
+                           "equal to" if self.config.target_compression * self.config.min_bits
+                           == 32 else "close to", 32 / self.config.min_bits, self.config.min_bits)
 
     # ------------------------------------------------------------------ per step
     def regularization(self) -> Tensor:

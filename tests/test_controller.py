@@ -799,3 +799,15 @@ def test_the_config_decides_whether_finite_differences_freeze_kinks(monkeypatch,
     monkeypatch.setattr("msq_fx.controller.finite_difference_traces", spy)
     conv_net_traces(hessian_method="finite_difference", hessian_frozen_kinks=frozen)
     assert seen == [frozen]
+
+
+def test_a_target_of_32_over_min_bits_is_warned_to_end_in_uniform_precision(caplog):
+    with caplog.at_level("WARNING", logger="msq_fx"):
+        prepared([4, 4], target_compression=16.0, min_bits=2)
+    assert "uniform precision" in caplog.text and "equal to 32/min_bits" in caplog.text
+
+
+def test_a_target_with_room_for_mixed_precision_is_not_warned(caplog):
+    with caplog.at_level("WARNING", logger="msq_fx"):
+        prepared([4, 4], target_compression=10.67, min_bits=2)
+    assert "uniform precision" not in caplog.text
