@@ -1,8 +1,9 @@
 """Figures of an MSQ run's pruning history (needs the ``plot`` extra: matplotlib).
 
 ``plot_history`` draws what the paper shows for ResNet-20 (its Fig. 1 and Fig. 5): each
-group's bit width after every pruning step, the last step's Omega per group against their mean
-(groups under the mean lose 2 bits next, the others 1), and the compression step by step.
+group's bit width after every pruning step, Omega per group against their mean at the latest
+step that recorded the most groups (groups under the mean lose 2 bits next, the others 1), and
+the compression step by step.
 It builds a ``matplotlib.figure.Figure`` directly, not through pyplot, so it keeps no global
 figure state and needs no display.
 """
@@ -48,7 +49,12 @@ def plot_history(history: Iterable[PruneRecord] | MSQController,
     if not records:
         raise ValueError("plot_history: the history is empty; no pruning step has run yet")
     groups, epochs, bits = bits_by_step(records)
-    last = [r for r in records if r.epoch == epochs[-1] and r.omega is not None]
+    # Groups that reached min_bits drop out of later steps, so the Omega panel shows the latest
+    # step that still recorded the most groups.
+    counts = {epoch: sum(r.epoch == epoch and r.omega is not None for r in records)
+              for epoch in epochs}
+    omega_epoch = max(epochs, key=lambda epoch: (counts[epoch], epoch))
+    last = [r for r in records if r.epoch == omega_epoch and r.omega is not None]
 
     height = max(4.0, 0.28 * len(groups) + 1.5)
     figure = Figure(figsize=(15, height), layout="constrained")
@@ -72,7 +78,7 @@ def plot_history(history: Iterable[PruneRecord] | MSQController,
                    color=[P_COLOURS.get(r.next_prune_step, "grey") for r in last])
         omega.axvline(sum(values) / len(values), color="black", linestyle=":", label="mean")
         omega.set_xscale("symlog", linthresh=max(min(abs(v) for v in values if v) or 1e-6, 1e-12))
-        omega.set(yticks=range(len(last)), yticklabels=names, title=f"Omega at epoch {epochs[-1]}"
+        omega.set(yticks=range(len(last)), yticklabels=names, title=f"Omega at epoch {omega_epoch}"
                   " (red: next p = 1, blue: 2)")
         omega.tick_params(axis="y", labelsize=7)
         omega.invert_yaxis()

@@ -45,13 +45,18 @@ def panel(history, title_start: str):
                 if ax.get_title().startswith(title_start))
 
 
-def test_the_omega_bars_are_the_last_steps_coloured_by_the_next_prune_step():
+def test_the_omega_bars_are_those_of_the_step_that_recorded_most_groups_coloured_by_next_p():
     from matplotlib.colors import to_hex
 
-    omega_axes = panel(HISTORY, "Omega")
+    omega_axes = panel(HISTORY, "Omega at epoch 2")
     bars = omega_axes.patches
-    assert [bar.get_width() for bar in bars] == [2.0]
-    assert to_hex(bars[0].get_facecolor()) == P_COLOURS[1]
+    assert [bar.get_width() for bar in bars] == [0.5, 3.0]
+    assert [to_hex(bar.get_facecolor()) for bar in bars] == [P_COLOURS[2], P_COLOURS[1]]
+
+
+def test_of_steps_recording_as_many_groups_the_omega_panel_takes_the_latest():
+    history = HISTORY + [record(8, "a", 5, 4, omega=0.2), record(8, "c", 6, 5, omega=0.4)]
+    assert [bar.get_width() for bar in panel(history, "Omega at epoch 8").patches] == [0.2, 0.4]
 
 
 def test_the_compression_curve_has_one_point_per_step():
