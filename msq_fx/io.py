@@ -89,7 +89,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, trusted: bo
                          f"architecture>")
     skeleton = torch.load(io.BytesIO(payload["structure"].numpy().tobytes()),
                           map_location=map_location, weights_only=False)
-    state = _full_state(payload, path)
+    state = _full_state(payload)
     with torch.no_grad():
         # The structure's empty placeholders take the saved tensors in place, so a tensor that
         # several modules share stays one object.
@@ -152,7 +152,7 @@ def _structure_bytes(int_model: nn.Module) -> torch.Tensor | None:
     return torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
 
 
-def _full_state(payload: dict[str, Any], path) -> dict[str, torch.Tensor]:
+def _full_state(payload: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The saved state with each module's codes unpacked under ``<module>.codes``."""
     state = dict(payload["state"])
     for name, entry in payload["codes"].items():
@@ -164,7 +164,7 @@ def _full_state(payload: dict[str, Any], path) -> dict[str, torch.Tensor]:
 def _load_into(model: nn.Module, payload: dict[str, Any], path) -> nn.Module:
     """Copy the saved state into ``model`` after checking every key and shape matches."""
     require_converted(model, "msq_fx.load(model=...)")
-    state = _full_state(payload, path)
+    state = _full_state(payload)
     own = model.state_dict()
     problems = [f"{key}: the file has {tuple(state[key].shape)} {state[key].dtype}, the model "
                 f"{tuple(own[key].shape)} {own[key].dtype}"

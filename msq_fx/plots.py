@@ -23,15 +23,14 @@ def bits_by_step(history: list[PruneRecord]) -> tuple[list[str], list[int], list
     width after each step (a group a step did not record keeps its previous width)."""
     groups = list(dict.fromkeys(record.group for record in history))
     epochs = sorted({record.epoch for record in history})
-    bits = {group: None for group in groups}
+    bits: dict[str, int] = {}
+    for record in history:  # until its first record, a group has its starting width
+        bits.setdefault(record.group, record.bits_before)
     matrix = []
     for epoch in epochs:
         for record in history:
             if record.epoch == epoch:
                 bits[record.group] = record.bits_after
-        for record in history:  # a group first seen later had its starting width until then
-            if bits[record.group] is None:
-                bits[record.group] = record.bits_before
         matrix.append([bits[group] for group in groups])
     return groups, epochs, [list(row) for row in zip(*matrix)]
 
@@ -59,11 +58,11 @@ def plot_history(history: Iterable[PruneRecord] | MSQController,
     height = max(4.0, 0.28 * len(groups) + 1.5)
     figure = Figure(figsize=(15, height), layout="constrained")
     heat, omega, compression = figure.subplots(1, 3, width_ratios=[3, 2, 2])
-    image = heat.imshow(bits, aspect="auto", cmap="viridis", vmin=0, vmax=max(max(r) for r in bits))
+    top = max(max(row) for row in bits)
+    image = heat.imshow(bits, aspect="auto", cmap="viridis", vmin=0, vmax=top)
     heat.set(xticks=range(len(epochs)), xticklabels=epochs, yticks=range(len(groups)),
              yticklabels=groups, xlabel="epoch of the pruning step", title="bits after each step")
     heat.tick_params(axis="y", labelsize=7)
-    top = max(max(row) for row in bits)
     if len(groups) * len(epochs) <= 600:
         for row, widths in enumerate(bits):
             for column, width in enumerate(widths):
