@@ -26,6 +26,10 @@ in a note, since it may be a functional weight left in float without a row in th
 A quantized weight that its op reads only through other ops computed from parameters alone
 (weight standardization) is named in a note with those ops: the probe's record when it ran,
 else the graph's reads followed to their op (which cannot see inside leaves).
+
+The first and last layer of ``MSQConfig.first_last`` are decided here, once, for every policy
+(``rewrite`` reads ``Discovery.fixed_width``): the first and the last, in execution order, of the
+weights that survive ``exclude``, ``filter_fn`` and the dtype check. See ``_first_and_last``.
 """
 from __future__ import annotations
 
@@ -73,16 +77,31 @@ class FloatWeight:
 
 @dataclass
 class Discovery:
+    """What discover found and decided.
+
+    Attributes:
+        targets: the weights to quantize, in execution order.
+        float_weights: the conv / linear / attention weights left in float, with the reason.
+        notes: what could not be checked, or is read through a transform.
+        fixed_width: names of the targets whose width a policy fixes at ``init_bits`` (never
+            pruned): the first and last layer under ``first_last="fixed"``, else empty.
+    """
+
     targets: list[WeightTarget] = field(default_factory=list)
     float_weights: list[FloatWeight] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    fixed_width: frozenset[str] = frozenset()
 
     def leave_in_float(self, floats: Iterable[FloatWeight]) -> "Discovery":
-        """A copy in which the targets named by ``floats`` are float leftovers instead."""
+        """A copy in which the targets named by ``floats`` are float leftovers instead.
+
+        A fixed-width target among them is float now, and no other target is fixed in its place.
+        """
         floats = list(floats)
         names = {f.name for f in floats}
         return replace(self, targets=[t for t in self.targets if t.name not in names],
-                       float_weights=self.float_weights + floats, notes=list(self.notes))
+                       float_weights=self.float_weights + floats, notes=list(self.notes),
+                       fixed_width=self.fixed_width - names)
 
 
 def discover(model: nn.Module, graph_module: fx.GraphModule | None, config: MSQConfig, *,
@@ -263,9 +282,12 @@ def _merge_tied(model: nn.Module, kinds: dict[str, str], names_of: dict[int, lis
 
 def _apply_policies(model: nn.Module, found: list[WeightTarget], config: MSQConfig) -> Discovery:
     discovery = Discovery()
-    first_last = {found[0].name, found[-1].name} if found else set()
+    reasons = {target.name: _exclusion_reason(model, target, config) for target in found}
+    first_last = _first_and_last([t for t in found if reasons[t.name] is None])
+    if config.first_last == "fixed":
+        discovery.fixed_width = first_last
     for target in found:
-        reason = _exclusion_reason(model, target, config)
+        reason = reasons[target.name]
         if reason is None and config.first_last == "float" and target.name in first_last:
             reason = "first/last layer kept float (MSQConfig.first_last='float')"
         if reason is None:
@@ -273,6 +295,21 @@ def _apply_policies(model: nn.Module, found: list[WeightTarget], config: MSQConf
         else:
             discovery.float_weights.append(FloatWeight(target.name, target.kind, reason))
     return discovery
+
+
+def _first_and_last(kept: list[WeightTarget]) -> frozenset[str]:
+    """The names of the first and last layer of ``MSQConfig.first_last``, among ``kept``.
+
+    ``kept`` are the weights that ``exclude``, ``filter_fn`` and the dtype check leave to be
+    quantized, in execution order. The policy exists to protect the layer that reads the raw
+    input and the one that produces the output at the quantized model's edges, which are the
+    most sensitive to a narrow width; once the user has excluded, say, the stem, the first
+    *quantized* layer takes its place at that edge. Counting the excluded weight would let
+    ``"float"`` protect nothing (the excluded weight is float already) while ``"fixed"`` protected
+    its successor, so both policies use this one list. A weight that ``rewrite.unrewritable``
+    refuses later stays float for its own reason; the policy does not move on to a neighbour.
+    """
+    return frozenset({kept[0].name, kept[-1].name}) if kept else frozenset()
 
 
 def _exclusion_reason(model: nn.Module, target: WeightTarget, config: MSQConfig) -> str | None:

@@ -1,7 +1,9 @@
 """Rewrite pass: put an MSQ weight quantizer on every discovered weight.
 
-Reads: a ``Discovery`` and the config. Changes: the given model in place (``prepare`` hands it a
-private copy, so the user's model is never touched and a failure leaves nothing half-rewritten).
+Reads: a ``Discovery`` (its ``fixed_width`` names the weights whose quantizers are not
+prunable: the discover pass decides which layers ``first_last`` means) and the config.
+Changes: the given model in place (``prepare`` hands it a private copy, so the user's model is
+never touched and a failure leaves nothing half-rewritten).
 Each owner module of a quantized tensor gets its class swapped for ``quantized_class(...)`` and a
 ``<name>_quantizer`` child; tied uses of one tensor share one ``WeightFakeQuant``, and a module
 registered under several names is rewritten once. With ``act_bits`` set, each owner module also
@@ -66,9 +68,8 @@ def rewrite(model: nn.Module, discovery: Discovery, config: MSQConfig,
     refused = unrewritable(model, discovery.targets, config)
     if refused:
         raise RewriteError("; ".join(f"{f.name}: {f.reason}" for f in refused))
-    fixed = _fixed_width_targets(discovery.targets, config)
     quantizers = {t.name: WeightFakeQuant(config.init_bits, t.kind, t.fqns, config.grid,
-                                          prunable=t.name not in fixed,
+                                          prunable=t.name not in discovery.fixed_width,
                                           recompute=config.recompute_quantized_weights)
                   for t in discovery.targets}
     for name, quantizer in quantizers.items():
@@ -114,12 +115,6 @@ def _owners(model: nn.Module, targets: list[WeightTarget]) -> list[_Owner]:
             if all(a != attr for a, _ in attrs):
                 attrs.append((attr, target))
     return list(owners.values())
-
-
-def _fixed_width_targets(targets: list[WeightTarget], config: MSQConfig) -> set[str]:
-    if config.first_last != "fixed" or not targets:
-        return set()
-    return {targets[0].name, targets[-1].name}
 
 
 def _refusals(owner_name: str, owner: nn.Module, attrs: list[str],

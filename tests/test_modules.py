@@ -430,7 +430,9 @@ def test_a_frozen_latent_is_served_from_the_cache_under_grad_mode(monkeypatch):
         layer(x).sum().backward()
         layer(x).sum().backward()
     assert calls[0] == 1
-    assert x.grad is not None
+    # d(sum(x W^T + b))/dx: the column sums of the quantized W in every row; twice, accumulated.
+    expected = 2 * layer.weight.detach().sum(0).expand_as(x)
+    assert torch.allclose(x.grad, expected, rtol=1e-6, atol=1e-6)
 
 
 def test_the_cache_is_released_when_the_block_ends():
@@ -468,7 +470,9 @@ def test_a_weight_cached_under_inference_mode_is_requantized_for_autograd():
         with torch.inference_mode():
             layer(x.detach())
         layer(x).sum().backward()   # an inference tensor here would raise
-    assert x.grad is not None
+    # The gradient of the sum through the quantized weight: its column sums in every row.
+    expected = layer.weight.detach().sum(0).expand_as(x)
+    assert torch.allclose(x.grad, expected, rtol=1e-6, atol=1e-6)
 
 
 def lowered_linear(bits: int = 4) -> nn.Linear:
