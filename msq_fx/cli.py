@@ -98,7 +98,8 @@ def _weight_bytes(layers: list[LayerRow]) -> tuple[int, int]:
 
 def check(args: argparse.Namespace) -> int:
     """Run msq_fx.check.check_model on each spec; 1 if any FAILs, 2 if a spec names no model."""
-    from .check import SpecError, check_config, check_model, junit_xml, parse_spec
+    from .check import check_config, check_model, junit_xml
+    from .zoo import SpecError, parse_spec
     from .io import atomic_write
 
     try:

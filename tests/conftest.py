@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import msq_fx
-import msq_fx.check
+import msq_fx.check.coverage
 from msq_fx import quant
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -43,7 +43,7 @@ def load_tool(path, module_name: str):
 def expected_weight_names(model: nn.Module) -> set[str]:
     """Every conv / linear / attention weight FQN, from the module tree alone (not from the
     discover pass under test)."""
-    return msq_fx.check.expected_weight_names(model)
+    return msq_fx.check.coverage.expected_weight_names(model)
 
 
 def reported_names(model: nn.Module) -> set[str]:

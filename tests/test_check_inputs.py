@@ -100,7 +100,12 @@ def test_example_inputs_and_an_input_size_are_refused_together():
 
 
 def test_assert_quantizes_returns_the_result_of_a_pass():
-    assert msq_fx.assert_quantizes(TokenClassifier(), example_inputs=tokens()).passed
+    result = msq_fx.assert_quantizes(TokenClassifier(), example_inputs=tokens())
+    assert isinstance(result, msq_fx.CheckResult)
+    assert (result.model, result.status, result.reason, result.note) == (
+        "TokenClassifier", "PASS", "", "")
+    assert set(result.stage_seconds) == set(msq_fx.check.STAGES)  # every stage ran
+    assert result.quantized_weights == 5 and "encoder.linear1.weight" in result.table
 
 
 def test_assert_quantizes_fails_with_the_status_and_the_reason():

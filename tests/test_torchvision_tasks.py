@@ -8,10 +8,11 @@ import torchvision
 
 import msq_fx
 
-from msq_fx.check import check_model, normalize_input_size, parse_spec, task_loss
-from msq_fx.torchvision_tasks import (DetectionTraining, FramePair, build_torchvision_model,
-                                      keep_every_detection, torchvision_input_size,
-                                      torchvision_task, torchvision_tasks)
+from msq_fx.check import check_model
+from msq_fx.zoo import normalize_input_size, parse_spec, task_loss
+from msq_fx.zoo.torchvision_tasks import (DetectionTraining, FramePair, build_torchvision_model,
+                                          keep_every_detection, torchvision_input_size,
+                                          torchvision_task, torchvision_tasks)
 
 
 def built(name: str, **kwargs):

@@ -24,6 +24,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+__all__ = ["TASK_MODULES", "CLASSIFICATION_SIZE", "CLASSIFICATION_SIZES", "VIDEO_FRAMES",
+           "torchvision_tasks", "torchvision_task", "build_torchvision_model",
+           "keep_every_detection", "torchvision_input_size", "DetectionTraining", "FramePair"]
+
 #: torchvision's model submodules, by the task name msq_fx reports. "quantizable" holds the float
 #: classifiers torchvision prepared for its own eager-mode quantization (QuantStub / DeQuantStub).
 TASK_MODULES = {
