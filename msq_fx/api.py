@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import nn
 
 from .config import CONFIG_ATTR, MSQConfig
+from .errors import MSQError
 from .modules import LoweredWeight, WeightFakeQuant
 from .report import FLOAT_WEIGHTS_ATTR, NOTES_ATTR
 from .utils import copy_module, eval_mode
@@ -21,31 +22,34 @@ SENSITIVITY_GRAPH_ATTR = "_msq_sensitivity_graph"
 logger = logging.getLogger("msq_fx")
 
 
-class MSQError(RuntimeError):
-    """A model or its inputs cannot be processed; the message says what and how to fix it."""
-
-
 def prepare(model: nn.Module, example_inputs: Any = None, config: MSQConfig | None = None, *,
+            filter_fn: Callable[[nn.Module, str], bool] | None = None,
+            leaf_modules: Sequence[str | type] = (),
+            concrete_args: Mapping[str, Any] | None = None,
             inplace: bool = False) -> nn.Module:
     """Return an MSQ-quantized copy of ``model`` for quantization-aware training.
 
     Traces the model (leaf-aware, never failing for a model that runs eagerly), finds every conv,
     depthwise conv, linear and attention weight, and routes each through a RoundClamp quantizer at
-    ``config.init_bits``. ``model`` itself is never modified, unless ``inplace=True``: then
+    ``config.quantization.init_bits``. ``model`` itself is never modified, unless ``inplace=True``: then
     ``model`` is rewritten and returned, without the copy (for a model too large to hold twice),
     and a failure undoes the rewrite before raising. ``example_inputs`` (a tensor or a tuple
     of positional inputs) is optional; when given, it must run the model, one eager forward on it
     finds weights used functionally where the FX graph cannot see them (inside leaf modules), and
-    it calibrates the activation quantizers when ``config.act_bits`` is set. Without it, such uses
+    it calibrates the activation quantizers when ``config.quantization.act_bits`` is set. Without it, such uses
     may be missed; the report's notes (and a logged warning) name the Parameters concerned.
     A found weight whose owner module cannot carry a quantizer stays float and is listed in the
-    report with the reason (or, with ``config.on_unquantizable="error"``, raises ``MSQError``).
+    report with the reason (or, with ``config.quantization.on_unquantizable="error"``, raises ``MSQError``).
     """
     from msq_fx.passes.rewrite import unrewrite
 
     config = MSQConfig() if config is None else config
     if not isinstance(config, MSQConfig):
         raise TypeError(f"config must be an msq_fx.MSQConfig, got {type(config).__name__}")
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError(f"prepare: filter_fn={filter_fn!r} is not callable; pass None or a "
+                        f"function filter_fn(module, fqn) -> bool")
+    capture = _Capture(filter_fn, tuple(leaf_modules), concrete_args)
     _require_module(model, "prepare")
     if _quantizers(model):
         raise MSQError(f"prepare() was given a model that is already MSQ-prepared or converted "
@@ -53,9 +57,9 @@ def prepare(model: nn.Module, example_inputs: Any = None, config: MSQConfig | No
                        f"model, or keep training the prepared one.")
     inputs = _as_tuple(example_inputs)
     if not inplace:
-        return _prepare(copy_module(model), inputs, config)
+        return _prepare(copy_module(model), inputs, config, capture)
     try:
-        return _prepare(model, inputs, config)
+        return _prepare(model, inputs, config, capture)
     except BaseException:
         unrewrite(model)
         for attr in (FLOAT_WEIGHTS_ATTR, NOTES_ATTR, SENSITIVITY_GRAPH_ATTR, CONFIG_ATTR):
@@ -63,7 +67,16 @@ def prepare(model: nn.Module, example_inputs: Any = None, config: MSQConfig | No
         raise
 
 
-def _prepare(qmodel: nn.Module, inputs: tuple | None, config: MSQConfig) -> nn.Module:
+class _Capture(NamedTuple):
+    """prepare's arguments that hold callables or classes (a config holds plain data only)."""
+
+    filter_fn: Callable[[nn.Module, str], bool] | None
+    leaf_modules: tuple
+    concrete_args: Mapping[str, Any] | None
+
+
+def _prepare(qmodel: nn.Module, inputs: tuple | None, config: MSQConfig,
+             capture: _Capture) -> nn.Module:
     """prepare's passes on ``qmodel`` itself (a copy of the user's model unless in place)."""
     from msq_fx.passes.discover import discover
     from msq_fx.passes.group import assign_groups, build_sensitivity_graph
@@ -72,16 +85,17 @@ def _prepare(qmodel: nn.Module, inputs: tuple | None, config: MSQConfig) -> nn.M
 
     name = type(qmodel).__name__  # before an owner class swap can rename a root layer
     probed = None if inputs is None else _probe_or_explain(qmodel, inputs)
-    captured = trace(qmodel, leaf_modules=config.leaf_modules, concrete_args=config.concrete_args)
+    captured = trace(qmodel, leaf_modules=capture.leaf_modules,
+                     concrete_args=capture.concrete_args)
     discovery = discover(qmodel, captured.graph_module, config,
                          probed=None if probed is None else probed.kinds,
                          transformed=None if probed is None else probed.transformed,
-                         leaves=captured.leaves)
+                         leaves=captured.leaves, filter_fn=capture.filter_fn)
     refused = unrewritable(qmodel, discovery.targets, config)
-    if refused and config.on_unquantizable == "error":
-        raise MSQError("these weights cannot be quantized (MSQConfig.on_unquantizable='error'): "
+    if refused and config.quantization.on_unquantizable == "error":
+        raise MSQError("these weights cannot be quantized (MSQConfig.quantization.on_unquantizable='error'): "
                        + "; ".join(f"{f.name}: {f.reason}" for f in refused)
-                       + ". Exclude them with MSQConfig.exclude, or set on_unquantizable='float' "
+                       + ". Exclude them with MSQConfig.quantization.exclude, or set on_unquantizable='float' "
                          "to leave them in float.")
     discovery = discovery.leave_in_float(refused)
     sensitivity_graph = build_sensitivity_graph(discovery.targets, captured.graph_module, config)

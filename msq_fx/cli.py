@@ -29,8 +29,8 @@ def demo(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     data = synthetic_patterns(args.train_size + 1000, seed=args.seed)
     train_set, test_set = data.split(args.train_size)
-    config = MSQConfig(target_compression=args.target_compression, prune_interval=1,
-                       reg_strength=args.reg_strength, seed=args.seed)
+    config = MSQConfig(target_compression=args.target_compression, seed=args.seed,
+                       pruning=dict(interval=1, reg_strength=args.reg_strength))
     qmodel = prepare(SmallCNN(in_channels=1, width=16), train_set.images[:2], config)
     controller = MSQController(qmodel, config)
     optimizer = torch.optim.SGD(qmodel.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
@@ -115,8 +115,8 @@ def check(args: argparse.Namespace) -> int:
     failed, results = False, []
     for spec in args.specs:
         try:
-            config = check_config(args.seed).replace(hessian_method=args.hessian_method,
-                                                     act_bits=args.act_bits)
+            config = check_config(args.seed).replace(hessian=dict(method=args.hessian_method),
+                                                     quantization=dict(act_bits=args.act_bits))
             result = check_model(spec, input_size=args.input_size, batch_size=args.batch_size,
                                  steps=args.steps, seed=args.seed, config=config,
                                  exports=args.export,

@@ -1,202 +1,359 @@
-"""MSQConfig: every knob of prepare() and of the MSQ training algorithm, validated on construction."""
+"""MSQConfig: every knob of MSQ quantization and training, grouped by concern and validated on
+construction.
+
+    MSQConfig(target_compression=8.0,
+              quantization=QuantizationConfig(init_bits=8, min_bits=2),
+              pruning=PruningConfig(interval=10),
+              hessian=HessianConfig(batches=1))
+
+A sub-config may also be given as a dict of its fields (``quantization={"init_bits": 4}``), and
+``config.replace(pruning={"interval": 1})`` changes only the named fields of a sub-config.
+Settings that hold callables or classes (``filter_fn``, ``leaf_modules``, ``concrete_args``) are
+arguments of :func:`msq_fx.prepare`, not fields: a config is plain data that a saved file holds
+whole. ``from_dict`` reads both this nested form and the flat form older files hold.
+"""
 from __future__ import annotations
 
 import dataclasses
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
-from .quant import GRIDS
+from .quant import GRIDS, SCALE_MODES
+
+__all__ = ["MSQConfig", "QuantizationConfig", "PruningConfig", "HessianConfig",
+           "FIRST_LAST_POLICIES", "PRUNE_STEP_POLICIES", "INTERVAL_UNITS", "HESSIAN_METHODS",
+           "HESSIAN_MODEL_MODES", "UNQUANTIZABLE_POLICIES"]
 
 FIRST_LAST_POLICIES = ("quantize", "fixed", "float")
 PRUNE_STEP_POLICIES = ("hessian", "fixed")
+INTERVAL_UNITS = ("epoch", "step")
+SCALE_AFTER_PRUNE = ("keep", "refit")
 HESSIAN_METHODS = ("auto", "autograd", "finite_difference")
 HESSIAN_MODEL_MODES = ("eval", "train")
 UNQUANTIZABLE_POLICIES = ("float", "error")
 
-#: A prepared model keeps ``config.to_dict()`` under this attribute; the controller defaults to it.
+#: A prepared model keeps ``config.to_dict()`` under this attribute; the controller checks it.
 CONFIG_ATTR = "_msq_config"
 
-#: Fields that hold callables or classes; they do not round-trip through to_dict/from_dict.
-_RUNTIME_ONLY = ("filter_fn", "leaf_modules", "concrete_args")
+
+class _SubConfig:
+    """Shared behaviour of the frozen sub-configs: validation on construction, replace, to_dict."""
+
+    _prefix = ""
+
+    def __post_init__(self) -> None:
+        self._normalize()
+        self._validate()
+
+    def _normalize(self) -> None:
+        pass
+
+    def _validate(self) -> None:
+        raise NotImplementedError
+
+    def _require(self, ok: bool, name: str, expected: str) -> None:
+        if not ok:
+            raise ValueError(f"MSQConfig.{self._prefix}.{name}={getattr(self, name)!r} is "
+                             f"invalid: expected {expected}.")
+
+    def replace(self, **changes: Any):
+        """A copy with ``changes`` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"MSQConfig.{cls._prefix}: unknown field(s) {unknown}; known: "
+                             f"{sorted(known)}")
+        return cls(**dict(data))
 
 
 @dataclass(frozen=True)
-class MSQConfig:
-    """Configuration of MSQ quantization and training (defaults: paper's CNN settings, Table 2).
+class QuantizationConfig(_SubConfig):
+    """How weights (and optionally activations) are quantized.
 
-    Quantization
-        init_bits: width every quantized weight starts at (paper: 8).
-        min_bits: floor no prune crosses (a 2-LSB prune is clipped to it).
-        act_bits: width of layer-input activations; None keeps them float (paper: FP on ImageNet CNNs).
-        grid: "nested" (default; grids nest, signed integers) or "literal" (paper Eq. 4 as printed).
-        first_last: "quantize" the first and last layer like any other, keep them "fixed" at
-            init_bits (never pruned), or leave them "float".
-        exclude: regular expressions; a weight whose FQN matches any (re.search) stays float.
-        filter_fn: optional ``filter_fn(module, fqn) -> bool``; False keeps that weight float.
-        groups: each entry a tuple of FQN regexes; matching weights share one precision decision.
-        on_unquantizable: what prepare() does with a found weight whose owner module cannot carry
-            a quantizer (a container owning a Parameter directly, an attribute defined as a
-            property, ...): "float" leaves it in float and lists it in the report with the
-            reason; "error" raises MSQError naming every such weight.
-        recompute_quantized_weights: True (default) lets a conv / linear / attention op save
-            how to recompute its quantized weight for the backward pass instead of a copy of
-            it, so training holds one weight-sized tensor less per layer for one more fake
-            quantization per weight in the backward. Covers the uses inside the weight's own
-            module and, through forward hooks on the prepared model (removed by convert), a
-            parent's functional use (``F.linear(x, self.qkv.weight)``).
-    Capture
-        leaf_modules: FQNs, class names or classes the tracer keeps opaque.
-        concrete_args: passed to the tracer (e.g. ``{"flag": False}``).
-    Training (Algorithm 1)
-        reg_strength: lambda, L1 strength on the LSBs (in n-bit step units, summed over weights).
-        prune_threshold: alpha; a group whose LSB non-zero rate beta is below it loses p LSBs.
-        prune_interval: I; pruning runs at the end of every I-th epoch.
-        target_compression: Gamma; pruning and regularization stop once it is reached.
-        prune_step_policy: "hessian" (p = 2 where Omega < mean Omega, else 1) or "fixed" (p = 1).
-        hessian_max_samples / hessian_min_samples / hessian_tol: Hutchinson estimator limits.
-        hessian_batches: batches of the given iterable used for the Hessian at each prune.
-        hessian_method: how H v is computed. "autograd": double backward (exact; about 2.5
-            times a training step's memory on ResNet-20). "finite_difference": central difference
-            of two first-order gradients with the quantized weights displaced (two backwards per
-            probe, a training step's memory; error O(step^2)). "auto" (default): autograd, and
-            finite differences when autograd runs out of memory or meets an op that has no
-            second derivative (logged as a warning; the prune records which method ran). Under
-            torch.distributed "auto" does not fall back (ranks could not agree midway); an
-            out-of-memory there raises an error that says what to set instead.
-        hessian_chunk_size: None (default) differentiates the Hessian batches as one loss; an
-            integer n splits each batch along its first dimension into chunks of at most n
-            samples whose losses, weighted by their share of the batch, are differentiated one
-            at a time: the same traces (up to rounding) when ``loss_fn`` averages per-sample
-            losses, as F.cross_entropy does by default, in a fraction of the memory, for more
-            time when several probes are drawn.
-        hessian_relative_step: finite-difference step, relative to the RMS of the weights (see
-            msq_fx.hessian.finite_difference_traces for the measured trade-off).
-        hessian_frozen_kinks: finite differences replay the activation pattern of ReLU-like ops
-            and max pooling recorded at the undisplaced point (default), giving the curvature
-            the double backward sees; False lets the step cross kinks and adds the gradient's
-            jumps there, which on ReLU networks dominates the traces.
-        hessian_model_mode: the mode the model runs in for the Hessian's loss. "eval" (default):
-            running BN statistics, no dropout, so the loss is a function of the weights alone.
-            "train": for models whose loss exists only in train mode (torchvision detectors
-            return their losses in train mode and detections in eval mode); batches are then
-            ``((inputs, targets), None)`` pairs fed as ``model(inputs, targets)``. Keep that
-            loss deterministic (fixed sampler seeds, no dropout): finite differences compare
-            gradients from several forwards.
-        seed: seeds the Rademacher vectors, so decisions are reproducible and resumable.
+    init_bits: width every quantized weight starts at (paper: 8).
+    min_bits: floor no prune crosses (a 2-LSB prune is clipped to it).
+    act_bits: width of layer-input activations; None keeps them float (paper: FP on ImageNet CNNs).
+    grid: "nested" (default; grids nest, signed integers) or "literal" (paper Eq. 4 as printed).
+    scale: the scale S of each weight (the n-bit step is S / 2^(n-1)). "max": S = max|w| at
+        every step (no parameter; the paper's reading). "tensor": one learned S per weight
+        tensor; "channel": one learned S per output channel (dim 0). Learned scales start at
+        the clip that minimises the quantization error at init_bits and are trained with an
+        LSQ gradient; weights past the clip clamp. The nesting stays exact either way.
+    first_last: "quantize" the first and last quantized layer like any other, keep them "fixed"
+        at init_bits (never pruned), or leave them "float".
+    exclude: regular expressions; a weight whose FQN matches any (re.search) stays float.
+    groups: each entry a tuple of FQN regexes; matching weights share one precision decision.
+    on_unquantizable: what prepare() does with a found weight whose owner module cannot carry a
+        quantizer (a container owning a Parameter directly, an attribute defined as a property,
+        ...): "float" leaves it in float and lists it in the report with the reason; "error"
+        raises MSQError naming every such weight.
+    recompute_quantized_weights: True (default) lets a conv / linear / attention op save how to
+        recompute its quantized weight for the backward pass instead of a copy of it, so training
+        holds one weight-sized tensor less per layer for one more fake quantization per weight
+        in the backward. Covers the uses inside the weight's own module and, through forward
+        hooks on the prepared model (removed by convert), a parent's functional use
+        (``F.linear(x, self.qkv.weight)``).
     """
+
+    _prefix = "quantization"
 
     init_bits: int = 8
     min_bits: int = 2
     act_bits: int | None = None
     grid: str = "nested"
+    scale: str = "max"
     first_last: str = "quantize"
     exclude: tuple[str, ...] = ()
-    filter_fn: Callable[[Any, str], bool] | None = field(default=None, compare=False)
     groups: tuple[tuple[str, ...], ...] = ()
     on_unquantizable: str = "float"
     recompute_quantized_weights: bool = True
-    leaf_modules: tuple[Any, ...] = ()
-    concrete_args: Mapping[str, Any] | None = field(default=None, compare=False)
+
+    def _normalize(self) -> None:
+        # Sequences become tuples so the frozen config compares by value.
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        object.__setattr__(self, "groups", tuple(tuple(g) for g in self.groups))
+
+    def _validate(self) -> None:
+        self._require(_is_int(self.init_bits) and 2 <= self.init_bits <= 8, "init_bits",
+                      "an integer in 2..8 (weights are stored in int8 containers)")
+        self._require(_is_int(self.min_bits) and 1 <= self.min_bits <= self.init_bits,
+                      "min_bits", f"an integer in 1..init_bits ({self.init_bits})")
+        self._require(self.act_bits is None or (_is_int(self.act_bits)
+                                                and 2 <= self.act_bits <= 16),
+                      "act_bits", "None (float activations) or an integer in 2..16")
+        self._require(self.grid in GRIDS, "grid", f"one of {GRIDS}")
+        self._require(self.scale in SCALE_MODES, "scale", f"one of {SCALE_MODES}")
+        self._require(self.first_last in FIRST_LAST_POLICIES, "first_last",
+                      f"one of {FIRST_LAST_POLICIES}")
+        self._require(self.on_unquantizable in UNQUANTIZABLE_POLICIES, "on_unquantizable",
+                      f"one of {UNQUANTIZABLE_POLICIES}")
+        self._require(all(isinstance(p, str) and _compiles(p) for p in self.exclude), "exclude",
+                      "a tuple of valid regular expressions (str)")
+        self._require(all(len(g) >= 1 and all(isinstance(p, str) and _compiles(p) for p in g)
+                          for g in self.groups),
+                      "groups", "a tuple of non-empty tuples of valid FQN regexes (str)")
+        self._require(isinstance(self.recompute_quantized_weights, bool),
+                      "recompute_quantized_weights", "True or False")
+
+
+@dataclass(frozen=True)
+class PruningConfig(_SubConfig):
+    """Algorithm 1's schedule: the LSB penalty, when and how much to prune.
+
+    reg_strength: lambda, L1 strength on the LSBs (in n-bit step units, summed over weights).
+    threshold: alpha; a group whose LSB non-zero rate beta is below it loses p LSBs.
+    interval: I; pruning runs after every I-th epoch (``epoch_end``) or every I-th optimizer step
+        (``step_end``), as ``interval_unit`` says.
+    interval_unit: "epoch" (the paper's) or "step": with a budget of a few epochs, prunes every
+        few hundred steps reach the target early and leave most of the budget to plain QAT.
+    step_policy: "hessian" (p = 2 where Omega < mean Omega, else 1) or "fixed" (p = 1).
+    scale_after_prune: what a prune does to a learned scale. "keep" (default): S stays, so
+        the prune moves no value (the dropped LSBs were zero). "refit": S is re-set to the
+        error-minimising clip at the new width (values move; the LSQ gradient would otherwise
+        take steps to shrink S to the coarser grid).
+    bn_recalibration_batches: after a prune that changed any width, re-estimate the running
+        statistics of every BatchNorm on this many of the batches given to the prune (0: off).
+        A prune shifts each pruned layer's output distribution; the running statistics would
+        otherwise take hundreds of steps to follow.
+    """
+
+    _prefix = "pruning"
+
     reg_strength: float = 5e-5
-    prune_threshold: float = 0.3
-    prune_interval: int = 10
+    threshold: float = 0.3
+    interval: int = 10
+    interval_unit: str = "epoch"
+    step_policy: str = "hessian"
+    scale_after_prune: str = "keep"
+    bn_recalibration_batches: int = 0
+
+    def _validate(self) -> None:
+        self._require(_is_number(self.reg_strength) and self.reg_strength >= 0, "reg_strength",
+                      "a number >= 0 (lambda)")
+        self._require(_is_number(self.threshold) and 0 < self.threshold <= 1, "threshold",
+                      "a number in (0, 1] (alpha)")
+        self._require(_is_int(self.interval) and self.interval >= 1, "interval",
+                      "an integer >= 1 (epochs or steps between prunes)")
+        self._require(self.interval_unit in INTERVAL_UNITS, "interval_unit",
+                      f"one of {INTERVAL_UNITS}")
+        self._require(self.scale_after_prune in SCALE_AFTER_PRUNE, "scale_after_prune",
+                      f"one of {SCALE_AFTER_PRUNE}")
+        self._require(_is_int(self.bn_recalibration_batches)
+                      and self.bn_recalibration_batches >= 0, "bn_recalibration_batches",
+                      "an integer >= 0 (0: off)")
+        self._require(self.step_policy in PRUNE_STEP_POLICIES, "step_policy",
+                      f"one of {PRUNE_STEP_POLICIES}")
+
+
+@dataclass(frozen=True)
+class HessianConfig(_SubConfig):
+    """How each prune estimates Tr(H) per group (docs/hessian.md).
+
+    max_samples / min_samples / tol: Hutchinson estimator limits.
+    batches: batches of the given iterable used for the Hessian at each prune.
+    method: how H v is computed. "autograd": double backward (exact; about 2.5 times a training
+        step's memory on ResNet-20). "finite_difference": central difference of two first-order
+        gradients with the quantized weights displaced (two backwards per probe, a training
+        step's memory; error O(step^2)). "auto" (default): autograd, and finite differences when
+        autograd runs out of memory or meets an op that has no second derivative (logged as a
+        warning; the prune records which method ran). Under torch.distributed "auto" does not
+        fall back (ranks could not agree midway); an out-of-memory there raises an error that
+        says what to set instead.
+    chunk_size: None (default) differentiates the Hessian batches as one loss; an integer n splits
+        each batch along its first dimension into chunks of at most n samples whose losses,
+        weighted by their share of the batch, are differentiated one at a time: the same traces
+        (up to rounding) when ``loss_fn`` averages per-sample losses, in a fraction of the memory.
+    relative_step: finite-difference step, relative to the RMS of the weights.
+    frozen_kinks: finite differences replay the activation pattern of ReLU-like ops and max
+        pooling recorded at the undisplaced point (default), giving the curvature the double
+        backward sees; False lets the step cross kinks.
+    model_mode: the mode the model runs in for the Hessian's loss. "eval" (default): running BN
+        statistics, no dropout, so the loss is a function of the weights alone. "train": for
+        models whose loss exists only in train mode (torchvision detectors); batches are then
+        ``((inputs, targets), None)`` pairs fed as ``model(inputs, targets)``.
+    """
+
+    _prefix = "hessian"
+
+    max_samples: int = 32
+    min_samples: int = 4
+    tol: float = 1e-2
+    batches: int = 1
+    method: str = "auto"
+    chunk_size: int | None = None
+    relative_step: float = 1e-3
+    frozen_kinks: bool = True
+    model_mode: str = "eval"
+
+    def _validate(self) -> None:
+        self._require(_is_int(self.min_samples) and self.min_samples >= 1, "min_samples",
+                      "an integer >= 1")
+        self._require(_is_int(self.max_samples) and self.max_samples >= self.min_samples,
+                      "max_samples", f"an integer >= min_samples ({self.min_samples})")
+        self._require(_is_number(self.tol) and self.tol > 0, "tol", "a number > 0")
+        self._require(_is_int(self.batches) and self.batches >= 1, "batches", "an integer >= 1")
+        self._require(self.method in HESSIAN_METHODS, "method", f"one of {HESSIAN_METHODS}")
+        self._require(self.chunk_size is None or (_is_int(self.chunk_size)
+                                                  and self.chunk_size >= 1),
+                      "chunk_size", "None (whole batches) or an integer >= 1 (samples per chunk)")
+        self._require(_is_number(self.relative_step) and 0 < self.relative_step < 1,
+                      "relative_step", "a number in (0, 1)")
+        self._require(isinstance(self.frozen_kinks, bool), "frozen_kinks", "True or False")
+        self._require(self.model_mode in HESSIAN_MODEL_MODES, "model_mode",
+                      f"one of {HESSIAN_MODEL_MODES}")
+
+
+_SECTIONS = {"quantization": QuantizationConfig, "pruning": PruningConfig,
+             "hessian": HessianConfig}
+
+
+@dataclass(frozen=True)
+class MSQConfig:
+    """Configuration of MSQ quantization and training (defaults: the paper's CNN settings,
+    supplement Table 2).
+
+    target_compression: Gamma, 32 / average bits over the quantized weights; pruning and
+        regularization stop once it is reached.
+    quantization: :class:`QuantizationConfig` (widths, grid, which weights).
+    pruning: :class:`PruningConfig` (Algorithm 1's penalty and schedule).
+    hessian: :class:`HessianConfig` (the sensitivity estimate behind each prune).
+    seed: seeds the Rademacher vectors, so decisions are reproducible and resumable.
+
+    Example:
+        >>> config = MSQConfig(target_compression=10.0, pruning={"interval": 2})
+        >>> config.pruning.interval, config.quantization.init_bits
+        (2, 8)
+        >>> config.replace(quantization={"init_bits": 6}).quantization.init_bits
+        6
+    """
+
     target_compression: float = 8.0
-    prune_step_policy: str = "hessian"
-    hessian_max_samples: int = 32
-    hessian_min_samples: int = 4
-    hessian_tol: float = 1e-2
-    hessian_batches: int = 1
-    hessian_method: str = "auto"
-    hessian_chunk_size: int | None = None
-    hessian_relative_step: float = 1e-3
-    hessian_frozen_kinks: bool = True
-    hessian_model_mode: str = "eval"
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    pruning: PruningConfig = field(default_factory=PruningConfig)
+    hessian: HessianConfig = field(default_factory=HessianConfig)
     seed: int = 0
 
     def __post_init__(self) -> None:
-        # Normalise sequences to tuples so the frozen config is hashable-ish and compares by value.
-        object.__setattr__(self, "exclude", tuple(self.exclude))
-        object.__setattr__(self, "groups", tuple(tuple(g) for g in self.groups))
-        object.__setattr__(self, "leaf_modules", tuple(self.leaf_modules))
-        self._validate()
-
-    def _validate(self) -> None:
-        _require(_is_int(self.init_bits) and 2 <= self.init_bits <= 8, "init_bits", self.init_bits,
-                 "an integer in 2..8 (weights are stored in int8 containers)")
-        _require(_is_int(self.min_bits) and 1 <= self.min_bits <= self.init_bits, "min_bits",
-                 self.min_bits, f"an integer in 1..init_bits ({self.init_bits})")
-        _require(self.act_bits is None or (_is_int(self.act_bits) and 2 <= self.act_bits <= 16),
-                 "act_bits", self.act_bits, "None (float activations) or an integer in 2..16")
-        _require(self.grid in GRIDS, "grid", self.grid, f"one of {GRIDS}")
-        _require(self.first_last in FIRST_LAST_POLICIES, "first_last", self.first_last,
-                 f"one of {FIRST_LAST_POLICIES}")
-        _require(self.on_unquantizable in UNQUANTIZABLE_POLICIES, "on_unquantizable",
-                 self.on_unquantizable, f"one of {UNQUANTIZABLE_POLICIES}")
-        for pattern in self.exclude + tuple(p for g in self.groups for p in g):
-            _require(isinstance(pattern, str) and _compiles(pattern), "exclude/groups", pattern,
-                     "valid regular expressions (str)")
-        _require(all(len(g) >= 1 for g in self.groups), "groups", self.groups,
-                 "a tuple of non-empty tuples of FQN regexes")
-        _require(self.filter_fn is None or callable(self.filter_fn), "filter_fn", self.filter_fn,
-                 "None or a callable filter_fn(module, fqn) -> bool")
-        _require(_is_number(self.reg_strength) and self.reg_strength >= 0, "reg_strength",
-                 self.reg_strength, "a number >= 0 (lambda)")
-        _require(_is_number(self.prune_threshold) and 0 < self.prune_threshold <= 1,
-                 "prune_threshold", self.prune_threshold, "a number in (0, 1] (alpha)")
-        _require(_is_int(self.prune_interval) and self.prune_interval >= 1, "prune_interval",
-                 self.prune_interval, "an integer >= 1 (epochs between prunes)")
+        for name, section in _SECTIONS.items():
+            value = getattr(self, name)
+            if isinstance(value, Mapping):
+                object.__setattr__(self, name, section.from_dict(value))
+            elif not isinstance(value, section):
+                raise ValueError(f"MSQConfig.{name}={value!r} is invalid: expected a "
+                                 f"{section.__name__} or a dict of its fields.")
+        min_bits = self.quantization.min_bits
         _require(_is_number(self.target_compression) and self.target_compression > 1,
                  "target_compression", self.target_compression,
-                 f"a number > 1 (32 / average bits; at most {32 / self.min_bits:g} with min_bits="
-                 f"{self.min_bits})")
-        _require(self.target_compression <= 32 / self.min_bits, "target_compression",
+                 f"a number > 1 (32 / average bits; at most {32 / min_bits:g} with min_bits="
+                 f"{min_bits})")
+        _require(self.target_compression <= 32 / min_bits, "target_compression",
                  self.target_compression,
-                 f"reachable: at most 32/min_bits = {32 / self.min_bits:g}; lower min_bits or the target")
-        _require(self.prune_step_policy in PRUNE_STEP_POLICIES, "prune_step_policy",
-                 self.prune_step_policy, f"one of {PRUNE_STEP_POLICIES}")
-        _require(_is_int(self.hessian_min_samples) and self.hessian_min_samples >= 1,
-                 "hessian_min_samples", self.hessian_min_samples, "an integer >= 1")
-        _require(_is_int(self.hessian_max_samples)
-                 and self.hessian_max_samples >= self.hessian_min_samples,
-                 "hessian_max_samples", self.hessian_max_samples,
-                 f"an integer >= hessian_min_samples ({self.hessian_min_samples})")
-        _require(_is_number(self.hessian_tol) and self.hessian_tol > 0, "hessian_tol",
-                 self.hessian_tol, "a number > 0")
-        _require(_is_int(self.hessian_batches) and self.hessian_batches >= 1, "hessian_batches",
-                 self.hessian_batches, "an integer >= 1")
-        _require(self.hessian_method in HESSIAN_METHODS, "hessian_method", self.hessian_method,
-                 f"one of {HESSIAN_METHODS}")
-        _require(self.hessian_chunk_size is None
-                 or (_is_int(self.hessian_chunk_size) and self.hessian_chunk_size >= 1),
-                 "hessian_chunk_size", self.hessian_chunk_size,
-                 "None (whole batches) or an integer >= 1 (samples per chunk)")
-        _require(_is_number(self.hessian_relative_step) and 0 < self.hessian_relative_step < 1,
-                 "hessian_relative_step", self.hessian_relative_step, "a number in (0, 1)")
-        _require(isinstance(self.recompute_quantized_weights, bool),
-                 "recompute_quantized_weights", self.recompute_quantized_weights, "True or False")
-        _require(isinstance(self.hessian_frozen_kinks, bool), "hessian_frozen_kinks",
-                 self.hessian_frozen_kinks, "True or False")
-        _require(self.hessian_model_mode in HESSIAN_MODEL_MODES, "hessian_model_mode",
-                 self.hessian_model_mode, f"one of {HESSIAN_MODEL_MODES}")
+                 f"reachable: at most 32/min_bits = {32 / min_bits:g}; lower "
+                 f"quantization.min_bits or the target")
         _require(_is_int(self.seed), "seed", self.seed, "an integer")
 
     def replace(self, **changes: Any) -> "MSQConfig":
-        """A copy with ``changes`` applied (validated again)."""
+        """A copy with ``changes`` applied (validated again); a dict given for a sub-config
+        changes only the fields it names."""
+        for name, value in changes.items():
+            if name in _SECTIONS and isinstance(value, Mapping):
+                changes[name] = getattr(self, name).replace(**value)
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data (JSON-able); callables and classes are left out."""
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)
-                if f.name not in _RUNTIME_ONLY}
+        """Plain, nested data (JSON-able)."""
+        return {"target_compression": self.target_compression,
+                **{name: getattr(self, name).to_dict() for name in _SECTIONS},
+                "seed": self.seed}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "MSQConfig":
+        """The config ``to_dict`` wrote; a flat dict of the older form is migrated."""
+        data = dict(data)
+        if not any(isinstance(data.get(name), Mapping) for name in _SECTIONS):
+            data = _migrated_flat(data)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"MSQConfig.from_dict: unknown field(s) {unknown}; known: {sorted(known)}")
-        return cls(**dict(data))
+            raise ValueError(f"MSQConfig.from_dict: unknown field(s) {unknown}; known: "
+                             f"{sorted(known)}")
+        return cls(**data)
+
+
+#: The flat field names of older saved configs, by section and new name.
+_FLAT_NAMES = {
+    **{name: ("quantization", name) for name in (
+        "init_bits", "min_bits", "act_bits", "grid", "first_last", "exclude", "groups",
+        "on_unquantizable", "recompute_quantized_weights")},
+    "reg_strength": ("pruning", "reg_strength"), "prune_threshold": ("pruning", "threshold"),
+    "prune_interval": ("pruning", "interval"), "prune_step_policy": ("pruning", "step_policy"),
+    **{f"hessian_{name}": ("hessian", name) for name in (
+        "max_samples", "min_samples", "tol", "batches", "method", "chunk_size", "relative_step",
+        "frozen_kinks", "model_mode")},
+}
+
+
+def _migrated_flat(flat: dict[str, Any]) -> dict[str, Any]:
+    """A flat (older) config dict in the nested form; unknown names stay for the caller to
+    report."""
+    nested: dict[str, Any] = {name: {} for name in _SECTIONS}
+    for name, value in flat.items():
+        if name in _FLAT_NAMES:
+            section, new_name = _FLAT_NAMES[name]
+            nested[section][new_name] = value
+        else:
+            nested[name] = value
+    # Files of the flat form were trained with S = max|w|, whatever the default is now.
+    nested["quantization"].setdefault("scale", "max")
+    return nested
 
 
 def _plain(value: Any) -> Any:

@@ -20,7 +20,7 @@ share one width. What the paper leaves open, and what this implementation chose:
   of the loss Hessian w.r.t. the latent weights through the straight-through quantizer, i.e. the
   Hessian at the quantized point; Hutchinson with Rademacher probes seeded by (seed, prune index),
   on ``hessian_batches`` batches, in eval mode (running norm statistics, no dropout). H v comes
-  from a double backward, or (``hessian_method``) from the central difference of two gradients
+  from a double backward, or (``hessian.method``) from the central difference of two gradients
   with the quantized weights displaced, which needs about a training step's memory instead of
   about 2.5 times it (ResNet-20); "auto" uses the first and falls back to the second on
   out-of-memory.
@@ -40,13 +40,14 @@ import torch
 from tabulate import tabulate
 from torch import Tensor, nn
 
-from . import quant
 from .config import CONFIG_ATTR, MSQConfig
+from .errors import MSQError
 from .hessian import (HessianTraces, NoSecondDerivative, finite_difference_traces,
                       hutchinson_traces)
 from .modules import (QuantizedWeight, WeightFakeQuant, displaced_quantized_weights,
                       iter_quantized_weights)
 from .second_order import twice_differentiable
+from .batchnorm import recalibrate_batchnorm
 from .utils import call_model, is_out_of_memory, model_mode
 
 logger = logging.getLogger("msq_fx")
@@ -70,6 +71,7 @@ class PruneRecord:
     next_prune_step: int
     compression: float
     hessian_method: str | None = None  # how H v was computed; None when no Hessian was taken
+    step: int | None = None  # the optimizer step it ran after, when pruning counts steps
 
 
 class _Group:
@@ -105,7 +107,7 @@ class _Group:
     def lsb_nonzero_rate(self, min_bits: int) -> float:
         """beta over all member weights pooled, over the LSBs the next prune would drop."""
         k = self.droppable_lsbs(min_bits)
-        nonzero = sum(quant.lsb_nonzero_rate(m.latent.detach(), self.bits, k) * m.latent.numel()
+        nonzero = sum(m.quantizer.lsb_nonzero_rate(m.latent, k) * m.latent.numel()
                       for m in self.members)
         return nonzero / self.params
 
@@ -122,7 +124,7 @@ class MSQController:
 
     def __init__(self, qmodel: nn.Module, config: MSQConfig | None = None) -> None:
         self.model = _unwrap(qmodel)
-        self.config = config or _prepared_config(self.model)
+        self.config = _checked_config(self.model, config)
         weights = [w for w in iter_quantized_weights(self.model)
                    if isinstance(w.quantizer, WeightFakeQuant)]
         if not weights:
@@ -135,30 +137,31 @@ class MSQController:
         for group in self.groups:  # one decision per group: start every member at the same width
             group.set_bits(min(m.quantizer.num_bits for m in group.members))
         self.last_epoch = 0
+        self.last_step = 0
         self.prune_count = 0
         self.done = self.compression() >= self.config.target_compression
         self.history: list[PruneRecord] = []
-        if self.config.target_compression >= 0.95 * 32 / self.config.min_bits:
+        if self.config.target_compression >= 0.95 * 32 / self.config.quantization.min_bits:
             # At 32/min_bits the target is met only when every weight sits at min_bits: the run
             # ends in uniform precision however the Hessian ranked the layers.
             logger.warning("target_compression %gx is %s 32/min_bits = %gx: it is reached only "
                            "with (nearly) every layer at min_bits=%d, i.e. uniform precision; "
                            "lower the target or min_bits for a mixed-precision result",
                            self.config.target_compression,
-                           "equal to" if self.config.target_compression * self.config.min_bits
-                           == 32 else "close to", 32 / self.config.min_bits, self.config.min_bits)
+                           "equal to" if self.config.target_compression * self.config.quantization.min_bits
+                           == 32 else "close to", 32 / self.config.quantization.min_bits, self.config.quantization.min_bits)
 
     # ------------------------------------------------------------------ per step
     def regularization(self) -> Tensor:
         """lambda * sum of |B_p| over the groups still pruning; zero once the target is reached."""
         device = self.groups[0].members[0].latent.device
         active = self._active_groups()
-        if self.done or self.config.reg_strength == 0 or not active:
+        if self.done or self.config.pruning.reg_strength == 0 or not active:
             return torch.zeros((), device=device)
-        floor = self.config.min_bits
+        floor = self.config.quantization.min_bits
         terms = [m.quantizer.lsb_l1(m.latent, g.droppable_lsbs(floor))
                  for g in active for m in g.members]
-        return self.config.reg_strength * torch.stack(terms).sum()
+        return self.config.pruning.reg_strength * torch.stack(terms).sum()
 
     def compression(self) -> float:
         """32 * sum(params) / sum(bits * params) over the quantized weights (paper convention)."""
@@ -170,65 +173,91 @@ class MSQController:
                   ) -> list[PruneRecord]:
         """Run Algorithm 1's pruning step if ``epoch`` (counted from 1) is a multiple of I.
 
-        ``batches`` yields ``(inputs, targets)``; the first ``hessian_batches`` of them feed the
-        Hessian. Returns the records of this step (empty when nothing was decided).
+        ``batches`` yields ``(inputs, targets)``; the first ``hessian.batches`` of them feed the
+        Hessian (and the first ``pruning.bn_recalibration_batches`` the BatchNorm statistics).
+        Returns the records of this step (empty when nothing was decided). With
+        ``pruning.interval_unit="step"`` pruning happens in :meth:`step_end` instead.
         """
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 1:
-            raise ValueError(f"epoch_end(epoch={epoch!r}): epochs count completed epochs from 1, as "
-                             f"in Algorithm 1; pass epoch + 1 when looping over range().")
-        if epoch <= self.last_epoch:
-            raise ValueError(f"epoch_end(epoch={epoch}): epoch {self.last_epoch} was already "
-                             f"processed; continue with epoch {self.last_epoch + 1}.")
-        records = [] if self.done or epoch % self.config.prune_interval else \
-            self._prune_step(epoch, batches, loss_fn)
+        _check_count("epoch_end", "epoch", epoch, self.last_epoch)
+        due = self.config.pruning.interval_unit == "epoch" \
+            and epoch % self.config.pruning.interval == 0
+        records = self._prune_step(epoch, None, batches, loss_fn) if due and not self.done \
+            else []
         # Only a step that completed uses up its epoch, so a failed one can be retried.
         self.last_epoch = epoch
         return records
 
-    def _prune_step(self, epoch: int, batches: Iterable, loss_fn) -> list[PruneRecord]:
+    def step_end(self, step: int, batches: Iterable, loss_fn: Callable[[Any, Any], Tensor],
+                 ) -> list[PruneRecord]:
+        """Call after optimizer step ``step`` (counted from 1 over the whole run): with
+        ``pruning.interval_unit="step"``, runs the pruning step every I-th step.
+
+        Costs nothing on the steps between prunes; ``batches`` is read only when a prune is
+        due (pass a list, or an iterable that starts afresh). Returns that step's records.
+        """
+        _check_count("step_end", "step", step, self.last_step)
+        due = self.config.pruning.interval_unit == "step" \
+            and step % self.config.pruning.interval == 0
+        records = self._prune_step(self.last_epoch, step, batches, loss_fn) \
+            if due and not self.done else []
+        self.last_step = step
+        return records
+
+    def _prune_step(self, epoch: int, step: int | None, batches: Iterable,
+                    loss_fn) -> list[PruneRecord]:
         groups = self._active_groups()
         if not groups:
             self.done = True
             logger.warning("no group can lose more bits; compression %.2fx stays below the target "
                            "%.2fx", self.compression(), self.config.target_compression)
             return []
-        traces, hessian_method = self._hessian_traces(groups, batches, loss_fn)
-        betas = {g.name: g.lsb_nonzero_rate(self.config.min_bits) for g in groups}
+        recalibration = self.config.pruning.bn_recalibration_batches
+        chosen = _take(batches, max(self.config.hessian.batches, recalibration))
+        traces, hessian_method = self._hessian_traces(groups, chosen, loss_fn)
+        betas = {g.name: g.lsb_nonzero_rate(self.config.quantization.min_bits) for g in groups}
         omegas = {g.name: _omega(g, traces) for g in groups} if traces else {}
         before = {g.name: g.bits for g in groups}
         self._drop_lsbs(sorted(groups, key=lambda g: betas[g.name]), betas)
         self._reassign_prune_steps(groups, omegas)
+        pruned = [g for g in groups if g.bits != before[g.name]]
+        if self.config.pruning.scale_after_prune == "refit":
+            for member in (m for g in pruned for m in g.members):
+                member.quantizer.refit_scale(member.latent)
+        if recalibration and pruned:
+            recalibrate_batchnorm(self.model, chosen[:recalibration])
         self.prune_count += 1
         records = [PruneRecord(
             epoch=epoch, group=g.name, kind=g.kind, params=g.params, beta=betas[g.name],
             hessian_trace=_group_trace(g, traces) if traces else None,
             omega=omegas.get(g.name), lsbs_dropped=before[g.name] - g.bits,
             bits_before=before[g.name], bits_after=g.bits, next_prune_step=g.prune_step,
-            compression=self.compression(), hessian_method=hessian_method) for g in groups]
+            compression=self.compression(), hessian_method=hessian_method, step=step)
+            for g in groups]
         self.history.extend(records)
-        logger.info("epoch %d: pruned %d of %d groups, compression %.2fx%s", epoch,
+        logger.info("%s %d: pruned %d of %d groups, compression %.2fx%s",
+                    "epoch" if step is None else "step", epoch if step is None else step,
                     sum(r.lsbs_dropped > 0 for r in records), len(groups), self.compression(),
                     " (target reached: plain QAT from here)" if self.done else "")
         return records
 
     def _drop_lsbs(self, ascending: list[_Group], betas: dict[str, float]) -> None:
-        target, floor = self.config.target_compression, self.config.min_bits
+        target, floor = self.config.target_compression, self.config.quantization.min_bits
         for group in ascending:
-            if betas[group.name] < self.config.prune_threshold:
+            if betas[group.name] < self.config.pruning.threshold:
                 group.set_bits(max(group.bits - group.prune_step, floor))
             if self.compression() >= target:
                 self.done = True
                 return
 
     def _reassign_prune_steps(self, groups: list[_Group], omegas: dict[str, float]) -> None:
-        if self.config.prune_step_policy != "hessian" or not omegas:
+        if self.config.pruning.step_policy != "hessian" or not omegas:
             return
         mean_omega = sum(omegas.values()) / len(omegas)
         for group in groups:
             group.set_prune_step(2 if omegas[group.name] < mean_omega else 1)
 
     def _active_groups(self) -> list[_Group]:
-        return [g for g in self.groups if g.prunable and g.bits > self.config.min_bits]
+        return [g for g in self.groups if g.prunable and g.bits > self.config.quantization.min_bits]
 
     # ------------------------------------------------------------------ Hessian
     def _hessian_traces(self, groups: list[_Group], batches: Iterable, loss_fn,
@@ -237,13 +266,13 @@ class MSQController:
 
         ({}, None) when p is not Hessian-guided.
         """
-        if self.config.prune_step_policy != "hessian":
+        if self.config.pruning.step_policy != "hessian":
             return {}, None
-        chosen = _take(batches, self.config.hessian_batches)
+        chosen = _take(batches, self.config.hessian.batches)
         if not chosen:
             raise ValueError("epoch_end: `batches` yielded no (inputs, targets) pair for the Hessian")
         members = [m for g in groups for m in g.members]
-        method = self.config.hessian_method
+        method = self.config.hessian.method
         if method == "finite_difference":
             result = self._estimate_traces("finite_difference", members, chosen, loss_fn)
         else:
@@ -257,7 +286,7 @@ class MSQController:
                 logger.warning(
                     "epoch_end: %s; taking the Hessian by finite differences instead "
                     "(tools/hessian_agreement measures how closely they match the double "
-                    "backward on a model; MSQConfig(hessian_chunk_size=...) keeps the double "
+                    "backward on a model; MSQConfig(hessian={'chunk_size': ...}) keeps the double "
                     "backward in less memory)",
                     fallback)
                 method = "finite_difference"
@@ -275,18 +304,18 @@ class MSQController:
         """
         params = [m.latent for m in members]
         generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.prune_count)
-        limits = dict(max_samples=self.config.hessian_max_samples,
-                      min_samples=self.config.hessian_min_samples, tol=self.config.hessian_tol,
+        limits = dict(max_samples=self.config.hessian.max_samples,
+                      min_samples=self.config.hessian.min_samples, tol=self.config.hessian.tol,
                       generator=generator, all_reduce=_distributed_mean())
-        loss = _loss_pieces(self.model, chosen, loss_fn, self.config.hessian_chunk_size)
-        with model_mode(self.model, training=self.config.hessian_model_mode == "train"):
+        loss = _loss_pieces(self.model, chosen, loss_fn, self.config.hessian.chunk_size)
+        with model_mode(self.model, training=self.config.hessian.model_mode == "train"):
             if method == "finite_difference":
                 displaced = functools.partial(displaced_quantized_weights,
                                               [m.quantizer for m in members])
                 return finite_difference_traces(
                     loss, params, displaced=displaced,
-                    relative_step=self.config.hessian_relative_step,
-                    frozen_kinks=self.config.hessian_frozen_kinks, **limits)
+                    relative_step=self.config.hessian.relative_step,
+                    frozen_kinks=self.config.hessian.frozen_kinks, **limits)
             with twice_differentiable():
                 return hutchinson_traces(loss, params, **limits)
 
@@ -295,15 +324,15 @@ class MSQController:
         no_second_derivative = (isinstance(error, NoSecondDerivative)
                                 or any(text in str(error) for text in NO_SECOND_DERIVATIVE))
         distributed = _distributed_mean() is not None
-        if self.config.hessian_method == "auto" and distributed and is_out_of_memory(error):
+        if self.config.hessian.method == "auto" and distributed and is_out_of_memory(error):
             # Ranks that fit would be inside the estimator's all-reduce while this one restarts
             # with another method: they cannot agree on a fallback midway.
             raise RuntimeError(
                 f"epoch_end: the double backward ran out of memory on this rank "
                 f"({_first_line(error)}); under torch.distributed 'auto' does not fall back. "
-                f"Set MSQConfig(hessian_chunk_size=...) (the same Hessian in chunks) or "
-                f"hessian_method='finite_difference' on every rank.") from error
-        if self.config.hessian_method == "auto" and not distributed:
+                f"Set MSQConfig(hessian={{'chunk_size': ...}}) (the same Hessian in chunks) or "
+                f"hessian={{'method': 'finite_difference'}} on every rank.") from error
+        if self.config.hessian.method == "auto" and not distributed:
             if is_out_of_memory(error):
                 return f"the double backward ran out of memory ({_first_line(error)})"
             if no_second_derivative:
@@ -313,8 +342,8 @@ class MSQController:
             raise RuntimeError(
                 f"epoch_end: the Hessian trace by autograd needs a twice differentiable forward, "
                 f"and {type(self.model).__name__} uses an op without a second derivative "
-                f"({error}). Use MSQConfig(hessian_method='finite_difference') (first-order "
-                f"gradients only) or prune_step_policy='fixed' (p = 1, no Hessian).",
+                f"({error}). Use MSQConfig(hessian={{'method': 'finite_difference'}}) (first-order "
+                f"gradients only) or pruning={{'step_policy': 'fixed'}} (p = 1, no Hessian).",
             ) from error
         raise error
 
@@ -332,7 +361,8 @@ class MSQController:
 
     def state_dict(self) -> dict[str, Any]:
         """Counters and history; bits and p live in the model's buffers (its own state_dict)."""
-        return {"last_epoch": self.last_epoch, "prune_count": self.prune_count,
+        return {"last_epoch": self.last_epoch, "last_step": self.last_step,
+                "prune_count": self.prune_count,
                 "done": self.done, "history": [asdict(r) for r in self.history]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -340,14 +370,23 @@ class MSQController:
         if missing:
             raise KeyError(f"MSQController.load_state_dict: missing {sorted(missing)}")
         self.last_epoch = int(state["last_epoch"])
+        self.last_step = int(state.get("last_step", 0))  # absent from older checkpoints
         self.prune_count = int(state["prune_count"])
         self.done = bool(state["done"])
         self.history = [PruneRecord(**row) for row in state["history"]]
 
 
+def _check_count(method: str, unit: str, count: Any, last: int) -> None:
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"{method}({unit}={count!r}): {unit}s count completed {unit}s from 1, as "
+                         f"in Algorithm 1; pass {unit} + 1 when looping over range().")
+    if count <= last:
+        raise ValueError(f"{method}({unit}={count}): {unit} {last} was already processed; "
+                         f"continue with {unit} {last + 1}.")
+
+
 def _omega(group: _Group, traces: dict[int, float]) -> float:
-    return sum(traces[id(m.latent)] * quant.quantization_error(m.latent, group.bits,
-                                                               m.quantizer.grid)
+    return sum(traces[id(m.latent)] * m.quantizer.quantization_error(m.latent, group.bits)
                for m in group.members)
 
 
@@ -399,10 +438,10 @@ def _leading_size(inputs: Any, index: int) -> int:
     first = inputs[0] if isinstance(inputs, (tuple, list)) and inputs else inputs
     if not isinstance(first, Tensor) or first.dim() == 0:
         raise ValueError(
-            f"epoch_end: hessian_chunk_size splits each batch along the first dimension of its "
+            f"epoch_end: hessian.chunk_size splits each batch along the first dimension of its "
             f"inputs, but the inputs of Hessian batch {index} are a {type(first).__name__} "
             f"{'without one' if isinstance(first, Tensor) else 'rather than a tensor'}; pass "
-            f"tensor inputs or set hessian_chunk_size=None.")
+            f"tensor inputs or set hessian.chunk_size=None.")
     return first.shape[0]
 
 
@@ -429,9 +468,29 @@ def _distributed_mean() -> Callable[[Tensor], Tensor] | None:
     return mean
 
 
-def _prepared_config(model: nn.Module) -> MSQConfig:
+def _checked_config(model: nn.Module, config: MSQConfig | None) -> MSQConfig:
+    """``config``, or the one ``prepare`` stored on the model when None.
+
+    The quantization section decided how the model was rewritten (widths, floor, grid, which
+    layers), so a controller given another one would prune a model it does not describe; the
+    schedule (target, pruning, Hessian) is the controller's alone and may differ.
+    """
     stored = getattr(model, CONFIG_ATTR, None)
-    return MSQConfig.from_dict(stored) if stored is not None else MSQConfig()
+    prepared = MSQConfig.from_dict(stored) if stored is not None else None
+    if config is None:
+        return prepared if prepared is not None else MSQConfig()
+    if not isinstance(config, MSQConfig):
+        raise TypeError(f"MSQController: config must be an msq_fx.MSQConfig, got "
+                        f"{type(config).__name__}")
+    if prepared is not None and config.quantization != prepared.quantization:
+        given, used = config.quantization.to_dict(), prepared.quantization.to_dict()
+        differences = ", ".join(f"{name}={given[name]!r} (prepared with {used[name]!r})"
+                                for name in given if given[name] != used[name])
+        raise MSQError(f"MSQController: the config's quantization section differs from the one "
+                       f"{type(model).__name__} was prepared with: {differences}. Pass the "
+                       f"config given to msq_fx.prepare, or none (the prepared one is used); "
+                       f"only target_compression, pruning, hessian and seed may differ.")
+    return config
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

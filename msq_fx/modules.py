@@ -42,6 +42,10 @@ class WeightFakeQuant(_CachesItsWeight):
     """RoundClamp fake quantization of one weight tensor during training.
 
     Buffers: ``bits`` (current width q), ``prune_step`` (p, LSBs removed at the next prune).
+    Parameter ``scale`` (learned scale modes only): S, one per tensor ("tensor") or per output
+    channel ("channel"), trained with the weights; the n-bit step is S / 2^(n-1), so dropping
+    zero LSBs never moves a value. With ``scale_mode="max"`` there is no parameter and S is
+    max|w| at every forward.
     Plain attributes (re-created by ``prepare``): ``kind``, ``names`` (every FQN of the tensor),
     ``grid``, ``prunable`` (False for layers whose width a policy fixes), ``recompute`` (the
     owner's forward lets ops save how to recompute the quantized weight instead of a copy),
@@ -50,11 +54,21 @@ class WeightFakeQuant(_CachesItsWeight):
     """
 
     def __init__(self, bits: int, kind: str, names: tuple[str, ...], grid: str = "nested",
-                 prunable: bool = True, recompute: bool = False) -> None:
+                 prunable: bool = True, recompute: bool = False, scale_mode: str = "max",
+                 latent: Tensor | None = None) -> None:
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         quant._check_grid(grid)
+        if scale_mode not in quant.SCALE_MODES:
+            raise ValueError(f"scale_mode must be one of {quant.SCALE_MODES}, got {scale_mode!r}")
+        if scale_mode != "max":
+            if latent is None:
+                raise ValueError(f"{names[0]}: a learned scale ({scale_mode!r}) is initialised "
+                                 f"from the weight; pass latent=")
+            shape = quant.scale_shape(latent, scale_mode)
+            self.scale = nn.Parameter(quant.best_clip(latent, int(bits), grid, shape))
+        self.scale_mode = scale_mode
         self.register_buffer("bits", torch.tensor(int(bits), dtype=torch.int64))
         self.register_buffer("prune_step", torch.tensor(1, dtype=torch.int64))
         self.kind = kind
@@ -69,12 +83,18 @@ class WeightFakeQuant(_CachesItsWeight):
     def num_bits(self) -> int:
         return int(self.bits)
 
+    @property
+    def learned_scale(self) -> Tensor | None:
+        """The learned scale parameter, or None when S is max|w| (``scale_mode="max"``)."""
+        return self._parameters.get("scale")
+
     def forward(self, latent: Tensor) -> Tensor:
-        bits = self.num_bits
-        if _serves_from_cache(self, latent):
-            return _from_cache(self, (latent,), (bits, self.grid),
-                               lambda: quant.fake_quantize(latent, bits, self.grid))
-        return quant.fake_quantize(latent, bits, self.grid)
+        bits, scale = self.num_bits, self.learned_scale
+        sources = (latent,) if scale is None else (latent, scale)
+        if _serves_from_cache(self, *sources):
+            return _from_cache(self, sources, (bits, self.grid),
+                               lambda: quant.fake_quantize(latent, bits, self.grid, scale))
+        return quant.fake_quantize(latent, bits, self.grid, scale)
 
     def lsb_l1(self, latent: Tensor, k: int | None = None) -> Tensor:
         """``sum |B_k|`` over the tensor in step units (k defaults to the prune step p)."""
@@ -82,10 +102,33 @@ class WeightFakeQuant(_CachesItsWeight):
         k = min(k, self.num_bits - 1)
         if k < 1:
             return latent.new_zeros(())
-        return quant.lsb_l1(latent, self.num_bits, k)
+        return quant.lsb_l1(latent, self.num_bits, k, self.learned_scale)
+
+    def lsb_nonzero_rate(self, latent: Tensor, k: int) -> float:
+        """beta of this weight: the fraction whose k LSBs are not all zero at the current width."""
+        return quant.lsb_nonzero_rate(latent.detach(), self.num_bits, k, self.learned_scale)
+
+    def quantization_error(self, latent: Tensor, bits: int | None = None) -> float:
+        """``||W_q - W||^2`` at ``bits`` (default: the current width) with this quantizer's scale."""
+        bits = self.num_bits if bits is None else bits
+        return quant.quantization_error(latent, bits, self.grid, self.learned_scale)
+
+    @torch.no_grad()
+    def refit_scale(self, latent: Tensor) -> None:
+        """Set a learned scale to the error-minimising clip at the current width (no-op for
+        ``scale_mode="max"``)."""
+        scale = self.learned_scale
+        if scale is not None:
+            scale.copy_(quant.best_clip(latent, self.num_bits, self.grid, tuple(scale.shape)))
+
+    def scale_of(self, latent: Tensor) -> Tensor:
+        """S as the forward uses it (detached): the learned scale, or max|latent|."""
+        scale = self.learned_scale
+        return quant.weight_scale(latent) if scale is None else scale.detach()
 
     def extra_repr(self) -> str:
-        return f"bits={self.num_bits}, p={int(self.prune_step)}, kind={self.kind}, grid={self.grid}"
+        return (f"bits={self.num_bits}, p={int(self.prune_step)}, kind={self.kind}, "
+                f"grid={self.grid}, scale={self.scale_mode}")
 
 
 class _WeightCache(NamedTuple):
@@ -184,8 +227,9 @@ class LoweredWeight(_CachesItsWeight):
         bits, latent = quantizer.num_bits, latent.detach()
         if bits > 8:
             raise ValueError(f"{quantizer.names[0]}: {bits}-bit codes do not fit an int8 container")
-        scale = quant.weight_scale(latent)
-        signed = quant.signed_codes(quant.roundclamp_codes(latent, bits, scale), bits)
+        scale = quantizer.scale_of(latent)
+        signed = quant.signed_codes(quant.roundclamp_codes(latent, bits, scale, quantizer.grid),
+                                    bits)
         lowered = cls(signed, quant.grid_step(scale, bits, quantizer.grid),
                       quant.grid_offset(quantizer.grid), bits, quantizer.kind, quantizer.names)
         lowered.group = quantizer.group

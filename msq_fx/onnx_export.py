@@ -51,6 +51,18 @@ def _dequantize_weight_shape(codes: Tensor, step: Tensor) -> Tensor:
     return codes.new_empty(codes.shape, dtype=step.dtype)
 
 
+@torch.library.custom_op("msq_fx::dequantize_weight_per_channel", mutates_args=())
+def dequantize_weight_per_channel(codes: Tensor, step: Tensor) -> Tensor:
+    """``codes * step`` with one step per slice along dim 0 (``step`` is 1-D), as one op, so
+    the ONNX exporter can write it as a per-axis DequantizeLinear (axis 0)."""
+    return codes.to(step.dtype) * step.reshape((-1,) + (1,) * (codes.dim() - 1))
+
+
+@dequantize_weight_per_channel.register_fake
+def _dequantize_weight_per_channel_shape(codes: Tensor, step: Tensor) -> Tensor:
+    return codes.new_empty(codes.shape, dtype=step.dtype)
+
+
 @torch.library.custom_op("msq_fx::quantize_activation", mutates_args=())
 def quantize_activation(x: Tensor, low: Tensor, high: Tensor, step: Tensor,
                         onnx_type: int) -> Tensor:
@@ -192,6 +204,11 @@ def _onnx_modules() -> tuple[Any, dict]:
             "zero_point", onnx.TensorProto.INT8, [], [0]))
         return opset21.DequantizeLinear(codes, step, zero_point)
 
+    def dequantize_linear_per_axis(codes, step):
+        # No zero point: it defaults to 0 of the codes' type (a per-axis one would need the
+        # scale's length).
+        return opset21.DequantizeLinear(codes, step, axis=0)
+
     def quantize_dequantize(x, low, high, step, onnx_type: int):
         zero_point = opset21.Constant(value=onnx.helper.make_tensor(
             "zero_point", onnx_type, [], [0]))
@@ -200,6 +217,8 @@ def _onnx_modules() -> tuple[Any, dict]:
                                         zero_point)
 
     return onnx, {torch.ops.msq_fx.dequantize_weight.default: dequantize_linear,
+                  torch.ops.msq_fx.dequantize_weight_per_channel.default:
+                      dequantize_linear_per_axis,
                   torch.ops.msq_fx.quantize_activation.default: quantize_dequantize}
 
 
@@ -250,6 +269,8 @@ def _as_one_op(modules: Iterable[nn.Module], forward: Any) -> Iterator[None]:
 
 
 def _one_op_forward(self: LoweredWeight, _latent: Tensor | None = None) -> Tensor:
+    if self.step.dim() > 0:  # one step per output channel: a per-axis DequantizeLinear
+        return torch.ops.msq_fx.dequantize_weight_per_channel(self.codes, self.step.reshape(-1))
     return torch.ops.msq_fx.dequantize_weight(self.codes, self.step)
 
 
@@ -279,8 +300,11 @@ def _store_as_int4(onnx: Any, proto: Any, names: set[str]) -> None:
         initializers[codes_name].CopyFrom(
             onnx.numpy_helper.from_array(codes.astype(ml_dtypes.int4), codes_name))
         zero_point = f"{codes_name}.zero_point"
+        # A per-axis DequantizeLinear (one scale per channel) needs a zero point per channel.
+        scale = initializers.get(node.input[1])
+        shape = tuple(scale.dims) if scale is not None else ()
         proto.graph.initializer.append(
-            onnx.numpy_helper.from_array(np.zeros((), dtype=ml_dtypes.int4), zero_point))
+            onnx.numpy_helper.from_array(np.zeros(shape, dtype=ml_dtypes.int4), zero_point))
         if len(node.input) > 2:
             replaced_zero_points.add(node.input[2])
             node.input[2] = zero_point

@@ -9,8 +9,12 @@ Conventions (see README "Method choices"):
 * ``nested`` grid (default): value ``c_n / 2^n``, i.e. ``w_q = (c_n - 2^(n-1)) * S / 2^(n-1)``.
   The signed code ``c_n - 2^(n-1)`` is an ordinary two's-complement n-bit integer, zero is exact,
   and every (n-k)-bit grid point is an n-bit grid point, so dropping k zero LSBs moves no value.
-* ``literal`` grid (paper Eq. 4 as printed): value ``c_n / (2^n - 1)``. Grids of different widths
-  do not nest, so dropping LSBs moves values; kept for ablations only.
+* ``literal`` grid (paper Eq. 4 as printed): ``W`` is coded as ``c_n = round((2^n - 1) W)`` and
+  dequantized as ``c_n / (2^n - 1)``, i.e. ``2^n`` levels evenly spaced from ``-S`` to ``S``,
+  symmetric, with no zero: at 1 bit a binary ``{-S, S}``, at 2 bits ``{-S, -S/3, S/3, S}``.
+  Coding and dequantizing with the same ``2^n - 1`` keeps ``w_q`` an unbiased rounding of ``w``.
+  Grids of different widths do not nest, so dropping LSBs moves values by up to half a step.
+  Its LSB penalty and beta are measured on the nested code axis.
 * Every quantity "in step units" is measured on the code axis ``x = 2^n W`` (one unit = one n-bit
   step), so the LSB value ``B_k`` and the regularization strength mean the same at every width.
 
@@ -47,25 +51,101 @@ def weight_scale(w: Tensor) -> Tensor:
     return torch.maximum(-low, high).clamp_min(floor)
 
 
-def code_position(w: Tensor, bits: int, scale: Tensor) -> Tensor:
-    """The continuous code-axis position ``x = 2^n W = w * 2^(n-1) / S + 2^(n-1)``, in [0, 2^n]."""
-    half = float(2 ** (bits - 1))
+SCALE_MODES = ("max", "tensor", "channel")
+
+#: Candidate clips searched by :func:`best_clip`, as fractions of max|w| (of the tensor or row).
+CLIP_CANDIDATES = 64
+
+
+def scale_shape(w: Tensor, mode: str) -> tuple[int, ...]:
+    """The shape of a learned scale of ``w``: () for "tensor", (C, 1, ..., 1) for "channel".
+
+    "channel" takes one scale per slice along dim 0 (a conv's or linear's output channel, an
+    attention projection's output row); any axis keeps the nesting exact, and dim 0 is the
+    axis ONNX's per-axis DequantizeLinear and the int8 kernels expect. A tensor with fewer
+    than two dimensions has no channels and gets one scale.
+    """
+    if mode not in SCALE_MODES:
+        raise ValueError(f"scale mode must be one of {SCALE_MODES}, got {mode!r}")
+    if mode == "channel" and w.dim() >= 2:
+        return (w.shape[0],) + (1,) * (w.dim() - 1)
+    return ()
+
+
+def max_scale(w: Tensor, shape: tuple[int, ...] = ()) -> Tensor:
+    """max|w| over the whole tensor (``shape == ()``) or over each slice along dim 0, floored."""
+    if shape == ():
+        return weight_scale(w)
+    floor = max(_MIN_SCALE, torch.finfo(w.dtype).tiny) if w.is_floating_point() else _MIN_SCALE
+    per_row = w.detach().reshape(w.shape[0], -1).abs().amax(dim=1) if w.numel() else \
+        w.new_zeros(w.shape[0])
+    return per_row.clamp_min(floor).reshape(shape)
+
+
+def best_clip(w: Tensor, bits: int, grid: str = "nested", shape: tuple[int, ...] = (),
+              candidates: int = CLIP_CANDIDATES) -> Tensor:
+    """The scale S (of ``shape``) that minimises ``sum((quantize_value(w, bits, S) - w)^2)``.
+
+    A search over ``candidates`` clips evenly spaced in (0, max|w|], per tensor or per slice
+    along dim 0 (``shape`` from :func:`scale_shape`); ties go to the larger clip. Used to
+    initialise learned scales: at 2-4 bits S = max|w| costs two to three times this error.
+    """
+    w = w.detach()
+    top = max_scale(w, shape)
+    best, best_error = top.clone(), None
+    reduce_dims = tuple(range(1, w.dim())) if shape != () else None
+    for index in range(candidates, 0, -1):
+        scale = top * (index / candidates)
+        error = (quantize_value(w, bits, grid, scale) - w).pow_(2)
+        error = error.sum() if reduce_dims is None else error.sum(dim=reduce_dims, keepdim=True)
+        if best_error is None:
+            best_error = error
+            continue
+        better = error < best_error
+        best = torch.where(better, scale, best)
+        best_error = torch.where(better, error, best_error)
+    return best.reshape(shape)
+
+
+def code_half(bits: int, grid: str = "nested") -> float:
+    """Half the code range: ``2^(n-1)`` on the nested grid, ``(2^n - 1) / 2`` on the literal one."""
+    return float(2 ** (bits - 1)) if grid == "nested" else (2.0**bits - 1.0) / 2.0
+
+
+def code_position(w: Tensor, bits: int, scale: Tensor, grid: str = "nested") -> Tensor:
+    """The continuous code-axis position ``x = w * h / S + h`` with ``h = code_half(bits, grid)``:
+    ``2^n W`` on the nested grid, in [0, 2^n]."""
+    half = code_half(bits, grid)
     # Divide first: half / scale overflows float16 for small scales, w / scale stays in [-1, 1].
     return (w / scale) * half + half
 
 
-def roundclamp_codes(w: Tensor, bits: int, scale: Tensor | None = None) -> Tensor:
-    """Unsigned RoundClamp codes ``c_n = min(round(2^n W), 2^n - 1)`` as a float tensor (no grad)."""
+def roundclamp_codes(w: Tensor, bits: int, scale: Tensor | None = None,
+                     grid: str = "nested") -> Tensor:
+    """Unsigned RoundClamp codes ``c_n = min(round(2^n W), 2^n - 1)`` (nested grid; the literal
+    grid rounds ``(2^n - 1) W``) as a float tensor (no grad)."""
     _check_bits(bits)
     scale = weight_scale(w) if scale is None else scale
-    return _detached_code_position(w, bits, scale).round_().clamp_(0.0, float(2**bits - 1))
+    if grid == "literal":
+        return _literal_codes(w, bits, scale)
+    return _detached_code_position(w, bits, scale, grid).round_().clamp_(0.0, float(2**bits - 1))
 
 
-def _detached_code_position(w: Tensor, bits: int, scale: Tensor) -> Tensor:
+def _literal_codes(w: Tensor, bits: int, scale: Tensor) -> Tensor:
+    """The literal grid's codes, rounded in the centred position ``u = w h / S`` whose levels are
+    the half-integers in [-h, h]: |u| goes to floor(|u|) + 1/2, so q(-w) = -q(w) exactly, ties
+    included (a tie goes away from zero; 0 itself, with no level of its own, goes to +1/2)."""
+    half = code_half(bits, "literal")
+    centred = (w.detach() / scale).mul_(half)
+    magnitude = centred.abs().floor_().add_(0.5).clamp_(max=half)
+    return torch.where(centred < 0, -magnitude, magnitude).add_(half)
+
+
+def _detached_code_position(w: Tensor, bits: int, scale: Tensor, grid: str = "nested") -> Tensor:
     """code_position's arithmetic without grad, in place after the first op: one weight-sized
     allocation instead of three, which on large models is most of the quantizer's memory
     traffic. Same operations in the same order, so the values are identical."""
-    half = float(2 ** (bits - 1))
+    half = code_half(bits, grid)
     return (w.detach() / scale).mul_(half).add_(half)
 
 
@@ -107,7 +187,7 @@ def quantize_value(w: Tensor, bits: int, grid: str = "nested",
     """The fake-quantized value of ``w`` at ``bits`` (no gradient); ``scale`` defaults to
     ``weight_scale(w)``."""
     scale = weight_scale(w) if scale is None else scale
-    signed = signed_codes(roundclamp_codes(w, bits, scale), bits, inplace=True)
+    signed = signed_codes(roundclamp_codes(w, bits, scale, grid), bits, inplace=True)
     return dequantize(signed, grid_step(scale, bits, grid), grid_offset(grid),
                       inplace=True).to(w.dtype)
 
@@ -142,9 +222,59 @@ class _StraightThrough(torch.autograd.Function):
         return grad, None, None
 
 
-def fake_quantize(w: Tensor, bits: int, grid: str = "nested") -> Tensor:
-    """RoundClamp fake quantization with a straight-through gradient (paper Eq. 2 and 4)."""
-    return _StraightThrough.apply(w, bits, grid)
+class _LearnedScale(torch.autograd.Function):
+    """``quantize_value(w, bits, grid, scale)`` with gradients for ``w`` and the scale.
+
+    The rounding is passed straight through (LSQ, Esser et al. 2020): inside the clip
+    dv/dw = 1 and dv/dS = (v - w) / S (on either grid v = S f(w / S) with f(u) ~ u); a weight
+    past the clip is clamped, so dv/dw = 0 and dv/dS = v / S.
+    The scale's gradient is multiplied by ``1 / sqrt(n * 2^(bits-1))`` (n weights per scale),
+    LSQ's step-size gradient scale, so a scale learns at the pace of the weights it serves.
+    Nothing weight-sized is saved: the backward recomputes from ``w`` (a live parameter).
+    Like ``_StraightThrough`` the node keeps the recipe of its output for recomputation.
+    """
+
+    @staticmethod
+    def forward(ctx, w: Tensor, scale: Tensor, bits: int, grid: str) -> Tensor:  # noqa: D102
+        scale = scale.detach()
+        ctx.save_for_backward(w, scale)
+        ctx.bits, ctx.grid = bits, grid
+        ctx.recipe = (None if torch.compiler.is_compiling()
+                      else _Recipe(w, bits, grid, w._version, scale, scale_version=scale._version))
+        return quantize_value(w, bits, grid, scale)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # noqa: D102
+        w, scale = ctx.saved_tensors
+        bits, grid = ctx.bits, ctx.grid
+        value = quantize_value(w, bits, grid, scale)
+        position = _detached_code_position(w, bits, scale, grid).round_()
+        inside = (position >= 0) & (position <= float(2**bits - 1))
+        per_weight = torch.where(inside, value - w.detach(), value).div_(scale)
+        grad_scale = _reduce_to(grad * per_weight, scale.shape)
+        grad_scale = grad_scale * ((w.numel() / max(scale.numel(), 1)) * 2 ** (bits - 1)) ** -0.5
+        return grad * inside, grad_scale, None, None
+
+
+def _reduce_to(values: Tensor, shape: torch.Size) -> Tensor:
+    """``values`` summed over the dimensions a tensor of ``shape`` was broadcast along."""
+    if tuple(shape) == ():
+        return values.sum()
+    dims = tuple(i for i, size in enumerate(shape) if size == 1 and values.shape[i] != 1)
+    # sum(dim=()) would reduce every dimension: one weight per scale needs no reduction.
+    return values.sum(dim=dims, keepdim=True) if dims else values
+
+
+def fake_quantize(w: Tensor, bits: int, grid: str = "nested",
+                  scale: Tensor | None = None) -> Tensor:
+    """RoundClamp fake quantization with a straight-through gradient (paper Eq. 2 and 4).
+
+    ``scale`` None: the scale is max|w| (detached). A tensor: a learned scale (of the shape
+    :func:`scale_shape` gives) that receives an LSQ gradient; weights past it clamp.
+    """
+    if scale is None:
+        return _StraightThrough.apply(w, bits, grid)
+    return _LearnedScale.apply(w, scale, bits, grid)
 
 
 class _Recipe(NamedTuple):
@@ -156,6 +286,7 @@ class _Recipe(NamedTuple):
     offsets: Sequence[Tensor] | None = None  # displaced: plus offsets[offset_index]
     offset_index: int = 0
     offset_version: int = 0
+    scale_version: int | None = None  # a learned scale: its version at the forward
 
     def offset(self) -> Tensor:
         return self.offsets[self.offset_index]
@@ -165,9 +296,14 @@ class _Recipe(NamedTuple):
         if self.latent._version != self.version:
             return (f"its latent weight (shape {tuple(self.latent.shape)}) was modified in place "
                     f"after the forward pass (version {self.version} -> {self.latent._version})")
+        if self.scale_version is not None and self.scale._version != self.scale_version:
+            return "its learned scale was modified in place after the forward pass"
         if self.offsets is not None and self.offset()._version != self.offset_version:
             return "the offset added to it was modified in place after the forward pass"
         return None
+
+
+_QUANTIZER_NODES = (_StraightThrough._backward_cls, _LearnedScale._backward_cls)
 
 
 class _Displaced(torch.autograd.Function):
@@ -191,8 +327,7 @@ def displaced(quantized: Tensor, offsets: Sequence[Tensor], index: int) -> Tenso
     """
     offset = offsets[index]
     node = quantized.grad_fn
-    recipe = getattr(node, "recipe", None) if isinstance(node, _StraightThrough._backward_cls) \
-        else None
+    recipe = getattr(node, "recipe", None) if isinstance(node, _QUANTIZER_NODES) else None
     if recipe is None or recipe.offsets is not None:
         return quantized + offset
     recipe = recipe._replace(offsets=offsets, offset_index=index, offset_version=offset._version)
@@ -209,7 +344,7 @@ class _Recomputed(NamedTuple):
     cast: tuple[torch.dtype, torch.device] | None = None  # the saved tensor is this copy of it
 
 
-_RECOMPUTABLE = (_StraightThrough._backward_cls, _Displaced._backward_cls)
+_RECOMPUTABLE = _QUANTIZER_NODES + (_Displaced._backward_cls,)
 
 
 # Views that start where their input starts and keep every element: a cast of one (autocast
@@ -358,7 +493,7 @@ def lsb_value(w: Tensor, bits: int, k: int, scale: Tensor | None = None) -> Tens
     return torch.clamp(x - float(2**k) * coarse, -bound, bound)
 
 
-def lsb_l1(w: Tensor, bits: int, k: int) -> Tensor:
+def lsb_l1(w: Tensor, bits: int, k: int, scale: Tensor | None = None) -> Tensor:
     """``sum |B_k|`` over ``w`` (the L1 of :func:`lsb_value`), with the same value and gradient.
 
     A fused autograd Function: the forward keeps nothing but ``w`` (already alive as a parameter)
@@ -368,7 +503,8 @@ def lsb_l1(w: Tensor, bits: int, k: int) -> Tensor:
     _check_bits(bits)
     if not 1 <= k < bits:
         raise ValueError(f"k must be in 1..bits-1 (bits={bits}), got {k}")
-    return _LsbL1.apply(w, bits, k)
+    # The penalty moves weights onto the coarser grid; it does not move a learned scale.
+    return _LsbL1.apply(w, bits, k, None if scale is None else scale.detach())
 
 
 def _unclamped_lsb(w: Tensor, bits: int, k: int, scale: Tensor) -> Tensor:
@@ -388,8 +524,8 @@ class _LsbL1(torch.autograd.Function):
     dx/dw: no slope on the bounds, as torch.clamp's own backward has it."""
 
     @staticmethod
-    def forward(ctx, w: Tensor, bits: int, k: int) -> Tensor:  # noqa: D102
-        scale = weight_scale(w)
+    def forward(ctx, w: Tensor, bits: int, k: int, scale: Tensor | None) -> Tensor:  # noqa: D102
+        scale = weight_scale(w) if scale is None else scale
         bound = float(2 ** (k - 1))
         ctx.save_for_backward(w, scale)
         ctx.bits, ctx.k = bits, k
@@ -405,7 +541,7 @@ class _LsbL1(torch.autograd.Function):
         # [-1, 1], its fractional part is itself inside and 0 on the bounds, and its sign is
         # the wanted factor. bound is a power of two, so the scaling is exact.
         factor = _unclamped_lsb(w, bits, k, scale).clamp_(-bound, bound).mul_(1.0 / bound)
-        return factor.frac_().sign_().mul_(slope), None, None
+        return factor.frac_().sign_().mul_(slope), None, None, None
 
 
 def lsb_integer(unsigned: Tensor, k: int) -> Tensor:
@@ -413,12 +549,12 @@ def lsb_integer(unsigned: Tensor, k: int) -> Tensor:
     return torch.remainder(unsigned, float(2**k))
 
 
-def lsb_nonzero_rate(w: Tensor, bits: int, k: int) -> float:
+def lsb_nonzero_rate(w: Tensor, bits: int, k: int, scale: Tensor | None = None) -> float:
     """beta: the fraction of weights whose k LSBs are not all zero at ``bits`` (chance ~ 1 - 2^-k)."""
     _check_bits(bits)
     if not 1 <= k < bits:
         raise ValueError(f"k must be in 1..bits-1 (bits={bits}), got {k}")
-    codes = roundclamp_codes(w, bits)
+    codes = roundclamp_codes(w, bits, None if scale is None else scale.detach())
     return float((lsb_integer(codes, k) != 0).float().mean())
 
 
@@ -431,7 +567,9 @@ def drop_lsbs(unsigned: Tensor, k: int) -> Tensor:
     return torch.div(unsigned, float(2**k), rounding_mode="floor")
 
 
-def quantization_error(w: Tensor, bits: int, grid: str = "nested") -> float:
+def quantization_error(w: Tensor, bits: int, grid: str = "nested",
+                       scale: Tensor | None = None) -> float:
     """``||W_q - W||^2`` of one tensor (the perturbation term of Omega, paper Eq. 9)."""
     w = w.detach()
-    return float((quantize_value(w, bits, grid) - w).double().pow(2).sum())
+    scale = None if scale is None else scale.detach()
+    return float((quantize_value(w, bits, grid, scale) - w).double().pow(2).sum())

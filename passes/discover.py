@@ -27,7 +27,7 @@ A quantized weight that its op reads only through other ops computed from parame
 (weight standardization) is named in a note with those ops: the probe's record when it ran,
 else the graph's reads followed to their op (which cannot see inside leaves).
 
-The first and last layer of ``MSQConfig.first_last`` are decided here, once, for every policy
+The first and last layer of ``MSQConfig.quantization.first_last`` are decided here, once, for every policy
 (``rewrite`` reads ``Discovery.fixed_width``): the first and the last, in execution order, of the
 weights that survive ``exclude``, ``filter_fn`` and the dtype check. See ``_first_and_last``.
 """
@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 from torch import fx, nn
 
@@ -107,7 +107,8 @@ class Discovery:
 def discover(model: nn.Module, graph_module: fx.GraphModule | None, config: MSQConfig, *,
              probed: Mapping[str, str] | None = None,
              transformed: Mapping[str, Sequence[str]] | None = None,
-             leaves: Iterable[str] = ()) -> Discovery:
+             leaves: Iterable[str] = (),
+             filter_fn: Callable[[nn.Module, str], bool] | None = None) -> Discovery:
     """Find the quantizable weights of ``model`` and apply the config's exclusions and policies.
 
     Args:
@@ -118,6 +119,8 @@ def discover(model: nn.Module, graph_module: fx.GraphModule | None, config: MSQC
             probe's ``ProbeResult.transformed``); None when no probe ran, and then the graph's
             reads are followed instead (which cannot see inside leaves).
         leaves: FQNs of the submodules the graph keeps opaque (the trace pass's ``leaves``).
+        filter_fn: ``filter_fn(module, fqn) -> bool`` (prepare's argument); False keeps that
+            weight float.
     """
     names_of = _parameter_names(model)
     kinds = _kinds_from_modules(model)
@@ -129,7 +132,7 @@ def discover(model: nn.Module, graph_module: fx.GraphModule | None, config: MSQC
             kinds.setdefault(qualname, _functional_kind(model, qualname, kind))
     order = _execution_order(model, graph_module, names_of, probed or {})
     found = _merge_tied(model, kinds, names_of, order)
-    discovery = _apply_policies(model, found, config)
+    discovery = _apply_policies(model, found, config, filter_fn)
     if probed is None:
         discovery.notes.extend(_unseen_uses_note(model, graph_module, leaves, found, names_of))
     if transformed is None and graph_module is not None:
@@ -280,16 +283,18 @@ def _merge_tied(model: nn.Module, kinds: dict[str, str], names_of: dict[int, lis
 
 # --------------------------------------------------------------------------- policies
 
-def _apply_policies(model: nn.Module, found: list[WeightTarget], config: MSQConfig) -> Discovery:
+def _apply_policies(model: nn.Module, found: list[WeightTarget], config: MSQConfig,
+                    filter_fn: Callable[[nn.Module, str], bool] | None) -> Discovery:
     discovery = Discovery()
-    reasons = {target.name: _exclusion_reason(model, target, config) for target in found}
+    reasons = {target.name: _exclusion_reason(model, target, config, filter_fn)
+               for target in found}
     first_last = _first_and_last([t for t in found if reasons[t.name] is None])
-    if config.first_last == "fixed":
+    if config.quantization.first_last == "fixed":
         discovery.fixed_width = first_last
     for target in found:
         reason = reasons[target.name]
-        if reason is None and config.first_last == "float" and target.name in first_last:
-            reason = "first/last layer kept float (MSQConfig.first_last='float')"
+        if reason is None and config.quantization.first_last == "float" and target.name in first_last:
+            reason = "first/last layer kept float (MSQConfig.quantization.first_last='float')"
         if reason is None:
             discovery.targets.append(target)
         else:
@@ -298,7 +303,7 @@ def _apply_policies(model: nn.Module, found: list[WeightTarget], config: MSQConf
 
 
 def _first_and_last(kept: list[WeightTarget]) -> frozenset[str]:
-    """The names of the first and last layer of ``MSQConfig.first_last``, among ``kept``.
+    """The names of the first and last layer of ``MSQConfig.quantization.first_last``, among ``kept``.
 
     ``kept`` are the weights that ``exclude``, ``filter_fn`` and the dtype check leave to be
     quantized, in execution order. The policy exists to protect the layer that reads the raw
@@ -312,18 +317,19 @@ def _first_and_last(kept: list[WeightTarget]) -> frozenset[str]:
     return frozenset({kept[0].name, kept[-1].name}) if kept else frozenset()
 
 
-def _exclusion_reason(model: nn.Module, target: WeightTarget, config: MSQConfig) -> str | None:
+def _exclusion_reason(model: nn.Module, target: WeightTarget, config: MSQConfig,
+                      filter_fn: Callable[[nn.Module, str], bool] | None) -> str | None:
     param = _resolve_parameter(model, target.name)
     if not param.is_floating_point():
         return f"not a floating-point tensor ({param.dtype})"
     for fqn in target.fqns:
-        for pattern in config.exclude:
+        for pattern in config.quantization.exclude:
             if re.search(pattern, fqn):
-                return f"excluded by MSQConfig.exclude pattern {pattern!r}"
-        if config.filter_fn is not None:
+                return f"excluded by MSQConfig.quantization.exclude pattern {pattern!r}"
+        if filter_fn is not None:
             owner_name = fqn.rpartition(".")[0]
-            if not config.filter_fn(model.get_submodule(owner_name), fqn):
-                return "excluded by MSQConfig.filter_fn"
+            if not filter_fn(model.get_submodule(owner_name), fqn):
+                return "excluded by prepare's filter_fn"
     return None
 
 

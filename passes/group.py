@@ -1,6 +1,6 @@
 """Sensitivity-grouping pass: decide which quantized weights share one precision decision.
 
-Reads: the discovered targets, the FX graph (when one was captured) and ``config.groups``.
+Reads: the discovered targets, the FX graph (when one was captured) and ``config.quantization.groups``.
 Returns: a networkx graph over the quantized weights (node = a weight's first FQN) with edges
 * ``relation="declared"``: weights matched by one ``MSQConfig.groups`` entry;
 * ``relation="dataflow"``: a weight's layer feeds the next quantized layer (reporting only).
@@ -47,7 +47,7 @@ def assign_groups(graph: nx.Graph) -> dict[str, str]:
 
 
 def _add_declared_edges(graph: nx.Graph, targets: list[WeightTarget], config: MSQConfig) -> None:
-    for patterns in config.groups:
+    for patterns in config.quantization.groups:
         members = [t.name for t in targets
                    if any(re.search(p, fqn) for p in patterns for fqn in t.fqns)]
         graph.add_edges_from(zip(members, members[1:]), relation=DECLARED)

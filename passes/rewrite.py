@@ -68,9 +68,12 @@ def rewrite(model: nn.Module, discovery: Discovery, config: MSQConfig,
     refused = unrewritable(model, discovery.targets, config)
     if refused:
         raise RewriteError("; ".join(f"{f.name}: {f.reason}" for f in refused))
-    quantizers = {t.name: WeightFakeQuant(config.init_bits, t.kind, t.fqns, config.grid,
+    quantization = config.quantization
+    quantizers = {t.name: WeightFakeQuant(quantization.init_bits, t.kind, t.fqns, quantization.grid,
                                           prunable=t.name not in discovery.fixed_width,
-                                          recompute=config.recompute_quantized_weights)
+                                          recompute=quantization.recompute_quantized_weights,
+                                          scale_mode=quantization.scale,
+                                          latent=_latent(model, t.name))
                   for t in discovery.targets}
     for name, quantizer in quantizers.items():
         quantizer.group = (groups or {}).get(name, name)
@@ -78,9 +81,9 @@ def rewrite(model: nn.Module, discovery: Discovery, config: MSQConfig,
         owner.__class__ = quantized_class(type(owner), tuple(a for a, _ in attrs))
         for attr, target in attrs:
             owner.add_module(attr + QUANTIZER_SUFFIX, quantizers[target.name])
-        if config.act_bits is not None:
-            owner.add_module(INPUT_QUANTIZER, ActivationFakeQuant(config.act_bits))
-    if config.recompute_quantized_weights and quantizers:
+        if config.quantization.act_bits is not None:
+            owner.add_module(INPUT_QUANTIZER, ActivationFakeQuant(config.quantization.act_bits))
+    if config.quantization.recompute_quantized_weights and quantizers:
         install_model_recompute(model)
 
 
@@ -129,7 +132,7 @@ def _refusals(owner_name: str, owner: nn.Module, attrs: list[str],
                   f"Parameter directly; a quantizer child would run as one of its layers")
     elif isinstance(owner, torch.jit.ScriptModule):
         reason = f"{where} is a TorchScript module, whose class cannot be swapped"
-    elif config.act_bits is not None and INPUT_QUANTIZER in owner._modules:
+    elif config.quantization.act_bits is not None and INPUT_QUANTIZER in owner._modules:
         reason = f"{where} already has a child named '{INPUT_QUANTIZER}'"
     if reason is not None:
         return dict.fromkeys(attrs, reason)
@@ -141,3 +144,11 @@ def _refusals(owner_name: str, owner: nn.Module, attrs: list[str],
         elif attr + QUANTIZER_SUFFIX in owner._modules:
             reasons[attr] = f"{where} already has a child named '{attr + QUANTIZER_SUFFIX}'"
     return reasons
+
+
+def _latent(model: nn.Module, name: str) -> torch.Tensor | None:
+    """The Parameter ``name`` of ``model`` (a learned scale is initialised from it)."""
+    try:
+        return model.get_parameter(name)
+    except AttributeError:
+        return None

@@ -168,7 +168,7 @@ def test_a_program_exported_inside_a_cache_block_reads_the_codes_not_a_cached_we
 
 
 def test_convert_freezes_calibrated_activation_quantizers_with_the_same_output():
-    qmodel = msq_fx.prepare(small_cnn(), X, msq_fx.MSQConfig(act_bits=6))
+    qmodel = msq_fx.prepare(small_cnn(), X, msq_fx.MSQConfig(quantization=dict(act_bits=6)))
     int_model = msq_fx.convert(qmodel)
     lowered = [m for m in int_model.modules() if isinstance(m, msq_fx.LoweredActivation)]
     assert len(lowered) == len(list(msq_fx.iter_quantized_weights(qmodel)))
@@ -177,7 +177,7 @@ def test_convert_freezes_calibrated_activation_quantizers_with_the_same_output()
 
 
 def test_a_converted_model_with_quantized_activations_exports_with_torch_export():
-    int_model = msq_fx.convert(msq_fx.prepare(small_cnn(), X, msq_fx.MSQConfig(act_bits=8)))
+    int_model = msq_fx.convert(msq_fx.prepare(small_cnn(), X, msq_fx.MSQConfig(quantization=dict(act_bits=8))))
     program = torch.export.export(int_model.eval(), (X,))
     assert torch.equal(program.module()(X), eval_output(int_model, X))
 
@@ -326,7 +326,7 @@ def test_prepare_without_example_inputs_works():
 
 
 def test_exclude_leaves_matching_weights_in_float_with_the_reason():
-    config = msq_fx.MSQConfig(exclude=(r"^classifier\.2\.",))
+    config = msq_fx.MSQConfig(quantization=dict(exclude=(r"^classifier\.2\.",)))
     qmodel = msq_fx.prepare(small_cnn(), X, config)
     report = msq_fx.report(qmodel)
     assert "classifier.2.weight" not in {r.name for r in report.layers}
@@ -335,15 +335,15 @@ def test_exclude_leaves_matching_weights_in_float_with_the_reason():
 
 
 def test_filter_fn_receives_module_and_fqn():
-    config = msq_fx.MSQConfig(filter_fn=lambda module, fqn: not isinstance(module, nn.Linear))
-    report = msq_fx.report(msq_fx.prepare(small_cnn(), X, config))
+    report = msq_fx.report(msq_fx.prepare(
+        small_cnn(), X, filter_fn=lambda module, fqn: not isinstance(module, nn.Linear)))
     assert {r.kind for r in report.layers} == {"conv", "depthwise"}
     assert len(report.float_weights) == 2
 
 
 @pytest.mark.parametrize("policy, quantized, fixed", [("quantize", 6, 0), ("fixed", 6, 2), ("float", 4, 0)])
 def test_first_last_policy(policy, quantized, fixed):
-    report = msq_fx.report(msq_fx.prepare(small_cnn(), X, msq_fx.MSQConfig(first_last=policy)))
+    report = msq_fx.report(msq_fx.prepare(small_cnn(), X, msq_fx.MSQConfig(quantization=dict(first_last=policy))))
     assert len(report.layers) == quantized
     assert sum(not r.prunable for r in report.layers) == fixed
     if policy != "quantize":
@@ -352,7 +352,7 @@ def test_first_last_policy(policy, quantized, fixed):
 
 
 def test_activation_quantization_quantizes_layer_inputs():
-    qmodel = msq_fx.prepare(small_cnn(), X, msq_fx.MSQConfig(act_bits=4))
+    qmodel = msq_fx.prepare(small_cnn(), X, msq_fx.MSQConfig(quantization=dict(act_bits=4)))
     seen = {}
     qmodel.features[4].register_forward_hook(lambda m, args, out: seen.update(x=args[0]))
     eval_output(qmodel, X)

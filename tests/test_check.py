@@ -347,12 +347,12 @@ def test_the_checks_sgd_steps_land_inside_backward_with_each_gradient_clipped_on
 
 
 def test_excluded_weights_are_listed_as_float_with_the_reason():
-    config = msq_fx.check.check_config().replace(exclude=(r"^fc\.",))
+    config = msq_fx.check.check_config().replace(quantization=dict(exclude=(r"^fc\.",)))
     result = check_model("msq_fx.models:resnet20", input_size=32, config=config)
     assert result.status == "PASS"
     assert result.quantized_weights == 19
     assert result.float_weights == [{"name": "fc.weight", "kind": "linear",
-                                     "reason": "excluded by MSQConfig.exclude pattern '^fc\\\\.'"}]
+                                     "reason": "excluded by MSQConfig.quantization.exclude pattern '^fc\\\\.'"}]
 
 
 def test_a_model_that_breaks_after_conversion_fails_at_compare():
@@ -431,7 +431,7 @@ def test_out_of_memory_in_the_prune_advises_the_finite_difference_hessian_too(mo
     result = check_model("msq_fx.models:resnet20", input_size=8, batch_size=1, steps=1)
     assert (result.status, result.stage) == ("FAIL", "prune")
     assert result.note == (
-        "to check it in less memory, try config hessian_method='finite_difference', "
+        "to check it in less memory, try config hessian={'method': 'finite_difference'}, "
         "offload_activations=True (msq-fx check --hessian-method finite_difference "
         "--offload-activations or --lean-retry)")
 
@@ -510,7 +510,7 @@ def test_the_lean_retry_of_the_prune_also_takes_the_finite_difference_hessian(mo
     real_epoch_end = msq_fx.MSQController.epoch_end
 
     def out_of_memory_with_double_backward(self, *args, **kwargs):
-        if self.config.hessian_method != "finite_difference":
+        if self.config.hessian.method != "finite_difference":
             raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to "
                                "allocate 26214400 bytes")
         return real_epoch_end(self, *args, **kwargs)
@@ -519,7 +519,7 @@ def test_the_lean_retry_of_the_prune_also_takes_the_finite_difference_hessian(mo
                          lean_retry=True)
     assert result.status == "PASS"
     assert result.hessian_method == "finite_difference" and result.offloaded_mib is not None
-    assert result.note == ("at batch 1 with config hessian_method='finite_difference', "
+    assert result.note == ("at batch 1 with config hessian={'method': 'finite_difference'}, "
                            "offload_activations=True: it ran out of memory in prune")
 
 
@@ -605,7 +605,7 @@ def test_cli_act_bits_checks_with_quantized_activations_and_exports_them(capsys,
     original = check_model
 
     def recording(*args, **kwargs):
-        seen.append(kwargs["config"].act_bits)
+        seen.append(kwargs["config"].quantization.act_bits)
         return original(*args, **kwargs)
 
     monkeypatch.setattr("msq_fx.check.check_model", recording)

@@ -1,49 +1,96 @@
-"""MSQConfig: validated on construction, frozen, round-trips through plain data."""
+"""MSQConfig: nested by concern, validated on construction, frozen, round-trips through plain
+data, and reads the flat form older saved files hold."""
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 
 from msq_fx import MSQConfig
+from msq_fx.config import HessianConfig, PruningConfig, QuantizationConfig
 
 
-@pytest.mark.parametrize("field, value", [
-    ("init_bits", 9), ("init_bits", 1), ("init_bits", 8.0), ("min_bits", 0), ("min_bits", 9),
-    ("act_bits", 1), ("grid", "uniform"), ("first_last", "skip"), ("exclude", ("[",)),
-    ("reg_strength", -1.0), ("prune_threshold", 0.0), ("prune_threshold", 1.5),
-    ("prune_interval", 0), ("target_compression", 1.0), ("target_compression", 64.0),
-    ("prune_step_policy", "random"), ("hessian_max_samples", 0), ("hessian_tol", 0.0),
-    ("hessian_batches", 0), ("groups", ((),)), ("filter_fn", "not callable"),
-    ("on_unquantizable", "skip"), ("hessian_method", "exact"), ("hessian_chunk_size", 0),
-    ("hessian_chunk_size", 2.5), ("hessian_relative_step", 0.0), ("hessian_relative_step", 1.0),
-    ("hessian_frozen_kinks", "yes"), ("hessian_model_mode", "training"),
+@pytest.mark.parametrize("section, field, value", [
+    ("quantization", "init_bits", 9), ("quantization", "init_bits", 1),
+    ("quantization", "init_bits", 8.0), ("quantization", "min_bits", 0),
+    ("quantization", "min_bits", 9), ("quantization", "act_bits", 1),
+    ("quantization", "grid", "uniform"), ("quantization", "first_last", "skip"),
+    ("quantization", "exclude", ("[",)), ("quantization", "groups", ((),)),
+    ("quantization", "on_unquantizable", "skip"),
+    ("quantization", "recompute_quantized_weights", 1),
+    ("pruning", "reg_strength", -1.0), ("pruning", "threshold", 0.0),
+    ("pruning", "threshold", 1.5), ("pruning", "interval", 0),
+    ("pruning", "step_policy", "random"),
+    ("hessian", "max_samples", 0), ("hessian", "tol", 0.0), ("hessian", "batches", 0),
+    ("hessian", "method", "exact"), ("hessian", "chunk_size", 0), ("hessian", "chunk_size", 2.5),
+    ("hessian", "relative_step", 0.0), ("hessian", "relative_step", 1.0),
+    ("hessian", "frozen_kinks", "yes"), ("hessian", "model_mode", "training"),
 ])
-def test_invalid_values_are_rejected_with_the_field_named(field, value):
-    with pytest.raises(ValueError, match=rf"MSQConfig\.{field.split('_')[0]}"):
-        MSQConfig(**{field: value})
+def test_invalid_values_are_rejected_with_the_whole_field_named(section, field, value):
+    with pytest.raises(ValueError, match=re.escape(f"MSQConfig.{section}.{field}={value!r} is invalid")):
+        MSQConfig(**{section: {field: value}})
 
 
-def test_config_is_frozen():
+@pytest.mark.parametrize("value", [1.0, 64.0, "8"])
+def test_an_invalid_target_is_rejected_with_its_name(value):
+    with pytest.raises(ValueError, match=r"MSQConfig\.target_compression="):
+        MSQConfig(target_compression=value)
+
+
+def test_a_sub_config_of_the_wrong_type_is_rejected():
+    with pytest.raises(ValueError, match=r"MSQConfig\.pruning=.*PruningConfig"):
+        MSQConfig(pruning=HessianConfig())
+
+
+def test_config_and_its_sections_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
-        MSQConfig().init_bits = 4
+        MSQConfig().target_compression = 4.0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        MSQConfig().quantization.init_bits = 4
+
+
+def test_a_dict_for_a_section_builds_that_section():
+    config = MSQConfig(quantization={"init_bits": 6}, pruning={"interval": 2})
+    assert config.quantization == QuantizationConfig(init_bits=6)
+    assert config.pruning == PruningConfig(interval=2)
 
 
 def test_target_beyond_the_floor_is_explained():
     with pytest.raises(ValueError, match="32/min_bits"):
-        MSQConfig(min_bits=4, target_compression=10.0)
+        MSQConfig(quantization={"min_bits": 4}, target_compression=10.0)
 
 
 def test_to_dict_from_dict_round_trip():
-    config = MSQConfig(init_bits=6, exclude=("head",), groups=(("a", "b"),), act_bits=4)
+    config = MSQConfig(quantization=dict(init_bits=6, exclude=("head",), groups=(("a", "b"),),
+                                         act_bits=4),
+                       hessian=dict(chunk_size=3), target_compression=5.0, seed=3)
     assert MSQConfig.from_dict(config.to_dict()) == config
 
 
-def test_from_dict_rejects_unknown_fields():
-    with pytest.raises(ValueError, match="unknown field"):
-        MSQConfig.from_dict({"bits": 4})
+def test_from_dict_migrates_the_flat_form_of_older_files():
+    flat = {"init_bits": 6, "min_bits": 2, "grid": "nested", "prune_interval": 3,
+            "prune_threshold": 0.4, "prune_step_policy": "fixed", "hessian_batches": 2,
+            "hessian_method": "finite_difference", "target_compression": 9.0, "seed": 1}
+    config = MSQConfig.from_dict(flat)
+    assert config == MSQConfig(
+        target_compression=9.0, seed=1, quantization=QuantizationConfig(init_bits=6),
+        pruning=PruningConfig(interval=3, threshold=0.4, step_policy="fixed"),
+        hessian=HessianConfig(batches=2, method="finite_difference"))
+
+
+@pytest.mark.parametrize("data", [{"bits": 4}, {"quantization": {"bits": 4}}])
+def test_from_dict_rejects_unknown_fields(data):
+    with pytest.raises(ValueError, match="unknown field.*bits"):
+        MSQConfig.from_dict(data)
+
+
+def test_replace_changes_only_the_named_fields_of_a_section():
+    config = MSQConfig(quantization={"init_bits": 6, "min_bits": 3})
+    changed = config.replace(quantization={"min_bits": 4})
+    assert (changed.quantization.init_bits, changed.quantization.min_bits) == (6, 4)
 
 
 def test_replace_validates_again():
-    with pytest.raises(ValueError):
-        MSQConfig().replace(min_bits=0)
+    with pytest.raises(ValueError, match=r"MSQConfig\.quantization\.min_bits=0"):
+        MSQConfig().replace(quantization={"min_bits": 0})

@@ -40,7 +40,7 @@ class Branches(nn.Module):
 def prepared(widths, scales=None, **config) -> tuple[nn.Module, msq_fx.MSQController]:
     torch.manual_seed(0)
     qmodel = msq_fx.prepare(Branches(widths, scales), torch.randn(2, IN_FEATURES),
-                            msq_fx.MSQConfig(**config))
+                            msq_fx.MSQConfig.from_dict(config))
     return qmodel, msq_fx.MSQController(qmodel)
 
 
@@ -497,7 +497,7 @@ def test_controller_of_an_unprepared_model_is_refused():
 
 def test_controller_defaults_to_the_config_stored_by_prepare():
     qmodel, ctl = prepared([8], prune_interval=7, target_compression=5.0)
-    assert ctl.config == msq_fx.MSQConfig(prune_interval=7, target_compression=5.0)
+    assert ctl.config == msq_fx.MSQConfig(target_compression=5.0, pruning=dict(interval=7))
 
 
 # ------------------------------------------------------------------------- robustness
@@ -549,11 +549,11 @@ class SmallConvNet(nn.Module):
         return self.fc(F.relu(self.conv(x)).flatten(1))
 
 
-def conv_net_traces(**config) -> list[msq_fx.PruneRecord]:
+def conv_net_traces(pruning=None, **hessian) -> list[msq_fx.PruneRecord]:
     torch.manual_seed(0)
-    qmodel = msq_fx.prepare(SmallConvNet(), torch.randn(2, 3, 6, 6), msq_fx.MSQConfig(
-        prune_threshold=1.0, prune_interval=1, hessian_min_samples=4, hessian_max_samples=4,
-        **config))
+    config = msq_fx.MSQConfig(pruning=dict(threshold=1.0, interval=1, **(pruning or {})),
+                              hessian=dict(min_samples=4, max_samples=4, **hessian))
+    qmodel = msq_fx.prepare(SmallConvNet(), torch.randn(2, 3, 6, 6), config)
     generator = torch.Generator().manual_seed(5)
     data = [(torch.randn(16, 3, 6, 6, generator=generator),
              torch.randint(0, 5, (16,), generator=generator))]
@@ -563,8 +563,8 @@ def conv_net_traces(**config) -> list[msq_fx.PruneRecord]:
 def test_finite_difference_traces_equal_the_double_backward_at_the_quantized_point():
     # Same probes (same seed), so the two methods agree sample for sample up to the step's O(h^2)
     # and float32 rounding; displacing the latents instead would be swallowed by rounding.
-    exact = conv_net_traces(hessian_method="autograd")
-    by_differences = conv_net_traces(hessian_method="finite_difference")
+    exact = conv_net_traces(method="autograd")
+    by_differences = conv_net_traces(method="finite_difference")
     assert [r.hessian_method for r in exact] == ["autograd"] * 2
     assert [r.hessian_method for r in by_differences] == ["finite_difference"] * 2
     for a, b in zip(exact, by_differences):
@@ -586,7 +586,8 @@ def test_finite_difference_traces_are_exact_for_a_quadratic_loss():
 def test_finite_differences_leave_latents_quantizers_and_grads_as_they_were():
     torch.manual_seed(0)
     qmodel = msq_fx.prepare(SmallConvNet(), torch.randn(2, 3, 6, 6),
-                            msq_fx.MSQConfig(hessian_method="finite_difference", prune_interval=1))
+                            msq_fx.MSQConfig(hessian=dict(method="finite_difference"),
+                                             pruning=dict(interval=1)))
     latents = {name: p.detach().clone() for name, p in qmodel.named_parameters()}
     qmodel.fc._parameters["weight"].grad = torch.full_like(latents["fc.weight"], 7.0)
     msq_fx.MSQController(qmodel).epoch_end(
@@ -635,8 +636,8 @@ class RoIPooledNet(nn.Module):
 
 def test_auto_falls_back_to_finite_differences_for_torchvision_roi_align():
     torch.manual_seed(0)
-    qmodel = msq_fx.prepare(RoIPooledNet(), torch.randn(2, 3, 6, 6), msq_fx.MSQConfig(
-        prune_threshold=1.0, prune_interval=1, hessian_min_samples=2, hessian_max_samples=2))
+    qmodel = msq_fx.prepare(RoIPooledNet(), torch.randn(2, 3, 6, 6), msq_fx.MSQConfig(pruning=dict(threshold=1.0, interval=1),
+                                                                                      hessian=dict(min_samples=2, max_samples=2)))
     data = [(torch.randn(4, 3, 6, 6), torch.randint(0, 5, (4,)))]
     records = msq_fx.MSQController(qmodel).epoch_end(1, data, F.cross_entropy)
     assert {r.hessian_method for r in records} == {"finite_difference"}
@@ -661,9 +662,8 @@ class LossInTrainMode(nn.Module):
 @pytest.mark.parametrize("method", ["autograd", "finite_difference"])
 def test_the_hessian_takes_a_train_mode_loss_when_asked(method):
     torch.manual_seed(0)
-    config = msq_fx.MSQConfig(prune_threshold=1.0, prune_interval=1, hessian_min_samples=2,
-                              hessian_max_samples=2, hessian_method=method,
-                              hessian_model_mode="train")
+    config = msq_fx.MSQConfig(pruning=dict(threshold=1.0, interval=1),
+                              hessian=dict(min_samples=2, max_samples=2, method=method, model_mode="train"))
     qmodel = msq_fx.prepare(LossInTrainMode(), torch.randn(2, 3, 6, 6), config).eval()
     batches = [((torch.randn(4, 3, 6, 6), torch.randint(0, 5, (4,))), None)]
     records = msq_fx.MSQController(qmodel).epoch_end(
@@ -675,8 +675,8 @@ def test_the_hessian_takes_a_train_mode_loss_when_asked(method):
 
 def test_the_hessian_runs_in_eval_mode_by_default():
     torch.manual_seed(0)
-    qmodel = msq_fx.prepare(LossInTrainMode(), torch.randn(2, 3, 6, 6), msq_fx.MSQConfig(
-        prune_threshold=1.0, prune_interval=1, hessian_min_samples=2, hessian_max_samples=2))
+    qmodel = msq_fx.prepare(LossInTrainMode(), torch.randn(2, 3, 6, 6), msq_fx.MSQConfig(pruning=dict(threshold=1.0, interval=1),
+                                                                                         hessian=dict(min_samples=2, max_samples=2)))
     seen = []
     msq_fx.MSQController(qmodel.train()).epoch_end(
         1, [(torch.randn(4, 3, 6, 6), torch.randint(0, 5, (4,)))],
@@ -688,14 +688,14 @@ def test_the_hessian_runs_in_eval_mode_by_default():
 def test_explicit_autograd_without_a_second_derivative_names_both_ways_out(monkeypatch):
     monkeypatch.setattr("msq_fx.controller.hutchinson_traces",
                         failing_double_backward(NO_SECOND_DERIVATIVE))
-    with pytest.raises(RuntimeError, match="hessian_method='finite_difference'.*'fixed'"):
-        conv_net_traces(hessian_method="autograd")
+    with pytest.raises(RuntimeError, match="'method': 'finite_difference'.*'step_policy': 'fixed'"):
+        conv_net_traces(method="autograd")
 
 
 def test_explicit_autograd_out_of_memory_is_raised_as_is(monkeypatch):
     monkeypatch.setattr("msq_fx.controller.hutchinson_traces", failing_double_backward(OUT_OF_MEMORY))
     with pytest.raises(RuntimeError, match="can't allocate memory"):
-        conv_net_traces(hessian_method="autograd")
+        conv_net_traces(method="autograd")
 
 
 def test_auto_does_not_hide_other_errors_of_the_double_backward(monkeypatch):
@@ -706,7 +706,7 @@ def test_auto_does_not_hide_other_errors_of_the_double_backward(monkeypatch):
 
 
 def test_records_say_no_hessian_method_under_the_fixed_policy():
-    assert {r.hessian_method for r in conv_net_traces(prune_step_policy="fixed")} == {None}
+    assert {r.hessian_method for r in conv_net_traces(pruning={"step_policy": "fixed"})} == {None}
 
 
 def test_history_from_a_checkpoint_without_hessian_method_loads():
@@ -725,9 +725,8 @@ def test_history_from_a_checkpoint_without_hessian_method_loads():
 
 def chunked_traces(chunk_size, method="autograd", data=None) -> list[float]:
     torch.manual_seed(0)
-    qmodel = msq_fx.prepare(SmallConvNet(), torch.randn(2, 3, 6, 6), msq_fx.MSQConfig(
-        prune_threshold=1.0, prune_interval=1, hessian_min_samples=3, hessian_max_samples=3,
-        hessian_method=method, hessian_chunk_size=chunk_size, hessian_batches=2))
+    qmodel = msq_fx.prepare(SmallConvNet(), torch.randn(2, 3, 6, 6), msq_fx.MSQConfig(pruning=dict(threshold=1.0, interval=1),
+                                                                                      hessian=dict(min_samples=3, max_samples=3, method=method, chunk_size=chunk_size, batches=2)))
     generator = torch.Generator().manual_seed(5)
     data = data or [(torch.randn(n, 3, 6, 6, generator=generator),
                      torch.randint(0, 5, (n,), generator=generator)) for n in (7, 4)]
@@ -762,9 +761,8 @@ def test_hessian_chunks_split_every_tensor_of_tuple_inputs():
              torch.randint(0, 5, (6,), generator=generator))]
     model, traces = TwoInputs(), {}
     for chunk_size in (None, 2):
-        qmodel = msq_fx.prepare(model, example, msq_fx.MSQConfig(
-            prune_threshold=1.0, prune_interval=1, hessian_min_samples=2, hessian_max_samples=2,
-            hessian_chunk_size=chunk_size))
+        qmodel = msq_fx.prepare(model, example, msq_fx.MSQConfig(pruning=dict(threshold=1.0, interval=1),
+                                                                 hessian=dict(min_samples=2, max_samples=2, chunk_size=chunk_size)))
         records = msq_fx.MSQController(qmodel).epoch_end(1, data, F.cross_entropy)
         traces[chunk_size] = [r.hessian_trace for r in records]
     assert traces[2] == pytest.approx(traces[None], rel=1e-5)
@@ -773,8 +771,8 @@ def test_hessian_chunks_split_every_tensor_of_tuple_inputs():
 def test_hessian_chunks_of_non_tensor_inputs_are_refused_with_the_batch_index():
     torch.manual_seed(0)
     qmodel = msq_fx.prepare(SmallConvNet(), torch.randn(2, 3, 6, 6),
-                            msq_fx.MSQConfig(prune_interval=1, hessian_chunk_size=2))
-    with pytest.raises(ValueError, match="Hessian batch 0 are a dict.*hessian_chunk_size=None"):
+                            msq_fx.MSQConfig(pruning=dict(interval=1), hessian=dict(chunk_size=2)))
+    with pytest.raises(ValueError, match="Hessian batch 0 are a dict.*hessian.chunk_size=None"):
         msq_fx.MSQController(qmodel).epoch_end(1, [({"x": 1}, None)], F.cross_entropy)
 
 
@@ -783,7 +781,7 @@ def test_auto_does_not_fall_back_under_torch_distributed_and_says_what_to_set(mo
     monkeypatch.setattr("msq_fx.controller._distributed_mean", lambda: (lambda values: values))
     monkeypatch.setattr("msq_fx.controller.hutchinson_traces", failing_double_backward(OUT_OF_MEMORY))
     with pytest.raises(RuntimeError, match="under torch.distributed 'auto' does not fall back.*"
-                                           "hessian_chunk_size.*finite_difference"):
+                                           "'chunk_size'.*'method': 'finite_difference'"):
         conv_net_traces()
 
 
@@ -797,7 +795,7 @@ def test_the_config_decides_whether_finite_differences_freeze_kinks(monkeypatch,
         return real(*args, **kwargs)
 
     monkeypatch.setattr("msq_fx.controller.finite_difference_traces", spy)
-    conv_net_traces(hessian_method="finite_difference", hessian_frozen_kinks=frozen)
+    conv_net_traces(method="finite_difference", frozen_kinks=frozen)
     assert seen == [frozen]
 
 

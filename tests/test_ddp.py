@@ -33,8 +33,9 @@ WORLD_SIZE = 2
 EPOCHS = 2
 #: min == max samples: every rank draws the same number of probes with or without the all-reduce,
 #: so the all-reduced trace is exactly the mean of the per-rank traces.
-CONFIG = msq_fx.MSQConfig(prune_interval=1, prune_threshold=0.6, reg_strength=1e-3,
-                          target_compression=16.0, hessian_min_samples=4, hessian_max_samples=4)
+CONFIG = msq_fx.MSQConfig(target_compression=16.0,
+                          pruning=dict(interval=1, threshold=0.6, reg_strength=1e-3),
+                          hessian=dict(min_samples=4, max_samples=4))
 
 
 def make_model() -> nn.Module:
@@ -115,7 +116,7 @@ def test_every_rank_ends_with_identical_bit_widths_and_prune_steps(ranks):
     first, second = ranks
     assert first["bits"] == second["bits"]
     assert first["prune_steps"] == second["prune_steps"]
-    assert min(first["bits"].values()) < CONFIG.init_bits  # decisions were made
+    assert min(first["bits"].values()) < CONFIG.quantization.init_bits  # decisions were made
 
 
 def test_every_rank_uses_identical_hessian_traces(ranks):

@@ -61,8 +61,8 @@ PATHS = {"graph": ((), None), "probe": (("inner",), X)}
 def prepare_via(path: str, inner: nn.Module, inputs=None) -> nn.Module:
     torch.manual_seed(0)
     leaf_modules, example = PATHS[path]
-    config = msq_fx.MSQConfig(leaf_modules=leaf_modules)
-    return msq_fx.prepare(Net(inner), example if inputs is None else inputs, config)
+    return msq_fx.prepare(Net(inner), example if inputs is None else inputs,
+                          leaf_modules=leaf_modules)
 
 
 # ---------------------------------------------------------------- functional uses
@@ -84,8 +84,7 @@ def test_f_linear_weight_inside_a_user_leaf_is_found_by_the_probe():
 
 def test_use_inside_a_leaf_without_example_inputs_is_noted_and_warned(caplog):
     with caplog.at_level(logging.WARNING, logger="msq_fx"):
-        qmodel = msq_fx.prepare(Net(FunctionalLinear()), None,
-                                msq_fx.MSQConfig(leaf_modules=("FunctionalLinear",)))
+        qmodel = msq_fx.prepare(Net(FunctionalLinear()), None, leaf_modules=("FunctionalLinear",))
     report = msq_fx.report(qmodel)
     assert "inner.weight" not in layers(qmodel)
     assert len(report.notes) == 1 and "inner.weight" in report.notes[0]
@@ -196,7 +195,7 @@ def test_probe_sees_beit_qkv_weight_used_by_f_linear_inside_its_attention():
 @pytest.mark.parametrize("leaf_modules", [(), (BeitAttention,)], ids=["traced", "attention-leaf"])
 def test_tiny_beit_quantizes_every_linear_weight_and_converts_exactly(leaf_modules):
     model = tiny_beit()
-    qmodel = msq_fx.prepare(model, IMAGES, msq_fx.MSQConfig(leaf_modules=leaf_modules))
+    qmodel = msq_fx.prepare(model, IMAGES, leaf_modules=leaf_modules)
     report = msq_fx.report(qmodel)
     assert reported_names(qmodel) == expected_weight_names(model)
     assert not report.float_weights and not report.notes
@@ -233,7 +232,7 @@ def test_container_owning_a_used_weight_leaves_it_in_float_with_the_reason():
 def test_on_unquantizable_error_raises_naming_the_weight_and_the_reason():
     model = ContainerOwned()
     with pytest.raises(msq_fx.MSQError, match=r"seq\.proj: .*container"):
-        msq_fx.prepare(model, X, msq_fx.MSQConfig(on_unquantizable="error"))
+        msq_fx.prepare(model, X, msq_fx.MSQConfig(quantization=dict(on_unquantizable="error")))
     assert type(model.fc) is nn.Linear
 
 

@@ -86,7 +86,7 @@ TOKENS = torch.randint(16, (4, 5), generator=torch.Generator().manual_seed(0))
 
 def prepare(model_cls, inputs=X, **config):
     torch.manual_seed(0)
-    return msq_fx.prepare(model_cls(), inputs, msq_fx.MSQConfig(**config))
+    return msq_fx.prepare(model_cls(), inputs, msq_fx.MSQConfig.from_dict(config))
 
 
 def weights(qmodel) -> dict[str, msq_fx.QuantizedWeight]:

@@ -728,8 +728,8 @@ def test_the_controller_on_auto_takes_a_once_differentiable_model_by_finite_diff
             return self.second(_SquareOnceDifferentiable.apply(self.first(x)))
 
     torch.manual_seed(0)
-    config = msq_fx.MSQConfig(prune_interval=1, prune_threshold=1.0, hessian_min_samples=2,
-                              hessian_max_samples=2)
+    config = msq_fx.MSQConfig(pruning=dict(interval=1, threshold=1.0),
+                              hessian=dict(min_samples=2, max_samples=2))
     qmodel = msq_fx.prepare(SquareNet(), torch.randn(2, 4), config)
     batch = (torch.randn(8, 4), torch.randint(0, 3, (8,)))
     with caplog.at_level("WARNING", logger="msq_fx"):

@@ -71,7 +71,7 @@ def test_a_saved_model_with_quantized_activations_loads_with_identical_outputs(t
     torch.manual_seed(0)
     inputs = torch.randn(2, 1, 16, 16)
     int_model = msq_fx.convert(msq_fx.prepare(msq_fx.SmallCNN(in_channels=1, width=16), inputs,
-                                              msq_fx.MSQConfig(act_bits=4)))
+                                              msq_fx.MSQConfig(quantization=dict(act_bits=4))))
     msq_fx.save(int_model, tmp_path / "model.msq")
     loaded = msq_fx.load(tmp_path / "model.msq", trusted=True)
     assert torch.equal(eval_output(loaded, inputs), eval_output(int_model, inputs))
@@ -147,7 +147,7 @@ def test_loading_into_a_model_of_the_same_architecture_gives_identical_outputs(t
 def test_loading_into_a_model_restores_the_activation_quantizers(tmp_path):
     torch.manual_seed(0)
     inputs = torch.randn(2, 1, 16, 16)
-    config = msq_fx.MSQConfig(act_bits=4)
+    config = msq_fx.MSQConfig(quantization=dict(act_bits=4))
     int_model = msq_fx.convert(msq_fx.prepare(msq_fx.SmallCNN(in_channels=1, width=16), inputs,
                                               config))
     msq_fx.save(int_model, tmp_path / "model.msq")

@@ -236,11 +236,6 @@ def test_a_per_channel_scale_gradient_comes_from_its_own_channel_only(case, data
     torch.testing.assert_close(scale.grad[row], alone_scale.grad[0], rtol=1e-6, atol=0)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "quant._reduce_to sums with dim=() when the scale already has the weight's shape (one "
-    "weight per channel: Linear(1, C), a 1x1 depthwise conv), and torch's sum over dim=() "
-    "reduces every dimension, so _LearnedScale.backward returns a (1, 1) gradient for a (C, 1) "
-    "scale and autograd raises"))
 def test_a_per_channel_scale_with_one_weight_per_channel_gets_a_gradient_per_channel():
     qmodel = msq_fx.prepare(nn.Linear(1, 3), torch.randn(2, 1),
                             msq_fx.MSQConfig(quantization={"scale": "channel"}))
@@ -478,10 +473,6 @@ def test_literal_grid_is_symmetric_away_from_midpoints(case):
                        -quant.quantize_value(w, n, "literal", scale)[kept])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the literal grid rounds the code position half to even: a weight exactly midway between "
-    "two levels goes to the even code, and -w's code then has the same parity, so q(-w) and "
-    "-q(w) are different levels (e.g. 2 bits, S = 1: q(2/3) = 1/3 but q(-2/3) = -1)"))
 @pytest.mark.parametrize("n", [2, 3, 8])
 def test_literal_grid_is_symmetric_at_midpoints_between_levels(n):
     scale = torch.tensor(1.0)

@@ -21,7 +21,7 @@ def converted_cnn(bits: list[int] | None = None, grid: str = "nested") -> nn.Mod
     """A SmallCNN converted with the given width per quantized weight (default: 8 bits each)."""
     torch.manual_seed(0)
     qmodel = msq_fx.prepare(msq_fx.SmallCNN(in_channels=1, width=8), X,
-                            msq_fx.MSQConfig(grid=grid))
+                            msq_fx.MSQConfig(quantization=dict(grid=grid)))
     for weight, width in zip(msq_fx.iter_quantized_weights(qmodel), bits or []):
         weight.quantizer.bits.fill_(width)
     return msq_fx.convert(qmodel).eval()
@@ -135,7 +135,7 @@ def test_literal_grid_weights_are_exported_in_float_and_listed(tmp_path):
 def test_quantized_activations_become_quantize_dequantize_pairs(tmp_path, act_bits, integer_type):
     torch.manual_seed(0)
     qmodel = msq_fx.prepare(msq_fx.SmallCNN(in_channels=1, width=8), X,
-                            msq_fx.MSQConfig(act_bits=act_bits))
+                            msq_fx.MSQConfig(quantization=dict(act_bits=act_bits)))
     int_model = msq_fx.convert(qmodel).eval()
     result = msq_fx.export_onnx(int_model, X, tmp_path / "model.onnx")
     activations = [name for name, m in int_model.named_modules()

@@ -125,7 +125,7 @@ def test_a_weight_read_through_other_ops_is_quantized_and_named_in_a_note():
 def test_discover_changes_nothing():
     model = mlp()
     before = copy.deepcopy(model)
-    discovered(model, msq_fx.MSQConfig(first_last="float", exclude=(r"^2\.",)))
+    discovered(model, msq_fx.MSQConfig(quantization=dict(first_last="float", exclude=(r"^2\.",))))
     assert [type(m) for m in model.modules()] == [type(m) for m in before.modules()]
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
                                                  before.state_dict().values()))
@@ -135,21 +135,20 @@ def test_discover_changes_nothing():
 
 
 def test_an_excluded_weight_is_left_in_float_with_the_pattern_as_reason():
-    discovery = discovered(mlp(), msq_fx.MSQConfig(exclude=(r"^4\.",)))
+    discovery = discovered(mlp(), msq_fx.MSQConfig(quantization=dict(exclude=(r"^4\.",))))
     assert "4.weight" not in names(discovery)
     assert discovery.float_weights == [
-        FloatWeight("4.weight", "linear", r"excluded by MSQConfig.exclude pattern '^4\\.'")]
+        FloatWeight("4.weight", "linear", r"excluded by MSQConfig.quantization.exclude pattern '^4\\.'")]
 
 
 def test_a_weight_refused_by_filter_fn_is_left_in_float():
-    config = msq_fx.MSQConfig(filter_fn=lambda module, fqn: module.out_features != 4)
-    discovery = discovered(mlp(), config)
+    discovery = discovered(mlp(), filter_fn=lambda module, fqn: module.out_features != 4)
     assert floats(discovery) == ["6.weight"]
-    assert discovery.float_weights[0].reason == "excluded by MSQConfig.filter_fn"
+    assert discovery.float_weights[0].reason == "excluded by prepare's filter_fn"
 
 
 def test_an_exclusion_matching_any_fqn_of_a_tied_tensor_leaves_all_of_it_in_float():
-    discovery = discovered(Tied(), msq_fx.MSQConfig(exclude=(r"^b\.",)))
+    discovery = discovered(Tied(), msq_fx.MSQConfig(quantization=dict(exclude=(r"^b\.",))))
     assert names(discovery) == [] and floats(discovery) == ["a.weight"]
 
 
@@ -162,7 +161,7 @@ def test_a_non_floating_point_weight_is_left_in_float():
 
 
 def test_leave_in_float_moves_targets_to_float_and_unfixes_them():
-    discovery = discovered(mlp(), msq_fx.MSQConfig(first_last="fixed"))
+    discovery = discovered(mlp(), msq_fx.MSQConfig(quantization=dict(first_last="fixed")))
     moved = discovery.leave_in_float([FloatWeight("0.weight", "linear", "refused")])
     assert names(moved) == ["2.weight", "4.weight", "6.weight"]
     assert floats(moved) == ["0.weight"] and moved.fixed_width == {"6.weight"}
@@ -177,28 +176,28 @@ EXCLUDE_FIRST = (r"^0\.",)
 
 
 def test_first_last_fixed_fixes_the_first_and_last_weight_that_survive_exclusion():
-    discovery = discovered(mlp(), msq_fx.MSQConfig(first_last="fixed", exclude=EXCLUDE_FIRST))
+    discovery = discovered(mlp(), msq_fx.MSQConfig(quantization=dict(first_last="fixed", exclude=EXCLUDE_FIRST)))
     assert discovery.fixed_width == {"2.weight", "6.weight"}
     assert names(discovery) == ["2.weight", "4.weight", "6.weight"]
 
 
 def test_first_last_float_floats_the_first_and_last_weight_that_survive_exclusion():
-    discovery = discovered(mlp(), msq_fx.MSQConfig(first_last="float", exclude=EXCLUDE_FIRST))
+    discovery = discovered(mlp(), msq_fx.MSQConfig(quantization=dict(first_last="float", exclude=EXCLUDE_FIRST)))
     assert names(discovery) == ["4.weight"] and discovery.fixed_width == frozenset()
     reasons = {f.name: f.reason for f in discovery.float_weights}
     assert reasons["2.weight"] == reasons["6.weight"] == (
-        "first/last layer kept float (MSQConfig.first_last='float')")
+        "first/last layer kept float (MSQConfig.quantization.first_last='float')")
     assert "exclude" in reasons["0.weight"]
 
 
 def test_first_last_counts_from_the_weights_filter_fn_keeps():
-    config = msq_fx.MSQConfig(first_last="fixed",
-                              filter_fn=lambda module, fqn: module.out_features != 4)
-    assert discovered(mlp(), config).fixed_width == {"0.weight", "4.weight"}
+    config = msq_fx.MSQConfig(quantization=dict(first_last="fixed"))
+    assert discovered(mlp(), config, filter_fn=lambda module, fqn: module.out_features != 4
+                      ).fixed_width == {"0.weight", "4.weight"}
 
 
 def test_first_last_quantize_fixes_and_floats_nothing_beyond_the_exclusions():
-    discovery = discovered(mlp(), msq_fx.MSQConfig(first_last="quantize", exclude=EXCLUDE_FIRST))
+    discovery = discovered(mlp(), msq_fx.MSQConfig(quantization=dict(first_last="quantize", exclude=EXCLUDE_FIRST)))
     assert discovery.fixed_width == frozenset() and floats(discovery) == ["0.weight"]
 
 
@@ -209,7 +208,7 @@ def test_first_last_quantize_fixes_and_floats_nothing_beyond_the_exclusions():
     ("float", set(), {"0.weight", "2.weight", "6.weight"}, {"4.weight"}),
 ])
 def test_first_last_policy_with_the_first_layer_excluded(policy, fixed, float_, prunable):
-    config = msq_fx.MSQConfig(first_last=policy, exclude=EXCLUDE_FIRST)
+    config = msq_fx.MSQConfig(quantization=dict(first_last=policy, exclude=EXCLUDE_FIRST))
     report = msq_fx.report(msq_fx.prepare(mlp(), torch.randn(2, 8), config))
     assert {row.name for row in report.layers if not row.prunable} == fixed
     assert {row.name for row in report.layers if row.prunable} == prunable

@@ -18,7 +18,7 @@ from msq_fx.passes.rewrite import RewriteError, rewrite, unrewritable, unrewrite
 
 def plain() -> msq_fx.MSQConfig:
     """Weights quantized at the default width; no activation quantizers, no recompute hooks."""
-    return msq_fx.MSQConfig(recompute_quantized_weights=False)
+    return msq_fx.MSQConfig(quantization=dict(recompute_quantized_weights=False))
 
 
 def stack() -> nn.Sequential:
@@ -60,7 +60,7 @@ def test_each_owner_keeps_its_class_as_base_and_gains_a_quantizer_child():
 
 def test_the_quantizer_starts_at_init_bits_with_the_target_kind_and_names():
     model = stack()
-    rewrite(model, Discovery(targets=[target(model, "2.weight")]), msq_fx.MSQConfig(init_bits=6))
+    rewrite(model, Discovery(targets=[target(model, "2.weight")]), msq_fx.MSQConfig(quantization=dict(init_bits=6)))
     quantizer = model[2].weight_quantizer
     assert (quantizer.num_bits, quantizer.kind, quantizer.names) == (6, "linear", ("2.weight",))
     assert not is_quantized_owner(model[0])
@@ -69,7 +69,7 @@ def test_the_quantizer_starts_at_init_bits_with_the_target_kind_and_names():
 def test_the_owner_reads_its_weight_through_the_quantizer():
     model = stack()
     latent = model[0].weight.detach().clone()
-    rewrite(model, every_linear(model), msq_fx.MSQConfig(init_bits=3))
+    rewrite(model, every_linear(model), msq_fx.MSQConfig(quantization=dict(init_bits=3)))
     assert torch.equal(model[0].weight, quant.fake_quantize(latent, 3))
     assert torch.equal(model[0]._parameters["weight"], latent)  # the latent is not moved
 
@@ -109,13 +109,13 @@ def test_fixed_width_targets_get_quantizers_that_are_not_prunable():
 
 def test_rewrite_fixes_no_width_the_discovery_does_not_name():
     model = stack()
-    rewrite(model, every_linear(model), msq_fx.MSQConfig(first_last="fixed"))
+    rewrite(model, every_linear(model), msq_fx.MSQConfig(quantization=dict(first_last="fixed")))
     assert all(model[i].weight_quantizer.prunable for i in (0, 2))
 
 
 def test_act_bits_gives_each_owner_an_input_quantizer():
     model = stack()
-    rewrite(model, every_linear(model), msq_fx.MSQConfig(act_bits=4))
+    rewrite(model, every_linear(model), msq_fx.MSQConfig(quantization=dict(act_bits=4)))
     assert all(isinstance(model[i].input_quantizer, ActivationFakeQuant) for i in (0, 2))
 
 
@@ -128,7 +128,7 @@ def test_without_act_bits_owners_get_no_input_quantizer():
 @pytest.mark.parametrize("recompute", [True, False])
 def test_recompute_quantized_weights_installs_the_model_hooks(recompute):
     model = stack()
-    config = msq_fx.MSQConfig(recompute_quantized_weights=recompute)
+    config = msq_fx.MSQConfig(quantization=dict(recompute_quantized_weights=recompute))
     rewrite(model, every_linear(model), config)
     assert (len(model._forward_pre_hooks), len(model._forward_hooks)) == (recompute, recompute)
     assert model[0].weight_quantizer.recompute is recompute
@@ -182,7 +182,7 @@ def test_unrewritable_accepts_ordinary_layers():
 
 def test_unrewrite_restores_the_classes_children_and_hooks():
     model = stack()
-    rewrite(model, every_linear(model), msq_fx.MSQConfig(act_bits=4))
+    rewrite(model, every_linear(model), msq_fx.MSQConfig(quantization=dict(act_bits=4)))
     unrewrite(model)
     assert [type(m) for m in model] == [nn.Linear, nn.ReLU, nn.Linear]
     assert all(not m._modules for m in model) and not model._forward_hooks

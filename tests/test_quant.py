@@ -79,10 +79,11 @@ def nested_dequantize(unsigned: torch.Tensor, n: int, scale: torch.Tensor, grid:
                             quant.grid_offset(grid))
 
 
-def scale_and_codes(w: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The tensor's scale S = max|w| and its n-bit codes at that scale."""
+def scale_and_codes(w: torch.Tensor, n: int,
+                    grid: str = "nested") -> tuple[torch.Tensor, torch.Tensor]:
+    """The tensor's scale S = max|w| and its n-bit codes at that scale on ``grid``."""
     scale = quant.weight_scale(w)
-    return scale, quant.roundclamp_codes(w, n, scale)
+    return scale, quant.roundclamp_codes(w, n, scale, grid)
 
 
 def lsbs_zero(unsigned: torch.Tensor, k: int) -> torch.Tensor:
@@ -207,7 +208,7 @@ def test_dropping_zero_lsbs_leaves_every_dequantized_value_unchanged(case):
 @given(weight_cases(), st.sampled_from(quant.GRIDS))
 def test_integer_code_and_step_reproduce_the_fake_quant_value_bitwise(case, grid):
     n, k, w = case
-    scale, codes = scale_and_codes(w, n)
+    scale, codes = scale_and_codes(w, n, grid)
     integer = quant.signed_codes(codes, n).to(torch.int8)
     rebuilt = quant.dequantize(integer.to(w.dtype), quant.grid_step(scale, n, grid),
                                quant.grid_offset(grid))
@@ -255,9 +256,10 @@ def test_literal_grid_moves_a_weight_with_zero_lsbs_when_requantized_at_fewer_bi
 
 
 def test_literal_grid_moves_the_papers_110_example_by_two_sevenths_of_the_scale():
-    # 3-bit code 110 has a zero LSB; on the literal grid its value 6/7 becomes 3/3 at 2 bits.
-    w = torch.tensor([-1.0, 0.5])
-    assert quant.roundclamp_codes(w, 3)[1] == 6
+    # 3-bit code 110 has a zero LSB; on the literal grid its value 6/7 becomes 3/3 at 2 bits
+    # (in W units; 2/7 of S in weight units).
+    w = torch.tensor([-1.0, 5 / 7])
+    assert quant.roundclamp_codes(w, 3, grid="literal")[1] == 6
     change = quant.quantize_value(w, 2, "literal")[1] - quant.quantize_value(w, 3, "literal")[1]
     assert float(change) == pytest.approx(2 / 7)
 

@@ -50,7 +50,7 @@ class MixedNet(nn.Module):
 
 def prepared(recompute: bool, seed: int = 0, need_weights: bool = False) -> nn.Module:
     torch.manual_seed(seed)
-    config = msq_fx.MSQConfig(init_bits=4, recompute_quantized_weights=recompute)
+    config = msq_fx.MSQConfig(quantization=dict(init_bits=4, recompute_quantized_weights=recompute))
     return msq_fx.prepare(MixedNet(need_weights), torch.randn(2, 3, 6, 6), config).train()
 
 
@@ -93,7 +93,7 @@ def prepared_parent_reader() -> nn.Module:
 
 
 def test_recompute_is_on_by_default():
-    assert msq_fx.MSQConfig().recompute_quantized_weights is True
+    assert msq_fx.MSQConfig().quantization.recompute_quantized_weights is True
 
 
 def test_recompute_keeps_no_quantized_weight_alive_between_forward_and_backward():
@@ -320,7 +320,7 @@ def test_a_forward_that_raises_leaves_no_saved_tensor_hooks_behind():
 
 def test_config_rejects_a_non_boolean_recompute_setting():
     with pytest.raises(ValueError, match="recompute_quantized_weights"):
-        msq_fx.MSQConfig(recompute_quantized_weights=1)
+        msq_fx.MSQConfig(quantization=dict(recompute_quantized_weights=1))
 
 
 def test_a_prepared_model_compiles_with_the_eager_output_and_gradients():

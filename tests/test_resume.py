@@ -21,8 +21,9 @@ DATA = synthetic_patterns(64, classes=4, size=12, seed=0)
 HESSIAN_BATCHES = [next(synthetic_patterns(32, classes=4, size=12, seed=1).batches(32))]
 #: alpha between the chance betas of p=1 (0.5) and p=2 (0.75), so decisions are mixed; Gamma is
 #: reached at epoch 3, so the last epoch is plain QAT and the stop flag must survive a resume.
-CONFIG = msq_fx.MSQConfig(prune_interval=1, prune_threshold=0.6, reg_strength=1e-3,
-                          target_compression=5.2, hessian_max_samples=4, hessian_min_samples=2)
+CONFIG = msq_fx.MSQConfig(target_compression=5.2,
+                          pruning=dict(interval=1, threshold=0.6, reg_strength=1e-3),
+                          hessian=dict(max_samples=4, min_samples=2))
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

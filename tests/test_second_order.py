@@ -43,7 +43,7 @@ def test_double_backward_fails_without_the_context_and_works_inside_it(op):
 
 
 def _prune_once(model: nn.Module, inputs: torch.Tensor) -> list:
-    qmodel = msq_fx.prepare(model, inputs, msq_fx.MSQConfig(prune_interval=1))
+    qmodel = msq_fx.prepare(model, inputs, msq_fx.MSQConfig(pruning=dict(interval=1)))
     controller = msq_fx.MSQController(qmodel)
     targets = torch.zeros(inputs.shape[0], dtype=torch.long)
     return controller.epoch_end(1, [(inputs, targets)], F.cross_entropy)

@@ -145,9 +145,8 @@ def test_a_detector_trains_with_msq_and_converts_to_the_same_detections():
     images = [torch.rand(3, 96, 128), torch.rand(3, 112, 96)]
     targets = [{"boxes": torch.tensor([[8.0, 8.0, 64.0, 72.0]]), "labels": torch.tensor([1])},
                {"boxes": torch.tensor([[20.0, 10.0, 90.0, 60.0]]), "labels": torch.tensor([2])}]
-    qmodel = msq_fx.prepare(detector, (images,), msq_fx.MSQConfig(
-        prune_threshold=1.0, prune_interval=1, hessian_max_samples=1, hessian_min_samples=1,
-        hessian_model_mode="train"))
+    qmodel = msq_fx.prepare(detector, (images,), msq_fx.MSQConfig(pruning=dict(threshold=1.0, interval=1),
+                                                                  hessian=dict(max_samples=1, min_samples=1, model_mode="train")))
     controller = msq_fx.MSQController(qmodel)
     optimizer = torch.optim.SGD(qmodel.parameters(), lr=1e-3)
     qmodel.train()

@@ -37,7 +37,7 @@ def with_less_memory_retries(run: Callable[..., Findings], batch_size: int, conf
     notes = [] if at_one is first else [f"at batch 1: {_outcome(at_one)}"]
     if lean_retry and untried:
         gc.collect()
-        lean = run(1, config=(config.replace(hessian_method="finite_difference")
+        lean = run(1, config=(config.replace(hessian=dict(method="finite_difference"))
                               if "finite_difference" in untried else config),
                    offload=offload_activations or "offload" in untried)
         way = ", ".join(_LESS_MEMORY_OPTIONS[option][0] for option in untried)
@@ -62,7 +62,7 @@ def _outcome(findings: Findings) -> str:
 
 #: The check's options that lower its memory: (check_model's, msq-fx check's) spelling.
 _LESS_MEMORY_OPTIONS = {
-    "finite_difference": ("config hessian_method='finite_difference'",
+    "finite_difference": ("config hessian={'method': 'finite_difference'}",
                           "--hessian-method finite_difference"),
     "offload": ("offload_activations=True", "--offload-activations"),
 }
@@ -78,7 +78,7 @@ def _untried_less_memory_options(findings: Findings, config: MSQConfig,
     if not findings.out_of_memory:
         return []
     in_effect = {"offload": offload,
-                 "finite_difference": config.hessian_method == "finite_difference"}
+                 "finite_difference": config.hessian.method == "finite_difference"}
     return [option for option in _LESS_MEMORY_BY_STAGE.get(findings.problems[0][0], ())
             if not in_effect[option]]
 

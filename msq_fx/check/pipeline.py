@@ -120,7 +120,6 @@ def _capture(findings: Findings, model: nn.Module, config: MSQConfig) -> None:
     from msq_fx.passes.trace import trace
 
     with in_stage(findings, "trace"):
-        captured = trace(model, leaf_modules=config.leaf_modules,
-                         concrete_args=config.concrete_args)
+        captured = trace(model)
     findings.fields.update(graph_nodes=captured.num_nodes, leaves=len(captured.leaves),
                            leaf_reasons=dict(captured.leaves), trace_failure=captured.failure)

@@ -1,0 +1,74 @@
+"""One-shot Hessian bit allocation: the baseline MSQ's gradual pruning is measured against.
+
+Tools such as HAWQ-V3 and AIMET choose every layer's width once, from a sensitivity measured
+before fine-tuning, then run plain QAT. :func:`allocate_bits_once` does that with MSQ's own
+sensitivity: Omega_g(b) = Tr(H_g) * ||W_q(b) - W||^2 for every group g and width b, then lowers
+widths greedily, one bit at a time, always where Omega grows least per bit saved, until the
+target compression is reached. The controller is then done: regularization and pruning are off
+and training is plain QAT at the chosen widths.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+from torch import Tensor
+
+from . import quant
+from .controller import MSQController, PruneRecord, _Group
+
+__all__ = ["allocate_bits_once"]
+
+
+def allocate_bits_once(controller: MSQController, batches: Iterable,
+                       loss_fn: Callable[[Any, Any], Tensor]) -> list[PruneRecord]:
+    """Choose every prunable group's width once so that the compression reaches the target.
+
+    Reads the Hessian traces on the first ``hessian.batches`` of ``batches`` (the same
+    estimator the pruning step uses; ``pruning.step_policy`` must be "hessian"). A learned
+    scale is re-fitted (:func:`msq_fx.quant.best_clip`) at its group's chosen width, as a
+    calibration at the final width would set it. Returns one record per group (epoch 0) and
+    marks the controller done.
+    """
+    if controller.config.pruning.step_policy != "hessian":
+        raise ValueError("allocate_bits_once needs Hessian traces: use "
+                         "MSQConfig(pruning={'step_policy': 'hessian'})")
+    groups = controller._active_groups()
+    traces, method = controller._hessian_traces(groups, batches, loss_fn)
+    floor = controller.config.quantization.min_bits
+    omega = {g.name: {b: _group_error(g, b) * sum(traces[id(m.latent)] for m in g.members)
+                      for b in range(floor, g.bits + 1)} for g in groups}
+    before = {g.name: g.bits for g in groups}
+    target = controller.config.target_compression
+    while controller.compression() < target:
+        lowerable = [g for g in groups if g.bits > floor]
+        if not lowerable:
+            break
+        cheapest = min(lowerable, key=lambda g: (omega[g.name][g.bits - 1]
+                                                 - omega[g.name][g.bits]) / g.params)
+        cheapest.set_bits(cheapest.bits - 1)
+    for member in (m for g in groups for m in g.members):
+        member.quantizer.refit_scale(member.latent)
+    controller.done = True
+    records = [PruneRecord(
+        epoch=0, group=g.name, kind=g.kind, params=g.params, beta=float("nan"),
+        hessian_trace=sum(traces[id(m.latent)] for m in g.members),
+        omega=omega[g.name][g.bits], lsbs_dropped=before[g.name] - g.bits,
+        bits_before=before[g.name], bits_after=g.bits, next_prune_step=g.prune_step,
+        compression=controller.compression(), hessian_method=method) for g in groups]
+    controller.history.extend(records)
+    return records
+
+
+def _group_error(group: _Group, bits: int) -> float:
+    """||W_q - W||^2 over the group at ``bits``, with each learned scale at its best clip there."""
+    total = 0.0
+    for member in group.members:
+        quantizer, latent = member.quantizer, member.latent.detach()
+        scale = None
+        if quantizer.learned_scale is not None:
+            scale = quant.best_clip(latent, bits, quantizer.grid,
+                                    tuple(quantizer.learned_scale.shape))
+        total += quant.quantization_error(latent, bits, quantizer.grid, scale)
+    return total
+
+
