@@ -1,0 +1,81 @@
+"""Side-by-side fidelity of MSQ, uniform QAT, a one-shot Hessian allocation and Brevitas on
+CIFAR-10 ResNet-20, from one float start with one fine-tuning budget (``tools/fidelity``).
+
+    tools/fidelity row msq-10.67x        # one row: fine-tune, checkpoint every epoch, resume
+    tools/fidelity all                   # every row not yet run, then the table
+    tools/fidelity table                 # docs/fidelity.md from the rows written so far
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from .rows import ROWS, RowSpec, build_row
+from .run import Settings, run_row
+from .table import load_results, markdown_table
+
+__all__ = ["ROWS", "RowSpec", "build_row", "Settings", "run_row", "load_results",
+           "markdown_table", "main"]
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "cifar10.npz"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tools/fidelity", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("action", choices=("row", "all", "table"))
+    parser.add_argument("rows", nargs="*", help=f"rows to run: {', '.join(ROWS)}")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--out", type=Path, default=Path("results/fidelity"))
+    parser.add_argument("--doc", type=Path, default=Path("docs/fidelity.md"))
+    parser.add_argument("--epochs", type=int, default=Settings.epochs)
+    parser.add_argument("--train-size", type=int, default=Settings.train_size)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    unknown = [row for row in args.rows if row not in ROWS]
+    if unknown:
+        parser.error(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
+    torch.set_num_threads(args.threads)
+    settings = Settings(data=args.data, out=args.out, epochs=args.epochs,
+                        train_size=args.train_size)
+    if args.action == "row":
+        for name in args.rows or parser.error("name the rows to run"):
+            run_row(name, settings)
+    elif args.action == "all":
+        done = load_results(args.out)
+        for name in args.rows or list(ROWS):
+            if name not in done:
+                run_row(name, settings, command=f"tools/fidelity row {name} --epochs {args.epochs}")
+    write_table(args.out, args.doc)
+    return 0
+
+
+def write_table(out: Path, doc: Path) -> None:
+    """Write the table of every row run so far to ``doc`` (Markdown)."""
+    float_json = out / "float.json"
+    float_row = None
+    if float_json.exists():
+        epochs = json.loads(float_json.read_text())["epochs"]
+        float_row = {"test_acc": epochs[-1]["test_acc"], "exact_acc": epochs[-1].get(
+            "test_exact_acc"), "command": "`tools/cifar10_resnet20 --run float --epochs 100 "
+                                          "--threads 1 --out results/fidelity`"}
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(HEADER + markdown_table(load_results(out), float_row) + "\n")
+
+
+HEADER = """# Fidelity: MSQ against uniform QAT, a one-shot allocation and Brevitas
+
+Every row starts from the same float ResNet-20 (`results/fidelity/resnet20_float.pt`, trained by
+`tools/cifar10_resnet20 --run float --epochs 100`) and is fine-tuned on CIFAR-10 with one budget:
+the same epochs of augmented data in the same order, SGD lr 0.01 (momentum 0.9, cosine to zero),
+weight decay 1e-4, batch 128, one torch thread, channels_last. msq_fx rows use the nested grid
+with one learned scale per output channel; MSQ prunes every 200 steps with BN statistics
+re-estimated on 4 batches after each prune. "all 10k" is the whole test set, "exact 1k" its
+bit-exact images; "steps to target" counts optimizer steps until the target compression was
+reached. Written by `tools/fidelity table` from `results/fidelity/rows/*.json`.
+
+"""

@@ -1,0 +1,127 @@
+"""The rows of the fidelity table: what each run quantizes, and how its model is built.
+
+Every row starts from the same float ResNet-20 weights and is fine-tuned with the same data,
+schedule and budget (``msq_fx.fidelity.run``); only the quantization differs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import MSQConfig, MSQController, prepare
+from ..allocation import allocate_bits_once
+from ..models import resnet20
+
+__all__ = ["RowSpec", "ROWS", "BEST_QUANTIZATION", "build_row", "BuiltRow"]
+
+#: The quantizer every msq_fx row uses (the issue's "project's best quantizer"): the nested grid
+#: (exact prunes) with one learned scale per output channel.
+BEST_QUANTIZATION = {"grid": "nested", "scale": "channel"}
+
+#: Algorithm 1 at fine-tuning pace: a prune every PRUNE_STEPS optimizer steps, with the BN
+#: statistics re-estimated after each, so the target is reached early in the budget.
+PRUNE_STEPS = 200
+MSQ_PRUNING = {"interval": PRUNE_STEPS, "interval_unit": "step", "bn_recalibration_batches": 4,
+               "reg_strength": 5e-5, "threshold": 0.3}
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """One run: ``method`` is "uniform", "msq", "oneshot" (one-shot Hessian allocation then
+    QAT) or "brevitas" (the peer's uniform weight-only QAT)."""
+
+    name: str
+    method: str
+    description: str
+    bits: int | None = None
+    target: float | None = None
+    quantization: dict[str, Any] = field(default_factory=dict)
+    pruning: dict[str, Any] = field(default_factory=dict)
+
+
+def _uniform(bits: int) -> RowSpec:
+    return RowSpec(f"uniform-{bits}bit", "uniform", f"uniform {bits}-bit QAT (msq_fx, no pruning)",
+                   bits=bits, target=32 / bits)
+
+
+def _msq(name: str, target: float, description: str, **changes: dict) -> RowSpec:
+    return RowSpec(name, "msq", description, target=target,
+                   quantization=changes.get("quantization", {}),
+                   pruning={**MSQ_PRUNING, **changes.get("pruning", {})})
+
+
+ROWS: dict[str, RowSpec] = {row.name: row for row in [
+    _uniform(4), _uniform(3), _uniform(2),
+    _msq("msq-8x", 8.0, "MSQ, target 8x"),
+    _msq("msq-10.67x", 32 / 3, "MSQ, target 10.67x"),
+    _msq("msq-16x", 16.0, "MSQ, target 16x"),
+    _msq("msq-18x", 18.0, "MSQ, target 18x (min_bits 1, literal grid: binary 1-bit layers)",
+         quantization={"min_bits": 1, "grid": "literal"}),
+    _msq("msq-16x-fixed-p", 16.0, "MSQ, target 16x, p fixed at 1 (no Hessian)",
+         pruning={"step_policy": "fixed"}),
+    RowSpec("oneshot-10.67x", "oneshot",
+            "one-shot Hessian allocation to 10.67x, then uniform-schedule QAT", target=32 / 3),
+    RowSpec("brevitas-4bit", "brevitas", "Brevitas weight-only 4-bit QAT (per-channel float "
+            "scale)", bits=4),
+    RowSpec("brevitas-3bit", "brevitas", "Brevitas weight-only 3-bit QAT", bits=3),
+    RowSpec("brevitas-2bit", "brevitas", "Brevitas weight-only 2-bit QAT", bits=2),
+]}
+
+
+@dataclass
+class BuiltRow:
+    model: nn.Module
+    controller: MSQController | None
+    compression: Callable[[], float]
+
+
+def build_row(spec: RowSpec, float_state: dict, example: torch.Tensor, calibration: list,
+              seed: int = 0) -> BuiltRow:
+    """The row's model, loaded with ``float_state`` and quantized as ``spec`` says."""
+    torch.manual_seed(seed)
+    model = resnet20()
+    model.load_state_dict(float_state)
+    if spec.method == "brevitas":
+        quantized = brevitas_resnet20(model, spec.bits)
+        return BuiltRow(quantized, None, lambda: 32 / spec.bits)
+    quantization = {**BEST_QUANTIZATION, **spec.quantization}
+    if spec.method == "uniform":
+        quantization.update(init_bits=spec.bits, min_bits=spec.bits)
+    config = MSQConfig(target_compression=spec.target, quantization=quantization,
+                       pruning=spec.pruning or {"interval": 10**9}, hessian={"batches": 2},
+                       seed=seed)
+    qmodel = prepare(model, example, config)
+    controller = MSQController(qmodel, config)
+    if spec.method == "oneshot":
+        allocate_bits_once(controller, calibration, F.cross_entropy)
+    return BuiltRow(qmodel, controller, controller.compression)
+
+
+def brevitas_resnet20(model: nn.Module, bits: int) -> nn.Module:
+    """``model`` with every Conv2d and Linear replaced by Brevitas weight-only ``bits``-bit
+    layers (per-output-channel float scale from the weights' statistics, straight-through)."""
+    from brevitas.nn import QuantConv2d, QuantLinear
+    from brevitas.quant import Int8WeightPerChannelFloat
+
+    for name, child in list(model.named_children()):
+        if isinstance(child, nn.Conv2d):
+            layer = QuantConv2d(child.in_channels, child.out_channels, child.kernel_size,
+                                stride=child.stride, padding=child.padding, groups=child.groups,
+                                bias=child.bias is not None, weight_bit_width=bits,
+                                weight_quant=Int8WeightPerChannelFloat)
+        elif isinstance(child, nn.Linear):
+            layer = QuantLinear(child.in_features, child.out_features, bias=child.bias is not None,
+                                weight_bit_width=bits, weight_quant=Int8WeightPerChannelFloat)
+        else:
+            brevitas_resnet20(child, bits)
+            continue
+        with torch.no_grad():
+            layer.weight.copy_(child.weight)
+            if child.bias is not None:
+                layer.bias.copy_(child.bias)
+        setattr(model, name, layer)
+    return model

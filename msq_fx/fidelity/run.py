@@ -1,0 +1,175 @@
+"""One fidelity row: fine-tune from the float ResNet-20, checkpoint every epoch, resume.
+
+A run is a function of (row, float weights, data, settings): data order and augmentation are
+seeded per epoch, so a resumed run takes the same steps as an uninterrupted one. Its result
+goes to ``<out>/rows/<row>.json`` (read by :mod:`msq_fx.fidelity.table`).
+"""
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..api import convert
+from ..data import TensorDataset, load_npz, random_crop_flip
+from ..io import atomic_write
+from ..training import accuracy, cosine_schedule
+from .rows import ROWS, build_row
+
+__all__ = ["Settings", "run_row", "float_weights", "FLOAT_WEIGHTS"]
+
+#: The float ResNet-20 every row starts from (state_dict only), and the training checkpoint it
+#: is taken from while that training is unfinished.
+FLOAT_WEIGHTS = "resnet20_float.pt"
+FLOAT_CHECKPOINT = "float.pt"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What every row shares: the budget and the data."""
+
+    data: Path
+    out: Path
+    epochs: int = 8
+    batch_size: int = 128
+    lr: float = 0.01
+    weight_decay: float = 1e-4
+    train_size: int = 50000
+    calibration_batches: int = 4
+    channels_last: bool = True
+    seed: int = 0
+
+    def result_settings(self) -> dict:
+        return {k: str(v) for k, v in asdict(self).items() if k not in ("out",)}
+
+
+def float_weights(out: Path) -> dict:
+    """The float start: ``<out>/resnet20_float.pt``, else the model of ``<out>/float.pt``."""
+    final, checkpoint = out / FLOAT_WEIGHTS, out / FLOAT_CHECKPOINT
+    if final.exists():
+        return torch.load(final, weights_only=True)
+    if checkpoint.exists():
+        return torch.load(checkpoint, weights_only=False)["model"]
+    raise SystemExit(f"no float ResNet-20 in {out}: train it first with "
+                     f"`tools/cifar10_resnet20 --run float --epochs 100 --threads 1 --out {out}`")
+
+
+def _datasets(settings: Settings):
+    train = load_npz(settings.data, "train").subset(settings.train_size)
+    test = load_npz(settings.data, "test")
+    with np.load(settings.data) as archive:
+        exact = torch.from_numpy(archive["test_exact"]) if "test_exact" in archive else None
+    exact_set = None if exact is None else TensorDataset(test.images[exact], test.labels[exact])
+    return train, test, exact_set
+
+
+def _in_format(images: torch.Tensor, settings: Settings) -> torch.Tensor:
+    return images.contiguous(memory_format=torch.channels_last) if settings.channels_last \
+        else images
+
+
+def run_row(name: str, settings: Settings, command: str | None = None) -> dict:
+    """Train row ``name`` to the end of the budget (resuming its checkpoint) and return its
+    result, also written to ``<out>/rows/<name>.json``."""
+    spec = ROWS[name]
+    train, test, exact_set = _datasets(settings)
+    calibration = [(_in_format(x, settings), y) for x, y in
+                   train.subset(settings.calibration_batches * settings.batch_size)
+                   .batches(settings.batch_size)]
+    built = build_row(spec, float_weights(settings.out), train.images[:2], calibration,
+                      settings.seed)
+    model, controller = built.model, built.controller
+    if settings.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    steps_per_epoch = -(-len(train) // settings.batch_size)
+    optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=0.9,
+                                weight_decay=settings.weight_decay)
+    scheduler = cosine_schedule(optimizer, settings.epochs * steps_per_epoch)
+    rows_dir = settings.out / "rows"
+    rows_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = rows_dir / f"{name}.pt"
+    state = {"epochs": [], "target_step": 0 if controller is None or controller.done else None,
+             "seconds": 0.0}
+    if checkpoint.exists():
+        saved = torch.load(checkpoint, weights_only=False)
+        if saved["settings"] != settings.result_settings():
+            raise SystemExit(f"{checkpoint}: written with other settings ({saved['settings']}); "
+                             f"use them to continue, or delete it to start afresh")
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        if controller is not None:
+            controller.load_state_dict(saved["controller"])
+        state = saved["state"]
+    for epoch in range(len(state["epochs"]) + 1, settings.epochs + 1):
+        start = time.perf_counter()
+        loss = _train_epoch(model, controller, train, settings, epoch, steps_per_epoch,
+                            optimizer, scheduler, calibration, state)
+        row = {"epoch": epoch, "loss": loss, "compression": built.compression(),
+               "test_acc": accuracy(model, test.batches(1000)),
+               "exact_acc": None if exact_set is None else accuracy(model, exact_set.batches(1000)),
+               "seconds": time.perf_counter() - start}
+        state["epochs"].append(row)
+        state["seconds"] += row["seconds"]
+        snapshot = {"settings": settings.result_settings(), "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "controller": None if controller is None else controller.state_dict(),
+                    "state": state}
+        atomic_write(checkpoint, lambda tmp: torch.save(snapshot, tmp))
+        print(f"[{name}] epoch {epoch}: loss {loss:.4f}  test {row['test_acc']:.2f}%  exact "
+              f"{row['exact_acc']}%  {row['compression']:.2f}x  {row['seconds']:.0f} s",
+              flush=True)
+    result = _result(name, spec, model, controller, built, test, state, command)
+    (rows_dir / f"{name}.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _train_epoch(model, controller, train, settings, epoch, steps_per_epoch, optimizer,
+                 scheduler, calibration, state) -> float:
+    model.train()
+    generator = torch.Generator().manual_seed(settings.seed * 100_003 + epoch)
+    total = count = 0
+    for index, (images, labels) in enumerate(train.batches(settings.batch_size, shuffle=True,
+                                                          generator=generator)):
+        images = _in_format(random_crop_flip(images, generator), settings)
+        task_loss = F.cross_entropy(model(images), labels)
+        loss = task_loss if controller is None else task_loss + controller.regularization()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        if controller is not None and not controller.done:
+            step = (epoch - 1) * steps_per_epoch + index + 1
+            controller.step_end(step, calibration, F.cross_entropy)
+            if controller.done:
+                state["target_step"] = step
+            model.train()
+        total += task_loss.item() * len(labels)
+        count += len(labels)
+    if controller is not None:
+        controller.epoch_end(epoch, calibration, F.cross_entropy)
+    return total / max(count, 1)
+
+
+def _result(name, spec, model, controller, built, test, state, command) -> dict:
+    last = state["epochs"][-1]
+    result = {"row": name, "method": spec.method, "description": spec.description,
+              "compression": built.compression(), "test_acc": last["test_acc"],
+              "exact_acc": last["exact_acc"], "target_step": state["target_step"],
+              "seconds": state["seconds"], "epochs": state["epochs"],
+              "command": command or " ".join(shlex.quote(a) for a in sys.argv)}
+    if controller is not None:
+        result["bits"] = controller.bit_widths()
+        model.eval()
+        lowered = convert(model)
+        with torch.no_grad():
+            images = test.images[:256]
+            result["converted_max_abs_diff"] = float((model(images) - lowered(images)).abs().max())
+    return result

@@ -1,0 +1,81 @@
+"""tools/fidelity (msq_fx.fidelity): every row kind runs from a float start on a CIFAR-shaped
+archive, resumes from its checkpoint, and lands in the Markdown table with its command."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import msq_fx
+from msq_fx.fidelity import ROWS, Settings, run_row, write_table
+from msq_fx.fidelity.run import FLOAT_WEIGHTS
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture
+def settings(tmp_path):
+    """A 256-image CIFAR-shaped archive (random pixels) and a float ResNet-20 start."""
+    generator = np.random.default_rng(0)
+    data = tmp_path / "cifar.npz"
+    np.savez(data, x_train=generator.integers(0, 256, (256, 32, 32, 3), dtype=np.uint8),
+             y_train=generator.integers(0, 10, 256, dtype=np.uint8),
+             x_test=generator.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8),
+             y_test=generator.integers(0, 10, 64, dtype=np.uint8),
+             test_exact=np.arange(64) < 16)
+    torch.manual_seed(0)
+    torch.save(msq_fx.resnet20().state_dict(), tmp_path / FLOAT_WEIGHTS)
+    return Settings(data=data, out=tmp_path, epochs=1, batch_size=32, calibration_batches=1)
+
+
+@pytest.mark.parametrize("name", ["uniform-2bit", "msq-8x"])
+def test_an_msq_fx_row_trains_converts_exactly_and_writes_its_result(settings, name):
+    result = run_row(name, settings, command=f"tools/fidelity row {name}")
+    written = json.loads((settings.out / "rows" / f"{name}.json").read_text())
+    assert written == result
+    assert result["converted_max_abs_diff"] == 0.0
+    assert len(result["epochs"]) == 1 and 0.0 <= result["test_acc"] <= 100.0
+    assert result["exact_acc"] is not None
+
+
+def test_the_one_shot_row_reaches_its_target_before_training_and_converts_exactly(settings):
+    result = run_row("oneshot-10.67x", settings)
+    assert result["converted_max_abs_diff"] == 0.0
+    assert result["compression"] >= ROWS["oneshot-10.67x"].target
+    assert result["target_step"] == 0
+    assert min(result["bits"].values()) >= 2 and max(result["bits"].values()) <= 8
+
+
+def test_a_uniform_row_holds_every_layer_at_its_width(settings):
+    result = run_row("uniform-2bit", settings)
+    assert set(result["bits"].values()) == {2} and result["compression"] == 16.0
+
+
+def test_a_finished_row_resumes_without_training_again(settings):
+    first = run_row("uniform-2bit", settings)
+    again = run_row("uniform-2bit", settings)
+    assert again["epochs"] == first["epochs"]
+
+
+def test_a_checkpoint_from_other_settings_is_refused(settings):
+    run_row("uniform-2bit", settings)
+    with pytest.raises(SystemExit, match="other settings"):
+        run_row("uniform-2bit", Settings(**{**settings.__dict__, "lr": 0.5}))
+
+
+def test_the_brevitas_row_trains_the_peer(settings):
+    pytest.importorskip("brevitas")
+    result = run_row("brevitas-2bit", settings)
+    assert result["compression"] == 16.0 and "bits" not in result
+
+
+def test_the_table_lists_every_row_and_says_which_have_not_run(settings):
+    run_row("uniform-2bit", settings, command="tools/fidelity row uniform-2bit")
+    doc = settings.out / "fidelity.md"
+    write_table(settings.out, doc)
+    text = doc.read_text()
+    assert "`tools/fidelity row uniform-2bit`" in text
+    assert all(name in text for name in ROWS)
+    assert text.count("not run") == len(ROWS) - 1
