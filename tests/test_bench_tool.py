@@ -1,4 +1,5 @@
-"""Smoke test of tools/bench: it runs end to end and reports what it promises (never timings)."""
+"""Smoke test of tools/bench and the msq_fx.bench package behind it: it runs end to end and
+reports what it promises (never timings)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import msq_fx.bench
 from conftest import load_tool
 
 BENCH_PATH = Path(__file__).resolve().parents[1] / "tools" / "bench"
@@ -22,14 +24,14 @@ def load_bench_tool():
 
 @pytest.fixture(scope="module")
 def bench():
-    return load_bench_tool()
+    return msq_fx.bench
 
 
 @pytest.fixture(scope="module")
-def tiny_report(bench):
+def tiny_report():
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        exit_code = bench.main(TINY_RUN)
+        exit_code = load_bench_tool().main(TINY_RUN)
     assert exit_code == 0
     return json.loads(stdout.getvalue())
 
@@ -37,6 +39,26 @@ def tiny_report(bench):
 def test_tool_is_an_executable_python_script():
     assert BENCH_PATH.read_text().startswith("#!/usr/bin/env python3\n")
     assert BENCH_PATH.stat().st_mode & 0o111
+
+
+def test_tool_is_the_command_line_of_the_package():
+    assert load_bench_tool().main is msq_fx.bench.main
+
+
+def test_msq_penalty_leaves_out_groups_that_prune_no_further(bench):
+    import torch
+
+    workload = bench.build_workload("resnet20")
+    _, msq = bench.build_contenders(workload, torch.randn(2, 3, 32, 32), torch.device("cpu"))
+    first = next(msq_fx.iter_quantized_weights(msq.model))  # conv1, a group of its own
+    with torch.no_grad():
+        term = msq_fx.MSQConfig().pruning.reg_strength * first.quantizer.lsb_l1(first.latent)
+        before = msq.regularizer()
+        first.quantizer.bits.fill_(msq_fx.MSQConfig().quantization.min_bits)
+        after = msq.regularizer()
+    # MSQController.regularization: a group at min_bits has no LSB left to drop.
+    assert term > 0
+    assert after.item() == pytest.approx((before - term).item(), rel=1e-5)
 
 
 def test_json_report_describes_the_run(tiny_report):

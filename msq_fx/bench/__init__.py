@@ -1,0 +1,74 @@
+"""Training-step time and peak memory of an MSQ-prepared model against the same model in float
+(``tools/bench``).
+
+    tools/bench                       # ResNet-20, CIFAR shapes, batch 128
+    tools/bench --json --threads 1
+    tools/bench --model torchvision:resnet18 --batch-size 16
+    tools/bench --model timm:convnext_tiny --batch-size 8   # any msq-fx check SPEC
+    tools/bench --hessian --model torchvision:vit_b_16 --batch-size 1   # the pruning step too
+
+Both contenders start from the same weights and train on the same random batch (fixed seed, so
+no dataset is needed) with SGD + momentum. A timm or ``package.module:factory`` model is built as
+``msq-fx check`` builds it (random weights, a 10-class head where the factory takes one) at the
+input size it declares or ``--input-size``. One training step is: zero_grad, forward,
+cross-entropy (the mean square of the output for a model whose output is not (batch, classes);
+plus, for MSQ, the LSB penalty ``MSQController.regularization()`` of a controller built on the
+prepared model with its config: lambda (5e-5 by default) times the L1 of the LSBs the next prune
+would drop, over the groups still pruning), backward, optimizer step.
+
+Time (:mod:`.timing`)
+    After the warm-up steps, ``--repeats`` repeats of ``--steps`` steps each, alternating FP and
+    MSQ repeats so that slow drifts of the machine (frequency scaling, other load) hit both alike.
+    Each repeat gives a mean time per step; the report is the median over repeats, and the ratio
+    is MSQ median / FP median of the same run.
+
+Hessian (``--hessian``, :mod:`.hessian`)
+    Also the pruning step (``MSQController.epoch_end``: Hutchinson traces with ``--probes``
+    probes on the batch, in eval mode) once per H v method, the double backward ("autograd") and
+    the central difference of gradients ("finite_difference"), each as a ratio to the MSQ
+    training step of the same run. The controller's LSB threshold is set so that no group is
+    pruned, so every repeat computes the Hessian at the same widths.
+
+Recompute (``--compare-recompute``)
+    Adds a third contender, MSQ with ``recompute_quantized_weights=False``: every conv / linear
+    saves its quantized weight for the backward pass instead of recomputing it, as MSQ training
+    did before that option existed. Its ratios to FP32 show what the recompute saves and costs.
+
+Evaluation (``--eval``)
+    Also the time of one forward in eval mode under ``torch.no_grad()`` (a validation loop), for
+    the float model, the fake-quant model and the converted model, the latter two also inside
+    ``msq_fx.cached_quantized_weights`` (entered once around all repeats, as around a
+    validation loop), each as a ratio to the float forward of the same
+    run, interleaved like the training steps.
+
+Peak memory (:mod:`.memory`, which describes the CPU measure in full)
+    The peak of bytes held by live tensors during one step: ``torch.cuda.max_memory_allocated``
+    on a GPU; on CPU the bytes live when the step starts plus the peak of the running sum of the
+    allocator's records that ``torch.profiler`` keeps with ``profile_memory=True``.
+
+The package, one concern per module: :mod:`.workloads` (the model and the batch),
+:mod:`.contenders` (float and MSQ, the training step), :mod:`.timing`, :mod:`.memory`,
+:mod:`.hessian` (the pruning step), :mod:`.run` (one run to a report), :mod:`.report` (the
+table) and :mod:`.cli` (the options and ``main``). It is imported on its own, not with msq_fx.
+"""
+from __future__ import annotations
+
+from .cli import main, parse_args
+from .contenders import (AUTOCAST_DTYPES, SAVED_COPIES, Contender, build_contenders,
+                         enable_grad_checkpointing, train_step)
+from .hessian import hessian_costs, pruning_step
+from .memory import peak_bytes, resident_state_bytes, step_peak_bytes
+from .report import format_table
+from .run import run_benchmark
+from .timing import CACHED, eval_forward_times, interleaved_step_times
+from .workloads import Workload, build_workload, random_batch
+
+__all__ = [
+    "main", "parse_args", "run_benchmark", "format_table",
+    "Workload", "build_workload", "random_batch",
+    "Contender", "build_contenders", "enable_grad_checkpointing", "train_step",
+    "AUTOCAST_DTYPES", "SAVED_COPIES", "CACHED",
+    "interleaved_step_times", "eval_forward_times",
+    "peak_bytes", "resident_state_bytes", "step_peak_bytes",
+    "pruning_step", "hessian_costs",
+]
