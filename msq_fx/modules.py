@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from . import quant
+from .recompute import displaced, recomputed_quantized_weights, recomputes_weights
 
 QUANTIZER_SUFFIX = "_quantizer"
 INPUT_QUANTIZER = "input_quantizer"
@@ -367,53 +368,10 @@ def _forward_with_input_quantizer(self: nn.Module, *args, **kwargs):
             if isinstance(value, Tensor):
                 bound.arguments[name] = seen.setdefault(id(value), input_quantizer(value))
         args, kwargs = bound.args[1:], bound.kwargs
-    if _recomputes_weights(self):
-        with quant.recomputed_quantized_weights():
+    if recomputes_weights(self._modules[name + QUANTIZER_SUFFIX] for name in self._msq_names):
+        with recomputed_quantized_weights():
             return self._msq_base.forward(self, *args, **kwargs)
     return self._msq_base.forward(self, *args, **kwargs)
-
-
-def install_model_recompute(model: nn.Module) -> None:
-    """Make the whole forward of ``model`` save recipes for quantized weights, not copies.
-
-    The owners' forwards already do so for their own uses; this covers a parent that reads a
-    child's weight functionally (``F.linear(x, self.qkv.weight)``), whose op runs outside the
-    owner's forward. A forward pre-hook enters the saved-tensor hooks and a forward hook that
-    also runs on an exception leaves them; the two share the stack of the hooks entered (one
-    per running forward of this model, made when it starts: see recomputed_quantized_weights).
-    """
-    entered: list = []
-    model.register_forward_pre_hook(functools.partial(_enter_recompute, entered))
-    model.register_forward_hook(functools.partial(_leave_recompute, entered), always_call=True)
-
-
-def remove_model_recompute(model: nn.Module) -> None:
-    """Undo ``install_model_recompute`` (a lowered model has nothing to recompute)."""
-    for hooks, hook in ((model._forward_pre_hooks, _enter_recompute),
-                        (model._forward_hooks, _leave_recompute)):
-        for key in [key for key, value in hooks.items() if getattr(value, "func", None) is hook]:
-            del hooks[key]
-            model._forward_hooks_always_called.pop(key, None)
-
-
-def _enter_recompute(entered: list, _model: nn.Module, _args: tuple) -> None:
-    if not torch.compiler.is_compiling():
-        hooks = quant.recomputed_quantized_weights()
-        hooks.__enter__()
-        entered.append(hooks)
-
-
-def _leave_recompute(entered: list, _model: nn.Module, _args: tuple, _output: object) -> None:
-    if not torch.compiler.is_compiling() and entered:
-        entered.pop().__exit__(None, None, None)
-
-
-def _recomputes_weights(owner: nn.Module) -> bool:
-    # Only a forward that records a graph saves anything; compilers trace their own graph.
-    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return False
-    return any(getattr(owner._modules[name + QUANTIZER_SUFFIX], "recompute", False)
-               for name in owner._msq_names)
 
 
 @functools.lru_cache(maxsize=None)
@@ -506,4 +464,4 @@ def displaced_quantized_weights(quantizers: Sequence[nn.Module],
 
 def _add_offset(offsets: Sequence[Tensor], index: int, _module: nn.Module, _inputs: tuple,
                 output: Tensor) -> Tensor:
-    return quant.displaced(output, offsets, index)
+    return displaced(output, offsets, index)

@@ -14,7 +14,7 @@ threshold (which rises to 32 MiB as large blocks are freed) in its heap, so with
 activations read back and dropped still count, and offloading saves almost nothing.
 
 Parameters are never written out (they are alive anyway), and quantized weights inside an MSQ
-owner are recomputed rather than saved (``recomputed_quantized_weights``), which composes with
+owner are recomputed rather than saved (``msq_fx.recompute``), which composes with
 this: they hand every other saved tensor over to these hooks.
 """
 from __future__ import annotations

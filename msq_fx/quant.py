@@ -192,6 +192,26 @@ def quantize_value(w: Tensor, bits: int, grid: str = "nested",
                       inplace=True).to(w.dtype)
 
 
+class Recipe(NamedTuple):
+    """What a fake-quantized weight was computed from, kept on its autograd node as ``recipe``.
+
+    ``latent``, ``bits``, ``grid`` and ``scale`` give the value again (``quantize_value``);
+    the versions are the tensors' ``_version`` at the forward, so a consumer can tell whether
+    recomputing would still give the same bits (msq_fx.recompute). A displaced weight (the
+    finite-difference Hessian's) adds ``offsets[offset_index]``.
+    """
+
+    latent: Tensor
+    bits: int
+    grid: str
+    version: int
+    scale: Tensor | None = None  # kept (a scalar) so a recompute skips the max|w| pass
+    offsets: Sequence[Tensor] | None = None  # displaced: plus offsets[offset_index]
+    offset_index: int = 0
+    offset_version: int = 0
+    scale_version: int | None = None  # a learned scale: its version at the forward
+
+
 class _StraightThrough(torch.autograd.Function):
     """Returns ``quantize_value(w, bits, grid)`` in the forward pass; passes the gradient to ``w``
     unchanged.
@@ -203,7 +223,7 @@ class _StraightThrough(torch.autograd.Function):
 
     The node keeps the recipe of its output (``w``, ``bits``, ``grid``, ``w``'s version and the
     scale), so a consumer that saves the quantized weight for its backward can store the recipe
-    instead of the tensor (see ``recomputed_quantized_weights``).
+    instead of the tensor (see msq_fx.recompute).
     """
 
     @staticmethod
@@ -212,7 +232,7 @@ class _StraightThrough(torch.autograd.Function):
         # version it reads, which the compiler cannot trace) is for eager autograd only.
         scale = weight_scale(w)
         ctx.recipe = (None if torch.compiler.is_compiling()
-                      else _Recipe(w, bits, grid, w._version, scale))
+                      else Recipe(w, bits, grid, w._version, scale))
         # Computed here, not passed in: an output that is a new tensor (not an input returned
         # as is) keeps this node as its grad_fn, which is how a saved view of it is recognized.
         return quantize_value(w, bits, grid, scale)
@@ -240,7 +260,7 @@ class _LearnedScale(torch.autograd.Function):
         ctx.save_for_backward(w, scale)
         ctx.bits, ctx.grid = bits, grid
         ctx.recipe = (None if torch.compiler.is_compiling()
-                      else _Recipe(w, bits, grid, w._version, scale, scale_version=scale._version))
+                      else Recipe(w, bits, grid, w._version, scale, scale_version=scale._version))
         return quantize_value(w, bits, grid, scale)
 
     @staticmethod
@@ -254,6 +274,10 @@ class _LearnedScale(torch.autograd.Function):
         grad_scale = _reduce_to(grad * per_weight, scale.shape)
         grad_scale = grad_scale * ((w.numel() / max(scale.numel(), 1)) * 2 ** (bits - 1)) ** -0.5
         return grad * inside, grad_scale, None, None
+
+
+#: The autograd nodes of :func:`fake_quantize`'s output; each holds the output's ``Recipe``.
+QUANTIZER_NODES = (_StraightThrough._backward_cls, _LearnedScale._backward_cls)
 
 
 def _reduce_to(values: Tensor, shape: torch.Size) -> Tensor:
@@ -275,203 +299,6 @@ def fake_quantize(w: Tensor, bits: int, grid: str = "nested",
     if scale is None:
         return _StraightThrough.apply(w, bits, grid)
     return _LearnedScale.apply(w, scale, bits, grid)
-
-
-class _Recipe(NamedTuple):
-    latent: Tensor
-    bits: int
-    grid: str
-    version: int
-    scale: Tensor | None = None  # kept (a scalar) so a recompute skips the max|w| pass
-    offsets: Sequence[Tensor] | None = None  # displaced: plus offsets[offset_index]
-    offset_index: int = 0
-    offset_version: int = 0
-    scale_version: int | None = None  # a learned scale: its version at the forward
-
-    def offset(self) -> Tensor:
-        return self.offsets[self.offset_index]
-
-    def stale(self) -> str | None:
-        """Why recomputing would not give the forward's tensor, or None."""
-        if self.latent._version != self.version:
-            return (f"its latent weight (shape {tuple(self.latent.shape)}) was modified in place "
-                    f"after the forward pass (version {self.version} -> {self.latent._version})")
-        if self.scale_version is not None and self.scale._version != self.scale_version:
-            return "its learned scale was modified in place after the forward pass"
-        if self.offsets is not None and self.offset()._version != self.offset_version:
-            return "the offset added to it was modified in place after the forward pass"
-        return None
-
-
-_QUANTIZER_NODES = (_StraightThrough._backward_cls, _LearnedScale._backward_cls)
-
-
-class _Displaced(torch.autograd.Function):
-    """``quantized + offset`` (offset constant), keeping the recipe of the sum on its node."""
-
-    @staticmethod
-    def forward(ctx, quantized: Tensor, offset: Tensor, recipe: _Recipe) -> Tensor:  # noqa: D102
-        ctx.recipe = recipe
-        return quantized + offset
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):  # noqa: D102
-        return grad, None, None
-
-
-def displaced(quantized: Tensor, offsets: Sequence[Tensor], index: int) -> Tensor:
-    """``quantized + offsets[index]``; the sum of a fake_quantize output stays recomputable.
-
-    The recipe keeps ``offsets`` and ``index``, not the offset, so a sequence that makes its
-    items on demand is indexed again in the backward pass instead of held until then.
-    """
-    offset = offsets[index]
-    node = quantized.grad_fn
-    recipe = getattr(node, "recipe", None) if isinstance(node, _QUANTIZER_NODES) else None
-    if recipe is None or recipe.offsets is not None:
-        return quantized + offset
-    recipe = recipe._replace(offsets=offsets, offset_index=index, offset_version=offset._version)
-    return _Displaced.apply(quantized, offset, recipe)
-
-
-class _Recomputed(NamedTuple):
-    """What a consumer saves instead of a quantized weight: the recipe, and the view it saved."""
-
-    node: object
-    size: torch.Size
-    stride: tuple[int, ...]
-    storage_offset: int
-    cast: tuple[torch.dtype, torch.device] | None = None  # the saved tensor is this copy of it
-
-
-_RECOMPUTABLE = _QUANTIZER_NODES + (_Displaced._backward_cls,)
-
-
-# Views that start where their input starts and keep every element: a cast of one (autocast
-# casting ``weight.t()`` for a matmul) keeps its strides, so it lays the elements out in the
-# quantized weight's own storage order.
-_WHOLE_VIEWS = frozenset({"TBackward0", "TransposeBackward0", "PermuteBackward0",
-                          "ViewBackward0", "UnsqueezeBackward0", "SqueezeBackward0",
-                          "SqueezeBackward1", "SqueezeBackward2", "AliasBackward0"})
-
-
-def _recipe_node(base: Tensor) -> tuple[object, tuple[torch.dtype, torch.device] | None] | None:
-    """The node holding ``base``'s recipe and the cast applied after it, or None.
-
-    Under ``torch.autocast`` a linear, conv or matmul casts its quantized weight (to bfloat16,
-    say) and saves the cast: a ``_to_copy`` of the quantizer's output, or of a whole view of it,
-    is recomputed as that output cast again, which rounds the same way.
-    """
-    node, cast = base.grad_fn, None
-    if type(node).__name__ == "ToCopyBackward0":
-        node, cast = node.next_functions[0][0], (base.dtype, base.device)
-        while type(node).__name__ in _WHOLE_VIEWS:
-            node = node.next_functions[0][0]
-    if not isinstance(node, _RECOMPUTABLE) or getattr(node, "recipe", None) is None:
-        return None
-    return node, cast
-
-
-def _recomputable(tensor: Tensor) -> _Recomputed | None:
-    """How to recompute ``tensor`` if it is a quantizer's output (or a cast or view of one)."""
-    base = tensor if tensor._base is None else tensor._base
-    found = _recipe_node(base)
-    if found is None or base.storage_offset() != 0:
-        return None
-    node, cast = found
-    # The recompute is contiguous and is viewed with the saved tensor's geometry: that needs the
-    # quantizer's output (as its latent) laid out contiguously, and a cast to hold all of it.
-    laid_out = (base.is_contiguous() if cast is None else
-                node.recipe.latent.is_contiguous() and base.numel() == node.recipe.latent.numel())
-    if not laid_out:
-        return None
-    return _Recomputed(node, tensor.size(), tensor.stride(), tensor.storage_offset(), cast)
-
-
-def _recomputed(packed: _Recomputed) -> Tensor:
-    recipe = packed.node.recipe
-    problem = recipe.stale()
-    if problem is not None:
-        raise RuntimeError(
-            f"a quantized weight needed for the backward pass cannot be recomputed: {problem}. "
-            f"Run backward before changing it (e.g. before the optimizer step), or prepare with "
-            f"MSQConfig(recompute_quantized_weights=False).")
-    # No graph needed: autograd attaches the unpacked tensor to the saved one's grad_fn (this
-    # node), so a double backward still reaches the latent.
-    weight = quantize_value(recipe.latent, recipe.bits, recipe.grid, recipe.scale)
-    if recipe.offsets is not None:
-        weight = weight + recipe.offset()  # the forward's own operation, so the same rounding
-    if packed.cast is not None:
-        weight = weight.to(dtype=packed.cast[0], device=packed.cast[1])
-    if (packed.size, packed.stride, packed.storage_offset) == (weight.size(), weight.stride(), 0):
-        return weight
-    return weight.as_strided(packed.size, packed.stride, packed.storage_offset)
-
-
-class _PackedByEnclosingHooks(NamedTuple):
-    value: object
-
-
-class _RecomputeHooks:
-    """The pack / unpack pair: quantized weights become recipes, every other saved tensor goes
-    to the saved-tensor hooks that were in force around these (``enclosing``), or is stored
-    detached when there were none.
-
-    Only the innermost saved-tensor hooks see a tensor, so without the hand-over an owner's
-    forward would take its activations away from ``torch.utils.checkpoint`` (which would then
-    keep them after all) or from ``torch.autograd.graph.save_on_cpu``.
-    """
-
-    def __init__(self, enclosing: tuple | None) -> None:
-        self.enclosing = enclosing
-
-    def pack(self, tensor: Tensor) -> object:
-        recipe = _recomputable(tensor)
-        if recipe is not None:
-            return recipe
-        if self.enclosing is not None:
-            return _PackedByEnclosingHooks(self.enclosing[0](tensor))
-        return _saved_as_usual(tensor)
-
-    def unpack(self, packed: object) -> Tensor:
-        if isinstance(packed, _Recomputed):
-            return _recomputed(packed)
-        if isinstance(packed, _PackedByEnclosingHooks):
-            return self.enclosing[1](packed.value)
-        return packed
-
-
-def _saved_as_usual(tensor: Tensor) -> Tensor:
-    """What a tensor that is not recomputed is stored as: a detached alias.
-
-    The pack hook receives the live tensor, ``grad_fn`` and all. Kept as it is, an op's saved
-    *output* would hold the op's own node, a reference cycle that no garbage collection
-    reclaims: every graph built without a backward (a forward under grad mode whose output is
-    dropped) or kept by ``retain_graph`` / ``create_graph`` (the Hessian's first-order pass)
-    would stay in memory for good. Detaching loses nothing; autograd keeps the saved tensor's
-    graph position itself and reattaches it on unpack.
-    """
-    return tensor.detach()
-
-
-def recomputed_quantized_weights() -> torch.autograd.graph.saved_tensors_hooks:
-    """Inside, an op that saves a quantized weight for its backward saves how to recompute it.
-
-    A linear or conv saves its (quantized) weight to compute the input gradient: one more
-    weight-sized tensor per layer, alive from the forward to the backward, which on large models
-    is a third of a training step's memory. Recomputing it costs one fake quantization per
-    weight in the backward and gives the same bits, since the latent has not changed (checked).
-    Other saved tensors go to the saved-tensor hooks in force when this is called (activation
-    checkpointing, CPU offload), so make one per use rather than keeping one.
-    """
-    top = torch._C._autograd._top_saved_tensors_default_hooks(False)
-    enclosing = None
-    if top is not None:
-        ours = getattr(top[0], "__self__", None)
-        # Nested in our own (a model's hooks around an owner's): hand over to what those did.
-        enclosing = ours.enclosing if isinstance(ours, _RecomputeHooks) else top
-    hooks = _RecomputeHooks(enclosing)
-    return torch.autograd.graph.saved_tensors_hooks(hooks.pack, hooks.unpack)
 
 
 def lsb_value(w: Tensor, bits: int, k: int, scale: Tensor | None = None) -> Tensor:

@@ -13,8 +13,8 @@ from __future__ import annotations
 from torch import nn
 
 from msq_fx.modules import (INPUT_QUANTIZER, QUANTIZER_SUFFIX, ActivationFakeQuant,
-                            LoweredActivation, LoweredWeight, WeightFakeQuant, is_quantized_owner,
-                            remove_model_recompute)
+                            LoweredActivation, LoweredWeight, WeightFakeQuant, is_quantized_owner)
+from msq_fx.recompute import remove_model_recompute
 
 
 class LowerError(RuntimeError):

@@ -26,8 +26,8 @@ from torch import nn
 
 from msq_fx.config import MSQConfig
 from msq_fx.modules import (INPUT_QUANTIZER, QUANTIZER_SUFFIX, ActivationFakeQuant,
-                            WeightFakeQuant, install_model_recompute, is_quantized_owner,
-                            quantized_class, remove_model_recompute)
+                            WeightFakeQuant, is_quantized_owner, quantized_class)
+from msq_fx.recompute import install_model_recompute, remove_model_recompute
 
 from .discover import Discovery, FloatWeight, WeightTarget
 

@@ -13,9 +13,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import msq_fx
-from msq_fx import quant
-from msq_fx.modules import (displaced_quantized_weights, iter_quantized_weights,
-                            remove_model_recompute)
+from msq_fx.modules import displaced_quantized_weights, iter_quantized_weights
+from msq_fx.recompute import _recomputable, remove_model_recompute
 
 
 class TransposedMatmul(nn.Module):
@@ -243,7 +242,7 @@ def saved_under_enclosing_hooks(recompute: bool) -> tuple[list[str], list[torch.
     saved = []
 
     def pack(tensor):
-        is_weight = quant._recomputable(tensor) is not None
+        is_weight = _recomputable(tensor) is not None
         saved.append("weight" if is_weight else type(tensor.grad_fn).__name__)
         return tensor.detach()
 
