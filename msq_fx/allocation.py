@@ -15,6 +15,7 @@ from torch import Tensor
 
 from . import quant
 from .controller import MSQController, PruneRecord, _Group
+from .sensitivity import group_traces
 
 __all__ = ["allocate_bits_once"]
 
@@ -33,7 +34,8 @@ def allocate_bits_once(controller: MSQController, batches: Iterable,
         raise ValueError("allocate_bits_once needs Hessian traces: use "
                          "MSQConfig(pruning={'step_policy': 'hessian'})")
     groups = controller._active_groups()
-    traces, method = controller._hessian_traces(groups, batches, loss_fn)
+    traces, method = group_traces(controller.model, [m for g in groups for m in g.members],
+                                  batches, loss_fn, controller.config, controller.prune_count)
     floor = controller.config.quantization.min_bits
     omega = {g.name: {b: _group_error(g, b) * sum(traces[id(m.latent)] for m in g.members)
                       for b in range(floor, g.bits + 1)} for g in groups}

@@ -23,7 +23,7 @@ share one width. What the paper leaves open, and what this implementation chose:
   from a double backward, or (``hessian.method``) from the central difference of two gradients
   with the quantized weights displaced, which needs about a training step's memory instead of
   about 2.5 times it (ResNet-20); "auto" uses the first and falls back to the second on
-  out-of-memory.
+  out-of-memory (msq_fx/sensitivity.py takes the traces).
 * p := 2 where Omega_g < mean(Omega) over the groups still pruning, else 1; p = 1 for everyone at
   the first prune (paper, supplement §1). A prune never takes a group below ``min_bits``; beta and
   the LSB penalty look at the LSBs the next prune would actually drop (p clipped at the floor).
@@ -31,7 +31,6 @@ share one width. What the paper leaves open, and what this implementation chose:
 """
 from __future__ import annotations
 
-import functools
 import logging
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable
@@ -40,18 +39,14 @@ import torch
 from tabulate import tabulate
 from torch import Tensor, nn
 
+from .batchnorm import recalibrate_batchnorm
 from .config import CONFIG_ATTR, MSQConfig
 from .errors import MSQError
-from .hessian import (HessianTraces, NoSecondDerivative, finite_difference_traces,
-                      hutchinson_traces)
-from .modules import (QuantizedWeight, WeightFakeQuant, displaced_quantized_weights,
-                      iter_quantized_weights)
-from .second_order import twice_differentiable
-from .batchnorm import recalibrate_batchnorm
-from .utils import call_model, is_out_of_memory, model_mode
+from .modules import QuantizedWeight, WeightFakeQuant, iter_quantized_weights
+from .sensitivity import group_traces
+from .utils import take
 
 logger = logging.getLogger("msq_fx")
-
 
 
 @dataclass(frozen=True)
@@ -110,13 +105,6 @@ class _Group:
         nonzero = sum(m.quantizer.lsb_nonzero_rate(m.latent, k) * m.latent.numel()
                       for m in self.members)
         return nonzero / self.params
-
-
-#: How an op without a second derivative says so in a double backward: PyTorch's autograd
-#: ("the derivative for 'X' is not implemented") and torchvision's C++ ops (roi_align,
-#: ps_roi_align, deform_conv2d: "double backwards on roi_align not supported"). Ours,
-#: NoSecondDerivative, is caught by type.
-NO_SECOND_DERIVATIVE = ("derivative for", "double backwards on")
 
 
 class MSQController:
@@ -212,7 +200,7 @@ class MSQController:
                            "%.2fx", self.compression(), self.config.target_compression)
             return []
         recalibration = self.config.pruning.bn_recalibration_batches
-        chosen = _take(batches, max(self.config.hessian.batches, recalibration))
+        chosen = take(batches, max(self.config.hessian.batches, recalibration))
         traces, hessian_method = self._hessian_traces(groups, chosen, loss_fn)
         betas = {g.name: g.lsb_nonzero_rate(self.config.quantization.min_bits) for g in groups}
         omegas = {g.name: _omega(g, traces) for g in groups} if traces else {}
@@ -268,84 +256,8 @@ class MSQController:
         """
         if self.config.pruning.step_policy != "hessian":
             return {}, None
-        chosen = _take(batches, self.config.hessian.batches)
-        if not chosen:
-            raise ValueError("epoch_end: `batches` yielded no (inputs, targets) pair for the Hessian")
         members = [m for g in groups for m in g.members]
-        method = self.config.hessian.method
-        if method == "finite_difference":
-            result = self._estimate_traces("finite_difference", members, chosen, loss_fn)
-        else:
-            fallback = None
-            try:
-                result = self._estimate_traces("autograd", members, chosen, loss_fn)
-            except (RuntimeError, MemoryError) as error:
-                fallback = self._autograd_fallback_reason(error)
-            if fallback is not None:
-                # Outside the handler: the traceback would keep the failed graph alive.
-                logger.warning(
-                    "epoch_end: %s; taking the Hessian by finite differences instead "
-                    "(tools/hessian_agreement measures how closely they match the double "
-                    "backward on a model; MSQConfig(hessian={'chunk_size': ...}) keeps the double "
-                    "backward in less memory)",
-                    fallback)
-                method = "finite_difference"
-                result = self._estimate_traces(method, members, chosen, loss_fn)
-            else:
-                method = "autograd"
-        return {id(m.latent): float(t) for m, t in zip(members, result.traces)}, method
-
-    def _estimate_traces(self, method: str, members: list[QuantizedWeight], chosen: list,
-                         loss_fn) -> HessianTraces:
-        """Hutchinson traces over ``members``' latents, on ``chosen`` batches, with the model in
-        ``hessian_model_mode`` (eval by default).
-
-        Probes are seeded by (seed, prune index), so both methods draw the same ones.
-        """
-        params = [m.latent for m in members]
-        generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.prune_count)
-        limits = dict(max_samples=self.config.hessian.max_samples,
-                      min_samples=self.config.hessian.min_samples, tol=self.config.hessian.tol,
-                      generator=generator, all_reduce=_distributed_mean())
-        loss = _loss_pieces(self.model, chosen, loss_fn, self.config.hessian.chunk_size)
-        with model_mode(self.model, training=self.config.hessian.model_mode == "train"):
-            if method == "finite_difference":
-                displaced = functools.partial(displaced_quantized_weights,
-                                              [m.quantizer for m in members])
-                return finite_difference_traces(
-                    loss, params, displaced=displaced,
-                    relative_step=self.config.hessian.relative_step,
-                    frozen_kinks=self.config.hessian.frozen_kinks, **limits)
-            with twice_differentiable():
-                return hutchinson_traces(loss, params, **limits)
-
-    def _autograd_fallback_reason(self, error: BaseException) -> str:
-        """Why finite differences should replace the double backward, or re-raise ``error``."""
-        no_second_derivative = (isinstance(error, NoSecondDerivative)
-                                or any(text in str(error) for text in NO_SECOND_DERIVATIVE))
-        distributed = _distributed_mean() is not None
-        if self.config.hessian.method == "auto" and distributed and is_out_of_memory(error):
-            # Ranks that fit would be inside the estimator's all-reduce while this one restarts
-            # with another method: they cannot agree on a fallback midway.
-            raise RuntimeError(
-                f"epoch_end: the double backward ran out of memory on this rank "
-                f"({_first_line(error)}); under torch.distributed 'auto' does not fall back. "
-                f"Set MSQConfig(hessian={{'chunk_size': ...}}) (the same Hessian in chunks) or "
-                f"hessian={{'method': 'finite_difference'}} on every rank.") from error
-        if self.config.hessian.method == "auto" and not distributed:
-            if is_out_of_memory(error):
-                return f"the double backward ran out of memory ({_first_line(error)})"
-            if no_second_derivative:
-                return (f"{type(self.model).__name__} uses an op without a second derivative "
-                        f"({_first_line(error)})")
-        if no_second_derivative:
-            raise RuntimeError(
-                f"epoch_end: the Hessian trace by autograd needs a twice differentiable forward, "
-                f"and {type(self.model).__name__} uses an op without a second derivative "
-                f"({error}). Use MSQConfig(hessian={{'method': 'finite_difference'}}) (first-order "
-                f"gradients only) or pruning={{'step_policy': 'fixed'}} (p = 1, no Hessian).",
-            ) from error
-        raise error
+        return group_traces(self.model, members, batches, loss_fn, self.config, self.prune_count)
 
     # ------------------------------------------------------------------ reporting and resume
     def history_table(self, tablefmt: str = "simple") -> str:
@@ -392,80 +304,6 @@ def _omega(group: _Group, traces: dict[int, float]) -> float:
 
 def _group_trace(group: _Group, traces: dict[int, float]) -> float:
     return sum(traces[id(m.latent)] for m in group.members)
-
-
-def _first_line(error: BaseException) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-
-
-def _take(batches: Iterable, count: int) -> list:
-    chosen = []
-    for batch in batches:
-        chosen.append(batch)
-        if len(chosen) == count:
-            break
-    return chosen
-
-
-def _mean_loss(model: nn.Module, batches: list, loss_fn) -> Tensor:
-    total = None
-    for inputs, targets in batches:
-        loss = loss_fn(call_model(model, inputs), targets)
-        total = loss if total is None else total + loss
-    return total / len(batches)
-
-
-def _loss_pieces(model: nn.Module, batches: list, loss_fn, chunk_size: int | None) -> list:
-    """The Hessian's loss: the mean over ``batches``, whole or in chunks of ``chunk_size``."""
-    if chunk_size is None:
-        return [functools.partial(_mean_loss, model, batches, loss_fn)]
-    pieces = []
-    for index, (inputs, targets) in enumerate(batches):
-        size = _leading_size(inputs, index)
-        for start in range(0, size, chunk_size):
-            stop = min(start + chunk_size, size)
-            chunk = [(_rows(inputs, start, stop, size), _rows(targets, start, stop, size))]
-            weight = (stop - start) / size / len(batches)
-            pieces.append(functools.partial(_weighted_loss, model, chunk, loss_fn, weight))
-    return pieces
-
-
-def _weighted_loss(model: nn.Module, batches: list, loss_fn, weight: float) -> Tensor:
-    return _mean_loss(model, batches, loss_fn) * weight
-
-
-def _leading_size(inputs: Any, index: int) -> int:
-    first = inputs[0] if isinstance(inputs, (tuple, list)) and inputs else inputs
-    if not isinstance(first, Tensor) or first.dim() == 0:
-        raise ValueError(
-            f"epoch_end: hessian.chunk_size splits each batch along the first dimension of its "
-            f"inputs, but the inputs of Hessian batch {index} are a {type(first).__name__} "
-            f"{'without one' if isinstance(first, Tensor) else 'rather than a tensor'}; pass "
-            f"tensor inputs or set hessian.chunk_size=None.")
-    return first.shape[0]
-
-
-def _rows(value: Any, start: int, stop: int, size: int) -> Any:
-    """Rows start:stop of every tensor in ``value`` whose first dimension is the batch's."""
-    if isinstance(value, Tensor):
-        return value[start:stop] if value.dim() > 0 and value.shape[0] == size else value
-    if isinstance(value, (tuple, list)):
-        return type(value)(_rows(item, start, stop, size) for item in value)
-    return value
-
-
-def _distributed_mean() -> Callable[[Tensor], Tensor] | None:
-    """Average across ranks under torch.distributed, so every rank makes the same decisions."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return None
-    world = torch.distributed.get_world_size()
-
-    def mean(values: Tensor) -> Tensor:
-        values = values.clone()
-        torch.distributed.all_reduce(values)
-        return values / world
-
-    return mean
 
 
 def _checked_config(model: nn.Module, config: MSQConfig | None) -> MSQConfig:

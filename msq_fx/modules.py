@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from . import quant
-from .recompute import displaced, recomputed_quantized_weights, recomputes_weights
+from .recompute import recomputed_quantized_weights, recomputes_weights
 
 QUANTIZER_SUFFIX = "_quantizer"
 INPUT_QUANTIZER = "input_quantizer"
@@ -435,33 +435,3 @@ def iter_quantized_weights(model: nn.Module) -> Iterator[QuantizedWeight]:
             seen.add(id(quantizer))
             name = f"{owner_name}.{attr}" if owner_name else attr
             yield QuantizedWeight(name, owner, attr, quantizer, owner._parameters.get(attr))
-
-
-@contextlib.contextmanager
-def displaced_quantized_weights(quantizers: Sequence[nn.Module],
-                                offsets: Sequence[Tensor]) -> Iterator[None]:
-    """Inside, ``quantizers[i]`` returns its quantized weight plus ``offsets[i]``.
-
-    Moves the weights the model computes with, not the latents (a small move of a latent is
-    mostly absorbed by rounding), so a finite difference sees the curvature at the quantized
-    point. Gradients still reach the latents through the straight-through quantizer.
-    ``offsets[i]`` is indexed at each call of the quantizer (and again if the backward pass
-    recomputes the weight), so a sequence that makes its items on demand (msq_fx.hessian's
-    ScaledProbes) is never held whole; it must give the same values each time.
-    """
-    if len(quantizers) != len(offsets):
-        raise ValueError(f"{len(quantizers)} quantizers but {len(offsets)} offsets")
-    handles = []
-    try:
-        for index, quantizer in enumerate(quantizers):
-            handles.append(quantizer.register_forward_hook(
-                functools.partial(_add_offset, offsets, index)))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _add_offset(offsets: Sequence[Tensor], index: int, _module: nn.Module, _inputs: tuple,
-                output: Tensor) -> Tensor:
-    return displaced(output, offsets, index)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Any, ContextManager, Iterator
+from typing import Any, ContextManager, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -19,6 +19,16 @@ def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or (
         isinstance(error, RuntimeError)
         and any(text in str(error) for text in OUT_OF_MEMORY_MESSAGES))
+
+
+def take(items: Iterable, count: int) -> list:
+    """The first ``count`` items of ``items`` (fewer if it ends first), reading no further."""
+    chosen = []
+    for item in items:
+        chosen.append(item)
+        if len(chosen) == count:
+            break
+    return chosen
 
 
 def call_model(model: nn.Module, inputs: Any) -> Any:

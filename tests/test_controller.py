@@ -610,7 +610,7 @@ def failing_double_backward(message: str):
 
 @pytest.mark.parametrize("message", [OUT_OF_MEMORY, NO_SECOND_DERIVATIVE])
 def test_auto_falls_back_to_finite_differences_and_warns(monkeypatch, caplog, message):
-    monkeypatch.setattr("msq_fx.controller.hutchinson_traces", failing_double_backward(message))
+    monkeypatch.setattr("msq_fx.sensitivity.hutchinson_traces", failing_double_backward(message))
     with caplog.at_level("WARNING", logger="msq_fx"):
         records = conv_net_traces()
     assert [r.hessian_method for r in records] == ["finite_difference"] * 2
@@ -686,20 +686,20 @@ def test_the_hessian_runs_in_eval_mode_by_default():
 
 
 def test_explicit_autograd_without_a_second_derivative_names_both_ways_out(monkeypatch):
-    monkeypatch.setattr("msq_fx.controller.hutchinson_traces",
+    monkeypatch.setattr("msq_fx.sensitivity.hutchinson_traces",
                         failing_double_backward(NO_SECOND_DERIVATIVE))
     with pytest.raises(RuntimeError, match="'method': 'finite_difference'.*'step_policy': 'fixed'"):
         conv_net_traces(method="autograd")
 
 
 def test_explicit_autograd_out_of_memory_is_raised_as_is(monkeypatch):
-    monkeypatch.setattr("msq_fx.controller.hutchinson_traces", failing_double_backward(OUT_OF_MEMORY))
+    monkeypatch.setattr("msq_fx.sensitivity.hutchinson_traces", failing_double_backward(OUT_OF_MEMORY))
     with pytest.raises(RuntimeError, match="can't allocate memory"):
         conv_net_traces(method="autograd")
 
 
 def test_auto_does_not_hide_other_errors_of_the_double_backward(monkeypatch):
-    monkeypatch.setattr("msq_fx.controller.hutchinson_traces",
+    monkeypatch.setattr("msq_fx.sensitivity.hutchinson_traces",
                         failing_double_backward("shape mismatch in layer fc"))
     with pytest.raises(RuntimeError, match="shape mismatch in layer fc"):
         conv_net_traces()
@@ -778,8 +778,8 @@ def test_hessian_chunks_of_non_tensor_inputs_are_refused_with_the_batch_index():
 
 def test_auto_does_not_fall_back_under_torch_distributed_and_says_what_to_set(monkeypatch):
     # A rank that restarted with another method would meet the others' all-reduce out of step.
-    monkeypatch.setattr("msq_fx.controller._distributed_mean", lambda: (lambda values: values))
-    monkeypatch.setattr("msq_fx.controller.hutchinson_traces", failing_double_backward(OUT_OF_MEMORY))
+    monkeypatch.setattr("msq_fx.sensitivity._distributed_mean", lambda: (lambda values: values))
+    monkeypatch.setattr("msq_fx.sensitivity.hutchinson_traces", failing_double_backward(OUT_OF_MEMORY))
     with pytest.raises(RuntimeError, match="under torch.distributed 'auto' does not fall back.*"
                                            "'chunk_size'.*'method': 'finite_difference'"):
         conv_net_traces()
@@ -788,13 +788,13 @@ def test_auto_does_not_fall_back_under_torch_distributed_and_says_what_to_set(mo
 @pytest.mark.parametrize("frozen", [True, False])
 def test_the_config_decides_whether_finite_differences_freeze_kinks(monkeypatch, frozen):
     seen = []
-    real = msq_fx.controller.finite_difference_traces
+    real = msq_fx.sensitivity.finite_difference_traces
 
     def spy(*args, **kwargs):
         seen.append(kwargs["frozen_kinks"])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr("msq_fx.controller.finite_difference_traces", spy)
+    monkeypatch.setattr("msq_fx.sensitivity.finite_difference_traces", spy)
     conv_net_traces(method="finite_difference", frozen_kinks=frozen)
     assert seen == [frozen]
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import msq_fx
-import msq_fx.controller
+import msq_fx.sensitivity
 from msq_fx.training import train_epoch
 
 pytestmark = pytest.mark.skipif(
@@ -81,7 +81,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         reduced = msq_fx.MSQController(make_model()).epoch_end(1, hessian_data, F.cross_entropy)
         result["reduced_traces"] = traces(reduced)
         # ... and without it: each rank estimates from its own data only.
-        msq_fx.controller._distributed_mean = lambda: None
+        msq_fx.sensitivity._distributed_mean = lambda: None
         local = msq_fx.MSQController(make_model()).epoch_end(1, hessian_data, F.cross_entropy)
         result["local_traces"] = traces(local)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
