@@ -19,9 +19,9 @@ from .offload import offload_saved_tensors, release_freed_memory
 from .onnx_export import OnnxExport, export_onnx
 from .plots import plot_history
 from .models import SmallCNN, resnet20
-from .modules import (ActivationFakeQuant, LoweredActivation, LoweredWeight, QuantizedWeight,
-                      WeightFakeQuant,
-                      cached_quantized_weights, iter_quantized_weights)
+from .modules import ActivationFakeQuant, LoweredActivation, LoweredWeight, WeightFakeQuant
+from .owners import QuantizedWeight, iter_quantized_weights
+from .weight_cache import cached_quantized_weights
 from .report import FloatRow, LayerRow, Report, report
 
 __all__ = [

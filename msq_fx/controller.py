@@ -42,7 +42,8 @@ from torch import Tensor, nn
 from .batchnorm import recalibrate_batchnorm
 from .config import CONFIG_ATTR, MSQConfig
 from .errors import MSQError
-from .modules import QuantizedWeight, WeightFakeQuant, iter_quantized_weights
+from .modules import WeightFakeQuant
+from .owners import QuantizedWeight, iter_quantized_weights
 from .sensitivity import group_traces
 from .utils import take
 

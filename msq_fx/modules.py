@@ -1,45 +1,32 @@
-"""MSQ runtime modules: weight quantizers, activation quantizers, and the owner-class swap.
+"""The quantizer modules: weight and activation quantizers, for training and lowered.
 
-A quantized weight stays where the user's model keeps it: the latent float Parameter remains in
-its owner's ``_parameters`` under its own name (so ``state_dict`` keys, ``named_parameters`` and
-optimizers are unchanged), and the owner's class is swapped for a subclass whose attribute of that
-name is a property returning the quantized tensor. Every read of ``owner.weight`` (the owner's own
-forward, a parent's ``F.linear(x, self.qkv.weight)``, ``nn.MultiheadAttention``'s fused kernels, a
-tied use elsewhere) therefore sees the quantized weight.
-
-The quantizer lives beside the Parameter as the child module ``<name>_quantizer``; tied weights
-share one quantizer instance, so they share one precision decision. All quantizer state that must
-survive a ``state_dict`` round trip (bits, prune step, integer codes, scale) is in buffers.
+``WeightFakeQuant`` quantizes one weight tensor during training and ``LoweredWeight`` holds it as
+integer codes after ``convert``; ``ActivationFakeQuant`` and ``LoweredActivation`` do the same for
+a layer's inputs. A weight quantizer sits beside its latent Parameter as the owner's child
+``<name>_quantizer`` (msq_fx.owners). All quantizer state that must survive a ``state_dict``
+round trip (bits, prune step, integer codes, scale) is in buffers.
 """
 from __future__ import annotations
-
-import contextlib
-import functools
-import inspect
-from dataclasses import dataclass
-from typing import Callable, Iterator, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from . import quant
-from .recompute import recomputed_quantized_weights, recomputes_weights
+from .weight_cache import CachesItsWeight, WeightCache, from_cache, serves_from_cache
+# Pickles of models prepared before the owner swap and the recompute hooks had modules of their
+# own name these functions here; msq_fx.training imports the cache from here.
+from .owners import _new_quantized_instance  # noqa: F401
+from .recompute import _enter_recompute, _leave_recompute  # noqa: F401
+from .weight_cache import cached_quantized_weights  # noqa: F401
 
-QUANTIZER_SUFFIX = "_quantizer"
-INPUT_QUANTIZER = "input_quantizer"
+__all__ = ["WeightFakeQuant", "LoweredWeight", "ActivationFakeQuant", "LoweredActivation",
+           "rounded_to_grid", "KINDS"]
+
+#: The kinds of weight a quantizer serves.
 KINDS = ("conv", "depthwise", "linear", "attention")
 
 
-class _CachesItsWeight(nn.Module):
-    """A module whose ``forward`` may serve its weight from ``cache`` (see
-    ``cached_quantized_weights``). Copies and pickles leave the cache behind: it belongs to the
-    block that set it, which clears only the modules it started on."""
-
-    def __getstate__(self) -> dict:
-        return {**super().__getstate__(), "cache": None}
-
-
-class WeightFakeQuant(_CachesItsWeight):
+class WeightFakeQuant(CachesItsWeight):
     """RoundClamp fake quantization of one weight tensor during training.
 
     Buffers: ``bits`` (current width q), ``prune_step`` (p, LSBs removed at the next prune).
@@ -78,7 +65,7 @@ class WeightFakeQuant(_CachesItsWeight):
         self.prunable = prunable
         self.recompute = recompute
         self.group = self.names[0]
-        self.cache: _WeightCache | None = None
+        self.cache: WeightCache | None = None
 
     @property
     def num_bits(self) -> int:
@@ -92,8 +79,8 @@ class WeightFakeQuant(_CachesItsWeight):
     def forward(self, latent: Tensor) -> Tensor:
         bits, scale = self.num_bits, self.learned_scale
         sources = (latent,) if scale is None else (latent, scale)
-        if _serves_from_cache(self, *sources):
-            return _from_cache(self, sources, (bits, self.grid),
+        if serves_from_cache(self, *sources):
+            return from_cache(self, sources, (bits, self.grid),
                                lambda: quant.fake_quantize(latent, bits, self.grid, scale))
         return quant.fake_quantize(latent, bits, self.grid, scale)
 
@@ -132,79 +119,7 @@ class WeightFakeQuant(_CachesItsWeight):
                 f"grid={self.grid}, scale={self.scale_mode}")
 
 
-class _WeightCache(NamedTuple):
-    """A weight computed once inside ``cached_quantized_weights``, and what it was computed from."""
-
-    key: tuple | None
-    value: Tensor | None
-    # A caller that changed the returned tensor in place gets a fresh one next time.
-    value_version: int | None = None
-    # Held so that a source's memory cannot be freed and reused by another tensor at the same
-    # address while the key still names that address.
-    storages: tuple[torch.UntypedStorage, ...] = ()
-
-
-def _serves_from_cache(module: nn.Module, *sources: Tensor) -> bool:
-    # ``cache`` is absent from modules pickled by older versions. A cached tensor has no graph:
-    # under autograd only a fresh one carries gradients. A compiled graph must contain the
-    # computation, not a tensor captured at trace time.
-    return (module.__dict__.get("cache") is not None
-            and not (torch.is_grad_enabled() and any(s.requires_grad for s in sources))
-            and not torch.compiler.is_compiling())
-
-
-def _from_cache(module: nn.Module, sources: tuple[Tensor, ...], settings: tuple,
-                compute: Callable[[], Tensor]) -> Tensor:
-    """``module.cache``'s value if it was computed from ``sources`` as they are now and from
-    ``settings``, else ``compute()``, stored as the new cache."""
-    # The version counter moves with every in-place update (optimizer steps, load_state_dict),
-    # and the address with a rebinding (``.data = ...``, ``.to()``), so a stale value is never
-    # returned. A tensor made under inference mode cannot enter autograd outside it.
-    key = tuple((s.data_ptr(), _version(s), tuple(s.shape), s.stride(), s.dtype, s.device)
-                for s in sources) + settings + (torch.is_inference_mode_enabled(),)
-    cache = module.cache
-    if cache.key != key or _version(cache.value) != cache.value_version:
-        with torch.no_grad():
-            value = compute()
-        cache = module.cache = _WeightCache(key, value, _version(value),
-                                            tuple(s.untyped_storage() for s in sources))
-    return cache.value
-
-
-def _version(tensor: Tensor) -> int | None:
-    # Inference tensors keep no version counter; outside inference mode they cannot be changed
-    # in place, and the inference-mode flag in the key separates the two worlds.
-    return None if tensor.is_inference() else tensor._version
-
-
-@contextlib.contextmanager
-def cached_quantized_weights(model: nn.Module) -> Iterator[nn.Module]:
-    """Inside, each quantized weight of ``model`` is computed once and reused by every forward.
-
-    A fake-quant model otherwise quantizes every weight on every forward (several weight-sized
-    passes each), and a converted model dequantizes its codes on every forward; at small batches
-    on a large model that dominates evaluation. The cache holds one float copy per weight until
-    the block ends, and is used only where no gradient is needed (``torch.no_grad()``,
-    ``torch.inference_mode()``, frozen latents): a training step inside the block quantizes
-    afresh and trains as usual. A value is recomputed when what it came from changes (an
-    in-place update of the latent or the codes, a new tensor, a prune of the width), so it is
-    never stale. Nested blocks share the outer block's cache. Yields ``model``.
-    """
-    started = []
-    try:
-        for entry in iter_quantized_weights(model):
-            quantizer = entry.quantizer
-            if (isinstance(quantizer, (WeightFakeQuant, LoweredWeight))
-                    and quantizer.__dict__.get("cache") is None):
-                quantizer.cache = _WeightCache(None, None)
-                started.append(quantizer)
-        yield model
-    finally:
-        for quantizer in started:
-            quantizer.cache = None
-
-
-class LoweredWeight(_CachesItsWeight):
+class LoweredWeight(CachesItsWeight):
     """A trained weight as signed integer codes (int8 container), a step and the bit width.
 
     ``forward`` rebuilds the float weight with the same formula the fake quantizer used, so the
@@ -221,7 +136,7 @@ class LoweredWeight(_CachesItsWeight):
         self.kind = kind
         self.names = tuple(names)
         self.group = self.names[0]
-        self.cache: _WeightCache | None = None  # as WeightFakeQuant's
+        self.cache: WeightCache | None = None  # as WeightFakeQuant's
 
     @classmethod
     def from_fake_quant(cls, quantizer: WeightFakeQuant, latent: Tensor) -> "LoweredWeight":
@@ -241,8 +156,8 @@ class LoweredWeight(_CachesItsWeight):
         return int(self.bits)
 
     def forward(self, _latent: Tensor | None = None) -> Tensor:
-        if _serves_from_cache(self):
-            return _from_cache(self, (self.codes, self.step, self.offset), (), self._dequantized)
+        if serves_from_cache(self):
+            return from_cache(self, (self.codes, self.step, self.offset), (), self._dequantized)
         return self._dequantized()
 
     def _dequantized(self) -> Tensor:
@@ -341,97 +256,3 @@ class _RoundSTE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:  # noqa: D102
         return grad
-
-
-# --------------------------------------------------------------------------- owner class swap
-
-def _quantized_attribute(name: str) -> property:
-    quantizer_name = name + QUANTIZER_SUFFIX
-
-    def quantized(self: nn.Module) -> Tensor:
-        return self._modules[quantizer_name](self._parameters.get(name))
-
-    return property(quantized, doc=f"`{name}` as the model sees it: quantized by `{quantizer_name}`.")
-
-
-def _forward_with_input_quantizer(self: nn.Module, *args, **kwargs):
-    input_quantizer = self._modules.get(INPUT_QUANTIZER)
-    if input_quantizer is not None:
-        # Bind by name so keyword inputs (``value=``, ``input=``) are quantized like positional
-        # ones; attention's query/key/value are often one tensor: quantize each distinct one once.
-        bound = _forward_signature(self._msq_base).bind(self, *args, **kwargs)
-        names = list(bound.arguments)[1:]
-        inputs = names[:3] if isinstance(self, nn.MultiheadAttention) else names[:1]
-        seen: dict[int, Tensor] = {}
-        for name in inputs:
-            value = bound.arguments[name]
-            if isinstance(value, Tensor):
-                bound.arguments[name] = seen.setdefault(id(value), input_quantizer(value))
-        args, kwargs = bound.args[1:], bound.kwargs
-    if recomputes_weights(self._modules[name + QUANTIZER_SUFFIX] for name in self._msq_names):
-        with recomputed_quantized_weights():
-            return self._msq_base.forward(self, *args, **kwargs)
-    return self._msq_base.forward(self, *args, **kwargs)
-
-
-@functools.lru_cache(maxsize=None)
-def _forward_signature(base: type) -> inspect.Signature:
-    return inspect.signature(base.forward)
-
-
-def _reduce_quantized(self: nn.Module, protocol):
-    return (_new_quantized_instance, (self._msq_base, self._msq_names), self.__getstate__())
-
-
-def _new_quantized_instance(base: type, names: tuple[str, ...]) -> nn.Module:
-    cls = quantized_class(base, names)
-    return cls.__new__(cls)
-
-
-@functools.lru_cache(maxsize=None)
-def quantized_class(base: type, names: tuple[str, ...]) -> type:
-    """The subclass of ``base`` whose attributes ``names`` read through their quantizers.
-
-    Built once per (class, names) and pickled by reference to ``base``, so prepared and converted
-    models pickle, deepcopy and ``torch.save`` like the original.
-    """
-    attrs = {name: _quantized_attribute(name) for name in names}
-    attrs.update(
-        _msq_base=base,
-        _msq_names=names,
-        forward=_forward_with_input_quantizer,
-        __reduce_ex__=_reduce_quantized,
-        __module__=__name__,
-        __qualname__=f"MSQ{base.__qualname__}",
-    )
-    return type(f"MSQ{base.__name__}", (base,), attrs)
-
-
-def is_quantized_owner(module: nn.Module) -> bool:
-    return hasattr(type(module), "_msq_names")
-
-
-@dataclass(frozen=True)
-class QuantizedWeight:
-    """One quantized tensor as found in a model: its quantizer and, before lowering, its latent."""
-
-    name: str
-    owner: nn.Module
-    attr: str
-    quantizer: nn.Module
-    latent: nn.Parameter | None
-
-
-def iter_quantized_weights(model: nn.Module) -> Iterator[QuantizedWeight]:
-    """Each quantized tensor once (tied uses share a quantizer and appear once), in module order."""
-    seen: set[int] = set()
-    for owner_name, owner in model.named_modules():
-        if not is_quantized_owner(owner):
-            continue
-        for attr in owner._msq_names:
-            quantizer = owner._modules[attr + QUANTIZER_SUFFIX]
-            if id(quantizer) in seen:
-                continue
-            seen.add(id(quantizer))
-            name = f"{owner_name}.{attr}" if owner_name else attr
-            yield QuantizedWeight(name, owner, attr, quantizer, owner._parameters.get(attr))

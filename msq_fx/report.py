@@ -6,8 +6,8 @@ from dataclasses import asdict, dataclass, field
 from tabulate import tabulate
 from torch import nn
 
-from .modules import (ActivationFakeQuant, LoweredActivation, LoweredWeight, WeightFakeQuant,
-                      iter_quantized_weights)
+from .modules import ActivationFakeQuant, LoweredActivation, LoweredWeight, WeightFakeQuant
+from .owners import iter_quantized_weights
 
 FLOAT_WEIGHTS_ATTR = "_msq_float_weights"
 #: What prepare() could not check (e.g. uses inside leaves without an eager probe), as sentences.

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from msq_fx.modules import (INPUT_QUANTIZER, QUANTIZER_SUFFIX, ActivationFakeQuant,
-                            LoweredActivation, LoweredWeight, WeightFakeQuant, is_quantized_owner)
+from msq_fx.modules import ActivationFakeQuant, LoweredActivation, LoweredWeight, WeightFakeQuant
+from msq_fx.owners import INPUT_QUANTIZER, QUANTIZER_SUFFIX, is_quantized_owner
 from msq_fx.recompute import remove_model_recompute
 
 

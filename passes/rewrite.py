@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from msq_fx.config import MSQConfig
-from msq_fx.modules import (INPUT_QUANTIZER, QUANTIZER_SUFFIX, ActivationFakeQuant,
-                            WeightFakeQuant, is_quantized_owner, quantized_class)
+from msq_fx.modules import ActivationFakeQuant, WeightFakeQuant
+from msq_fx.owners import INPUT_QUANTIZER, QUANTIZER_SUFFIX, is_quantized_owner, quantized_class
 from msq_fx.recompute import install_model_recompute, remove_model_recompute
 
 from .discover import Discovery, FloatWeight, WeightTarget

@@ -12,9 +12,9 @@ from torch import nn
 
 from conftest import count_calls
 from msq_fx import quant
-from msq_fx.modules import (ActivationFakeQuant, LoweredActivation, LoweredWeight,
-                            WeightFakeQuant,
-                            cached_quantized_weights, is_quantized_owner, iter_quantized_weights, quantized_class)
+from msq_fx.modules import ActivationFakeQuant, LoweredActivation, LoweredWeight, WeightFakeQuant
+from msq_fx.owners import is_quantized_owner, iter_quantized_weights, quantized_class
+from msq_fx.weight_cache import cached_quantized_weights
 
 GRID_AND_BITS = [(grid, bits) for grid in quant.GRIDS for bits in range(2, 9)]
 

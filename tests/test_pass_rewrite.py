@@ -11,7 +11,8 @@ from torch import nn
 
 import msq_fx
 from msq_fx import quant
-from msq_fx.modules import ActivationFakeQuant, WeightFakeQuant, is_quantized_owner
+from msq_fx.modules import ActivationFakeQuant, WeightFakeQuant
+from msq_fx.owners import is_quantized_owner
 from msq_fx.passes.discover import Discovery, WeightTarget
 from msq_fx.passes.rewrite import RewriteError, rewrite, unrewritable, unrewrite
 

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import msq_fx
-from msq_fx.modules import iter_quantized_weights
+from msq_fx.owners import iter_quantized_weights
 from msq_fx.recompute import _recomputable, remove_model_recompute
 from msq_fx.sensitivity import displaced_quantized_weights
 
