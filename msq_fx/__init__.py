@@ -12,8 +12,8 @@ from .api import MSQError, convert, prepare
 from .check import CheckResult, assert_quantizes, check_model
 from .config import MSQConfig
 from .controller import MSQController, PruneRecord
-from .hessian import (HessianTraces, NoSecondDerivative, ScaledProbes, finite_difference_traces,
-                      hutchinson_traces)
+from .hessian import HessianTraces, NoSecondDerivative, finite_difference_traces, hutchinson_traces
+from .probes import ScaledProbes
 from .io import load, save, saved_config, saved_report
 from .offload import offload_saved_tensors, release_freed_memory
 from .onnx_export import OnnxExport, export_onnx

@@ -15,7 +15,8 @@ Two ways to get H v are offered. ``hutchinson_traces`` differentiates the gradie
 time (exact, but its peak was 2.45 times a training step's on ResNet-20, tools/bench --hessian).
 ``finite_difference_traces`` takes the central difference of two first-order gradients,
 ``(g(w + h v) - g(w - h v)) / 2h``, which costs two training-step backwards per probe and about
-one step's memory (1.12 times there).
+one step's memory (1.12 times there). The probes come from msq_fx.probes; the sampling loop
+and the checks both estimators share are in msq_fx.trace_sampling.
 """
 
 from __future__ import annotations
@@ -23,13 +24,15 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from dataclasses import dataclass
 from typing import Callable, ContextManager, Iterator, Sequence
 
 import torch
 from torch.autograd.function import once_differentiable
 
+from .probes import ScaledProbes, rademacher_signs
 from .second_order import FrozenKinks
+from .trace_sampling import (HessianTraces, LossPieces, block_dots, check_loss, check_settings,
+                             checked_params, draw_until_stable, loss_pieces, summarize)
 
 __all__ = ["HessianTraces", "NoSecondDerivative", "finite_difference_traces",
            "hutchinson_traces"]
@@ -37,33 +40,6 @@ __all__ = ["HessianTraces", "NoSecondDerivative", "finite_difference_traces",
 
 class NoSecondDerivative(RuntimeError):
     """The loss's graph holds an op whose backward cannot itself be differentiated."""
-
-#: A loss, or pieces whose sum is the loss: each piece is built and differentiated on its own, so
-#: only one piece's graph is alive at a time (the Hessian is linear in the loss).
-LossPieces = Callable[[], torch.Tensor] | Sequence[Callable[[], torch.Tensor]]
-
-# Guards the relative-change ratio against 0/0 only; any larger value would
-# impose a scale on traces, which have none (they scale with the loss).
-_ZERO_GUARD = torch.finfo(torch.float64).tiny
-
-
-@dataclass(frozen=True)
-class HessianTraces:
-    """Hutchinson estimates of the per-tensor Hessian traces.
-
-    Attributes:
-        traces: float64 CPU tensor of shape ``[len(params)]``; entry l is the
-            estimated raw trace Tr(H_l) of the Hessian block of ``params[l]``
-            (a sum over its diagonal, not a per-element mean).
-        stderr: float64 CPU tensor of the same shape; the standard error of
-            each estimate, sample standard deviation / sqrt(samples). It is 0
-            when only one sample was drawn (no spread can be measured).
-        samples: how many Rademacher samples were drawn.
-    """
-
-    traces: torch.Tensor
-    stderr: torch.Tensor
-    samples: int
 
 
 def hutchinson_traces(
@@ -125,9 +101,9 @@ def hutchinson_traces(
           A single sample gives no change to measure, so at least two are
           drawn unless ``max_samples`` is 1.
     """
-    _check_settings(max_samples, min_samples, tol, generator)
-    params = _checked_params(params)
-    pieces = _loss_pieces(loss_fn)
+    check_settings(max_samples, min_samples, tol, generator)
+    params = checked_params(params)
+    pieces = loss_pieces(loss_fn)
     with torch.enable_grad():
         if len(pieces) == 1:
             grads = _gradients_with_graph(pieces[0], params)
@@ -138,27 +114,17 @@ def hutchinson_traces(
             def sample_of(probes: list[torch.Tensor]) -> torch.Tensor:
                 return sum(_trace_sample(_gradients_with_graph(piece, params), params, probes)
                            for piece in pieces)
-        samples = _draw_until_stable(
+        samples = draw_until_stable(
             sample_of, params, max_samples, min_samples, tol, generator, all_reduce
         )
-    return _summarize(samples)
-
-
-def _loss_pieces(loss_fn: LossPieces) -> list[Callable[[], torch.Tensor]]:
-    pieces = [loss_fn] if callable(loss_fn) else list(loss_fn)
-    if not pieces:
-        raise ValueError("loss_fn is an empty sequence: need at least one loss to differentiate")
-    for index, piece in enumerate(pieces):
-        if not callable(piece):
-            raise ValueError(f"loss_fn[{index}] is a {type(piece).__name__}, not a callable")
-    return pieces
+    return summarize(samples)
 
 
 def _gradients_with_graph(
     loss_fn: Callable[[], torch.Tensor], params: list[torch.Tensor]
 ) -> tuple[torch.Tensor | None, ...]:
     loss = loss_fn()
-    _check_loss(loss)
+    check_loss(loss)
     _check_twice_differentiable(loss)
     return torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
 
@@ -190,6 +156,23 @@ def _check_twice_differentiable(loss: torch.Tensor) -> None:
         raise NoSecondDerivative(
             f"the second derivative for {names} is not available: its backward is marked "
             f"@once_differentiable, so a double backward would count its curvature as zero")
+
+
+def _trace_sample(
+    grads: Sequence[torch.Tensor | None],
+    params: list[torch.Tensor],
+    probes: list[torch.Tensor],
+) -> torch.Tensor:
+    """v_l . (H v)_l for every tensor l, from one Hessian-vector product."""
+    device = params[0].device
+    # A gradient without a graph is constant in params: that block's rows of
+    # H are zero, and autograd cannot differentiate it.
+    curved = [i for i, grad in enumerate(grads) if grad is not None and grad.requires_grad]
+    if not curved:
+        return torch.zeros(len(params), dtype=torch.float64, device=device)
+    outputs = [grads[i] for i in curved]
+    output_probes = [probes[i] for i in curved]
+    return block_dots(outputs, output_probes, params, probes, retain_graph=True)
 
 
 def finite_difference_traces(
@@ -255,193 +238,22 @@ def finite_difference_traces(
           step per tensor keeps the mean but weights the cross-block terms by h_k / h_l, which
           multiplies the variance wherever layer scales differ.
     """
-    _check_settings(max_samples, min_samples, tol, generator)
+    check_settings(max_samples, min_samples, tol, generator)
     if not 0 < relative_step < 1:
         raise ValueError(f"relative_step must be in (0, 1), got {relative_step}")
-    params = _checked_params(params)
+    params = checked_params(params)
     _check_precision(params)
     if displaced is None:
         displaced = functools.partial(_displaced_in_place, params)
-    pieces = _loss_pieces(loss_fn)
+    pieces = loss_pieces(loss_fn)
     step = _step_size(params, relative_step)
     pieces = _with_frozen_kinks(pieces) if frozen_kinks else pieces
     with torch.enable_grad():
-        samples = _draw_until_stable(
+        samples = draw_until_stable(
             lambda probes: _difference_sample(pieces, params, probes, step, displaced),
-            params, max_samples, min_samples, tol, generator, all_reduce, _rademacher_signs,
+            params, max_samples, min_samples, tol, generator, all_reduce, rademacher_signs,
         )
-    return _summarize(samples)
-
-
-def _check_settings(
-    max_samples: int, min_samples: int, tol: float, generator: torch.Generator | None
-) -> None:
-    if min_samples < 1:
-        raise ValueError(f"min_samples must be at least 1, got {min_samples}")
-    if max_samples < min_samples:
-        raise ValueError(
-            f"max_samples ({max_samples}) must be >= min_samples ({min_samples})"
-        )
-    if not tol > 0:
-        raise ValueError(f"tol must be > 0, got {tol}")
-    if generator is not None and generator.device.type != "cpu":
-        raise ValueError(
-            f"generator must be a CPU generator, got one on {generator.device}"
-        )
-
-
-def _checked_params(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    params = list(params)
-    if not params:
-        raise ValueError("params is empty: need at least one tensor to take traces for")
-    seen: dict[int, int] = {}
-    for index, param in enumerate(params):
-        if not isinstance(param, torch.Tensor):
-            raise ValueError(f"params[{index}] is a {type(param).__name__}, not a tensor")
-        if not param.requires_grad:
-            raise ValueError(
-                f"params[{index}] (shape {tuple(param.shape)}) does not require grad"
-            )
-        # The same tensor twice would have its probes summed into one block.
-        if id(param) in seen:
-            raise ValueError(
-                f"params[{index}] is the same tensor as params[{seen[id(param)]}]"
-            )
-        seen[id(param)] = index
-    return params
-
-
-def _check_loss(loss: object) -> None:
-    if not isinstance(loss, torch.Tensor):
-        raise ValueError(f"loss_fn must return a tensor, got {type(loss).__name__}")
-    if loss.dim() != 0:
-        raise ValueError(
-            f"loss_fn must return a scalar (0-dim) loss, got shape {tuple(loss.shape)}"
-        )
-    if not loss.requires_grad:
-        raise ValueError(
-            "the loss does not require grad: it depends on none of params "
-            "(or was built with autograd disabled)"
-        )
-
-
-def _draw_until_stable(
-    sample_of: Callable[[list[torch.Tensor]], torch.Tensor],
-    params: list[torch.Tensor],
-    max_samples: int,
-    min_samples: int,
-    tol: float,
-    generator: torch.Generator | None,
-    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None,
-    draw: Callable[..., list[torch.Tensor]] | None = None,
-) -> list[torch.Tensor]:
-    """Draw per-tensor trace samples until the total trace's mean settles."""
-    draw = _rademacher_like if draw is None else draw
-    samples: list[torch.Tensor] = []
-    total_sum = 0.0
-    previous_mean: float | None = None
-    for count in range(1, max_samples + 1):
-        probes = draw(params, generator)
-        sample = sample_of(probes)
-        if all_reduce is not None:
-            sample = _reduced(all_reduce, sample)
-        sample = sample.detach().to("cpu", torch.float64)
-        samples.append(sample)
-        total_sum += float(sample.sum())
-        mean = total_sum / count
-        if count >= min_samples and previous_mean is not None:
-            if abs(mean - previous_mean) / (abs(previous_mean) + _ZERO_GUARD) < tol:
-                break
-        previous_mean = mean
-    return samples
-
-
-def _rademacher_like(
-    params: list[torch.Tensor], generator: torch.Generator | None
-) -> list[torch.Tensor]:
-    """+-1 per element in each tensor's dtype, on its device (Hutchinson uses them at once)."""
-    return [bits.to(device=param.device, dtype=param.dtype).mul_(2).sub_(1)
-            for bits, param in zip(_random_bits(params, generator), params)]
-
-
-def _rademacher_signs(
-    params: list[torch.Tensor], generator: torch.Generator | None
-) -> list[PackedSigns]:
-    """+-1 per element, one bit each (a 32nd of float32's memory), on each tensor's device."""
-    return [PackedSigns(bits, param.device)
-            for bits, param in zip(_random_bits(params, generator), params)]
-
-
-def _random_bits(params: list[torch.Tensor],
-                 generator: torch.Generator | None) -> Iterator[torch.Tensor]:
-    """0/1 uint8 tensors shaped like ``params``, drawn on CPU one at a time."""
-    # Drawn on CPU for every tensor, used or not, so the random stream depends
-    # only on the shapes and a seed reproduces results on any device.
-    for param in params:
-        yield torch.randint(0, 2, param.shape, generator=generator, dtype=torch.uint8)
-
-
-class PackedSigns:
-    """The signs ``2 b - 1`` of 0/1 ``bits``, kept eight to a byte on ``device``.
-
-    ``to(dtype)`` makes the +-1 tensor. On a model of billions of weights the probe is the
-    estimator's one weight-sized store: as bits it is 0.5 GB for 4 B weights, where int8
-    signs were 4 GB.
-    """
-
-    def __init__(self, bits: torch.Tensor, device: torch.device | str = "cpu") -> None:
-        self.shape = bits.shape
-        flat = bits.reshape(-1)
-        padded = torch.cat([flat, flat.new_zeros(-flat.numel() % 8)]).view(-1, 8)
-        self.packed = padded.bitwise_left_shift(_bit_positions(padded.device)).sum(
-            1, dtype=torch.uint8).to(device)
-
-    def to(self, dtype: torch.dtype, copy: bool = True) -> torch.Tensor:
-        """The +-1 tensor in ``dtype`` (always a new tensor; ``copy`` is for the Tensor API)."""
-        bits = self.packed.unsqueeze(1).bitwise_right_shift(_bit_positions(self.packed.device))
-        bits = bits.bitwise_and_(1).reshape(-1)[:self.shape.numel()].reshape(self.shape)
-        return bits.to(dtype).mul_(2).sub_(1)
-
-
-def _bit_positions(device: torch.device) -> torch.Tensor:
-    return torch.arange(8, dtype=torch.uint8, device=device)
-
-
-class ScaledProbes(Sequence[torch.Tensor]):
-    """``offsets[l] = scale * probes[l]`` in ``params[l]``'s dtype, made when indexed.
-
-    The probes stay packed signs (or whatever tensors they were given), so the
-    finite-difference estimator holds a 32nd of a weight-sized copy rather than one; a user of
-    an offset holds it only while it is used. The same index gives the same values every time,
-    so a consumer may make an offset again instead of keeping it.
-    """
-
-    def __init__(self, probes: list[torch.Tensor], scale: float,
-                 dtypes: Sequence[torch.dtype]) -> None:
-        self.probes, self.scale, self.dtypes = probes, scale, list(dtypes)
-
-    def __len__(self) -> int:
-        return len(self.probes)
-
-    def __getitem__(self, index: int) -> torch.Tensor:  # noqa: D105
-        return self.probes[index].to(self.dtypes[index], copy=True).mul_(self.scale)
-
-
-def _trace_sample(
-    grads: Sequence[torch.Tensor | None],
-    params: list[torch.Tensor],
-    probes: list[torch.Tensor],
-) -> torch.Tensor:
-    """v_l . (H v)_l for every tensor l, from one Hessian-vector product."""
-    device = params[0].device
-    # A gradient without a graph is constant in params: that block's rows of
-    # H are zero, and autograd cannot differentiate it.
-    curved = [i for i, grad in enumerate(grads) if grad is not None and grad.requires_grad]
-    if not curved:
-        return torch.zeros(len(params), dtype=torch.float64, device=device)
-    outputs = [grads[i] for i in curved]
-    output_probes = [probes[i] for i in curved]
-    return _block_dots(outputs, output_probes, params, probes, retain_graph=True)
+    return summarize(samples)
 
 
 def _check_precision(params: list[torch.Tensor]) -> None:
@@ -504,8 +316,8 @@ def _piece_gradient_dots(
     piece: Callable[[], torch.Tensor], params: list[torch.Tensor], offsets: Sequence[torch.Tensor]
 ) -> torch.Tensor:
     loss = piece()
-    _check_loss(loss)
-    return _block_dots([loss], [None], params, offsets, retain_graph=False)
+    check_loss(loss)
+    return block_dots([loss], [None], params, offsets, retain_graph=False)
 
 
 @contextlib.contextmanager
@@ -533,85 +345,3 @@ def _step_size(params: list[torch.Tensor], relative_step: float) -> float:
     squares = sum(float(param.detach().double().pow(2).sum()) for param in params)
     rms = math.sqrt(squares / sum(param.numel() for param in params))
     return relative_step * rms if rms > 0 else relative_step
-
-
-def _block_dots(
-    outputs: list[torch.Tensor],
-    output_grads: list[torch.Tensor | None],
-    params: list[torch.Tensor],
-    probes: list[torch.Tensor],
-    retain_graph: bool,
-) -> torch.Tensor:
-    """probes[l] . (the gradient of outputs, weighted by output_grads, w.r.t. params[l])."""
-    device = params[0].device
-    if all(param.is_leaf for param in params):
-        return _streamed_products(outputs, output_grads, params, probes, retain_graph)
-    blocks = torch.autograd.grad(
-        outputs, params, grad_outputs=output_grads, retain_graph=retain_graph, allow_unused=True
-    )
-    return torch.stack([_dot(probe, block, device) for probe, block in zip(probes, blocks)])
-
-
-def _streamed_products(
-    outputs: list[torch.Tensor],
-    output_grads: list[torch.Tensor | None],
-    params: list[torch.Tensor],
-    probes: list[torch.Tensor],
-    retain_graph: bool,
-) -> torch.Tensor:
-    """probes[l] . block l of the gradient, taken as the block lands in ``params[l].grad``.
-
-    ``autograd.grad`` would hold the whole gradient (one more copy of every weight) until the
-    pass ends; consuming each block as it is accumulated keeps only the blocks in flight. The
-    callers' own ``.grad`` tensors are set aside for the pass and put back.
-    """
-    device = params[0].device
-    products = torch.zeros(len(params), dtype=torch.float64, device=device)
-    position = {id(param): index for index, param in enumerate(params)}
-
-    def consume(param: torch.Tensor) -> None:
-        index = position[id(param)]
-        products[index] = _dot(probes[index], param.grad, device)
-        param.grad = None
-
-    stashed = [param.grad for param in params]
-    handles = []
-    try:
-        for param in params:
-            param.grad = None
-            handles.append(param.register_post_accumulate_grad_hook(consume))
-        torch.autograd.backward(outputs, output_grads, retain_graph=retain_graph, inputs=params)
-    finally:
-        for handle in handles:
-            handle.remove()
-        for param, grad in zip(params, stashed):
-            param.grad = grad
-    return products
-
-
-def _dot(probe: torch.Tensor, hv: torch.Tensor | None, device: torch.device) -> torch.Tensor:
-    if hv is None:  # the loss does not reach this tensor
-        return torch.zeros((), dtype=torch.float64, device=device)
-    return (probe.double() * hv.double()).sum().to(device)
-
-
-def _reduced(
-    all_reduce: Callable[[torch.Tensor], torch.Tensor], sample: torch.Tensor
-) -> torch.Tensor:
-    reduced = all_reduce(sample)
-    if not isinstance(reduced, torch.Tensor) or reduced.shape != sample.shape:
-        got = tuple(reduced.shape) if isinstance(reduced, torch.Tensor) else type(reduced).__name__
-        raise ValueError(
-            f"all_reduce must return a tensor of shape {tuple(sample.shape)}, got {got}"
-        )
-    return reduced
-
-
-def _summarize(samples: list[torch.Tensor]) -> HessianTraces:
-    stacked = torch.stack(samples)
-    count = stacked.shape[0]
-    if count > 1:
-        stderr = stacked.std(dim=0, correction=1) / math.sqrt(count)
-    else:
-        stderr = torch.zeros_like(stacked[0])
-    return HessianTraces(traces=stacked.mean(dim=0), stderr=stderr, samples=count)

@@ -216,7 +216,7 @@ def displaced_quantized_weights(quantizers: Sequence[nn.Module],
     mostly absorbed by rounding), so a finite difference sees the curvature at the quantized
     point. Gradients still reach the latents through the straight-through quantizer.
     ``offsets[i]`` is indexed at each call of the quantizer (and again if the backward pass
-    recomputes the weight), so a sequence that makes its items on demand (msq_fx.hessian's
+    recomputes the weight), so a sequence that makes its items on demand (msq_fx.probes'
     ScaledProbes) is never held whole; it must give the same values each time.
     """
     if len(quantizers) != len(offsets):

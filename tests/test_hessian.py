@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from msq_fx.hessian import (HessianTraces, NoSecondDerivative, PackedSigns, ScaledProbes,
-                            finite_difference_traces, hutchinson_traces)
+from msq_fx.hessian import (HessianTraces, NoSecondDerivative, finite_difference_traces,
+                            hutchinson_traces)
+from msq_fx.probes import PackedSigns, ScaledProbes
 
 # Tiny enough that the relative change of the running mean never drops under
 # it for a non-diagonal Hessian, so the estimator runs to max_samples.
