@@ -7,17 +7,14 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple, Sequence
 import torch
 from torch import nn
 
-from .config import CONFIG_ATTR, MSQConfig
+from .config import MSQConfig
 from .errors import MSQError
 from .modules import LoweredWeight, WeightFakeQuant
-from .report import FLOAT_WEIGHTS_ATTR, NOTES_ATTR
+from .state import PreparedState, attach_state, detach_state
 from .utils import copy_module, eval_mode
 
 if TYPE_CHECKING:
     from msq_fx.passes.probe import ProbeResult
-
-#: The networkx graph of the grouping pass, kept on the prepared model for inspection.
-SENSITIVITY_GRAPH_ATTR = "_msq_sensitivity_graph"
 
 logger = logging.getLogger("msq_fx")
 
@@ -62,8 +59,7 @@ def prepare(model: nn.Module, example_inputs: Any = None, config: MSQConfig | No
         return _prepare(model, inputs, config, capture)
     except BaseException:
         unrewrite(model)
-        for attr in (FLOAT_WEIGHTS_ATTR, NOTES_ATTR, SENSITIVITY_GRAPH_ATTR, CONFIG_ATTR):
-            model.__dict__.pop(attr, None)
+        detach_state(model)
         raise
 
 
@@ -103,10 +99,10 @@ def _prepare(qmodel: nn.Module, inputs: tuple | None, config: MSQConfig,
         rewrite(qmodel, discovery, config, assign_groups(sensitivity_graph))
     except RewriteError as error:
         raise MSQError(str(error)) from error
-    setattr(qmodel, FLOAT_WEIGHTS_ATTR, list(discovery.float_weights))
-    setattr(qmodel, NOTES_ATTR, list(discovery.notes))
-    setattr(qmodel, SENSITIVITY_GRAPH_ATTR, sensitivity_graph)
-    setattr(qmodel, CONFIG_ATTR, config.to_dict())
+    attach_state(qmodel, PreparedState(config=config.to_dict(),
+                                       float_weights=list(discovery.float_weights),
+                                       notes=list(discovery.notes),
+                                       sensitivity_graph=sensitivity_graph))
     for weight in refused:
         logger.warning("prepare: %s (%s) left in float: %s", weight.name, weight.kind, weight.reason)
     for note in discovery.notes:

@@ -40,11 +40,12 @@ from tabulate import tabulate
 from torch import Tensor, nn
 
 from .batchnorm import recalibrate_batchnorm
-from .config import CONFIG_ATTR, MSQConfig
+from .config import MSQConfig
 from .errors import MSQError
 from .modules import WeightFakeQuant
 from .owners import QuantizedWeight, iter_quantized_weights
 from .sensitivity import group_traces
+from .state import prepared_state
 from .utils import take
 
 logger = logging.getLogger("msq_fx")
@@ -314,7 +315,8 @@ def _checked_config(model: nn.Module, config: MSQConfig | None) -> MSQConfig:
     layers), so a controller given another one would prune a model it does not describe; the
     schedule (target, pruning, Hessian) is the controller's alone and may differ.
     """
-    stored = getattr(model, CONFIG_ATTR, None)
+    state = prepared_state(model)
+    stored = None if state is None else state.config
     prepared = MSQConfig.from_dict(stored) if stored is not None else None
     if config is None:
         return prepared if prepared is not None else MSQConfig()

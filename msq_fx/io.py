@@ -23,10 +23,11 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .config import CONFIG_ATTR, MSQConfig
+from .config import MSQConfig
 from .modules import LoweredActivation, LoweredWeight, WeightFakeQuant
 from .packing import pack_codes, unpack_codes
 from .report import FloatRow, LayerRow, Report, report
+from .state import prepared_state
 from .utils import copy_module
 
 logger = logging.getLogger("msq_fx")
@@ -46,13 +47,14 @@ def save(int_model: nn.Module, path: str | os.PathLike) -> None:
         codes[name] = {"shape": tuple(lowered.codes.shape), "bits": lowered.num_bits,
                        "packed": pack_codes(lowered.codes, lowered.num_bits)}
     model_report = report(int_model)
+    prepared = prepared_state(int_model)
     payload = {
         "format": FORMAT, "state": state, "codes": codes,
         "activations": {name: {"bits": m.bits, "signed": m.signed}
                         for name, m in int_model.named_modules()
                         if isinstance(m, LoweredActivation)},
         "report": {**model_report.to_dict(), "other_float_params": model_report.other_float_params},
-        "config": getattr(int_model, CONFIG_ATTR, None),
+        "config": None if prepared is None else prepared.config,
         "structure": _structure_bytes(int_model),
     }
     if payload["structure"] is None:

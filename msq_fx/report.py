@@ -8,10 +8,7 @@ from torch import nn
 
 from .modules import ActivationFakeQuant, LoweredActivation, LoweredWeight, WeightFakeQuant
 from .owners import iter_quantized_weights
-
-FLOAT_WEIGHTS_ATTR = "_msq_float_weights"
-#: What prepare() could not check (e.g. uses inside leaves without an eager probe), as sentences.
-NOTES_ATTR = "_msq_notes"
+from .state import PreparedState, prepared_state
 
 
 @dataclass(frozen=True)
@@ -117,9 +114,9 @@ def report(model: nn.Module) -> Report:
             prune_step=int(quantizer.prune_step) if is_training else None,
             group=quantizer.group, prunable=getattr(quantizer, "prunable", False),
             shared_with=quantizer.names[1:]))
-    floats = [FloatRow(f.name, f.kind, f.reason) for f in getattr(model, FLOAT_WEIGHTS_ATTR, [])]
-    return Report(layers, floats, _other_float_params(model, quantized_tensors),
-                  list(getattr(model, NOTES_ATTR, [])))
+    state = prepared_state(model) or PreparedState()
+    floats = [FloatRow(f.name, f.kind, f.reason) for f in state.float_weights]
+    return Report(layers, floats, _other_float_params(model, quantized_tensors), list(state.notes))
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -12,6 +12,7 @@ from torch import nn
 import msq_fx
 from msq_fx import quant
 from msq_fx.passes.group import assign_groups
+from msq_fx.state import prepared_state
 
 
 class SharedParameter(nn.Module):
@@ -250,7 +251,7 @@ def edges(graph) -> dict[frozenset, str]:
 
 
 def test_sensitivity_graph_of_a_chain_has_a_dataflow_edge_per_consecutive_pair():
-    graph = prepare(Chain)._msq_sensitivity_graph
+    graph = prepared_state(prepare(Chain)).sensitivity_graph
     assert list(graph.nodes) == ["l0.weight", "l1.weight", "l2.weight"]
     assert [graph.nodes[n]["rank"] for n in graph.nodes] == [0, 1, 2]
     assert all(graph.nodes[n]["kind"] == "linear" and graph.nodes[n]["params"] == 64
@@ -260,12 +261,12 @@ def test_sensitivity_graph_of_a_chain_has_a_dataflow_edge_per_consecutive_pair()
 
 
 def test_dataflow_edges_do_not_merge_groups():
-    graph = prepare(Chain)._msq_sensitivity_graph
+    graph = prepared_state(prepare(Chain)).sensitivity_graph
     assert assign_groups(graph) == {n: n for n in graph.nodes}
 
 
 def test_sensitivity_graph_adds_a_declared_edge_for_a_declared_group():
-    graph = prepare(Chain, groups=GROUP_0_2)._msq_sensitivity_graph
+    graph = prepared_state(prepare(Chain, groups=GROUP_0_2)).sensitivity_graph
     assert edges(graph) == {frozenset(("l0.weight", "l1.weight")): "dataflow",
                             frozenset(("l1.weight", "l2.weight")): "dataflow",
                             frozenset(("l0.weight", "l2.weight")): "declared"}
@@ -274,19 +275,19 @@ def test_sensitivity_graph_adds_a_declared_edge_for_a_declared_group():
 
 
 def test_a_declared_edge_takes_precedence_over_a_dataflow_edge_on_the_same_pair():
-    graph = prepare(Chain, groups=((r"^l[01]\.",),))._msq_sensitivity_graph
+    graph = prepared_state(prepare(Chain, groups=((r"^l[01]\.",),))).sensitivity_graph
     assert edges(graph)[frozenset(("l0.weight", "l1.weight"))] == "declared"
     assert graph.number_of_edges() == 2
 
 
 def test_sibling_layers_have_no_dataflow_edges():
-    graph = prepare(Parallel)._msq_sensitivity_graph
+    graph = prepared_state(prepare(Parallel)).sensitivity_graph
     assert set(graph.nodes) == {"p0.weight", "p1.weight", "p2.weight"}
     assert graph.number_of_edges() == 0
 
 
 def test_a_shared_parameter_is_one_tied_node_without_a_self_loop():
-    graph = prepare(SharedParameter)._msq_sensitivity_graph
+    graph = prepared_state(prepare(SharedParameter)).sensitivity_graph
     assert list(graph.nodes) == ["a.weight", "head.weight"]
     node = graph.nodes["a.weight"]
     assert node["fqns"] == ("a.weight", "b.weight") and node["tied"] is True
@@ -295,14 +296,14 @@ def test_a_shared_parameter_is_one_tied_node_without_a_self_loop():
 
 
 def test_a_module_called_twice_is_one_untied_node_without_a_self_loop():
-    graph = prepare(CalledTwice)._msq_sensitivity_graph
+    graph = prepared_state(prepare(CalledTwice)).sensitivity_graph
     assert graph.nodes["fc.weight"]["fqns"] == ("fc.weight",)
     assert graph.nodes["fc.weight"]["tied"] is False
     assert edges(graph) == {frozenset(("fc.weight", "head.weight")): "dataflow"}
 
 
 def test_excluded_weights_are_not_nodes_of_the_sensitivity_graph():
-    graph = prepare(Chain, exclude=(r"^l1\.",))._msq_sensitivity_graph
+    graph = prepared_state(prepare(Chain, exclude=(r"^l1\.",))).sensitivity_graph
     assert list(graph.nodes) == ["l0.weight", "l2.weight"]
     # data flow is traced through the float layer to the next quantized one
     assert edges(graph) == {frozenset(("l0.weight", "l2.weight")): "dataflow"}
