@@ -72,5 +72,3 @@ def _group_error(group: _Group, bits: int) -> float:
                                     tuple(quantizer.learned_scale.shape))
         total += quant.quantization_error(latent, bits, quantizer.grid, scale)
     return total
-
-

@@ -16,6 +16,8 @@ from .utils import copy_module, eval_mode
 if TYPE_CHECKING:
     from msq_fx.passes.probe import ProbeResult
 
+__all__ = ["prepare", "convert"]
+
 logger = logging.getLogger("msq_fx")
 
 
@@ -27,16 +29,43 @@ def prepare(model: nn.Module, example_inputs: Any = None, config: MSQConfig | No
     """Return an MSQ-quantized copy of ``model`` for quantization-aware training.
 
     Traces the model (leaf-aware, never failing for a model that runs eagerly), finds every conv,
-    depthwise conv, linear and attention weight, and routes each through a RoundClamp quantizer at
-    ``config.quantization.init_bits``. ``model`` itself is never modified, unless ``inplace=True``: then
-    ``model`` is rewritten and returned, without the copy (for a model too large to hold twice),
-    and a failure undoes the rewrite before raising. ``example_inputs`` (a tensor or a tuple
-    of positional inputs) is optional; when given, it must run the model, one eager forward on it
-    finds weights used functionally where the FX graph cannot see them (inside leaf modules), and
-    it calibrates the activation quantizers when ``config.quantization.act_bits`` is set. Without it, such uses
-    may be missed; the report's notes (and a logged warning) name the Parameters concerned.
-    A found weight whose owner module cannot carry a quantizer stays float and is listed in the
-    report with the reason (or, with ``config.quantization.on_unquantizable="error"``, raises ``MSQError``).
+    depthwise conv, linear and attention weight, and routes each through a RoundClamp quantizer
+    at ``config.quantization.init_bits``. ``model`` itself is never modified, unless
+    ``inplace=True``: then ``model`` is rewritten and returned, without the copy (for a model
+    too large to hold twice), and a failure undoes the rewrite before raising. When
+    ``example_inputs`` are given, one eager forward on them finds weights used functionally where
+    the FX graph cannot see them (inside leaf modules), and calibrates the activation quantizers
+    when ``config.quantization.act_bits`` is set. Without them, such uses may be missed; the
+    report's notes (and a logged warning) name the Parameters concerned. A found weight whose
+    owner module cannot carry a quantizer stays float and is listed in the report with the
+    reason (or, with ``config.quantization.on_unquantizable="error"``, raises ``MSQError``).
+
+    Args:
+        model: the float model.
+        example_inputs: optional; a tensor or a tuple of positional inputs that runs ``model``.
+        config: the MSQConfig (default ``MSQConfig()``); the prepared model keeps it, and the
+            controller and ``save`` read it from there.
+        filter_fn: ``filter_fn(module, fqn) -> bool``; False keeps that weight in float.
+        leaf_modules: submodules the tracer keeps opaque: classes, or exact qualified names.
+        concrete_args: passed to ``torch.fx.Tracer.trace`` (e.g. ``{"flag": False}``).
+        inplace: rewrite and return ``model`` itself instead of a copy.
+
+    Returns:
+        The prepared model: the same module tree, forward and ``state_dict`` keys, with each
+        quantized weight read through a ``WeightFakeQuant`` (msq_fx.modules).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import msq_fx
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> qmodel = msq_fx.prepare(model, torch.randn(3, 4))
+        >>> [(row.name, row.bits) for row in msq_fx.report(qmodel).layers]
+        [('0.weight', 8), ('2.weight', 8)]
+        >>> qmodel[0].weight_quantizer
+        WeightFakeQuant(bits=8, p=1, kind=linear, grid=nested, scale=max)
+        >>> set(model.state_dict()) <= set(qmodel.state_dict())  # the model's keys are kept
+        True
     """
     from msq_fx.passes.rewrite import unrewrite
 
@@ -119,14 +148,36 @@ def convert(qmodel: nn.Module, *, inplace: bool = False, one_at_a_time: bool = F
     """Return a copy of a prepared model whose quantized weights are int8 codes + step + bit width.
 
     In eval mode its output equals the prepared model's output: both rebuild each weight with the
-    same formula from the same codes. ``inplace=True`` lowers ``qmodel`` itself and returns it
-    (no copy of the latent weights); every weight is lowered before any is swapped in, so a
-    weight that cannot be lowered raises with ``qmodel`` unchanged. ``one_at_a_time=True``
-    swaps each weight in as soon as it is lowered, so its latent goes at once: the peak is the
-    model plus one weight's temporaries instead of plus every weight's codes. Weights that
-    cannot be lowered are still found before anything changes, but running out of memory
-    midway would leave ``qmodel`` partly converted: for a model you would discard then (the
-    largest models, converted in place where they were trained).
+    same formula from the same codes.
+
+    Args:
+        qmodel: a model returned by :func:`prepare` (trained or not).
+        inplace: lower ``qmodel`` itself and return it (no copy of the latent weights); every
+            weight is lowered before any is swapped in, so a weight that cannot be lowered
+            raises with ``qmodel`` unchanged.
+        one_at_a_time: with ``inplace``, swap each weight in as soon as it is lowered, so its
+            latent goes at once: the peak is the model plus one weight's temporaries instead of
+            plus every weight's codes. Weights that cannot be lowered are still found before
+            anything changes, but running out of memory midway would leave ``qmodel`` partly
+            converted: for a model you would discard then (the largest models, converted in
+            place where they were trained).
+
+    Returns:
+        The converted model: each quantized weight a ``LoweredWeight`` (msq_fx.modules) of
+        integer codes, its latent Parameter gone; ready for :func:`msq_fx.save` and
+        :func:`msq_fx.export_onnx`.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import msq_fx
+        >>> x = torch.randn(3, 4)
+        >>> qmodel = msq_fx.prepare(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), x)
+        >>> int_model = msq_fx.convert(qmodel.eval())
+        >>> torch.equal(int_model(x), qmodel(x))
+        True
+        >>> int_model[0].weight_quantizer
+        LoweredWeight(bits=8, shape=(8, 4), kind=linear)
     """
     from msq_fx.passes.lower import LowerError, lower
 

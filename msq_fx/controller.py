@@ -48,6 +48,8 @@ from .sensitivity import group_traces
 from .state import prepared_state
 from .utils import take
 
+__all__ = ["MSQController", "PruneRecord"]
+
 logger = logging.getLogger("msq_fx")
 
 
@@ -110,7 +112,33 @@ class _Group:
 
 
 class MSQController:
-    """Owns Algorithm 1's state for one prepared model; see the module docstring."""
+    """Owns Algorithm 1's state for one prepared model; see the module docstring.
+
+    Args:
+        qmodel: a model returned by ``msq_fx.prepare`` (or its DDP / DataParallel wrapper).
+        config: the schedule (``target_compression``, ``pruning``, ``hessian``, ``seed``); its
+            ``quantization`` section must be the one the model was prepared with. Default: the
+            config the model was prepared with.
+
+    Example:
+        >>> import torch, torch.nn.functional as F
+        >>> from torch import nn
+        >>> import msq_fx
+        >>> _ = torch.manual_seed(0)
+        >>> config = msq_fx.MSQConfig(pruning={"interval": 1, "threshold": 1.0})
+        >>> qmodel = msq_fx.prepare(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)),
+        ...                         config=config)
+        >>> controller = msq_fx.MSQController(qmodel, config)
+        >>> optimizer = torch.optim.SGD(qmodel.parameters(), lr=0.1)
+        >>> batches = [(torch.randn(16, 4), torch.randint(0, 2, (16,)))]
+        >>> for epoch in range(1, 3):
+        ...     for x, y in batches:
+        ...         loss = F.cross_entropy(qmodel(x), y) + controller.regularization()
+        ...         optimizer.zero_grad(); loss.backward(); optimizer.step()
+        ...     records = controller.epoch_end(epoch, batches, F.cross_entropy)
+        >>> controller.compression() > 32 / 8
+        True
+    """
 
     def __init__(self, qmodel: nn.Module, config: MSQConfig | None = None) -> None:
         self.model = _unwrap(qmodel)
@@ -143,7 +171,19 @@ class MSQController:
 
     # ------------------------------------------------------------------ per step
     def regularization(self) -> Tensor:
-        """lambda * sum of |B_p| over the groups still pruning; zero once the target is reached."""
+        """lambda * sum of |B_p| over the groups still pruning; zero once the target is reached.
+
+        Returns:
+            A scalar tensor to add to the training loss (it has gradients for the latents).
+
+        Example:
+            >>> import torch, msq_fx
+            >>> from torch import nn
+            >>> controller = msq_fx.MSQController(msq_fx.prepare(nn.Linear(4, 2)))
+            >>> penalty = controller.regularization()
+            >>> penalty.shape, penalty.requires_grad
+            (torch.Size([]), True)
+        """
         device = self.groups[0].members[0].latent.device
         active = self._active_groups()
         if self.done or self.config.pruning.reg_strength == 0 or not active:
@@ -154,7 +194,17 @@ class MSQController:
         return self.config.pruning.reg_strength * torch.stack(terms).sum()
 
     def compression(self) -> float:
-        """32 * sum(params) / sum(bits * params) over the quantized weights (paper convention)."""
+        """32 * sum(params) / sum(bits * params) over the quantized weights (paper convention).
+
+        Returns:
+            The compression of the current widths, e.g. 4.0 with every weight at 8 bits.
+
+        Example:
+            >>> import msq_fx
+            >>> from torch import nn
+            >>> msq_fx.MSQController(msq_fx.prepare(nn.Linear(4, 2))).compression()
+            4.0
+        """
         params = sum(g.params for g in self.groups)
         return 32.0 * params / sum(g.bits * g.params for g in self.groups)
 
@@ -163,10 +213,31 @@ class MSQController:
                   ) -> list[PruneRecord]:
         """Run Algorithm 1's pruning step if ``epoch`` (counted from 1) is a multiple of I.
 
-        ``batches`` yields ``(inputs, targets)``; the first ``hessian.batches`` of them feed the
-        Hessian (and the first ``pruning.bn_recalibration_batches`` the BatchNorm statistics).
-        Returns the records of this step (empty when nothing was decided). With
-        ``pruning.interval_unit="step"`` pruning happens in :meth:`step_end` instead.
+        With ``pruning.interval_unit="step"`` pruning happens in :meth:`step_end` instead.
+
+        Args:
+            epoch: the epoch just completed, counted from 1; each is processed once.
+            batches: yields ``(inputs, targets)``; the first ``hessian.batches`` of them feed
+                the Hessian (and the first ``pruning.bn_recalibration_batches`` the BatchNorm
+                statistics).
+            loss_fn: ``loss_fn(model(inputs), targets)`` gives the loss whose Hessian is taken.
+
+        Returns:
+            The ``PruneRecord`` of each group this step decided on (empty when nothing was
+            decided).
+
+        Example:
+            >>> import torch, torch.nn.functional as F, msq_fx
+            >>> from torch import nn
+            >>> _ = torch.manual_seed(0)
+            >>> config = msq_fx.MSQConfig(pruning={"interval": 1, "threshold": 1.0})
+            >>> qmodel = msq_fx.prepare(nn.Sequential(nn.Linear(4, 8), nn.ReLU(),
+            ...                                       nn.Linear(8, 2)), config=config)
+            >>> controller = msq_fx.MSQController(qmodel, config)
+            >>> batches = [(torch.randn(16, 4), torch.randint(0, 2, (16,)))]
+            >>> records = controller.epoch_end(1, batches, F.cross_entropy)
+            >>> [(r.group, r.bits_before, r.bits_after) for r in records]
+            [('0.weight', 8, 7), ('2.weight', 8, 7)]
         """
         _check_count("epoch_end", "epoch", epoch, self.last_epoch)
         due = self.config.pruning.interval_unit == "epoch" \
@@ -182,8 +253,27 @@ class MSQController:
         """Call after optimizer step ``step`` (counted from 1 over the whole run): with
         ``pruning.interval_unit="step"``, runs the pruning step every I-th step.
 
-        Costs nothing on the steps between prunes; ``batches`` is read only when a prune is
-        due (pass a list, or an iterable that starts afresh). Returns that step's records.
+        Costs nothing on the steps between prunes.
+
+        Args:
+            step: the optimizer step just taken, counted from 1 over the whole run.
+            batches: as for :meth:`epoch_end`; read only when a prune is due (pass a list, or
+                an iterable that starts afresh).
+            loss_fn: as for :meth:`epoch_end`.
+
+        Returns:
+            That step's ``PruneRecord`` list (empty between prunes).
+
+        Example:
+            >>> import torch, torch.nn.functional as F, msq_fx
+            >>> from torch import nn
+            >>> _ = torch.manual_seed(0)
+            >>> config = msq_fx.MSQConfig(pruning={"interval": 2, "interval_unit": "step",
+            ...                                    "threshold": 1.0})
+            >>> controller = msq_fx.MSQController(msq_fx.prepare(nn.Linear(4, 2), config=config))
+            >>> batches = [(torch.randn(16, 4), torch.randint(0, 2, (16,)))]
+            >>> [len(controller.step_end(step, batches, F.cross_entropy)) for step in (1, 2)]
+            [0, 1]
         """
         _check_count("step_end", "step", step, self.last_step)
         due = self.config.pruning.interval_unit == "step" \
@@ -263,6 +353,22 @@ class MSQController:
 
     # ------------------------------------------------------------------ reporting and resume
     def history_table(self, tablefmt: str = "simple") -> str:
+        """Every decision so far, one row per group and prune.
+
+        Args:
+            tablefmt: a ``tabulate`` table format ("simple", "github", ...).
+
+        Returns:
+            The table as text: epoch, group, kind, params, beta, Omega, bits before and after,
+            the next p and the compression after the prune.
+
+        Example:
+            >>> import msq_fx
+            >>> from torch import nn
+            >>> controller = msq_fx.MSQController(msq_fx.prepare(nn.Linear(4, 2)))
+            >>> controller.history_table().split()[:6]  # nothing pruned yet: the header
+            ['epoch', 'group', 'kind', 'params', 'beta', 'Omega']
+        """
         rows = [(r.epoch, r.group, r.kind, r.params, f"{r.beta:.3f}",
                  "-" if r.omega is None else f"{r.omega:.3g}", r.bits_before, r.bits_after,
                  r.next_prune_step, f"{r.compression:.2f}") for r in self.history]
@@ -271,15 +377,56 @@ class MSQController:
                         tablefmt=tablefmt, disable_numparse=True)
 
     def bit_widths(self) -> dict[str, int]:
+        """The current width of each group.
+
+        Returns:
+            group name (its first weight's name) -> bits.
+
+        Example:
+            >>> import msq_fx
+            >>> from torch import nn
+            >>> qmodel = msq_fx.prepare(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))
+            >>> msq_fx.MSQController(qmodel).bit_widths()
+            {'0.weight': 8, '2.weight': 8}
+        """
         return {g.name: g.bits for g in self.groups}
 
     def state_dict(self) -> dict[str, Any]:
-        """Counters and history; bits and p live in the model's buffers (its own state_dict)."""
+        """Counters and history; bits and p live in the model's buffers (its own state_dict).
+
+        Returns:
+            Plain data (ints, bools, lists of dicts) for ``torch.save`` beside the model's and
+            the optimizer's state_dicts; :meth:`load_state_dict` reads it back.
+
+        Example:
+            >>> import msq_fx
+            >>> from torch import nn
+            >>> msq_fx.MSQController(msq_fx.prepare(nn.Linear(4, 2))).state_dict()
+            {'last_epoch': 0, 'last_step': 0, 'prune_count': 0, 'done': False, 'history': []}
+        """
         return {"last_epoch": self.last_epoch, "last_step": self.last_step,
                 "prune_count": self.prune_count,
                 "done": self.done, "history": [asdict(r) for r in self.history]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict`'s output (load the model's state_dict as well).
+
+        Args:
+            state: what :meth:`state_dict` returned.
+
+        Returns:
+            None; a resumed run makes the same decisions as an uninterrupted one.
+
+        Example:
+            >>> import msq_fx
+            >>> from torch import nn
+            >>> qmodel = msq_fx.prepare(nn.Linear(4, 2))
+            >>> resumed = msq_fx.MSQController(qmodel)
+            >>> resumed.load_state_dict({'last_epoch': 3, 'last_step': 0, 'prune_count': 1,
+            ...                          'done': False, 'history': []})
+            >>> resumed.last_epoch
+            3
+        """
         missing = {"last_epoch", "prune_count", "done", "history"} - set(state)
         if missing:
             raise KeyError(f"MSQController.load_state_dict: missing {sorted(missing)}")

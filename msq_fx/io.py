@@ -30,6 +30,9 @@ from .report import FloatRow, LayerRow, Report, report
 from .state import prepared_state
 from .utils import copy_module
 
+__all__ = ["save", "load", "saved_report", "saved_config", "require_converted", "atomic_write",
+           "FORMAT", "PICKLED_FORMAT"]
+
 logger = logging.getLogger("msq_fx")
 
 FORMAT = "msq_fx.packed/2"
@@ -38,7 +41,29 @@ PICKLED_FORMAT = "msq_fx.packed/1"
 
 
 def save(int_model: nn.Module, path: str | os.PathLike) -> None:
-    """Write a model returned by ``msq_fx.convert`` to ``path`` with bit-packed codes."""
+    """Write a model returned by ``msq_fx.convert`` to ``path`` with bit-packed codes.
+
+    The file holds tensors and plain data only (see the module docstring); it is written to a
+    temporary name and renamed, so an interrupted save leaves no truncated file at ``path``.
+
+    Args:
+        int_model: a converted model.
+        path: the file to write.
+
+    Returns:
+        None.
+
+    Example:
+        >>> import os, tempfile, torch, msq_fx
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> int_model = msq_fx.convert(msq_fx.prepare(model))
+        >>> with tempfile.TemporaryDirectory() as directory:
+        ...     path = os.path.join(directory, "model.msq")
+        ...     msq_fx.save(int_model, path)
+        ...     print(msq_fx.saved_report(path).compression)
+        4.0
+    """
     require_converted(int_model, "msq_fx.save")
     state = int_model.state_dict()
     codes = {}
@@ -68,11 +93,32 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, trusted: bo
          map_location: str | torch.device | None = None) -> nn.Module:
     """Read a model written by ``save``.
 
-    With ``model`` (a converted model of the saved architecture, e.g.
-    ``convert(prepare(arch, example_inputs, saved_config(path)))``), fill it with the saved state
-    and return it; nothing in the file is unpickled, and a model that does not match is left
-    unchanged. Without ``model``, ``trusted=True`` rebuilds the module from the file's pickled
-    structure (which can run code: for files you trust only).
+    Args:
+        path: a file written by :func:`save`.
+        model: a converted model of the saved architecture, e.g.
+            ``convert(prepare(arch, example_inputs, saved_config(path)))``: it is filled with
+            the saved state and nothing in the file is unpickled; a model that does not match
+            is left unchanged (ValueError).
+        trusted: without ``model``, rebuild the module from the file's pickled structure, which
+            can run code: for files you trust only.
+        map_location: as for ``torch.load``.
+
+    Returns:
+        The converted model, its outputs those of the model that was saved.
+
+    Example:
+        >>> import os, tempfile, torch, msq_fx
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> int_model = msq_fx.convert(msq_fx.prepare(model))
+        >>> with tempfile.TemporaryDirectory() as directory:
+        ...     path = os.path.join(directory, "model.msq")
+        ...     msq_fx.save(int_model, path)
+        ...     skeleton = msq_fx.convert(msq_fx.prepare(model, config=msq_fx.saved_config(path)))
+        ...     loaded = msq_fx.load(path, model=skeleton)
+        >>> x = torch.randn(3, 4)
+        >>> torch.equal(loaded(x), int_model(x))
+        True
     """
     payload = _read(path, trusted, map_location)
     if payload["format"] == PICKLED_FORMAT:

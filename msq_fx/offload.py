@@ -30,6 +30,8 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
+__all__ = ["offload_saved_tensors", "release_freed_memory", "DEFAULT_MIN_BYTES"]
+
 #: Saved tensors smaller than this stay in memory: the file per tensor costs more than they do.
 DEFAULT_MIN_BYTES = 1 << 20
 

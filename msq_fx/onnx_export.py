@@ -34,6 +34,10 @@ from torch import Tensor, nn
 from .io import atomic_write, require_converted
 from .modules import LoweredActivation, LoweredWeight, rounded_to_grid
 
+__all__ = ["export_onnx", "OnnxExport", "onnx_runtime_outputs", "onnx_runtime_session",
+           "dequantize_weight", "dequantize_weight_per_channel", "quantize_activation",
+           "ONNX_OPSET", "INT4_MAX_BITS", "INSTALL_HINT"]
+
 ONNX_OPSET = 21  # the first opset with INT4 in DequantizeLinear
 INT4_MAX_BITS = 4
 INSTALL_HINT = "install the onnx extra (pip install -e '.[onnx]' in a checkout)"
@@ -105,9 +109,29 @@ def export_onnx(int_model: nn.Module, example_inputs: Any, path: str | os.PathLi
                 int4: bool = True, dynamic_shapes: Any = None) -> OnnxExport:
     """Write ``int_model`` (from ``msq_fx.convert``) to ``path`` as ONNX with integer weights.
 
-    ``example_inputs`` is a tensor or a tuple of positional inputs; ``dynamic_shapes`` is passed
-    to ``torch.onnx.export``. ``int4=False`` stores every quantized weight as INT8. The model is
-    exported in eval mode and left as it was given (mode and modules), also when export fails.
+    The model is exported in eval mode and left as it was given (mode and modules), also when
+    export fails.
+
+    Args:
+        int_model: a converted model.
+        example_inputs: a tensor or a tuple of positional inputs.
+        path: the ONNX file to write.
+        int4: store weights of at most 4 bits as INT4 (False: every quantized weight as INT8).
+        dynamic_shapes: passed to ``torch.onnx.export``.
+
+    Returns:
+        An :class:`OnnxExport` saying which weights went in as INT4, INT8 or float.
+
+    Example:
+        >>> import os, tempfile, torch, msq_fx
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> int_model = msq_fx.convert(msq_fx.prepare(model))
+        >>> with tempfile.TemporaryDirectory() as directory:
+        ...     written = msq_fx.export_onnx(int_model, torch.randn(1, 4),
+        ...                                  os.path.join(directory, "model.onnx"))
+        >>> written.int8_weights, written.int4_weights
+        (('0.weight', '2.weight'), ())
     """
     require_converted(int_model, "msq_fx.export_onnx")
     onnx, translations = _onnx_modules()

@@ -27,6 +27,12 @@ from typing import NamedTuple, Sequence
 import torch
 from torch import Tensor
 
+__all__ = ["GRIDS", "SCALE_MODES", "CLIP_CANDIDATES", "weight_scale", "scale_shape", "max_scale",
+           "best_clip", "code_half", "code_position", "roundclamp_codes", "signed_codes",
+           "grid_step", "grid_offset", "dequantize", "quantize_value", "fake_quantize", "Recipe",
+           "QUANTIZER_NODES", "lsb_value", "lsb_l1", "lsb_integer", "lsb_nonzero_rate",
+           "drop_lsbs", "quantization_error"]
+
 GRIDS = ("nested", "literal")
 
 #: Smallest scale used for an all-zero tensor, so the math never divides by zero.

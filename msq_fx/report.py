@@ -10,6 +10,8 @@ from .modules import ActivationFakeQuant, LoweredActivation, LoweredWeight, Weig
 from .owners import iter_quantized_weights
 from .state import PreparedState, prepared_state
 
+__all__ = ["report", "Report", "LayerRow", "FloatRow"]
+
 
 @dataclass(frozen=True)
 class LayerRow:
@@ -100,7 +102,27 @@ class Report:
 
 
 def report(model: nn.Module) -> Report:
-    """Report every quantized weight of a prepared or converted model, and the float leftovers."""
+    """Report every quantized weight of a prepared or converted model, and the float leftovers.
+
+    Args:
+        model: a model returned by ``msq_fx.prepare`` or ``msq_fx.convert``.
+
+    Returns:
+        A :class:`Report`: one ``LayerRow`` per quantized tensor (tied uses once), the weights
+        left in float with the reason, what prepare could not check, and the compression.
+        ``str()`` of it is the table.
+
+    Example:
+        >>> import torch, msq_fx
+        >>> from torch import nn
+        >>> qmodel = msq_fx.prepare(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))
+        >>> print(msq_fx.report(qmodel))
+        name      kind    shape      params    bits    p  group    tied
+        --------  ------  -------  --------  ------  ---  -------  ------
+        0.weight  linear  8x4            32       8    1
+        2.weight  linear  2x8            16       8    1
+        quantized weights: 2 (48 params), average 8.00 bits, compression 4.00x (whole model 2.64x)
+    """
     layers, quantized_tensors = [], set()
     for qw in iter_quantized_weights(model):
         quantizer = qw.quantizer

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
+__all__ = ["twice_differentiable", "hardsigmoid_by_clamp", "FrozenKinks"]
+
 
 def hardsigmoid_by_clamp(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """``relu6(x + 3) / 6`` with clamp, whose backward is itself differentiable.

@@ -8,6 +8,9 @@ from typing import Any, ContextManager, Iterable, Iterator
 import torch
 from torch import Tensor, nn
 
+__all__ = ["is_out_of_memory", "take", "call_model", "eval_mode", "model_mode", "copy_module",
+           "OUT_OF_MEMORY_MESSAGES"]
+
 #: Substrings of the errors an allocation failure raises on the CPU: torch's allocator, the C++
 #: runtime, Python, and the OS refusing an address-space request.
 OUT_OF_MEMORY_MESSAGES = ("can't allocate memory", "not enough memory", "Cannot allocate memory",

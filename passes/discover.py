@@ -43,6 +43,8 @@ from msq_fx.config import MSQConfig
 
 from .weight_uses import USE_OPS, graph_op_name, view_sources, weight_uses
 
+__all__ = ["WeightTarget", "FloatWeight", "Discovery", "discover"]
+
 _ATTENTION_CLASS_NAME = re.compile(r"attention|attn", re.IGNORECASE)
 
 

@@ -19,6 +19,8 @@ from msq_fx.config import MSQConfig
 
 from .discover import WeightTarget
 
+__all__ = ["build_sensitivity_graph", "assign_groups"]
+
 DECLARED, DATAFLOW = "declared", "dataflow"
 
 

@@ -16,6 +16,8 @@ from msq_fx.modules import ActivationFakeQuant, LoweredActivation, LoweredWeight
 from msq_fx.owners import INPUT_QUANTIZER, QUANTIZER_SUFFIX, is_quantized_owner
 from msq_fx.recompute import remove_model_recompute
 
+__all__ = ["LowerError", "lower"]
+
 
 class LowerError(RuntimeError):
     """A quantized weight cannot be lowered; the message names it."""

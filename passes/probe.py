@@ -35,6 +35,8 @@ from msq_fx.utils import eval_mode
 
 from .weight_uses import USE_OPS, op_name, view_sources, weight_uses
 
+__all__ = ["ProbeError", "ProbeResult", "probe"]
+
 
 class ProbeError(RuntimeError):
     """The model raised while being probed; the message names the innermost module it raised in."""

@@ -31,6 +31,8 @@ from msq_fx.recompute import install_model_recompute, remove_model_recompute
 
 from .discover import Discovery, FloatWeight, WeightTarget
 
+__all__ = ["RewriteError", "unrewritable", "rewrite", "unrewrite"]
+
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 _Owner = tuple[str, nn.Module, list[tuple[str, WeightTarget]]]

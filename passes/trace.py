@@ -34,6 +34,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 from torch import fx, nn
 
+__all__ = ["CapturedGraph", "trace", "LeafAwareTracer"]
+
 logger = logging.getLogger("msq_fx")
 
 USER_REASON = "user"

@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+__all__ = ["USE_OPS", "VIEW_OPS", "op_name", "graph_op_name", "view_sources", "weight_uses"]
+
 _CONV_OPS = frozenset({"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
                        "conv_transpose3d"})
 # op -> (position, keyword) of the right-hand operand.

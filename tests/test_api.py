@@ -13,6 +13,9 @@ import torchvision
 from torch import nn
 
 import msq_fx
+import msq_fx.modules
+import msq_fx.owners
+import msq_fx.weight_cache
 from conftest import eval_output
 
 
@@ -53,7 +56,7 @@ def test_prepared_model_keeps_state_dict_keys_of_the_float_model():
 
 def test_prepared_weights_are_quantized_at_init_bits():
     qmodel = msq_fx.prepare(small_cnn(), X)
-    for weight in msq_fx.iter_quantized_weights(qmodel):
+    for weight in msq_fx.owners.iter_quantized_weights(qmodel):
         seen = weight.owner.weight
         latent = weight.latent
         assert weight.quantizer.num_bits == 8
@@ -79,7 +82,7 @@ def _train_and_validate(qmodel: nn.Module, cache: bool) -> list[torch.Tensor]:
     optimizer = torch.optim.SGD(qmodel.parameters(), lr=0.1)
     target = torch.tensor([0, 1, 2, 3])
     outputs = []
-    with msq_fx.cached_quantized_weights(qmodel) if cache else contextlib.nullcontext():
+    with msq_fx.weight_cache.cached_quantized_weights(qmodel) if cache else contextlib.nullcontext():
         for _ in range(3):
             loss = F.cross_entropy(qmodel(X), target)
             optimizer.zero_grad()
@@ -102,7 +105,7 @@ def test_cached_weights_of_frozen_layers_give_the_same_gradients_to_the_trained_
         head = list(qmodel.parameters())[-2:]
         for parameter in list(qmodel.parameters())[:-2]:
             parameter.requires_grad_(False)
-        with msq_fx.cached_quantized_weights(qmodel) if cache else contextlib.nullcontext():
+        with msq_fx.weight_cache.cached_quantized_weights(qmodel) if cache else contextlib.nullcontext():
             for _ in range(2):  # the second pass is served from the cache
                 qmodel.zero_grad()
                 qmodel(X).square().mean().backward()
@@ -120,7 +123,7 @@ def _train_a_little(qmodel: nn.Module) -> None:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    for weight in msq_fx.iter_quantized_weights(qmodel):
+    for weight in msq_fx.owners.iter_quantized_weights(qmodel):
         weight.quantizer.bits.fill_(5)
 
 
@@ -159,7 +162,7 @@ def test_convert_equals_fake_quant_output_after_pruning():
 
 def test_a_program_exported_inside_a_cache_block_reads_the_codes_not_a_cached_weight():
     int_model = msq_fx.convert(msq_fx.prepare(small_cnn(), X)).eval()
-    with torch.no_grad(), msq_fx.cached_quantized_weights(int_model):
+    with torch.no_grad(), msq_fx.weight_cache.cached_quantized_weights(int_model):
         expected = int_model(X)  # fills the cache
         program = torch.export.export(int_model, (X,))
     assert any(name.endswith("weight_quantizer.codes")
@@ -170,9 +173,9 @@ def test_a_program_exported_inside_a_cache_block_reads_the_codes_not_a_cached_we
 def test_convert_freezes_calibrated_activation_quantizers_with_the_same_output():
     qmodel = msq_fx.prepare(small_cnn(), X, msq_fx.MSQConfig(quantization=dict(act_bits=6)))
     int_model = msq_fx.convert(qmodel)
-    lowered = [m for m in int_model.modules() if isinstance(m, msq_fx.LoweredActivation)]
-    assert len(lowered) == len(list(msq_fx.iter_quantized_weights(qmodel)))
-    assert not any(isinstance(m, msq_fx.ActivationFakeQuant) for m in int_model.modules())
+    lowered = [m for m in int_model.modules() if isinstance(m, msq_fx.modules.LoweredActivation)]
+    assert len(lowered) == len(list(msq_fx.owners.iter_quantized_weights(qmodel)))
+    assert not any(isinstance(m, msq_fx.modules.ActivationFakeQuant) for m in int_model.modules())
     assert torch.equal(eval_output(qmodel, X), eval_output(int_model, X))
 
 
@@ -291,7 +294,7 @@ def test_convert_one_at_a_time_lets_each_latent_go_before_lowering_the_next(monk
     from msq_fx.modules import LoweredWeight
 
     qmodel = msq_fx.prepare(small_cnn(), X)
-    latents = [weakref.ref(w.latent) for w in msq_fx.iter_quantized_weights(qmodel)]
+    latents = [weakref.ref(w.latent) for w in msq_fx.owners.iter_quantized_weights(qmodel)]
     alive_when_lowering: list[int] = []
     from_fake_quant = LoweredWeight.from_fake_quant.__func__
 
@@ -306,13 +309,13 @@ def test_convert_one_at_a_time_lets_each_latent_go_before_lowering_the_next(monk
 
 def test_convert_one_at_a_time_still_changes_nothing_when_a_weight_cannot_be_lowered():
     qmodel = msq_fx.prepare(small_cnn(), X)
-    last = list(msq_fx.iter_quantized_weights(qmodel))[-1]
+    last = list(msq_fx.owners.iter_quantized_weights(qmodel))[-1]
     last.quantizer.bits.fill_(12)  # as if edited by hand after prepare
     before = {k: v.clone() for k, v in qmodel.state_dict().items()}
     with pytest.raises(msq_fx.MSQError, match=f"{last.name}: 12-bit codes do not fit"):
         msq_fx.convert(qmodel, inplace=True, one_at_a_time=True)
     assert qmodel.state_dict().keys() == before.keys()
-    assert not any(isinstance(m, msq_fx.LoweredWeight) for m in qmodel.modules())
+    assert not any(isinstance(m, msq_fx.modules.LoweredWeight) for m in qmodel.modules())
 
 
 def test_prepare_rejects_a_config_of_the_wrong_type():
@@ -368,7 +371,7 @@ def test_report_counts_compression_in_the_paper_convention():
     qmodel = msq_fx.prepare(small_cnn(), X)
     rows = msq_fx.report(qmodel).layers
     rows_by_name = {r.name: r for r in rows}
-    for weight in msq_fx.iter_quantized_weights(qmodel):
+    for weight in msq_fx.owners.iter_quantized_weights(qmodel):
         weight.quantizer.bits.fill_(4 if weight.quantizer.kind == "conv" else 2)
     report = msq_fx.report(qmodel)
     bits = sum((4 if r.kind == "conv" else 2) * r.params for r in rows_by_name.values())

@@ -101,7 +101,7 @@ def test_example_inputs_and_an_input_size_are_refused_together():
 
 def test_assert_quantizes_returns_the_result_of_a_pass():
     result = msq_fx.assert_quantizes(TokenClassifier(), example_inputs=tokens())
-    assert isinstance(result, msq_fx.CheckResult)
+    assert isinstance(result, msq_fx.check.CheckResult)
     assert (result.model, result.status, result.reason, result.note) == (
         "TokenClassifier", "PASS", "", "")
     assert set(result.stage_seconds) == set(msq_fx.check.STAGES)  # every stage ran

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import msq_fx
+import msq_fx.controller
+import msq_fx.modules
 from msq_fx import quant
 
 IN_FEATURES = 8
@@ -55,7 +57,7 @@ def latent(qmodel: nn.Module, index: int) -> nn.Parameter:
     return qmodel.layers[index]._parameters["weight"]
 
 
-def quantizer(qmodel: nn.Module, index: int) -> msq_fx.WeightFakeQuant:
+def quantizer(qmodel: nn.Module, index: int) -> msq_fx.modules.WeightFakeQuant:
     return qmodel.layers[index].weight_quantizer
 
 
@@ -549,7 +551,7 @@ class SmallConvNet(nn.Module):
         return self.fc(F.relu(self.conv(x)).flatten(1))
 
 
-def conv_net_traces(pruning=None, **hessian) -> list[msq_fx.PruneRecord]:
+def conv_net_traces(pruning=None, **hessian) -> list[msq_fx.controller.PruneRecord]:
     torch.manual_seed(0)
     config = msq_fx.MSQConfig(pruning=dict(threshold=1.0, interval=1, **(pruning or {})),
                               hessian=dict(min_samples=4, max_samples=4, **hessian))

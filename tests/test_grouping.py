@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import msq_fx
+import msq_fx.owners
 from msq_fx import quant
 from msq_fx.passes.group import assign_groups
 from msq_fx.state import prepared_state
@@ -90,8 +91,8 @@ def prepare(model_cls, inputs=X, **config):
     return msq_fx.prepare(model_cls(), inputs, msq_fx.MSQConfig.from_dict(config))
 
 
-def weights(qmodel) -> dict[str, msq_fx.QuantizedWeight]:
-    return {w.name: w for w in msq_fx.iter_quantized_weights(qmodel)}
+def weights(qmodel) -> dict[str, msq_fx.owners.QuantizedWeight]:
+    return {w.name: w for w in msq_fx.owners.iter_quantized_weights(qmodel)}
 
 
 def on_grid(shape, nonzero: float, seed: int = 0) -> torch.Tensor:

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import msq_fx
+import msq_fx.modules
 from msq_fx.cli import main as cli_main
 from conftest import eval_output
 from msq_fx.modules import LoweredWeight
@@ -54,7 +55,7 @@ def _converted_cnn(bits: dict[int, int]) -> tuple[torch.nn.Module, torch.Tensor]
     torch.manual_seed(0)
     inputs = torch.randn(2, 1, 16, 16)
     qmodel = msq_fx.prepare(msq_fx.SmallCNN(in_channels=1, width=16), inputs)
-    quantizers = [m for m in qmodel.modules() if isinstance(m, msq_fx.WeightFakeQuant)]
+    quantizers = [m for m in qmodel.modules() if isinstance(m, msq_fx.modules.WeightFakeQuant)]
     for index, width in bits.items():
         quantizers[index].bits.fill_(width)
     return msq_fx.convert(qmodel), inputs
@@ -156,9 +157,9 @@ def test_loading_into_a_model_restores_the_activation_quantizers(tmp_path):
                                              inputs.abs(), config))
     loaded = msq_fx.load(tmp_path / "model.msq", model=skeleton)
     saved = [(m.bits, m.signed) for m in int_model.modules()
-             if isinstance(m, msq_fx.LoweredActivation)]
+             if isinstance(m, msq_fx.modules.LoweredActivation)]
     assert [(m.bits, m.signed) for m in loaded.modules()
-            if isinstance(m, msq_fx.LoweredActivation)] == saved
+            if isinstance(m, msq_fx.modules.LoweredActivation)] == saved
     assert torch.equal(eval_output(loaded, inputs), eval_output(int_model, inputs))
 
 

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import msq_fx
+import msq_fx.owners
 from msq_fx import quant
 from msq_fx.modules import LoweredWeight, WeightFakeQuant
 
@@ -350,7 +351,7 @@ def train_steps(qmodel: nn.Module, controller: msq_fx.MSQController | None,
 
 
 def scales(qmodel: nn.Module) -> dict[str, torch.Tensor]:
-    return {w.name: w.quantizer.learned_scale for w in msq_fx.iter_quantized_weights(qmodel)}
+    return {w.name: w.quantizer.learned_scale for w in msq_fx.owners.iter_quantized_weights(qmodel)}
 
 
 @pytest.fixture(scope="module", params=LEARNED_MODES)
@@ -389,7 +390,7 @@ def test_the_max_scale_mode_has_no_scale_parameter():
 @pytest.mark.parametrize("mode", LEARNED_MODES)
 def test_learned_scales_start_at_the_best_clip_of_their_weight(mode):
     qmodel = prepared(mode)
-    for weight in msq_fx.iter_quantized_weights(qmodel):
+    for weight in msq_fx.owners.iter_quantized_weights(qmodel):
         shape = quant.scale_shape(weight.latent, mode)
         assert torch.equal(weight.quantizer.scale, quant.best_clip(weight.latent, 8, "nested", shape))
 

@@ -1,4 +1,4 @@
-"""Specification of msq_fx.offload_saved_tensors: the activations a forward saves for its
+"""Specification of msq_fx.offload.offload_saved_tensors: the activations a forward saves for its
 backward live in files until the backward reads them, and the gradients are the same bits."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import msq_fx
+import msq_fx.offload
 from msq_fx import cli
 from msq_fx.offload import _DiskHooks
 
@@ -28,7 +29,7 @@ def small_convnet(channels_last: bool = False) -> nn.Module:
 
 def gradients(model: nn.Module, x: torch.Tensor, offload: bool, **options) -> list[torch.Tensor]:
     model.zero_grad()
-    with (msq_fx.offload_saved_tensors(**options) if offload else contextlib.nullcontext()):
+    with (msq_fx.offload.offload_saved_tensors(**options) if offload else contextlib.nullcontext()):
         model(x).square().sum().backward()
     return [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
@@ -56,7 +57,7 @@ def test_an_msq_prepared_model_offloads_what_it_does_not_recompute():
     qmodel = msq_fx.prepare(small_convnet(), x, msq_fx.MSQConfig())
     expected = gradients(qmodel, x, offload=False)
     qmodel.zero_grad()
-    with msq_fx.offload_saved_tensors(min_bytes=0) as hooks:
+    with msq_fx.offload.offload_saved_tensors(min_bytes=0) as hooks:
         qmodel(x).square().sum().backward()
     assert hooks.count > 0
     assert_same_bits(expected, [p.grad for p in qmodel.parameters() if p.grad is not None])
@@ -69,7 +70,7 @@ def test_double_backward_through_offloaded_activations_gives_the_same_hessian_ve
     vector = [torch.randn_like(p) for p in params]
 
     def hessian_vector_product(offload: bool) -> list[torch.Tensor]:
-        with (msq_fx.offload_saved_tensors(min_bytes=0) if offload
+        with (msq_fx.offload.offload_saved_tensors(min_bytes=0) if offload
               else contextlib.nullcontext()):
             grads = torch.autograd.grad(model(x).tanh().sum(), params, create_graph=True)
             dot = sum((g * v).sum() for g, v in zip(grads, vector))
@@ -80,7 +81,7 @@ def test_double_backward_through_offloaded_activations_gives_the_same_hessian_ve
 
 def test_files_live_in_the_given_directory_only_while_the_context_is_open(tmp_path):
     model, x = small_convnet(), torch.randn(2, 3, 16, 16)
-    with msq_fx.offload_saved_tensors(tmp_path, min_bytes=0) as hooks:
+    with msq_fx.offload.offload_saved_tensors(tmp_path, min_bytes=0) as hooks:
         loss = model(x).square().sum()
         written = list(tmp_path.rglob("*.bin"))
         loss.backward()
@@ -90,7 +91,7 @@ def test_files_live_in_the_given_directory_only_while_the_context_is_open(tmp_pa
 
 def test_a_backward_frees_its_files_before_the_context_closes(tmp_path):
     model, x = small_convnet(), torch.randn(2, 3, 16, 16)
-    with msq_fx.offload_saved_tensors(tmp_path, min_bytes=0):
+    with msq_fx.offload.offload_saved_tensors(tmp_path, min_bytes=0):
         model(x).square().sum().backward()
         assert list(tmp_path.rglob("*.bin")) == []
 
@@ -99,17 +100,17 @@ def test_tensors_below_min_bytes_and_parameters_stay_in_memory():
     weight = nn.Parameter(torch.randn(512, 512))  # 1 MiB, saved by the multiplication
     x = torch.randn(512, 512, requires_grad=True)
     activation = x * 2.0  # not a leaf: this one goes to disk
-    with msq_fx.offload_saved_tensors(min_bytes=2**20) as hooks:
+    with msq_fx.offload.offload_saved_tensors(min_bytes=2**20) as hooks:
         (weight * activation).sum().backward()
     assert (hooks.count, hooks.bytes_written) == (1, 2**20)
-    with msq_fx.offload_saved_tensors(min_bytes=2**20 + 1) as hooks:
+    with msq_fx.offload.offload_saved_tensors(min_bytes=2**20 + 1) as hooks:
         (weight * (x * 2.0)).sum().backward()
     assert hooks.count == 0
 
 
 def test_a_negative_min_bytes_is_refused():
     with pytest.raises(ValueError, match="min_bytes"):
-        with msq_fx.offload_saved_tensors(min_bytes=-1):
+        with msq_fx.offload.offload_saved_tensors(min_bytes=-1):
             pass
 
 
@@ -151,11 +152,11 @@ def test_a_saved_tensor_comes_back_with_its_values_and_strides_whatever_its_layo
 def test_release_freed_memory_takes_effect_under_glibc():
     # In a child process: the setting lasts for the rest of the process that makes it.
     done = subprocess.run([sys.executable, "-c",
-                           "import msq_fx; print(msq_fx.release_freed_memory(1 << 20))"],
+                           "import msq_fx.offload; print(msq_fx.offload.release_freed_memory(1 << 20))"],
                           capture_output=True, text=True, check=True)
     assert done.stdout.strip().splitlines()[-1] == "True"
 
 
 def test_release_freed_memory_refuses_a_threshold_that_is_not_positive():
     with pytest.raises(ValueError, match="threshold_bytes"):
-        msq_fx.release_freed_memory(0)
+        msq_fx.offload.release_freed_memory(0)

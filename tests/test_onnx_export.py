@@ -11,6 +11,8 @@ import torchvision
 from torch import nn
 
 import msq_fx
+import msq_fx.modules
+import msq_fx.owners
 from msq_fx.cli import main as cli_main
 from msq_fx.onnx_export import onnx_runtime_outputs
 
@@ -22,7 +24,7 @@ def converted_cnn(bits: list[int] | None = None, grid: str = "nested") -> nn.Mod
     torch.manual_seed(0)
     qmodel = msq_fx.prepare(msq_fx.SmallCNN(in_channels=1, width=8), X,
                             msq_fx.MSQConfig(quantization=dict(grid=grid)))
-    for weight, width in zip(msq_fx.iter_quantized_weights(qmodel), bits or []):
+    for weight, width in zip(msq_fx.owners.iter_quantized_weights(qmodel), bits or []):
         weight.quantizer.bits.fill_(width)
     return msq_fx.convert(qmodel).eval()
 
@@ -65,7 +67,7 @@ def test_each_quantized_weight_is_read_through_dequantize_linear_with_its_step(t
     dequantized = {node.input[0]: node for node in proto.graph.node
                    if node.op_type == "DequantizeLinear"}
     for name, lowered in int_model.named_modules():
-        if isinstance(lowered, msq_fx.LoweredWeight):
+        if isinstance(lowered, msq_fx.modules.LoweredWeight):
             node = dequantized[f"{name}.codes"]
             assert np.array_equal(initializers[node.input[0]].astype(np.int8),
                                   lowered.codes.numpy())
@@ -77,7 +79,7 @@ def test_no_float_copy_of_a_quantized_weight_is_stored(tmp_path):
     int_model = converted_cnn(MIXED_BITS)
     result = msq_fx.export_onnx(int_model, X, tmp_path / "model.onnx")
     weight_shapes = {tuple(m.codes.shape) for m in int_model.modules()
-                     if isinstance(m, msq_fx.LoweredWeight)}
+                     if isinstance(m, msq_fx.modules.LoweredWeight)}
     floats = [t for t in onnx.load(str(result.path)).graph.initializer
               if t.data_type == onnx.TensorProto.FLOAT and tuple(t.dims) in weight_shapes]
     assert floats == []
@@ -139,7 +141,7 @@ def test_quantized_activations_become_quantize_dequantize_pairs(tmp_path, act_bi
     int_model = msq_fx.convert(qmodel).eval()
     result = msq_fx.export_onnx(int_model, X, tmp_path / "model.onnx")
     activations = [name for name, m in int_model.named_modules()
-                   if isinstance(m, msq_fx.LoweredActivation)]
+                   if isinstance(m, msq_fx.modules.LoweredActivation)]
     assert list(result.quantized_activations) == activations
     proto = onnx.load(str(result.path))
     quantize = [node for node in proto.graph.node if node.op_type == "QuantizeLinear"]
@@ -212,7 +214,7 @@ def test_a_torchvision_model_with_depthwise_convs_exports_and_runs(tmp_path):
     int_model = msq_fx.convert(msq_fx.prepare(
         torchvision.models.mobilenet_v3_small(num_classes=10), inputs)).eval()
     result = msq_fx.export_onnx(int_model, inputs, tmp_path / "mobilenet.onnx")
-    assert len(result.int8_weights) == len(list(msq_fx.iter_quantized_weights(int_model)))
+    assert len(result.int8_weights) == len(list(msq_fx.owners.iter_quantized_weights(int_model)))
     with torch.no_grad():
         expected = int_model(inputs)
     torch.testing.assert_close(onnx_output(result.path, inputs), expected, rtol=1e-4, atol=1e-5)

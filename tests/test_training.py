@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 import msq_fx
+import msq_fx.owners
 from conftest import count_calls
 from msq_fx.training import accuracy
 
@@ -38,7 +39,7 @@ def test_accuracy_restores_the_training_mode():
 
 def test_accuracy_quantizes_each_weight_once_for_all_batches(monkeypatch):
     qmodel = prepared_cnn()
-    weights = len(list(msq_fx.iter_quantized_weights(qmodel)))
+    weights = len(list(msq_fx.owners.iter_quantized_weights(qmodel)))
     calls = count_calls(monkeypatch, "fake_quantize")
     accuracy(qmodel, batches())
     assert calls[0] == weights
