@@ -14,7 +14,8 @@ from typing import Any, Callable, Iterable
 from torch import Tensor
 
 from . import quant
-from .controller import MSQController, PruneRecord, _Group
+from .controller import MSQController
+from .precision_groups import PrecisionGroup, PruneRecord
 from .sensitivity import group_traces
 
 __all__ = ["allocate_bits_once"]
@@ -37,8 +38,8 @@ def allocate_bits_once(controller: MSQController, batches: Iterable,
     traces, method = group_traces(controller.model, [m for g in groups for m in g.members],
                                   batches, loss_fn, controller.config, controller.prune_count)
     floor = controller.config.quantization.min_bits
-    omega = {g.name: {b: _group_error(g, b) * sum(traces[id(m.latent)] for m in g.members)
-                      for b in range(floor, g.bits + 1)} for g in groups}
+    omega = {g.name: {b: _group_error(g, b) * g.trace(traces) for b in range(floor, g.bits + 1)}
+             for g in groups}
     before = {g.name: g.bits for g in groups}
     target = controller.config.target_compression
     while controller.compression() < target:
@@ -53,7 +54,7 @@ def allocate_bits_once(controller: MSQController, batches: Iterable,
     controller.done = True
     records = [PruneRecord(
         epoch=0, group=g.name, kind=g.kind, params=g.params, beta=float("nan"),
-        hessian_trace=sum(traces[id(m.latent)] for m in g.members),
+        hessian_trace=g.trace(traces),
         omega=omega[g.name][g.bits], lsbs_dropped=before[g.name] - g.bits,
         bits_before=before[g.name], bits_after=g.bits, next_prune_step=g.prune_step,
         compression=controller.compression(), hessian_method=method) for g in groups]
@@ -61,7 +62,7 @@ def allocate_bits_once(controller: MSQController, batches: Iterable,
     return records
 
 
-def _group_error(group: _Group, bits: int) -> float:
+def _group_error(group: PrecisionGroup, bits: int) -> float:
     """||W_q - W||^2 over the group at ``bits``, with each learned scale at its best clip there."""
     total = 0.0
     for member in group.members:

@@ -32,7 +32,7 @@ share one width. What the paper leaves open, and what this implementation chose:
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any, Callable, Iterable
 
 import torch
@@ -44,71 +44,14 @@ from .config import MSQConfig
 from .errors import MSQError
 from .modules import WeightFakeQuant
 from .owners import QuantizedWeight, iter_quantized_weights
+from .precision_groups import PrecisionGroup, PruneRecord
 from .sensitivity import group_traces
 from .state import prepared_state
 from .utils import take
 
-__all__ = ["MSQController", "PruneRecord"]
+__all__ = ["MSQController"]
 
 logger = logging.getLogger("msq_fx")
-
-
-@dataclass(frozen=True)
-class PruneRecord:
-    """What one pruning step decided for one group."""
-
-    epoch: int
-    group: str
-    kind: str
-    params: int
-    beta: float
-    hessian_trace: float | None
-    omega: float | None
-    lsbs_dropped: int
-    bits_before: int
-    bits_after: int
-    next_prune_step: int
-    compression: float
-    hessian_method: str | None = None  # how H v was computed; None when no Hessian was taken
-    step: int | None = None  # the optimizer step it ran after, when pruning counts steps
-
-
-class _Group:
-    """The members of one precision group; their quantizers hold the group's bits and p."""
-
-    def __init__(self, name: str, members: list[QuantizedWeight]) -> None:
-        self.name = name
-        self.members = members
-        self.kind = members[0].quantizer.kind
-        self.params = sum(m.latent.numel() for m in members)
-        self.prunable = all(m.quantizer.prunable for m in members)
-
-    @property
-    def bits(self) -> int:
-        return self.members[0].quantizer.num_bits
-
-    @property
-    def prune_step(self) -> int:
-        return int(self.members[0].quantizer.prune_step)
-
-    def set_bits(self, bits: int) -> None:
-        for member in self.members:
-            member.quantizer.bits.fill_(bits)
-
-    def set_prune_step(self, p: int) -> None:
-        for member in self.members:
-            member.quantizer.prune_step.fill_(p)
-
-    def droppable_lsbs(self, min_bits: int) -> int:
-        """The LSBs the next prune would drop: p, clipped so the width stays >= ``min_bits``."""
-        return max(0, min(self.prune_step, self.bits - min_bits))
-
-    def lsb_nonzero_rate(self, min_bits: int) -> float:
-        """beta over all member weights pooled, over the LSBs the next prune would drop."""
-        k = self.droppable_lsbs(min_bits)
-        nonzero = sum(m.quantizer.lsb_nonzero_rate(m.latent, k) * m.latent.numel()
-                      for m in self.members)
-        return nonzero / self.params
 
 
 class MSQController:
@@ -151,7 +94,7 @@ class MSQController:
         by_group: dict[str, list[QuantizedWeight]] = {}
         for weight in weights:
             by_group.setdefault(weight.quantizer.group, []).append(weight)
-        self.groups = [_Group(name, members) for name, members in by_group.items()]
+        self.groups = [PrecisionGroup(name, members) for name, members in by_group.items()]
         for group in self.groups:  # one decision per group: start every member at the same width
             group.set_bits(min(m.quantizer.num_bits for m in group.members))
         self.last_epoch = 0
@@ -295,7 +238,7 @@ class MSQController:
         chosen = take(batches, max(self.config.hessian.batches, recalibration))
         traces, hessian_method = self._hessian_traces(groups, chosen, loss_fn)
         betas = {g.name: g.lsb_nonzero_rate(self.config.quantization.min_bits) for g in groups}
-        omegas = {g.name: _omega(g, traces) for g in groups} if traces else {}
+        omegas = {g.name: g.omega(traces) for g in groups} if traces else {}
         before = {g.name: g.bits for g in groups}
         self._drop_lsbs(sorted(groups, key=lambda g: betas[g.name]), betas)
         self._reassign_prune_steps(groups, omegas)
@@ -308,7 +251,7 @@ class MSQController:
         self.prune_count += 1
         records = [PruneRecord(
             epoch=epoch, group=g.name, kind=g.kind, params=g.params, beta=betas[g.name],
-            hessian_trace=_group_trace(g, traces) if traces else None,
+            hessian_trace=g.trace(traces) if traces else None,
             omega=omegas.get(g.name), lsbs_dropped=before[g.name] - g.bits,
             bits_before=before[g.name], bits_after=g.bits, next_prune_step=g.prune_step,
             compression=self.compression(), hessian_method=hessian_method, step=step)
@@ -320,7 +263,7 @@ class MSQController:
                     " (target reached: plain QAT from here)" if self.done else "")
         return records
 
-    def _drop_lsbs(self, ascending: list[_Group], betas: dict[str, float]) -> None:
+    def _drop_lsbs(self, ascending: list[PrecisionGroup], betas: dict[str, float]) -> None:
         target, floor = self.config.target_compression, self.config.quantization.min_bits
         for group in ascending:
             if betas[group.name] < self.config.pruning.threshold:
@@ -329,18 +272,18 @@ class MSQController:
                 self.done = True
                 return
 
-    def _reassign_prune_steps(self, groups: list[_Group], omegas: dict[str, float]) -> None:
+    def _reassign_prune_steps(self, groups: list[PrecisionGroup], omegas: dict[str, float]) -> None:
         if self.config.pruning.step_policy != "hessian" or not omegas:
             return
         mean_omega = sum(omegas.values()) / len(omegas)
         for group in groups:
             group.set_prune_step(2 if omegas[group.name] < mean_omega else 1)
 
-    def _active_groups(self) -> list[_Group]:
+    def _active_groups(self) -> list[PrecisionGroup]:
         return [g for g in self.groups if g.prunable and g.bits > self.config.quantization.min_bits]
 
     # ------------------------------------------------------------------ Hessian
-    def _hessian_traces(self, groups: list[_Group], batches: Iterable, loss_fn,
+    def _hessian_traces(self, groups: list[PrecisionGroup], batches: Iterable, loss_fn,
                         ) -> tuple[dict[int, float], str | None]:
         """Tr(H) per member latent (keyed by id) and the method that computed it.
 
@@ -444,15 +387,6 @@ def _check_count(method: str, unit: str, count: Any, last: int) -> None:
     if count <= last:
         raise ValueError(f"{method}({unit}={count}): {unit} {last} was already processed; "
                          f"continue with {unit} {last + 1}.")
-
-
-def _omega(group: _Group, traces: dict[int, float]) -> float:
-    return sum(traces[id(m.latent)] * m.quantizer.quantization_error(m.latent, group.bits)
-               for m in group.members)
-
-
-def _group_trace(group: _Group, traces: dict[int, float]) -> float:
-    return sum(traces[id(m.latent)] for m in group.members)
 
 
 def _checked_config(model: nn.Module, config: MSQConfig | None) -> MSQConfig:

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import msq_fx
-import msq_fx.controller
 import msq_fx.modules
+import msq_fx.precision_groups
 from msq_fx import quant
 
 IN_FEATURES = 8
@@ -551,7 +551,7 @@ class SmallConvNet(nn.Module):
         return self.fc(F.relu(self.conv(x)).flatten(1))
 
 
-def conv_net_traces(pruning=None, **hessian) -> list[msq_fx.controller.PruneRecord]:
+def conv_net_traces(pruning=None, **hessian) -> list[msq_fx.precision_groups.PruneRecord]:
     torch.manual_seed(0)
     config = msq_fx.MSQConfig(pruning=dict(threshold=1.0, interval=1, **(pruning or {})),
                               hessian=dict(min_samples=4, max_samples=4, **hessian))

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 import msq_fx
-from msq_fx.controller import PruneRecord
+from msq_fx.precision_groups import PruneRecord
 from msq_fx.plots import P_COLOURS, bits_by_step
 
 

@@ -1,0 +1,80 @@
+"""The precision group as the controller sees it, and the record of one decision about it.
+
+A group is every weight that must share one width (passes/group.py decides which); its members'
+quantizers hold the group's bits and prune step p, which :class:`PrecisionGroup` reads and sets
+for all of them at once. :class:`PruneRecord` is what one pruning step decided for one group.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .owners import QuantizedWeight
+
+__all__ = ["PrecisionGroup", "PruneRecord"]
+
+
+@dataclass(frozen=True)
+class PruneRecord:
+    """What one pruning step decided for one group."""
+
+    epoch: int
+    group: str
+    kind: str
+    params: int
+    beta: float
+    hessian_trace: float | None
+    omega: float | None
+    lsbs_dropped: int
+    bits_before: int
+    bits_after: int
+    next_prune_step: int
+    compression: float
+    hessian_method: str | None = None  # how H v was computed; None when no Hessian was taken
+    step: int | None = None  # the optimizer step it ran after, when pruning counts steps
+
+
+class PrecisionGroup:
+    """The members of one precision group; their quantizers hold the group's bits and p."""
+
+    def __init__(self, name: str, members: list[QuantizedWeight]) -> None:
+        self.name = name
+        self.members = members
+        self.kind = members[0].quantizer.kind
+        self.params = sum(m.latent.numel() for m in members)
+        self.prunable = all(m.quantizer.prunable for m in members)
+
+    @property
+    def bits(self) -> int:
+        return self.members[0].quantizer.num_bits
+
+    @property
+    def prune_step(self) -> int:
+        return int(self.members[0].quantizer.prune_step)
+
+    def set_bits(self, bits: int) -> None:
+        for member in self.members:
+            member.quantizer.bits.fill_(bits)
+
+    def set_prune_step(self, p: int) -> None:
+        for member in self.members:
+            member.quantizer.prune_step.fill_(p)
+
+    def droppable_lsbs(self, min_bits: int) -> int:
+        """The LSBs the next prune would drop: p, clipped so the width stays >= ``min_bits``."""
+        return max(0, min(self.prune_step, self.bits - min_bits))
+
+    def lsb_nonzero_rate(self, min_bits: int) -> float:
+        """beta over all member weights pooled, over the LSBs the next prune would drop."""
+        k = self.droppable_lsbs(min_bits)
+        nonzero = sum(m.quantizer.lsb_nonzero_rate(m.latent, k) * m.latent.numel()
+                      for m in self.members)
+        return nonzero / self.params
+
+    def trace(self, traces: dict[int, float]) -> float:
+        """Tr(H) of the group: its members' traces (``traces`` is keyed by id of the latent)."""
+        return sum(traces[id(m.latent)] for m in self.members)
+
+    def omega(self, traces: dict[int, float]) -> float:
+        """Omega_g = sum over members of Tr(H_l) * ||W_q - W||^2 at the group's width."""
+        return sum(traces[id(m.latent)] * m.quantizer.quantization_error(m.latent, self.bits)
+                   for m in self.members)
