@@ -16,11 +16,15 @@ from .utils import eval_mode
 def train_epoch(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]],
                 optimizer: torch.optim.Optimizer, controller: MSQController | None = None,
                 loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
-                scheduler=None, progress=None) -> float:
+                scheduler=None, progress=None, prune_batches: list | None = None) -> float:
     """One epoch of (MSQ) training: task loss + the controller's LSB regularization.
 
-    Returns the mean task loss. ``progress`` is an optional tqdm bar advanced per batch.
+    With ``pruning.interval_unit="step"`` the controller's ``step_end`` runs after every
+    optimizer step, its prunes taking the Hessian (and BN statistics) on ``prune_batches``
+    (default: the step's own batch). Returns the mean task loss. ``progress`` is an optional
+    tqdm bar advanced per batch.
     """
+    counts_steps = controller is not None and controller.config.pruning.interval_unit == "step"
     model.train()
     total, count = 0.0, 0
     for inputs, targets in batches:
@@ -31,6 +35,10 @@ def train_epoch(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]],
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
+        if counts_steps and not controller.done:
+            controller.step_end(controller.last_step + 1, prune_batches or [(inputs, targets)],
+                                loss_fn)
+            model.train()
         total += task_loss.item() * len(targets)
         count += len(targets)
         if progress is not None:

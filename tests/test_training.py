@@ -43,3 +43,37 @@ def test_accuracy_quantizes_each_weight_once_for_all_batches(monkeypatch):
     calls = count_calls(monkeypatch, "fake_quantize")
     accuracy(qmodel, batches())
     assert calls[0] == weights
+
+
+def step_counted(interval: int) -> tuple[torch.nn.Module, msq_fx.MSQController]:
+    torch.manual_seed(0)
+    config = msq_fx.MSQConfig(target_compression=16.0, pruning={
+        "interval": interval, "interval_unit": "step", "threshold": 1.0})
+    qmodel = msq_fx.prepare(msq_fx.SmallCNN(in_channels=1, width=8), X[:2], config)
+    return qmodel, msq_fx.MSQController(qmodel, config)
+
+
+def test_train_epoch_counts_optimizer_steps_for_a_step_schedule():
+    from msq_fx.training import train_epoch
+    qmodel, controller = step_counted(interval=2)
+    optimizer = torch.optim.SGD(qmodel.parameters(), lr=0.01)
+    train_epoch(qmodel, batches(), optimizer, controller)
+    assert controller.last_step == 3
+    assert {record.step for record in controller.history} == {2}
+
+
+def test_train_epoch_prunes_on_the_given_batches():
+    from msq_fx.training import train_epoch
+    qmodel, controller = step_counted(interval=1)
+    seen = []
+    loss_fn = torch.nn.functional.cross_entropy
+
+    def recording_loss(outputs, targets):
+        seen.append(len(targets))
+        return loss_fn(outputs, targets)
+
+    optimizer = torch.optim.SGD(qmodel.parameters(), lr=0.01)
+    hessian_batch = [(X[:5], Y[:5])]
+    train_epoch(qmodel, batches()[:1], optimizer, controller, loss_fn=recording_loss,
+                prune_batches=hessian_batch)
+    assert 5 in seen  # the prune's loss ran on the given batch, not the step's batch of 4

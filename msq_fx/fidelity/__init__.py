@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--doc", type=Path, default=Path("docs/fidelity.md"))
     parser.add_argument("--epochs", type=int, default=Settings.epochs)
     parser.add_argument("--train-size", type=int, default=Settings.train_size)
+    parser.add_argument("--scale", choices=("max", "tensor", "channel"), default=Settings.scale,
+                        help="quantization.scale of every msq_fx row")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     unknown = [row for row in args.rows if row not in ROWS]
@@ -41,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
     torch.set_num_threads(args.threads)
     settings = Settings(data=args.data, out=args.out, epochs=args.epochs,
-                        train_size=args.train_size)
+                        train_size=args.train_size, scale=args.scale)
     if args.action == "row":
         for name in args.rows or parser.error("name the rows to run"):
             run_row(name, settings)
@@ -49,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         done = load_results(args.out)
         for name in args.rows or list(ROWS):
             if name not in done:
-                run_row(name, settings, command=f"tools/fidelity row {name} --epochs {args.epochs}")
+                run_row(name, settings, command=f"tools/fidelity row {name} --epochs {args.epochs} "
+                                                f"--scale {args.scale}")
     write_table(args.out, args.doc)
     return 0
 

@@ -18,9 +18,9 @@ from ..models import resnet20
 
 __all__ = ["RowSpec", "ROWS", "BEST_QUANTIZATION", "build_row", "BuiltRow"]
 
-#: The quantizer every msq_fx row uses (the issue's "project's best quantizer"): the nested grid
-#: (exact prunes) with one learned scale per output channel.
-BEST_QUANTIZATION = {"grid": "nested", "scale": "channel"}
+#: The quantizer every msq_fx row uses: the nested grid (exact prunes); the scale mode is a
+#: setting of the run (``Settings.scale``), the same for every row.
+BEST_QUANTIZATION = {"grid": "nested"}
 
 #: Algorithm 1 at fine-tuning pace: a prune every PRUNE_STEPS optimizer steps, with the BN
 #: statistics re-estimated after each, so the target is reached early in the budget.
@@ -80,7 +80,7 @@ class BuiltRow:
 
 
 def build_row(spec: RowSpec, float_state: dict, example: torch.Tensor, calibration: list,
-              seed: int = 0) -> BuiltRow:
+              seed: int = 0, scale: str = "channel") -> BuiltRow:
     """The row's model, loaded with ``float_state`` and quantized as ``spec`` says."""
     torch.manual_seed(seed)
     model = resnet20()
@@ -88,7 +88,7 @@ def build_row(spec: RowSpec, float_state: dict, example: torch.Tensor, calibrati
     if spec.method == "brevitas":
         quantized = brevitas_resnet20(model, spec.bits)
         return BuiltRow(quantized, None, lambda: 32 / spec.bits)
-    quantization = {**BEST_QUANTIZATION, **spec.quantization}
+    quantization = {**BEST_QUANTIZATION, "scale": scale, **spec.quantization}
     if spec.method == "uniform":
         quantization.update(init_bits=spec.bits, min_bits=spec.bits)
     config = MSQConfig(target_compression=spec.target, quantization=quantization,

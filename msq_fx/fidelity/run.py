@@ -44,6 +44,7 @@ class Settings:
     train_size: int = 50000
     calibration_batches: int = 4
     channels_last: bool = True
+    scale: str = "channel"  # the msq_fx rows' quantization.scale
     seed: int = 0
 
     def result_settings(self) -> dict:
@@ -84,7 +85,7 @@ def run_row(name: str, settings: Settings, command: str | None = None) -> dict:
                    train.subset(settings.calibration_batches * settings.batch_size)
                    .batches(settings.batch_size)]
     built = build_row(spec, float_weights(settings.out), train.images[:2], calibration,
-                      settings.seed)
+                      settings.seed, scale=settings.scale)
     model, controller = built.model, built.controller
     if settings.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -126,7 +127,7 @@ def run_row(name: str, settings: Settings, command: str | None = None) -> dict:
         print(f"[{name}] epoch {epoch}: loss {loss:.4f}  test {row['test_acc']:.2f}%  exact "
               f"{row['exact_acc']}%  {row['compression']:.2f}x  {row['seconds']:.0f} s",
               flush=True)
-    result = _result(name, spec, model, controller, built, test, state, command)
+    result = _result(name, spec, model, controller, built, test, state, command, settings)
     (rows_dir / f"{name}.json").write_text(json.dumps(result, indent=1))
     return result
 
@@ -158,9 +159,10 @@ def _train_epoch(model, controller, train, settings, epoch, steps_per_epoch, opt
     return total / max(count, 1)
 
 
-def _result(name, spec, model, controller, built, test, state, command) -> dict:
+def _result(name, spec, model, controller, built, test, state, command, settings) -> dict:
     last = state["epochs"][-1]
     result = {"row": name, "method": spec.method, "description": spec.description,
+              "scale": None if spec.method == "brevitas" else settings.scale,
               "compression": built.compression(), "test_acc": last["test_acc"],
               "exact_acc": last["exact_acc"], "target_step": state["target_step"],
               "seconds": state["seconds"], "epochs": state["epochs"],
