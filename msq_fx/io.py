@@ -54,15 +54,13 @@ def save(int_model: nn.Module, path: str | os.PathLike) -> None:
         None.
 
     Example:
-        >>> import os, tempfile, torch, msq_fx
+        >>> import os, tempfile, msq_fx
         >>> from torch import nn
-        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
-        >>> int_model = msq_fx.convert(msq_fx.prepare(model))
+        >>> int_model = msq_fx.convert(msq_fx.prepare(nn.Linear(16, 4)))
         >>> with tempfile.TemporaryDirectory() as directory:
-        ...     path = os.path.join(directory, "model.msq")
-        ...     msq_fx.save(int_model, path)
-        ...     print(msq_fx.saved_report(path).compression)
-        4.0
+        ...     msq_fx.save(int_model, os.path.join(directory, "linear.msq"))
+        ...     print(os.listdir(directory))
+        ['linear.msq']
     """
     require_converted(int_model, "msq_fx.save")
     state = int_model.state_dict()

@@ -125,13 +125,14 @@ def export_onnx(int_model: nn.Module, example_inputs: Any, path: str | os.PathLi
     Example:
         >>> import os, tempfile, torch, msq_fx
         >>> from torch import nn
-        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
-        >>> int_model = msq_fx.convert(msq_fx.prepare(model))
-        >>> with tempfile.TemporaryDirectory() as directory:
-        ...     written = msq_fx.export_onnx(int_model, torch.randn(1, 4),
-        ...                                  os.path.join(directory, "model.onnx"))
+        >>> x = torch.randn(1, 3, 4, 4)
+        >>> cnn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16, 2))
+        >>> int_model = msq_fx.convert(msq_fx.prepare(cnn, x))
+        >>> directory = tempfile.TemporaryDirectory()
+        >>> written = msq_fx.export_onnx(int_model, x, os.path.join(directory.name, "cnn.onnx"))
         >>> written.int8_weights, written.int4_weights
-        (('0.weight', '2.weight'), ())
+        (('0.weight', '3.weight'), ())
+        >>> directory.cleanup()
     """
     require_converted(int_model, "msq_fx.export_onnx")
     onnx, translations = _onnx_modules()
