@@ -162,7 +162,9 @@ class PruningConfig(_SubConfig):
     bn_recalibration_batches: after a prune that changed any width, re-estimate the running
         statistics of every BatchNorm on this many of the batches given to the prune (0: off).
         A prune shifts each pruned layer's output distribution; the running statistics would
-        otherwise take hundreds of steps to follow.
+        otherwise take hundreds of steps to follow. Default 4: on the MNIST example (8x, pruning
+        every epoch) the accuracy right after each prune rose from 72.9 / 91.1 / 94.2 / 91.9 /
+        94.7% to 89.2 / 94.8 / 95.5 / 95.6 / 95.8%, the final one unchanged (docs/fidelity.md).
     """
 
     _prefix = "pruning"
@@ -173,7 +175,7 @@ class PruningConfig(_SubConfig):
     interval_unit: str = "epoch"
     step_policy: str = "hessian"
     scale_after_prune: str = "keep"
-    bn_recalibration_batches: int = 0
+    bn_recalibration_batches: int = 4
 
     def _validate(self) -> None:
         self._require(_is_number(self.reg_strength) and self.reg_strength >= 0, "reg_strength",

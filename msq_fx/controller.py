@@ -247,7 +247,7 @@ class MSQController:
             for member in (m for g in pruned for m in g.members):
                 member.quantizer.refit_scale(member.latent)
         if recalibration and pruned:
-            recalibrate_batchnorm(self.model, chosen[:recalibration])
+            self._recalibrate_batchnorm(chosen[:recalibration])
         self.prune_count += 1
         records = [PruneRecord(
             epoch=epoch, group=g.name, kind=g.kind, params=g.params, beta=betas[g.name],
@@ -262,6 +262,18 @@ class MSQController:
                     sum(r.lsbs_dropped > 0 for r in records), len(groups), self.compression(),
                     " (target reached: plain QAT from here)" if self.done else "")
         return records
+
+    def _recalibrate_batchnorm(self, batches: list) -> None:
+        """Re-estimate the BN statistics after a prune; batches too small for BatchNorm's train
+        mode (one value per channel) leave the statistics as they were, with a warning."""
+        try:
+            recalibrate_batchnorm(self.model, batches)
+        except ValueError as error:
+            if "more than 1 value per channel" not in str(error):
+                raise
+            logger.warning("BatchNorm statistics not re-estimated after the prune (%s); pass "
+                           "larger batches to the prune, or set "
+                           "MSQConfig(pruning={'bn_recalibration_batches': 0})", error)
 
     def _drop_lsbs(self, ascending: list[PrecisionGroup], betas: dict[str, float]) -> None:
         target, floor = self.config.target_compression, self.config.quantization.min_bits

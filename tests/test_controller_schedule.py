@@ -257,3 +257,23 @@ def test_a_config_differing_only_in_target_pruning_or_hessian_is_accepted(change
 def test_without_a_config_the_controller_uses_the_one_prepare_got():
     given = config(interval=4).replace(quantization={"init_bits": 6, "grid": "literal"})
     assert msq_fx.MSQController(prepared(given)).config == given
+
+
+def test_a_prune_whose_batches_are_too_small_for_batchnorm_skips_the_recalibration(caplog):
+    """One value per channel (batch 1 at 1x1) cannot train a BatchNorm: the prune still happens
+    and the statistics stay as they were, with a warning that says what to change."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4, 2))
+    config = msq_fx.MSQConfig(pruning={"interval": 1, "threshold": 1.0,
+                                       "bn_recalibration_batches": 1})
+    qmodel = msq_fx.prepare(model, torch.randn(2, 3, 1, 1), config)
+    controller = msq_fx.MSQController(qmodel, config)
+    norm = qmodel[1]
+    before = norm.running_mean.clone()
+    with caplog.at_level("WARNING", logger="msq_fx"):
+        records = controller.epoch_end(1, [(torch.randn(1, 3, 1, 1), torch.tensor([0]))],
+                                       torch.nn.functional.cross_entropy)
+    assert any(r.lsbs_dropped for r in records)
+    assert torch.equal(norm.running_mean, before)
+    assert "bn_recalibration_batches" in caplog.text

@@ -79,3 +79,15 @@ def test_the_table_lists_every_row_and_says_which_have_not_run(settings):
     assert "`tools/fidelity row uniform-2bit`" in text
     assert all(name in text for name in ROWS)
     assert text.count("not run") == len(ROWS) - 1
+
+
+def test_rewriting_the_table_keeps_the_notes_written_below_it(settings):
+    from msq_fx.fidelity import TABLE_END
+    doc = settings.out / "fidelity.md"
+    write_table(settings.out, doc)
+    doc.write_text(doc.read_text() + "\n## Notes\n\nmeasured by hand\n")
+    run_row("uniform-2bit", settings)
+    write_table(settings.out, doc)
+    text = doc.read_text()
+    assert text.count(TABLE_END) == 1 and text.endswith("## Notes\n\nmeasured by hand\n")
+    assert "uniform-2bit" in text.partition(TABLE_END)[0]

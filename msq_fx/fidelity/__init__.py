@@ -4,6 +4,7 @@ CIFAR-10 ResNet-20, from one float start with one fine-tuning budget (``tools/fi
     tools/fidelity row msq-10.67x        # one row: fine-tune, checkpoint every epoch, resume
     tools/fidelity all                   # every row not yet run, then the table
     tools/fidelity table                 # docs/fidelity.md from the rows written so far
+    tools/fidelity no-training           # the float start quantized without training
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tools/fidelity", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("action", choices=("row", "all", "table"))
+    parser.add_argument("action", choices=("row", "all", "table", "no-training"))
     parser.add_argument("rows", nargs="*", help=f"rows to run: {', '.join(ROWS)}")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--out", type=Path, default=Path("results/fidelity"))
@@ -44,6 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     settings = Settings(data=args.data, out=args.out, epochs=args.epochs,
                         train_size=args.train_size, scale=args.scale)
+    if args.action == "no-training":
+        from .no_training import no_training_accuracies, no_training_table, write_no_training
+        from .run import float_weights
+        result = no_training_accuracies(float_weights(args.out), args.data)
+        write_no_training(result, args.out / "no_training.json")
+        print(no_training_table(result))
+        return 0
     if args.action == "row":
         for name in args.rows or parser.error("name the rows to run"):
             run_row(name, settings)
@@ -62,12 +70,21 @@ def write_table(out: Path, doc: Path) -> None:
     float_json = out / "float.json"
     float_row = None
     if float_json.exists():
-        epochs = json.loads(float_json.read_text())["epochs"]
+        record = json.loads(float_json.read_text())
+        epochs, planned = record["epochs"], int(record["args"]["epochs"])
         float_row = {"test_acc": epochs[-1]["test_acc"], "exact_acc": epochs[-1].get(
-            "test_exact_acc"), "command": "`tools/cifar10_resnet20 --run float --epochs 100 "
-                                          "--threads 1 --out results/fidelity`"}
+            "test_exact_acc"), "what": f"float ResNet-20 after epoch {len(epochs)} of {planned}"
+            + ("" if len(epochs) == planned else " (training; resumes with the same command)"),
+            "command": f"`tools/cifar10_resnet20 --run float --epochs {planned} --threads 1 "
+                       f"--out {out}`"}
     doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(HEADER + markdown_table(load_results(out), float_row) + "\n")
+    # What follows the table (measurements, notes) is kept as written.
+    rest = doc.read_text().partition(TABLE_END)[2] if doc.exists() else "\n"
+    doc.write_text(HEADER + markdown_table(load_results(out), float_row) + "\n\n" + TABLE_END
+                   + rest)
+
+
+TABLE_END = "<!-- end of the generated table -->"
 
 
 HEADER = """# Fidelity: MSQ against uniform QAT, a one-shot allocation and Brevitas
@@ -76,8 +93,8 @@ Every row starts from the same float ResNet-20 (`results/fidelity/resnet20_float
 `tools/cifar10_resnet20 --run float --epochs 100`) and is fine-tuned on CIFAR-10 with one budget:
 the same epochs of augmented data in the same order, SGD lr 0.01 (momentum 0.9, cosine to zero),
 weight decay 1e-4, batch 128, one torch thread, channels_last. msq_fx rows use the nested grid
-with one learned scale per output channel; MSQ prunes every 200 steps with BN statistics
-re-estimated on 4 batches after each prune. "all 10k" is the whole test set, "exact 1k" its
+and the scale mode of the "scale" column (`--scale`); MSQ prunes every 200 steps with BN
+statistics re-estimated on 4 batches after each prune. "all 10k" is the whole test set, "exact 1k" its
 bit-exact images; "steps to target" counts optimizer steps until the target compression was
 reached. Written by `tools/fidelity table` from `results/fidelity/rows/*.json`.
 

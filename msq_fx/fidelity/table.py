@@ -25,7 +25,8 @@ def markdown_table(results: dict[str, dict], float_row: dict | None) -> str:
     """One line per row in ROWS' order; rows not yet run say so."""
     lines = []
     if float_row is not None:
-        lines.append(["float start", "", "", "1x", _pct(float_row.get("test_acc")),
+        lines.append(["float start", float_row.get("what", ""), "", "1x",
+                      _pct(float_row.get("test_acc")),
                       _pct(float_row.get("exact_acc")), "", "", float_row.get("command", "")])
     for name, spec in ROWS.items():
         result = results.get(name)
