@@ -22,12 +22,6 @@ from .onnx_export import export_onnx
 from .plots import plot_history
 from .report import report
 
-# Still importable from here for the callers that use these paths (msq_fx.cli, msq_fx.bench,
-# tests/test_bench_tool.py).
-from .owners import iter_quantized_weights  # noqa: F401
-from .report import LayerRow  # noqa: F401
-from .weight_cache import cached_quantized_weights  # noqa: F401
-
 __all__ = [
     "prepare", "convert", "MSQConfig", "QuantizationConfig", "PruningConfig", "HessianConfig",
     "MSQController", "MSQError", "report", "save", "load", "saved_config", "saved_report",

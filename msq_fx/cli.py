@@ -13,13 +13,16 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from . import LayerRow, MSQConfig, MSQController, SmallCNN, convert, prepare, report, save
+from . import MSQConfig, MSQController, SmallCNN, convert, prepare, report, save
 from .check import EXPORT_FORMATS
 from .config import HESSIAN_METHODS
 from .data import synthetic_patterns
 from .offload import release_freed_memory
 from .packing import packed_size
+from .report import LayerRow
 from .training import accuracy, cosine_schedule, train_epoch
+
+__all__ = ["main", "build_parser", "parse_shape", "parse_input_size"]
 
 
 def demo(args: argparse.Namespace) -> int:

@@ -33,9 +33,6 @@ HESSIAN_METHODS = ("auto", "autograd", "finite_difference")
 HESSIAN_MODEL_MODES = ("eval", "train")
 UNQUANTIZABLE_POLICIES = ("float", "error")
 
-#: A prepared model keeps ``config.to_dict()`` under this attribute; the controller checks it.
-CONFIG_ATTR = "_msq_config"
-
 
 class _SubConfig:
     """Shared behaviour of the frozen sub-configs: validation on construction, replace, to_dict."""

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+__all__ = ["TensorDataset", "random_crop_flip", "load_npz", "synthetic_patterns"]
+
 
 @dataclass(frozen=True)
 class TensorDataset:

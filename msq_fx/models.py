@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+__all__ = ["CifarResNet", "resnet20", "SmallCNN"]
+
 
 class _BasicBlock(nn.Module):
     """CIFAR ResNet basic block with the parameter-free option-A shortcut (He et al. 2016)."""

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+__all__ = ["packed_size", "pack_codes", "unpack_codes"]
+
 
 def packed_size(numel: int, bits: int) -> int:
     """Bytes that ``numel`` codes of ``bits`` bits occupy once packed."""

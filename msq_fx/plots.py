@@ -12,7 +12,10 @@ from __future__ import annotations
 import os
 from typing import Iterable
 
-from .controller import MSQController, PruneRecord
+from .controller import MSQController
+from .precision_groups import PruneRecord
+
+__all__ = ["plot_history", "bits_by_step", "P_COLOURS"]
 
 #: Bar colours by the next prune step p, as in the paper's Fig. 5 (1 bit: red, 2 bits: blue).
 P_COLOURS = {1: "#d62728", 2: "#1f77b4"}

@@ -1,6 +1,6 @@
 """RoundClamp quantizer math as pure tensor functions.
 
-Conventions (see README "Method choices"):
+Conventions (see docs/design.md §4, "Method decisions"):
 
 * A weight tensor ``w`` is mapped to ``W = w / (2 S) + 1/2`` in ``[0, 1]`` with the per-tensor
   scale ``S = max|w|`` (detached: the grid follows the weights, gradients do not flow into S).

@@ -9,8 +9,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .controller import MSQController
-from .modules import cached_quantized_weights
 from .utils import eval_mode
+from .weight_cache import cached_quantized_weights
+
+__all__ = ["train_epoch", "accuracy", "cosine_schedule"]
 
 
 def train_epoch(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]],

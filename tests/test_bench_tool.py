@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import msq_fx.bench
+from msq_fx.owners import iter_quantized_weights
 from conftest import load_tool
 
 BENCH_PATH = Path(__file__).resolve().parents[1] / "tools" / "bench"
@@ -50,7 +51,7 @@ def test_msq_penalty_leaves_out_groups_that_prune_no_further(bench):
 
     workload = bench.build_workload("resnet20")
     _, msq = bench.build_contenders(workload, torch.randn(2, 3, 32, 32), torch.device("cpu"))
-    first = next(msq_fx.iter_quantized_weights(msq.model))  # conv1, a group of its own
+    first = next(iter_quantized_weights(msq.model))  # conv1, a group of its own
     with torch.no_grad():
         term = msq_fx.MSQConfig().pruning.reg_strength * first.quantizer.lsb_l1(first.latent)
         before = msq.regularizer()

@@ -15,11 +15,12 @@ from torch import nn
 import msq_fx
 from conftest import eval_output, expected_weight_names, reported_names
 from msq_fx.passes.probe import ProbeError, probe
+from msq_fx.report import LayerRow
 
 X = torch.randn(2, 4, 8, generator=torch.Generator().manual_seed(0))
 
 
-def layers(qmodel: nn.Module) -> dict[str, msq_fx.LayerRow]:
+def layers(qmodel: nn.Module) -> dict[str, LayerRow]:
     return {row.name: row for row in msq_fx.report(qmodel).layers}
 
 

@@ -37,9 +37,9 @@ Recompute (``--compare-recompute``)
 Evaluation (``--eval``)
     Also the time of one forward in eval mode under ``torch.no_grad()`` (a validation loop), for
     the float model, the fake-quant model and the converted model, the latter two also inside
-    ``msq_fx.cached_quantized_weights`` (entered once around all repeats, as around a
-    validation loop), each as a ratio to the float forward of the same
-    run, interleaved like the training steps.
+    ``msq_fx.weight_cache.cached_quantized_weights`` (entered once around all repeats, as
+    around a validation loop), each as a ratio to the float forward of the same run, interleaved
+    like the training steps.
 
 Peak memory (:mod:`.memory`, which describes the CPU measure in full)
     The peak of bytes held by live tensors during one step: ``torch.cuda.max_memory_allocated``

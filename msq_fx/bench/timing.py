@@ -15,13 +15,15 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .. import cached_quantized_weights, convert
+from .. import convert
+from ..weight_cache import cached_quantized_weights
 from .contenders import AUTOCAST_DTYPES, Contender, train_step
 
 __all__ = ["CACHED", "synchronize", "mean_seconds", "seconds_per_step", "interleaved_step_times",
            "eval_forward_times"]
 
-#: Suffix of an eval contender that runs inside ``msq_fx.cached_quantized_weights``.
+#: Suffix of an eval contender that runs inside
+#: ``msq_fx.weight_cache.cached_quantized_weights``.
 CACHED = ", cached weights"
 
 
@@ -61,8 +63,8 @@ def eval_forward_times(float_model: nn.Module, qmodel: nn.Module, inputs: Tensor
     """Seconds per eval-mode forward under no_grad, per repeat, for each way of evaluating.
 
     The float model, the fake-quant model and the converted model, the latter two also inside
-    ``msq_fx.cached_quantized_weights`` (entered once around all repeats, as around a validation
-    loop). Uses ``args.warmup``, ``args.repeats``, ``args.steps`` and ``args.autocast``; the
+    ``msq_fx.weight_cache.cached_quantized_weights`` (entered once around all repeats, as around
+    a validation loop). Uses ``args.warmup``, ``args.repeats``, ``args.steps`` and ``args.autocast``; the
     float and fake-quant models are left in the mode they had.
     """
     converted = convert(qmodel)

@@ -55,27 +55,43 @@ def check_model(spec_or_model: str | nn.Module, *, input_size: int | Sequence[in
             retry after an out-of-memory, which takes their first sample. A factory spec gives
             its own by returning ``(model, example_inputs)``.
         offload_activations: keep the activations the training steps and the prune save for
-            their backward in files, not in memory (``msq_fx.offload_saved_tensors``): for
-            models whose activations at the input size, not their weights, exceed the memory.
-            Slower by a write and a read of each; ``offloaded_mib`` says how much went to disk.
-            Call ``msq_fx.release_freed_memory()`` once before (``msq-fx check`` does), or the
-            memory of the activations read back stays with the process.
+            their backward in files, not in memory (``msq_fx.offload.offload_saved_tensors``):
+            for models whose activations at the input size, not their weights, exceed the
+            memory. Slower by a write and a read of each; ``offloaded_mib`` says how much went
+            to disk. Call ``msq_fx.offload.release_freed_memory()`` once before (``msq-fx
+            check`` does), or the memory of the activations read back stays with the process.
         lean_retry: when the batch of 1 runs out of memory in training or in the prune, check
             once more at batch 1 with the options that lower that stage's memory and were not
             in effect (the finite-difference Hessian, activations on disk), instead of only
-            naming them in ``note``. Call ``msq_fx.release_freed_memory()`` once before, as
-            for ``offload_activations``.
+            naming them in ``note``. Call ``msq_fx.offload.release_freed_memory()`` once
+            before, as for ``offload_activations``.
 
-    Returns a CheckResult; raises SpecError for a spec that names no model, ValueError when
-    the input size is neither given nor declared by the model (or given with example inputs),
-    and TypeError for example inputs that are not batched tensors. Nothing else raises. When the
-    batch asked for runs out of memory, the check runs again at batch 1 and returns that result
-    (with ``note`` saying so) if it passes; otherwise the first result, whose ``note`` says how
-    the batch of 1 failed. ``seconds`` and the peak memory then cover every run. Where the batch
-    of 1 ran out of memory in training or in the prune, ``note`` also names the options (the
-    finite-difference Hessian, activations on disk) not yet in effect that need less there;
-    with ``lean_retry`` a third run tries them, and its PASS is the result (``note`` names the
-    options, ``hessian_method`` and ``offloaded_mib`` show them).
+    Returns:
+        A CheckResult: PASS, FAIL (with the stage and the reason) or SKIP (the model itself
+        does not build or run eagerly). When the batch asked for runs out of memory, the check
+        runs again at batch 1 and returns that result (with ``note`` saying so) if it passes;
+        otherwise the first result, whose ``note`` says how the batch of 1 failed. ``seconds``
+        and the peak memory then cover every run. Where the batch of 1 ran out of memory in
+        training or in the prune, ``note`` also names the options (the finite-difference
+        Hessian, activations on disk) not yet in effect that need less there; with
+        ``lean_retry`` a third run tries them, and its PASS is the result (``note`` names the
+        options, ``hessian_method`` and ``offloaded_mib`` show them).
+
+    Raises:
+        SpecError for a spec that names no model, ValueError when the input size is neither
+        given nor declared by the model (or given with example inputs), and TypeError for
+        example inputs that are not batched tensors. Nothing else raises: a model that fails
+        the check gives a FAIL result.
+
+    Example:
+        >>> from torch import nn
+        >>> import msq_fx
+        >>> model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 2))
+        >>> result = msq_fx.check_model(model, input_size=8)  # a batch of 2 at 3x8x8
+        >>> result.status, result.input_size, result.quantized_weights
+        ('PASS', (3, 8, 8), 2)
+        >>> result.rel_diff < 1e-5  # the converted model computes what the fake-quant one did
+        True
     """
     spec = parse_spec(spec_or_model) if isinstance(spec_or_model, str) else None
     if spec is None and not isinstance(spec_or_model, nn.Module):
@@ -100,10 +116,34 @@ def check_model(spec_or_model: str | nn.Module, *, input_size: int | Sequence[in
 
 def assert_quantizes(spec_or_model: str | nn.Module, **options: Any) -> CheckResult:
     """:func:`check_model`, for a test suite: the result on PASS, else AssertionError with the
-    status, the reason and the per-layer table. ``options`` go to check_model.
+    status, the reason and the per-layer table.
 
-        def test_my_net_quantizes():
-            msq_fx.assert_quantizes(MyNet(), input_size=64)
+    Args:
+        spec_or_model: a spec string or an nn.Module, as for :func:`check_model`.
+        options: keyword arguments of :func:`check_model` (``input_size``, ``example_inputs``,
+            ``exports``, ...).
+
+    Returns:
+        The CheckResult of a PASS.
+
+    Raises:
+        AssertionError: the check did not pass (FAIL or SKIP); the message is the result's
+            summary line and the per-layer table. The errors of :func:`check_model` (a bad spec
+            or input size) pass through.
+
+    Example:
+        In a test suite, ``def test_my_net_quantizes(): msq_fx.assert_quantizes(MyNet(),
+        input_size=64)``. Here with a small model, at the input size it takes and at one it
+        does not:
+
+        >>> from torch import nn
+        >>> import msq_fx
+        >>> model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 2))
+        >>> msq_fx.assert_quantizes(model, input_size=8).passed
+        True
+        >>> msq_fx.assert_quantizes(model, input_size=16)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        AssertionError: SKIP Sequential: forward: ... at input (2, 3, 16, 16): RuntimeError: ...
     """
     result = check_model(spec_or_model, **options)
     if not result.passed:

@@ -56,8 +56,8 @@ _CHILD = ("import resource, runpy, sys; limit = int(sys.argv[1]); "
 
 #: The options a check that ran out of memory is tried again with, in a fresh process: the
 #: smallest batch, the Hessian that needs a training step's memory, and the activations saved
-#: for the backward in files (``msq_fx.offload_saved_tensors``), so that a step holds little
-#: more than the weights however large the input. A fresh process, because
+#: for the backward in files (``msq_fx.offload.offload_saved_tensors``), so that a step holds
+#: little more than the weights however large the input. A fresh process, because
 #: the memory a failed attempt leaves mapped still counts against the address-space cap (the
 #: check's own in-process retry at batch 1 was seen failing to rebuild the model after it).
 LEAN_RETRY = ("--batch-size", "1", "--hessian-method", "finite_difference",
