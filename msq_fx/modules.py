@@ -14,10 +14,9 @@ from torch import Tensor, nn
 from . import quant
 from .weight_cache import CachesItsWeight, WeightCache, from_cache, serves_from_cache
 # Pickles of models prepared before the owner swap and the recompute hooks had modules of their
-# own name these functions here; msq_fx.training imports the cache from here.
+# own name these functions here.
 from .owners import _new_quantized_instance  # noqa: F401
 from .recompute import _enter_recompute, _leave_recompute  # noqa: F401
-from .weight_cache import cached_quantized_weights  # noqa: F401
 
 __all__ = ["WeightFakeQuant", "LoweredWeight", "ActivationFakeQuant", "LoweredActivation",
            "rounded_to_grid", "KINDS"]
