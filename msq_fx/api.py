@@ -14,6 +14,7 @@ from .state import PreparedState, attach_state, detach_state
 from .utils import copy_module, eval_mode
 
 if TYPE_CHECKING:
+    from msq_fx.passes.discover import WeightTarget
     from msq_fx.passes.probe import ProbeResult
 
 __all__ = ["prepare", "convert"]
@@ -39,6 +40,8 @@ def prepare(model: nn.Module, example_inputs: Any = None, config: MSQConfig | No
     report's notes (and a logged warning) name the Parameters concerned. A found weight whose
     owner module cannot carry a quantizer stays float and is listed in the report with the
     reason (or, with ``config.quantization.on_unquantizable="error"``, raises ``MSQError``).
+    A weight to quantize that holds NaN or infinite values raises ``MSQError`` naming it, before
+    anything is changed; an empty weight (a dimension of size 0) stays float.
 
     Args:
         model: the float model.
@@ -123,6 +126,7 @@ def _prepare(qmodel: nn.Module, inputs: tuple | None, config: MSQConfig,
                        + ". Exclude them with MSQConfig.quantization.exclude, or set on_unquantizable='float' "
                          "to leave them in float.")
     discovery = discovery.leave_in_float(refused)
+    _refuse_non_finite(qmodel, discovery.targets)
     sensitivity_graph = build_sensitivity_graph(discovery.targets, captured.graph_module, config)
     try:
         rewrite(qmodel, discovery, config, assign_groups(sensitivity_graph))
@@ -142,6 +146,24 @@ def _prepare(qmodel: nn.Module, inputs: tuple | None, config: MSQConfig,
     if inputs is not None:
         _run_or_explain(qmodel, inputs, "the MSQ-prepared model")
     return qmodel
+
+
+def _refuse_non_finite(qmodel: nn.Module, targets: list[WeightTarget]) -> None:
+    """MSQError naming every weight to quantize that holds NaN or infinite values (before
+    prepare changes anything: their codes would all be meaningless)."""
+    from msq_fx.passes.finite import non_finite_weights
+
+    found = non_finite_weights(qmodel, targets)
+    if found:
+        raise MSQError(
+            f"prepare: {len(found)} weight(s) of {type(qmodel).__name__} hold NaN or infinite "
+            f"values, which cannot be quantized: "
+            + "; ".join(f"{weight.name} ({weight.summary})" for weight in found)
+            + ". The model was not changed. Find where they came from: the checkpoint it was "
+              "loaded from, or the last optimizer step before it was saved (a learning rate too "
+              "large, a loss that overflowed); torch.isfinite(param).all() tells a Parameter "
+              "with them. Load a good checkpoint, or re-initialize those layers, then prepare "
+              "again.")
 
 
 def convert(qmodel: nn.Module, *, inplace: bool = False, one_at_a_time: bool = False) -> nn.Module:
