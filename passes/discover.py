@@ -324,6 +324,8 @@ def _exclusion_reason(model: nn.Module, target: WeightTarget, config: MSQConfig,
     param = _resolve_parameter(model, target.name)
     if not param.is_floating_point():
         return f"not a floating-point tensor ({param.dtype})"
+    if param.numel() == 0:
+        return f"empty tensor (shape {tuple(param.shape)}: no values to quantize)"
     for fqn in target.fqns:
         for pattern in config.quantization.exclude:
             if re.search(pattern, fqn):
