@@ -32,12 +32,15 @@ share one width. What the paper leaves open, and what this implementation chose:
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import asdict
 from typing import Any, Callable, Iterable
 
 import torch
 from tabulate import tabulate
 from torch import Tensor, nn
+
+from msq_fx.passes.finite import non_finite_summary
 
 from .batchnorm import recalibrate_batchnorm
 from .config import MSQConfig
@@ -234,11 +237,16 @@ class MSQController:
             logger.warning("no group can lose more bits; compression %.2fx stays below the target "
                            "%.2fx", self.compression(), self.config.target_compression)
             return []
+        where = f"epoch_end(epoch={epoch})" if step is None else f"step_end(step={step})"
+        _require_finite_latents(self.groups, where)
         recalibration = self.config.pruning.bn_recalibration_batches
         chosen = take(batches, max(self.config.hessian.batches, recalibration))
         traces, hessian_method = self._hessian_traces(groups, chosen, loss_fn)
         betas = {g.name: g.lsb_nonzero_rate(self.config.quantization.min_bits) for g in groups}
         omegas = {g.name: g.omega(traces) for g in groups} if traces else {}
+        # Checked before any width changes, so a failed prune can be retried as it was.
+        _require_finite_measures(where, betas, {g.name: g.trace(traces) for g in groups}
+                                 if traces else {}, omegas)
         before = {g.name: g.bits for g in groups}
         self._drop_lsbs(sorted(groups, key=lambda g: betas[g.name]), betas)
         self._reassign_prune_steps(groups, omegas)
@@ -390,6 +398,52 @@ class MSQController:
         self.prune_count = int(state["prune_count"])
         self.done = bool(state["done"])
         self.history = [PruneRecord(**row) for row in state["history"]]
+
+
+def _require_finite_latents(groups: list[PrecisionGroup], where: str) -> None:
+    """MSQError naming the groups whose latent weights (or learned scales) hold NaN or inf."""
+    found = []
+    for group in groups:
+        for member in group.members:
+            for role, tensor in (("latent", member.latent),
+                                 ("learned scale", member.quantizer.learned_scale)):
+                summary = None if tensor is None else non_finite_summary(tensor)
+                if summary is not None:
+                    found.append(f"{group.name} ({role} of {member.name}: {summary})")
+    if found:
+        raise MSQError(
+            f"MSQController.{where}: the latent weights of these groups hold NaN or infinite "
+            f"values: {'; '.join(found)}. Nothing was pruned: the widths and the controller's "
+            f"state are as they were. Training diverged before this prune (a learning rate too "
+            f"large, a loss that overflowed, a batch with NaN or inf values): restore the last "
+            f"good checkpoint of the model and optimizer, lower the learning rate or clip the "
+            f"gradients, and call {where[:-1]}, ...) again; torch.isfinite(loss) after each "
+            f"step finds the step where it began.")
+
+
+def _require_finite_measures(where: str, betas: dict[str, float], traces: dict[str, float],
+                             omegas: dict[str, float]) -> None:
+    """MSQError naming the groups whose LSB rate beta, Hessian trace or Omega is not finite."""
+    bad_traces = _not_finite(traces)
+    found = [f"{what} of {', '.join(names)}" for what, names in (
+        ("the LSB non-zero rate beta", _not_finite(betas)), ("the Hessian trace", bad_traces),
+        ("Omega = Tr(H) * ||W_q - W||^2", _not_finite(omegas))) if names]
+    if not found:
+        return
+    if bad_traces:
+        cause = ("The Hessian was taken on the batches given to this call: one of them holds NaN "
+                 "or inf inputs or targets, or the loss overflows on it (torch.isfinite(x).all() "
+                 "and torch.isfinite(loss) find it); pass finite batches")
+    else:
+        cause = ("The latent weights are finite, so their quantization is not (a scale out of "
+                 "range): restore the last good checkpoint or lower the learning rate")
+    raise MSQError(f"MSQController.{where}: not finite: {'; '.join(found)}. Nothing was pruned: "
+                   f"the widths and the controller's state are as they were. {cause}, then call "
+                   f"{where[:-1]}, ...) again.")
+
+
+def _not_finite(values: dict[str, float]) -> list[str]:
+    return [name for name, value in values.items() if not math.isfinite(value)]
 
 
 def _check_count(method: str, unit: str, count: Any, last: int) -> None:
