@@ -9,14 +9,24 @@ state and unpickles nothing; ``load(path, trusted=True)`` rebuilds the module fr
 structure, which runs the pickle in it: only for files you trust. ``saved_report`` and
 ``saved_config`` read the plain parts alone. Files are written to a temporary name first and
 renamed, so an interrupted save never leaves a truncated file under ``path``.
+
+Every file also holds a SHA-256 checksum of the rest (``"checksum"``: the state tensors, the
+packed codes, the structure bytes and the plain data), and every read verifies it, so a file
+damaged on disk or in a copy is refused (:class:`MSQFileError`) instead of loading wrong codes.
+Files written before the checksum existed hold none and are read without the verification.
+Before unpickling anything, a read checks that the file is a whole torch.save archive whose
+data.pkl record matches its CRC-32, so a truncated, empty or foreign file is refused with what
+is wrong with it.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
 import pickle
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,6 +34,7 @@ import torch
 from torch import nn
 
 from .config import MSQConfig
+from .errors import MSQError
 from .modules import LoweredActivation, LoweredWeight, WeightFakeQuant
 from .packing import pack_codes, unpack_codes
 from .report import FloatRow, LayerRow, Report, report
@@ -31,13 +42,27 @@ from .state import prepared_state
 from .utils import copy_module
 
 __all__ = ["save", "load", "saved_report", "saved_config", "require_converted", "atomic_write",
-           "FORMAT", "PICKLED_FORMAT"]
+           "MSQFileError", "FORMAT", "PICKLED_FORMAT"]
 
 logger = logging.getLogger("msq_fx")
 
 FORMAT = "msq_fx.packed/2"
 #: Files of this format hold the whole pickled module; they are read with ``trusted=True`` only.
 PICKLED_FORMAT = "msq_fx.packed/1"
+
+#: The payload keys the checksum covers (all but the format and the checksum itself).
+_CHECKED_KEYS = ("state", "codes", "activations", "report", "config", "structure")
+
+#: How every file torch.save writes begins (a zip archive's first local header).
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+class MSQFileError(MSQError, ValueError):
+    """A file msq_fx cannot read as a saved model: damaged, not an msq_fx file, one that needs
+    ``trusted=True``, or one that does not match the given model. The message names the file.
+
+    A ValueError as well, which is what these errors were before.
+    """
 
 
 def save(int_model: nn.Module, path: str | os.PathLike) -> None:
@@ -80,6 +105,7 @@ def save(int_model: nn.Module, path: str | os.PathLike) -> None:
         "config": None if prepared is None else prepared.config,
         "structure": _structure_bytes(int_model),
     }
+    payload["checksum"] = _checksum(payload)
     if payload["structure"] is None:
         logger.warning("msq_fx.save: %s cannot be pickled (e.g. a class defined inside a "
                        "function), so %s holds its state alone; load it with "
@@ -96,13 +122,18 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, trusted: bo
         model: a converted model of the saved architecture, e.g.
             ``convert(prepare(arch, example_inputs, saved_config(path)))``: it is filled with
             the saved state and nothing in the file is unpickled; a model that does not match
-            is left unchanged (ValueError).
+            is left unchanged (MSQFileError).
         trusted: without ``model``, rebuild the module from the file's pickled structure, which
             can run code: for files you trust only.
         map_location: as for ``torch.load``.
 
     Returns:
         The converted model, its outputs those of the model that was saved.
+
+    Raises:
+        MSQFileError: (an ``MSQError`` and a ``ValueError``) for a file that is truncated or
+            corrupt, fails its checksum, is not an msq_fx file, or needs ``trusted=True``;
+            ``model`` is then left unchanged.
 
     Example:
         >>> import os, tempfile, torch, msq_fx
@@ -124,15 +155,15 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, trusted: bo
     if model is not None:
         return _load_into(model, payload, path)
     if not trusted:
-        raise ValueError(f"{path}: loading without a model rebuilds the module from the pickled "
-                         f"structure in the file, which can run code. Pass model=<a converted "
-                         f"model of the same architecture> (convert(prepare(arch, example_inputs, "
-                         f"msq_fx.saved_config(path)))) to read tensors only, or trusted=True "
-                         f"for a file you trust.")
+        raise MSQFileError(f"{path}: loading without a model rebuilds the module from the "
+                           f"pickled structure in the file, which can run code. Pass model=<a "
+                           f"converted model of the same architecture> (convert(prepare(arch, "
+                           f"example_inputs, msq_fx.saved_config(path)))) to read tensors only, "
+                           f"or trusted=True for a file you trust.")
     if payload["structure"] is None:
-        raise ValueError(f"{path}: holds no module structure (the model could not be pickled "
-                         f"when it was saved); pass model=<a converted model of the same "
-                         f"architecture>")
+        raise MSQFileError(f"{path}: holds no module structure (the model could not be pickled "
+                           f"when it was saved); pass model=<a converted model of the same "
+                           f"architecture>")
     skeleton = torch.load(io.BytesIO(payload["structure"].numpy().tobytes()),
                           map_location=map_location, weights_only=False)
     state = _full_state(payload)
@@ -165,21 +196,134 @@ def saved_config(path: str | os.PathLike) -> MSQConfig | None:
 
 
 def _read(path: str | os.PathLike, trusted: bool, map_location) -> dict[str, Any]:
-    """The file's payload, read with torch's tensors-only unpickler unless ``trusted``."""
+    """The file's payload, read with torch's tensors-only unpickler unless ``trusted``.
+
+    MSQFileError for a file that is truncated or corrupt, not an msq_fx file, fails its checksum,
+    or needs ``trusted=True``.
+    """
+    if isinstance(path, (str, os.PathLike)):
+        _check_archive(path)
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        payload = _torch_load(path, map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         if not trusted:
-            raise ValueError(
-                f"{path}: holds objects other than tensors and plain data (an msq_fx file "
-                f"of the older format {PICKLED_FORMAT!r}, or not an msq_fx file), and reading "
-                f"them can run code; for a file you trust, msq_fx.load(path, trusted=True) reads "
-                f"it (msq_fx.save writes it again in the current format)") from error
-        payload = torch.load(path, map_location=map_location, weights_only=False)
-    if not isinstance(payload, dict) or payload.get("format") not in (FORMAT, PICKLED_FORMAT):
-        raise ValueError(f"{path}: not an msq_fx packed model (expected format {FORMAT!r}); it "
-                         f"was not written by msq_fx.save()")
+            raise MSQFileError(
+                f"{path}: holds objects other than tensors and plain data (an msq_fx file of the "
+                f"older format {PICKLED_FORMAT!r}, a file that is not an msq_fx file, or a "
+                f"damaged one), and reading them can run code; for a file you trust, "
+                f"msq_fx.load(path, trusted=True) reads it (msq_fx.save writes it again in the "
+                f"current format)") from error
+        payload = _torch_load(path, map_location, weights_only=False)
+    fmt = payload.get("format") if isinstance(payload, dict) else None
+    if fmt not in (FORMAT, PICKLED_FORMAT):
+        if isinstance(fmt, str) and fmt.startswith("msq_fx."):
+            raise MSQFileError(f"{path}: its format {fmt!r} is none this version of msq_fx reads "
+                               f"({FORMAT!r}, {PICKLED_FORMAT!r}): a file of a newer msq_fx "
+                               f"(upgrade msq_fx), or a corrupt one (save the model again)")
+        held = (f"a dict with keys {sorted(map(str, payload))[:6]}" if isinstance(payload, dict)
+                else f"a {type(payload).__name__}")
+        raise MSQFileError(f"{path}: not an msq_fx file: torch.load reads {held}, not an "
+                           f"msq_fx packed model (format {FORMAT!r}); pass a file msq_fx.save() "
+                           f"wrote")
+    _verify_checksum(payload, path)
     return payload
+
+
+def _check_archive(path: str | os.PathLike) -> None:
+    """MSQFileError unless ``path`` is a whole zip archive of the kind torch.save writes."""
+    size = os.path.getsize(path)
+    if size == 0:
+        raise MSQFileError(f"{path}: truncated or corrupt: the file is empty (0 bytes), as a "
+                           f"save, copy or download that did not finish (or a full disk) leaves "
+                           f"it. Save the model again, or copy the file again.")
+    with open(path, "rb") as handle:
+        head = handle.read(len(_ZIP_MAGIC))
+    if head != _ZIP_MAGIC[:len(head)]:
+        raise MSQFileError(f"{path}: not an msq_fx file: it does not begin as every file "
+                           f"torch.save (and so msq_fx.save) writes does, with {_ZIP_MAGIC!r}, "
+                           f"but with {head!r}; pass a file msq_fx.save() wrote")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            records = [info for info in archive.infolist()
+                       if info.filename == "data.pkl" or info.filename.endswith("/data.pkl")]
+            if records and records[0].CRC:  # 0: written without CRCs, nothing to compare
+                archive.read(records[0])  # compares the record with its CRC-32
+    except Exception as error:  # zipfile's many ways to refuse a damaged archive
+        raise MSQFileError(f"{path}: truncated or corrupt: its {size:,} bytes begin as a "
+                           f"torch.save archive, but its directory, which closes the file, or "
+                           f"its data.pkl record is missing or damaged ({error}): the file was "
+                           f"cut short (a save, copy or download that did not finish) or damaged "
+                           f"on disk. Save the model again, or copy the file again.") from error
+    if not records:
+        raise MSQFileError(f"{path}: not an msq_fx file: a zip archive that torch.save did not "
+                           f"write (it holds no data.pkl); pass a file msq_fx.save() wrote")
+
+
+def _torch_load(path, map_location, weights_only: bool) -> Any:
+    """``torch.load``, with any failure to read the file (other than the tensors-only
+    unpickler's refusal, left to the caller) raised as MSQFileError."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=weights_only)
+    except pickle.UnpicklingError:
+        if weights_only:
+            raise
+        cause = None
+    except Exception as error:  # every way a damaged file fails inside torch.load
+        if "map_location" in str(error):  # torch's device errors: the file is fine
+            raise
+        cause = error
+    detail = "" if cause is None else f" ({type(cause).__name__}: {cause})"
+    raise MSQFileError(f"{path}: truncated or corrupt: torch.load cannot read what it holds"
+                       f"{detail}. Save the model again, or copy the file again from where it "
+                       f"was saved.") from cause
+
+
+def _checksum(payload: dict[str, Any]) -> str:
+    """SHA-256 of the payload's contents (every key of ``_CHECKED_KEYS``), as "sha256:<hex>"."""
+    digest = hashlib.sha256()
+    for key in _CHECKED_KEYS:
+        _feed(digest, key)
+        _feed(digest, payload.get(key))
+    return "sha256:" + digest.hexdigest()
+
+
+def _feed(digest, value: Any, enclosing: frozenset[int] = frozenset()) -> None:
+    """Add ``value`` (tensors, dicts, lists, tuples and scalars, nested) to ``digest``; each part
+    is preceded by its type and size, so different values never feed the same bytes. A container
+    inside itself (which only damage can make) feeds a marker instead of recursing forever."""
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu().resolve_conj().resolve_neg().contiguous()
+        digest.update(f"tensor {tensor.dtype} {tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(value, (dict, list, tuple)):
+        if id(value) in enclosing:
+            digest.update(b"cycle\n")
+            return
+        enclosing = enclosing | {id(value)}
+        if isinstance(value, dict):
+            digest.update(f"dict {len(value)}\n".encode())
+            for key in sorted(value, key=str):
+                _feed(digest, key, enclosing)
+                _feed(digest, value[key], enclosing)
+        else:
+            digest.update(f"sequence {len(value)}\n".encode())
+            for item in value:
+                _feed(digest, item, enclosing)
+    else:
+        text = repr(value)
+        digest.update(f"{type(value).__name__} {len(text)}\n{text}".encode())
+
+
+def _verify_checksum(payload: dict[str, Any], path) -> None:
+    """MSQFileError when the payload's checksum is not the stored one (files written before
+    checksums existed store none and pass)."""
+    stored = payload.get("checksum")
+    if stored is not None and stored != _checksum(payload):
+        raise MSQFileError(f"{path}: checksum mismatch: what the file holds is not what "
+                           f"msq_fx.save wrote (the SHA-256 of its tensors, codes and plain data "
+                           f"differs from the one stored with them): it was damaged on disk or "
+                           f"in a copy. Copy it again from where it was saved, or save the model "
+                           f"again.")
 
 
 def _structure_bytes(int_model: nn.Module) -> torch.Tensor | None:
@@ -225,10 +369,10 @@ def _load_into(model: nn.Module, payload: dict[str, Any], path) -> nn.Module:
     if problems:
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more"
                                             if len(problems) > 5 else "")
-        raise ValueError(f"msq_fx.load: {path} does not match the given model ({shown}); build "
-                         f"it as convert(prepare(arch, example_inputs, saved_config(path))) from "
-                         f"the architecture that was saved (with the filter_fn, leaf_modules and "
-                         f"concrete_args it was prepared with: the file cannot hold them)")
+        raise MSQFileError(f"msq_fx.load: {path} does not match the given model ({shown}); build "
+                           f"it as convert(prepare(arch, example_inputs, saved_config(path))) from "
+                           f"the architecture that was saved (with the filter_fn, leaf_modules and "
+                           f"concrete_args it was prepared with: the file cannot hold them)")
     model.load_state_dict(state, strict=True)
     for name, settings in activations.items():
         modules[name].bits, modules[name].signed = settings["bits"], settings["signed"]
@@ -240,7 +384,7 @@ def _fill_codes(model: nn.Module, codes: dict[str, Any], path) -> nn.Module:
     for name, lowered in _lowered_modules(model):
         entry = codes.get(name)
         if entry is None:
-            raise ValueError(f"{path}: no packed codes for quantized weight module {name!r}")
+            raise MSQFileError(f"{path}: no packed codes for quantized weight module {name!r}")
         codes_tensor = unpack_codes(entry["packed"], entry["bits"], tuple(entry["shape"]))
         lowered.codes = codes_tensor.to(lowered.step.device)
     return model
