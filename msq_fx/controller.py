@@ -92,8 +92,10 @@ class MSQController:
         weights = [w for w in iter_quantized_weights(self.model)
                    if isinstance(w.quantizer, WeightFakeQuant)]
         if not weights:
-            raise ValueError(f"MSQController needs a model returned by msq_fx.prepare(); "
-                             f"{type(self.model).__name__} holds no trainable MSQ quantizer.")
+            # The error convert() raises for the same mistake.
+            raise MSQError(f"MSQController needs a model returned by msq_fx.prepare(); "
+                           f"{type(self.model).__name__} holds no trainable MSQ quantizer (a "
+                           f"float model, or one already converted). Pass the prepared model.")
         by_group: dict[str, list[QuantizedWeight]] = {}
         for weight in weights:
             by_group.setdefault(weight.quantizer.group, []).append(weight)

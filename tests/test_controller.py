@@ -493,7 +493,7 @@ def test_epoch_end_with_no_batches_for_the_hessian_is_refused_without_pruning():
 
 
 def test_controller_of_an_unprepared_model_is_refused():
-    with pytest.raises(ValueError, match=r"msq_fx.prepare\(\)"):
+    with pytest.raises(msq_fx.MSQError, match=r"msq_fx.prepare\(\)"):
         msq_fx.MSQController(Branches([8]))
 
 

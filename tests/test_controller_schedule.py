@@ -277,3 +277,14 @@ def test_a_prune_whose_batches_are_too_small_for_batchnorm_skips_the_recalibrati
     assert any(r.lsbs_dropped for r in records)
     assert torch.equal(norm.running_mean, before)
     assert "bn_recalibration_batches" in caplog.text
+
+
+@pytest.mark.parametrize("stage", ["float", "converted"])
+def test_a_model_that_is_not_prepared_gets_the_error_convert_gives(stage):
+    model = nn.Sequential(nn.Linear(4, 3))
+    if stage == "converted":
+        model = msq_fx.convert(msq_fx.prepare(model, torch.randn(2, 4)))
+    with pytest.raises(msq_fx.MSQError, match="needs a model returned by msq_fx.prepare"):
+        msq_fx.MSQController(model)
+    with pytest.raises(msq_fx.MSQError):
+        msq_fx.convert(model)
