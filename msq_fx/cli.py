@@ -248,7 +248,7 @@ def _add_check_parser(commands) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--hessian-method", choices=HESSIAN_METHODS, default="auto",
-                        help="how the pruning step computes H v (MSQConfig.hessian_method; "
+                        help="how the pruning step computes H v (MSQConfig.hessian.method; "
                              "default auto: double backward, finite differences if it runs out "
                              "of memory)")
     parser.add_argument("--offload-activations", action="store_true",
@@ -263,7 +263,7 @@ def _add_check_parser(commands) -> None:
                              "--offload-activations); else the FAIL's note only names them")
     parser.add_argument("--act-bits", type=int, default=None,
                         help="also quantize each quantized layer's input to this many bits "
-                             "(MSQConfig.act_bits)")
+                             "(MSQConfig.quantization.act_bits)")
     parser.add_argument("--export", action="append", choices=EXPORT_FORMATS, default=[],
                         help="also export the converted model (torch: torch.export; onnx: "
                              "msq_fx.export_onnx run by ONNX Runtime) and compare its outputs; "
