@@ -174,6 +174,11 @@ class MSQController:
             The ``PruneRecord`` of each group this step decided on (empty when nothing was
             decided).
 
+        Raises:
+            MSQError: a latent, learned scale, LSB rate or Hessian trace of some group is NaN or
+                infinite; nothing was decided and the epoch can be run again once the batch or
+                learning rate is fixed.
+
         Example:
             >>> import torch, torch.nn.functional as F, msq_fx
             >>> from torch import nn
@@ -211,6 +216,9 @@ class MSQController:
 
         Returns:
             That step's ``PruneRecord`` list (empty between prunes).
+
+        Raises:
+            MSQError: as :meth:`epoch_end`, on a non-finite value found by a due prune.
 
         Example:
             >>> import torch, torch.nn.functional as F, msq_fx
