@@ -56,7 +56,9 @@ def group_traces(model: nn.Module, members: Sequence, batches: Iterable,
     """
     chosen = take(batches, config.hessian.batches)
     if not chosen:
-        raise ValueError("epoch_end: `batches` yielded no (inputs, targets) pair for the Hessian")
+        raise ValueError("epoch_end: `batches` yielded no (inputs, targets) pair for the Hessian; "
+                         "pass at least one batch, e.g. a list or a fresh iterator (one that "
+                         "an earlier loop has not already used up)")
     members = list(members)
     estimate = functools.partial(_estimate_traces, model, config, prune_index, members=members,
                                  chosen=chosen, loss_fn=loss_fn)

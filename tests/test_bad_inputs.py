@@ -234,9 +234,6 @@ def test_empty_hessian_batches_are_named():
     assert controller.bit_widths() == {"0.weight": 8, "2.weight": 8}
 
 
-@pytest.mark.xfail(strict=True, reason="the message for empty Hessian batches names `batches` but "
-                                       "not the fix (pass at least one (inputs, targets) batch, "
-                                       "e.g. a fresh iterator rather than an exhausted one)")
 def test_empty_hessian_batches_message_says_the_fix():
     controller = msq_fx.MSQController(msq_fx.prepare(mlp(), X, EVERY_EPOCH))
     with pytest.raises(ValueError, match=r"(?i)pass .*batch"):
