@@ -100,6 +100,14 @@ def test_the_float_run_has_no_bits(tool, archive, tmp_path):
     assert torch.load(tmp_path / "float.pt", weights_only=False)["controller"] is None
 
 
+def test_a_finished_float_run_keeps_its_weights_for_the_fidelity_rows(tool, archive, tmp_path):
+    run(tool, archive, tmp_path, "--run", "float")
+    weights = torch.load(tmp_path / "resnet20_float.pt", weights_only=True)
+    checkpoint = torch.load(tmp_path / "float.pt", weights_only=False)["model"]
+    assert weights.keys() == checkpoint.keys()
+    assert all(torch.equal(weights[name], checkpoint[name]) for name in weights)
+
+
 def test_act_bits_quantize_the_inputs_of_the_quantized_layers(tool, archive, tmp_path):
     run(tool, archive, tmp_path, "--run", "msq", "--act-bits", "3", "--epochs", "1")
     state = torch.load(tmp_path / "msq.pt", weights_only=False)["model"]
