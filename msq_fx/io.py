@@ -88,6 +88,9 @@ def save(int_model: nn.Module, path: str | os.PathLike) -> None:
         ['linear.msq']
     """
     require_converted(int_model, "msq_fx.save")
+    _require_materialized(int_model, "msq_fx.save", "a model on the meta device has no values "
+                          "to save: build it on a real device (or model.to_empty(device='cpu') "
+                          "and load its weights) before converting and saving")
     state = int_model.state_dict()
     codes = {}
     for name, lowered in _lowered_modules(int_model):
@@ -149,6 +152,11 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, trusted: bo
         >>> torch.equal(loaded(x), int_model(x))
         True
     """
+    if model is not None:
+        _require_materialized(model, f"msq_fx.load({str(path)!r})", "the skeleton is on the "
+                              "meta device, where a copy of the saved values does nothing: "
+                              "build the skeleton on the CPU (or the device the model is to run "
+                              "on) and pass that")
     payload = _read(path, trusted, map_location)
     if payload["format"] == PICKLED_FORMAT:
         return _fill_codes(payload["model"], payload["codes"], path)
@@ -173,6 +181,16 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, trusted: bo
         for key, placeholder in skeleton.state_dict(keep_vars=True).items():
             placeholder.set_(state[key])
     return skeleton
+
+
+def _require_materialized(model: nn.Module, where: str, fix: str) -> None:
+    """MSQError naming the tensors of ``model`` on the meta device, with ``fix``."""
+    on_meta = [name for name, tensor in model.state_dict().items() if tensor.is_meta]
+    if on_meta:
+        shown = ", ".join(on_meta[:3]) + (f" and {len(on_meta) - 3} more" if len(on_meta) > 3
+                                          else "")
+        raise MSQError(f"{where}: {type(model).__name__} holds tensors on the meta device "
+                       f"({shown}); {fix}.")
 
 
 def saved_report(path: str | os.PathLike) -> Report:

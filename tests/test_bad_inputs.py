@@ -4,8 +4,7 @@ test) per class of mistake.
 Each test asserts the error type (``msq_fx.MSQError`` where the library uses it, ``TypeError`` /
 ``ValueError`` for a misused argument) and that the message names the culprit (the module, tensor
 FQN, file, config field or precision group) and the fix. Where an input is accepted, the test
-asserts the behaviour is correct. Cases where msq_fx does not give a clear error today are
-``xfail(strict=True)`` with what happens instead.
+asserts the behaviour is correct.
 """
 from __future__ import annotations
 
@@ -410,29 +409,17 @@ def test_meta_device_model_prepares_and_converts_to_the_same_structure():
     assert int_model(X.to("meta")).shape == (3, 2)
 
 
-@pytest.mark.xfail(strict=True, reason="save of a converted meta-device model raises torch's "
-                                       "RuntimeError 'Tensor.item() cannot be called on meta "
-                                       "tensors', which names neither the model nor the fix")
 def test_save_of_a_meta_device_model_names_the_meta_device(tmp_path):
     int_model = msq_fx.convert(msq_fx.prepare(mlp().to("meta")))
-    with pytest.raises(msq_fx.MSQError, match=r"meta"):
+    with pytest.raises(msq_fx.MSQError, match=r"msq_fx.save: .* meta device .*to_empty"):
         msq_fx.save(int_model, tmp_path / "meta.msq")
+    assert not (tmp_path / "meta.msq").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="load into a meta-device skeleton raises torch's "
-                                       "RuntimeError 'Tensor on device meta is not on the expected "
-                                       "device cpu!' (after load_state_dict warnings of a no-op "
-                                       "copy), with no hint to build the skeleton on cpu or use "
-                                       "map_location")
-@pytest.mark.filterwarnings("ignore:.*to a meta parameter in the current model:UserWarning")
-def test_load_into_a_meta_device_skeleton_loads_or_names_the_meta_device(saved, converted):
+def test_load_into_a_meta_device_skeleton_names_the_meta_device_and_the_fix(saved):
     skeleton = msq_fx.convert(msq_fx.prepare(mlp().to("meta")))
-    try:
-        loaded = msq_fx.load(saved, skeleton)
-    except msq_fx.MSQError as error:
-        assert "meta" in str(error)
-    else:
-        assert torch.equal(loaded(X), converted(X))
+    with pytest.raises(msq_fx.MSQError, match=r"meta device \(0\.bias.*build the skeleton on the CPU"):
+        msq_fx.load(saved, skeleton)
 
 
 def test_half_precision_model_prepares_and_converts_exactly():
