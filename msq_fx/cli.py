@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from . import MSQConfig, MSQController, SmallCNN, convert, prepare, report, save
-from .check import EXPORT_FORMATS
+from .check.exports import add_export_option
 from .config import HESSIAN_METHODS
 from .data import synthetic_patterns
 from .offload import release_freed_memory
@@ -264,10 +264,9 @@ def _add_check_parser(commands) -> None:
     parser.add_argument("--act-bits", type=int, default=None,
                         help="also quantize each quantized layer's input to this many bits "
                              "(MSQConfig.quantization.act_bits)")
-    parser.add_argument("--export", action="append", choices=EXPORT_FORMATS, default=[],
-                        help="also export the converted model (torch: torch.export; onnx: "
-                             "msq_fx.export_onnx run by ONNX Runtime) and compare its outputs; "
-                             "repeatable")
+    add_export_option(parser, help="also export the converted model (torch: torch.export; onnx: "
+                                   "msq_fx.export_onnx run by ONNX Runtime) and compare its "
+                                   "outputs; repeatable")
     parser.add_argument("--json", action="store_true",
                         help="one JSON object per model and line, no tables")
     parser.add_argument("--junit-xml", type=Path, default=None, metavar="PATH",

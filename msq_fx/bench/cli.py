@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="with --hessian, also the double backward on chunks of this many "
                              "samples (MSQConfig.hessian_chunk_size)")
     parser.add_argument("--compare-recompute", action="store_true",
-                        help="also time MSQ with recompute_quantized_weights=False")
+                        help="also time MSQ with quantization.recompute_quantized_weights=False")
     parser.add_argument("--autocast", choices=sorted(AUTOCAST_DTYPES), default=None,
                         help="run every contender's forward under torch.autocast to this dtype "
                              "(mixed-precision training)")

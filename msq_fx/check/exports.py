@@ -15,7 +15,7 @@ from ..zoo.outputs import output_tensors
 from .compare import RELATIVE_TOLERANCE, largest_difference
 from .stages import Findings, in_stage
 
-__all__ = ["EXPORT_FORMATS", "EXPORT_TOLERANCE", "check_export"]
+__all__ = ["EXPORT_FORMATS", "EXPORT_TOLERANCE", "check_export", "add_export_option"]
 
 #: What ``exports`` may ask for: ``torch.export`` of the converted model, and
 #: ``msq_fx.export_onnx`` run by ONNX Runtime (float32 compute).
@@ -62,3 +62,10 @@ def _onnx_outputs(int_model: nn.Module, inputs: Tensor | tuple,
         found.update(int4_weights=len(written.int4_weights), int8_weights=len(written.int8_weights),
                      float_weights=len(written.float_weights), file_bytes=written.file_bytes)
         return onnx_runtime_outputs(written.path, inputs)
+
+
+def add_export_option(parser, help: str) -> None:
+    """The repeatable ``--export torch|onnx`` option that ``msq-fx check`` and the zoo sweep share
+    (``help`` says what it does in each)."""
+    parser.add_argument("--export", action="append", choices=EXPORT_FORMATS, default=[],
+                        help=help)

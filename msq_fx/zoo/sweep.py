@@ -41,7 +41,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..check import EXPORT_FORMATS
+from ..check.exports import add_export_option
 from .runner import CHILDREN, Limits, run_check
 from .selection import SOURCES, lean_specs, select, smallest_first, zoo_specs
 from .sweep_report import markdown_report, read_rows, settings_text, write_rows
@@ -95,10 +95,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="likewise for timm models whose parameters x input pixels (the cost "
                              "--order size sorts by) reach COST, e.g. 8e13 (300 M parameters at "
                              "512 px): this also catches small models at a large input")
-    parser.add_argument("--export", action="append", choices=EXPORT_FORMATS, default=[],
-                        help="each check also exports the converted model (msq-fx check "
-                             "--export: torch.export, or ONNX run by ONNX Runtime) and compares "
-                             "its outputs; repeatable; column exports")
+    add_export_option(parser, help="each check also exports the converted model (msq-fx check "
+                                   "--export: torch.export, or ONNX run by ONNX Runtime) and "
+                                   "compares its outputs; repeatable; column exports")
     parser.add_argument("--report-only", action="store_true",
                         help="check nothing: rewrite PREFIX.md from PREFIX.csv for this "
                              "selection and these settings (e.g. after merging the CSVs of "
