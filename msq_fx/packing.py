@@ -21,7 +21,17 @@ def pack_codes(codes: Tensor, bits: int) -> Tensor:
     """Pack signed ``bits``-bit codes (any integer dtype) into a flat uint8 tensor."""
     _check_range(codes, bits)
     offset = 2 ** (bits - 1)
-    unsigned = (codes.detach().cpu().reshape(-1).to(torch.int64) + offset).numpy().astype(np.uint16)
+    flat = codes.detach().cpu().reshape(-1)
+    if 8 % bits == 0:
+        # Whole codes per byte, the first in the lowest bits: the same stream, without a
+        # plane per bit.
+        unsigned = (flat.to(torch.int16) + offset).to(torch.uint8).numpy()
+        per_byte = 8 // bits
+        rows = np.zeros(packed_size(unsigned.size, bits) * per_byte, dtype=np.uint8)
+        rows[:unsigned.size] = unsigned
+        rows = rows.reshape(-1, per_byte) << np.arange(0, 8, bits, dtype=np.uint8)
+        return torch.from_numpy(np.bitwise_or.reduce(rows, axis=1, dtype=np.uint8))
+    unsigned = (flat.to(torch.int64) + offset).numpy().astype(np.uint16)
     # One row per code, its bits least significant first; the rows laid end to end.
     planes = (unsigned[:, None] >> np.arange(bits, dtype=np.uint16)) & 1
     return torch.from_numpy(np.packbits(planes.astype(np.uint8).reshape(-1), bitorder="little"))
@@ -33,7 +43,13 @@ def unpack_codes(packed: Tensor, bits: int, shape: tuple[int, ...]) -> Tensor:
     if packed.numel() != packed_size(numel, bits):
         raise ValueError(f"{packed.numel()} packed bytes cannot hold {numel} codes of {bits} bits "
                          f"(expected {packed_size(numel, bits)})")
-    stream = np.unpackbits(packed.cpu().numpy(), count=numel * bits, bitorder="little")
+    stream = packed.cpu().numpy()
+    if 8 % bits == 0:
+        shifts = np.arange(0, 8, bits, dtype=np.uint8)
+        unsigned = ((stream[:, None] >> shifts) & np.uint8(2**bits - 1)).reshape(-1)[:numel]
+        signed = torch.from_numpy(unsigned).to(torch.int16) - 2 ** (bits - 1)
+        return signed.to(torch.int8).reshape(shape)
+    stream = np.unpackbits(stream, count=numel * bits, bitorder="little")
     planes = stream.reshape(numel, bits).astype(np.int64)
     unsigned = (planes << np.arange(bits, dtype=np.int64)).sum(axis=1)
     return torch.from_numpy(unsigned - 2 ** (bits - 1)).to(torch.int8).reshape(shape)

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import lzma
 import os
+import pickle
 
 import pytest
 import torch
@@ -271,3 +273,234 @@ def test_cli_report_of_an_unreadable_file_says_so_and_exits_2(tmp_path, capsys):
     (tmp_path / "model.msq").write_bytes(b"not a saved model")
     assert cli_main(["report", str(tmp_path / "model.msq")]) == 2
     assert "msq-fx report: error: cannot load" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------- the current format's records
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "data")
+
+
+def _small_cnn_of_the_fixture():
+    """The architecture tests/fixtures/small_cnn_format2.msq was saved from, converted."""
+    inputs = torch.randn(2, 1, 16, 16)
+    config = msq_fx.MSQConfig(quantization=dict(act_bits=4))
+    return msq_fx.convert(msq_fx.prepare(msq_fx.SmallCNN(in_channels=1, width=8), inputs, config))
+
+
+@pytest.mark.parametrize("how", ["trusted", "model"])
+def test_a_file_of_the_previous_format_still_loads_with_its_saved_outputs(how):
+    path = os.path.join(FIXTURES, "small_cnn_format2.msq")
+    expected = torch.load(os.path.join(FIXTURES, "small_cnn_format2_outputs.pt"),
+                          weights_only=True)
+    assert torch.load(path, weights_only=True)["format"] == msq_fx.io.PER_TENSOR_FORMAT
+    loaded = (msq_fx.load(path, trusted=True) if how == "trusted"
+              else msq_fx.load(path, model=_small_cnn_of_the_fixture()))
+    assert torch.equal(eval_output(loaded, expected["inputs"]), expected["outputs"])
+    assert [row.bits for row in msq_fx.saved_report(path).layers] == expected["bits"]
+    assert msq_fx.saved_config(path) == msq_fx.MSQConfig(quantization=dict(act_bits=4))
+
+
+def test_the_sizes_of_a_file_of_the_previous_format_are_read_too():
+    path = os.path.join(FIXTURES, "small_cnn_format2.msq")
+    sizes = msq_fx.io.saved_sizes(path)
+    layers = msq_fx.saved_report(path).layers
+    assert sizes.code_bytes == sum(packed_size(row.params, row.bits) for row in layers)
+    assert sizes.structure and sizes.file_bytes == os.path.getsize(path)
+
+
+def test_a_file_saved_again_holds_the_same_model_in_the_current_format(tmp_path):
+    old = msq_fx.load(os.path.join(FIXTURES, "small_cnn_format2.msq"), trusted=True)
+    msq_fx.save(old, tmp_path / "new.msq")
+    assert torch.load(tmp_path / "new.msq", weights_only=True)["format"] == msq_fx.io.FORMAT
+    new = msq_fx.load(tmp_path / "new.msq", trusted=True)
+    assert old.state_dict().keys() == new.state_dict().keys()
+    assert all(torch.equal(value, new.state_dict()[key]) for key, value in old.state_dict().items())
+
+
+def test_a_file_saved_without_its_structure_loads_into_a_model_only(tmp_path):
+    int_model, inputs = _converted_cnn({0: 3, 1: 5})
+    msq_fx.save(int_model, tmp_path / "with.msq")
+    msq_fx.save(int_model, tmp_path / "without.msq", structure=False)
+    with pytest.raises(msq_fx.io.MSQFileError, match=r"without\.msq: holds no module structure "
+                                                      r"\(it was saved with structure=False\)"):
+        msq_fx.load(tmp_path / "without.msq", trusted=True)
+    torch.manual_seed(1)
+    skeleton = msq_fx.convert(msq_fx.prepare(msq_fx.SmallCNN(in_channels=1, width=16), inputs))
+    loaded = msq_fx.load(tmp_path / "without.msq", model=skeleton)
+    assert torch.equal(eval_output(loaded, inputs), eval_output(int_model, inputs))
+    assert not msq_fx.io.saved_sizes(tmp_path / "without.msq").structure
+    assert msq_fx.io.saved_sizes(tmp_path / "with.msq").structure
+    assert (tmp_path / "without.msq").stat().st_size < (tmp_path / "with.msq").stat().st_size
+
+
+class WithOtherTensors(torch.nn.Module):
+    """Tensors a state_dict does not hold (a non-persistent buffer, a plain attribute), one of
+    1 MiB or more (kept float), and a sparse buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.small = torch.nn.Linear(4, 8)
+        self.large = torch.nn.Linear(512, 512)
+        self.register_buffer("positions", torch.arange(5.0), persistent=False)
+        self.register_buffer("mask", torch.eye(3).to_sparse())
+        self.table = torch.arange(6).reshape(2, 3)
+
+    def forward(self, x):
+        return self.large(self.small(x).repeat(1, 64)) + self.positions.sum()
+
+
+OTHER_TENSORS_CONFIG = msq_fx.MSQConfig(quantization=dict(exclude=("large.weight",)))
+
+
+def _saved_with_other_tensors(path) -> tuple[torch.nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    inputs = torch.randn(2, 4)
+    int_model = msq_fx.convert(msq_fx.prepare(WithOtherTensors(), inputs, OTHER_TENSORS_CONFIG))
+    msq_fx.save(int_model, path)
+    return int_model, inputs
+
+
+@pytest.mark.filterwarnings("ignore:Validating sparse tensor invariants")
+def test_every_kind_of_tensor_comes_back_from_a_trusted_load(tmp_path):
+    int_model, inputs = _saved_with_other_tensors(tmp_path / "model.msq")
+    loaded = msq_fx.load(tmp_path / "model.msq", trusted=True)
+    assert torch.equal(loaded.positions, int_model.positions)
+    assert torch.equal(loaded.table, int_model.table)
+    assert torch.equal(loaded.mask.to_dense(), torch.eye(3))
+    assert isinstance(loaded.large.weight, torch.nn.Parameter) and loaded.large.weight.requires_grad
+    assert torch.equal(eval_output(loaded, inputs), eval_output(int_model, inputs))
+    # The 1 MiB float weight is a record of its own, not a copy inside the blob.
+    payload = torch.load(tmp_path / "model.msq", weights_only=True)
+    assert any(t.shape == (512, 512) for t in payload["own"].values())
+    assert payload["tensors"].numel() < 512 * 512 * 4
+
+
+@pytest.mark.filterwarnings("ignore:Validating sparse tensor invariants")
+def test_a_skeleton_load_fills_large_and_sparse_tensors_too(tmp_path):
+    int_model, inputs = _saved_with_other_tensors(tmp_path / "model.msq")
+    torch.manual_seed(1)
+    skeleton = msq_fx.convert(msq_fx.prepare(WithOtherTensors(), inputs, OTHER_TENSORS_CONFIG))
+    loaded = msq_fx.load(tmp_path / "model.msq", model=skeleton)
+    assert torch.equal(eval_output(loaded, inputs), eval_output(int_model, inputs))
+
+
+def _rewritten(tmp_path, saved, change) -> str:
+    """A copy of ``saved`` whose payload ``change`` altered, without a checksum (as a file
+    written before checksums would be), so only the header's own checks can refuse it."""
+    payload = torch.load(saved, weights_only=True)
+    change(payload)
+    del payload["checksum"]
+    torch.save(payload, tmp_path / "altered.msq")
+    return str(tmp_path / "altered.msq")
+
+
+def _header(payload) -> tuple[dict, bytes]:
+    text, _, structure = lzma.decompress(payload["header"].numpy().tobytes()).partition(b"\n")
+    return json.loads(text), structure
+
+
+def _with_header(payload, header: dict, structure: bytes) -> None:
+    data = json.dumps(header).encode() + b"\n" + structure
+    payload["header"] = torch.frombuffer(bytearray(lzma.compress(data)), dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: p.update(header=p["header"][:-7]), "does not decompress|is cut short"),
+    (lambda p: p.update(tensors=p["tensors"][:-4]), "lays out .* bytes of tensors"),
+    (lambda p: p.update(codes=torch.cat([p["codes"], torch.zeros(3, dtype=torch.uint8)])),
+     "lays out .* bytes of packed codes"),
+])
+def test_a_header_that_does_not_describe_the_file_is_refused_naming_it(tmp_path, damage, message):
+    int_model, _ = _converted_cnn({0: 3})
+    msq_fx.save(int_model, tmp_path / "model.msq")
+    path = _rewritten(tmp_path, tmp_path / "model.msq", damage)
+    for read in (lambda: msq_fx.load(path, trusted=True),
+                 lambda: msq_fx.load(path, model=_converted_cnn({0: 3})[0]),
+                 lambda: msq_fx.saved_config(path)):
+        with pytest.raises(msq_fx.io.MSQFileError,
+                           match=f"altered.msq: truncated or corrupt: its header.*({message})"):
+            read()
+
+
+@pytest.mark.parametrize("edit", [
+    lambda header: header["tensors"][0].__setitem__(0, "no_such_dtype"),
+    lambda header: header["codes"][0].__setitem__(2, 9),
+    lambda header: header["state"][0].__setitem__(2, 10**6),
+    lambda header: header["tensors"][0].__setitem__(2, "striped"),
+    lambda header: header.pop("state"),
+])
+def test_a_header_with_impossible_entries_is_refused_before_any_tensor_is_read(tmp_path, edit):
+    int_model, _ = _converted_cnn({0: 3})
+    msq_fx.save(int_model, tmp_path / "model.msq")
+
+    def damage(payload):
+        header, structure = _header(payload)
+        edit(header)
+        _with_header(payload, header, structure)
+
+    path = _rewritten(tmp_path, tmp_path / "model.msq", damage)
+    with pytest.raises(msq_fx.io.MSQFileError, match="truncated or corrupt: its header"):
+        msq_fx.load(path, trusted=True)
+
+
+class RunsCodeWhenUnpickled:
+    def __reduce__(self):
+        return exec, ("import builtins; builtins.msq_fx_test_pickle_ran = True",)
+
+
+def test_only_a_trusted_load_unpickles_the_structure(tmp_path, monkeypatch):
+    import builtins
+
+    int_model, inputs = _converted_cnn({0: 3})
+    msq_fx.save(int_model, tmp_path / "model.msq")
+
+    def plant(payload):  # a structure that runs code, with a header that admits its length
+        header, _ = _header(payload)
+        structure = pickle.dumps(RunsCodeWhenUnpickled())
+        header["structure"] = {"bytes": len(structure)}
+        _with_header(payload, header, structure)
+
+    path = _rewritten(tmp_path, tmp_path / "model.msq", plant)
+    monkeypatch.setattr(builtins, "msq_fx_test_pickle_ran", False, raising=False)
+    loaded = msq_fx.load(path, model=_converted_cnn({0: 3})[0])
+    msq_fx.saved_config(path), msq_fx.saved_report(path), msq_fx.io.saved_sizes(path)
+    with pytest.raises(msq_fx.io.MSQFileError, match="Pass model=.* or trusted=True"):
+        msq_fx.load(path)
+    assert builtins.msq_fx_test_pickle_ran is False
+    assert torch.equal(eval_output(loaded, inputs), eval_output(int_model, inputs))
+    with pytest.raises(msq_fx.io.MSQFileError, match="unpickles to a NoneType, not a module"):
+        msq_fx.load(path, trusted=True)
+    assert builtins.msq_fx_test_pickle_ran is True
+
+
+def test_the_file_sizes_add_up_to_the_file(tmp_path):
+    int_model, _ = _converted_cnn({0: 3, 1: 5, 2: 2})
+    msq_fx.save(int_model, tmp_path / "model.msq")
+    sizes = msq_fx.io.saved_sizes(tmp_path / "model.msq")
+    lowered = [m for m in int_model.modules() if isinstance(m, LoweredWeight)]
+    codes = {id(m.codes) for m in lowered}
+    others = {id(t): t for t in int_model.state_dict(keep_vars=True).values() if id(t) not in codes}
+    assert sizes.code_bytes == sum(packed_size(m.codes.numel(), m.num_bits) for m in lowered)
+    assert sizes.tensor_bytes == sum(t.numel() * t.element_size() for t in others.values())
+    assert sizes.file_bytes == (tmp_path / "model.msq").stat().st_size
+    assert sizes.code_bytes + sizes.tensor_bytes + sizes.other_bytes == sizes.file_bytes
+    assert f"{sizes.file_bytes:,} bytes" in str(sizes)
+
+
+def test_a_saved_file_gets_the_permissions_the_umask_gives(tmp_path):
+    int_model, _ = _converted_cnn({})
+    previous = os.umask(0o022)
+    try:
+        msq_fx.save(int_model, tmp_path / "model.msq")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "model.msq").stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["model.msq"]  # no temporary file left
+
+
+def test_loading_onto_a_named_device_puts_every_tensor_there(tmp_path):
+    int_model, inputs = _converted_cnn({0: 3})
+    msq_fx.save(int_model, tmp_path / "model.msq")
+    loaded = msq_fx.load(tmp_path / "model.msq", trusted=True, map_location="cpu")
+    assert {t.device.type for t in loaded.state_dict().values()} == {"cpu"}
+    assert torch.equal(eval_output(loaded, inputs), eval_output(int_model, inputs))
