@@ -297,9 +297,20 @@ class MSQController:
         target, floor = self.config.target_compression, self.config.quantization.min_bits
         for group in ascending:
             if betas[group.name] < self.config.pruning.threshold:
-                group.set_bits(max(group.bits - group.prune_step, floor))
+                self._lower_width(group, target, floor)
             if self.compression() >= target:
                 self.done = True
+                return
+
+    def _lower_width(self, group: PrecisionGroup, target: float, floor: int) -> None:
+        """Drop the group's p LSBs (clipped at ``floor``); with ``pruning.last_prune="fit"``
+        drop fewer when fewer already reach ``target``, so the last prune does not overshoot
+        it (dropping 1 of the p zero LSBs is as exact as dropping all p)."""
+        lowest = max(group.bits - group.prune_step, floor)
+        fit = self.config.pruning.last_prune == "fit"
+        for width in range(group.bits - 1, lowest - 1, -1) if fit else [lowest]:
+            group.set_bits(width)
+            if self.compression() >= target:
                 return
 
     def _reassign_prune_steps(self, groups: list[PrecisionGroup], omegas: dict[str, float]) -> None:

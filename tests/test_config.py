@@ -75,7 +75,7 @@ def test_from_dict_migrates_the_flat_form_of_older_files():
     config = MSQConfig.from_dict(flat)
     assert config == MSQConfig(
         target_compression=9.0, seed=1, quantization=QuantizationConfig(init_bits=6),
-        pruning=PruningConfig(interval=3, threshold=0.4, step_policy="fixed"),
+        pruning=PruningConfig(interval=3, threshold=0.4, step_policy="fixed", last_prune="full"),
         hessian=HessianConfig(batches=2, method="finite_difference"))
 
 

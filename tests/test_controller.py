@@ -190,6 +190,19 @@ def test_stop_rule_prefers_the_lowest_beta_group_even_when_it_is_smallest():
     assert ctl.done
 
 
+@pytest.mark.parametrize("last_prune, width", [("fit", 7), ("full", 6)])
+def test_the_last_prune_drops_only_the_lsbs_the_target_needs_unless_told_full(last_prune, width):
+    # p = 2 for layers.0, but one LSB already reaches Gamma: "fit" drops 1, "full" drops 2.
+    widths = [32, 2]
+    qmodel, ctl = prepared(widths, target_compression=compression(widths, [7, 8]),
+                           pruning=dict(threshold=0.3, interval=1, last_prune=last_prune))
+    ctl.groups[0].set_prune_step(2)
+    set_betas(qmodel, [0.0, 0.5], k=2)
+    ctl.epoch_end(1, batches(widths), F.mse_loss)
+    assert bits_of(qmodel) == [width, 8]
+    assert ctl.done
+
+
 # ------------------------------------------------------------------------- (c) p from Omega
 
 SENSITIVE = [30.0, 0.1, 0.1, 0.1]  # Tr(H) of layers.0 is ~1e5 times the others'
@@ -499,7 +512,9 @@ def test_controller_of_an_unprepared_model_is_refused():
 
 def test_controller_defaults_to_the_config_stored_by_prepare():
     qmodel, ctl = prepared([8], prune_interval=7, target_compression=5.0)
-    assert ctl.config == msq_fx.MSQConfig(target_compression=5.0, pruning=dict(interval=7))
+    # The flat form is the older files' form: it migrates to the full last prune they ran with.
+    assert ctl.config == msq_fx.MSQConfig(target_compression=5.0,
+                                          pruning=dict(interval=7, last_prune="full"))
 
 
 # ------------------------------------------------------------------------- robustness

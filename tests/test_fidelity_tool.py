@@ -2,6 +2,7 @@
 archive, resumes from its checkpoint, and lands in the Markdown table with its command."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -38,6 +39,19 @@ def test_an_msq_fx_row_trains_converts_exactly_and_writes_its_result(settings, n
     assert result["converted_max_abs_diff"] == 0.0
     assert len(result["epochs"]) == 1 and 0.0 <= result["test_acc"] <= 100.0
     assert result["exact_acc"] is not None
+
+
+def test_an_msq_row_records_every_prune_it_made(settings, monkeypatch):
+    spec = ROWS["msq-8x"]
+    monkeypatch.setitem(ROWS, "msq-8x", dataclasses.replace(
+        spec, pruning={**spec.pruning, "interval": 1, "threshold": 1.0}))
+    result = run_row("msq-8x", settings)
+    history = result["history"]
+    steps = sorted({record["step"] for record in history})
+    assert steps and steps == list(range(1, len(steps) + 1))  # a prune after every step
+    assert {record["group"] for record in history} <= set(result["bits"])
+    last = {record["group"]: record["bits_after"] for record in history}
+    assert all(result["bits"][group] == bits for group, bits in last.items())
 
 
 def test_the_one_shot_row_reaches_its_target_before_training_and_converts_exactly(settings):

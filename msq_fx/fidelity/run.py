@@ -169,6 +169,7 @@ def _result(name, spec, model, controller, built, test, state, command, settings
               "command": command or " ".join(shlex.quote(a) for a in sys.argv)}
     if controller is not None:
         result["bits"] = controller.bit_widths()
+        result["history"] = [asdict(record) for record in controller.history]
         model.eval()
         lowered = convert(model)
         with torch.no_grad():
