@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import msq_fx
-from msq_fx.fidelity import ROWS, Settings, run_row, write_table
+from msq_fx.fidelity import ROWS, Settings, run_row, run_rows, write_table
 from msq_fx.fidelity.run import FLOAT_WEIGHTS
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -105,3 +105,17 @@ def test_rewriting_the_table_keeps_the_notes_written_below_it(settings):
     text = doc.read_text()
     assert text.count(TABLE_END) == 1 and text.endswith("## Notes\n\nmeasured by hand\n")
     assert "uniform-2bit" in text.partition(TABLE_END)[0]
+
+
+def test_rows_run_in_parallel_processes_give_what_one_after_another_gives(settings, tmp_path):
+    names = ["uniform-2bit", "uniform-4bit"]
+    parallel = dataclasses.replace(settings, out=tmp_path / "parallel")
+    parallel.out.mkdir()
+    (parallel.out / FLOAT_WEIGHTS).write_bytes((settings.out / FLOAT_WEIGHTS).read_bytes())
+    run_rows(names, settings, names, jobs=1, threads=1)
+    run_rows(names, parallel, names, jobs=2, threads=1)
+    for name in names:
+        one, other = (json.loads((out / "rows" / f"{name}.json").read_text())
+                      for out in (settings.out, parallel.out))
+        assert [e["loss"] for e in one["epochs"]] == [e["loss"] for e in other["epochs"]]
+        assert (one["test_acc"], one["bits"]) == (other["test_acc"], other["bits"])

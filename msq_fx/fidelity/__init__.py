@@ -3,6 +3,7 @@ CIFAR-10 ResNet-20, from one float start with one fine-tuning budget (``tools/fi
 
     tools/fidelity row msq-10.67x        # one row: fine-tune, checkpoint every epoch, resume
     tools/fidelity all                   # every row not yet run, then the table
+    tools/fidelity all --jobs 2          # the same, two rows at a time (one thread each)
     tools/fidelity table                 # docs/fidelity.md from the rows written so far
     tools/fidelity no-training           # the float start quantized without training
 """
@@ -10,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -20,7 +23,7 @@ from .run import Settings, run_row
 from .table import load_results, markdown_table
 
 __all__ = ["ROWS", "RowSpec", "build_row", "Settings", "run_row", "load_results",
-           "markdown_table", "main"]
+           "markdown_table", "main", "run_rows"]
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "cifar10.npz"
 
@@ -37,8 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-size", type=int, default=Settings.train_size)
     parser.add_argument("--scale", choices=("max", "tensor", "channel"), default=Settings.scale,
                         help="quantization.scale of every msq_fx row")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per row")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="with `all`: rows run at once, each in its own process")
     args = parser.parse_args(argv)
+    if args.jobs < 1 or args.threads < 1:
+        parser.error("--jobs and --threads take an integer >= 1")
     unknown = [row for row in args.rows if row not in ROWS]
     if unknown:
         parser.error(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
@@ -57,12 +64,28 @@ def main(argv: list[str] | None = None) -> int:
             run_row(name, settings)
     elif args.action == "all":
         done = load_results(args.out)
-        for name in args.rows or list(ROWS):
-            if name not in done:
-                run_row(name, settings, command=f"tools/fidelity row {name} --epochs {args.epochs} "
-                                                f"--scale {args.scale}")
+        pending = [name for name in args.rows or list(ROWS) if name not in done]
+        commands = [f"tools/fidelity row {name} --epochs {args.epochs} --scale {args.scale}"
+                    for name in pending]
+        run_rows(pending, settings, commands, args.jobs, args.threads)
     write_table(args.out, args.doc)
     return 0
+
+
+def run_rows(names: list[str], settings: Settings, commands: list[str], jobs: int,
+             threads: int) -> None:
+    """Run rows one after another, or ``jobs`` at a time in processes of ``threads`` torch
+    threads each (one per core is the fastest on a small CPU: a row barely uses a second
+    thread)."""
+    if jobs == 1:
+        for name, command in zip(names, commands):
+            run_row(name, settings, command=command)
+        return
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=torch.set_num_threads,
+                             initargs=(threads,)) as pool:
+        for _ in pool.map(run_row, names, [settings] * len(names), commands):
+            pass
 
 
 def write_table(out: Path, doc: Path) -> None:
