@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from .quant import GRIDS, SCALE_MODES
+from .quant import GRIDS, PENALTY_UNITS, SCALE_MODES
 
 __all__ = ["MSQConfig", "QuantizationConfig", "PruningConfig", "HessianConfig",
            "FIRST_LAST_POLICIES", "PRUNE_STEP_POLICIES", "INTERVAL_UNITS", "HESSIAN_METHODS",
@@ -146,7 +146,14 @@ class QuantizationConfig(_SubConfig):
 class PruningConfig(_SubConfig):
     """Algorithm 1's schedule: the LSB penalty, when and how much to prune.
 
-    reg_strength: lambda, L1 strength on the LSBs (in n-bit step units, summed over weights).
+    reg_strength: lambda, L1 strength on the LSBs (summed over weights, in ``penalty_units``).
+    penalty_units: what one unit of |B_k| is. "code" (default; the paper's Eq. 5): one n-bit
+        step, so a weight's pull is lambda / step: 2x stronger per bit of width and stronger
+        where the scale is small; fine-tuning at a few epochs' learning rate, the LSBs stop
+        emptying around 5 bits (MNIST example: stuck at 6.33x of a target of 8x).
+        "weight": the residual in the weight's own units (|B_k| x step), so every weight is
+        pulled with lambda whatever its width and scale; lambda then needs to be about
+        1e-3 to 1e-2 rather than 1e-5 (MNIST example: 8x at epoch 2 of 4 with 1e-2).
     threshold: alpha; a group whose LSB non-zero rate beta is below it loses p LSBs.
     interval: I; pruning runs after every I-th epoch (``epoch_end``) or every I-th optimizer step
         (``step_end``), as ``interval_unit`` says.
@@ -179,6 +186,7 @@ class PruningConfig(_SubConfig):
     scale_after_prune: str = "keep"
     bn_recalibration_batches: int = 4
     last_prune: str = "fit"
+    penalty_units: str = "code"
 
     def _validate(self) -> None:
         self._require(_is_number(self.reg_strength) and self.reg_strength >= 0, "reg_strength",
@@ -197,6 +205,8 @@ class PruningConfig(_SubConfig):
         self._require(self.step_policy in PRUNE_STEP_POLICIES, "step_policy",
                       f"one of {PRUNE_STEP_POLICIES}")
         self._require(self.last_prune in LAST_PRUNE, "last_prune", f"one of {LAST_PRUNE}")
+        self._require(self.penalty_units in PENALTY_UNITS, "penalty_units",
+                      f"one of {PENALTY_UNITS}")
 
 
 @dataclass(frozen=True)

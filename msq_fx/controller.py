@@ -137,7 +137,8 @@ class MSQController:
         if self.done or self.config.pruning.reg_strength == 0 or not active:
             return torch.zeros((), device=device)
         floor = self.config.quantization.min_bits
-        terms = [m.quantizer.lsb_l1(m.latent, g.droppable_lsbs(floor))
+        units = self.config.pruning.penalty_units
+        terms = [m.quantizer.lsb_l1(m.latent, g.droppable_lsbs(floor), units)
                  for g in active for m in g.members]
         return self.config.pruning.reg_strength * torch.stack(terms).sum()
 

@@ -83,13 +83,14 @@ class WeightFakeQuant(CachesItsWeight):
                                lambda: quant.fake_quantize(latent, bits, self.grid, scale))
         return quant.fake_quantize(latent, bits, self.grid, scale)
 
-    def lsb_l1(self, latent: Tensor, k: int | None = None) -> Tensor:
-        """``sum |B_k|`` over the tensor in step units (k defaults to the prune step p)."""
+    def lsb_l1(self, latent: Tensor, k: int | None = None, units: str = "code") -> Tensor:
+        """``sum |B_k|`` over the tensor in step units, or times the step with
+        ``units="weight"`` (:func:`msq_fx.quant.lsb_l1`); k defaults to the prune step p."""
         k = int(self.prune_step) if k is None else k
         k = min(k, self.num_bits - 1)
         if k < 1:
             return latent.new_zeros(())
-        return quant.lsb_l1(latent, self.num_bits, k, self.learned_scale)
+        return quant.lsb_l1(latent, self.num_bits, k, self.learned_scale, units)
 
     def lsb_nonzero_rate(self, latent: Tensor, k: int) -> float:
         """beta of this weight: the fraction whose k LSBs are not all zero at the current width."""

@@ -31,7 +31,7 @@ __all__ = ["GRIDS", "SCALE_MODES", "CLIP_CANDIDATES", "weight_scale", "scale_sha
            "best_clip", "code_half", "code_position", "roundclamp_codes", "signed_codes",
            "grid_step", "grid_offset", "dequantize", "quantize_value", "fake_quantize", "Recipe",
            "QUANTIZER_NODES", "lsb_value", "lsb_l1", "lsb_integer", "lsb_nonzero_rate",
-           "drop_lsbs", "quantization_error"]
+           "drop_lsbs", "quantization_error", "PENALTY_UNITS"]
 
 GRIDS = ("nested", "literal")
 
@@ -326,8 +326,17 @@ def lsb_value(w: Tensor, bits: int, k: int, scale: Tensor | None = None) -> Tens
     return torch.clamp(x - float(2**k) * coarse, -bound, bound)
 
 
-def lsb_l1(w: Tensor, bits: int, k: int, scale: Tensor | None = None) -> Tensor:
+PENALTY_UNITS = ("code", "weight")
+
+
+def lsb_l1(w: Tensor, bits: int, k: int, scale: Tensor | None = None,
+           units: str = "code") -> Tensor:
     """``sum |B_k|`` over ``w`` (the L1 of :func:`lsb_value`), with the same value and gradient.
+
+    ``units="code"`` counts B_k in n-bit steps, as the paper's Eq. 5 does: its gradient on a
+    weight is sign(B) / step, so the pull grows 2x per bit of width and with 1 / S.
+    ``units="weight"`` counts B_k times the step, the LSB residual in the weight's own units:
+    the gradient is sign(B), the same pull at every width and scale.
 
     A fused autograd Function: the forward keeps nothing but ``w`` (already alive as a parameter)
     and the backward recomputes ``B_k`` in place, so the penalty over a whole model costs one
@@ -336,8 +345,10 @@ def lsb_l1(w: Tensor, bits: int, k: int, scale: Tensor | None = None) -> Tensor:
     _check_bits(bits)
     if not 1 <= k < bits:
         raise ValueError(f"k must be in 1..bits-1 (bits={bits}), got {k}")
+    if units not in PENALTY_UNITS:
+        raise ValueError(f"units must be one of {PENALTY_UNITS}, got {units!r}")
     # The penalty moves weights onto the coarser grid; it does not move a learned scale.
-    return _LsbL1.apply(w, bits, k, None if scale is None else scale.detach())
+    return _LsbL1.apply(w, bits, k, None if scale is None else scale.detach(), units)
 
 
 def _unclamped_lsb(w: Tensor, bits: int, k: int, scale: Tensor) -> Tensor:
@@ -357,24 +368,29 @@ class _LsbL1(torch.autograd.Function):
     dx/dw: no slope on the bounds, as torch.clamp's own backward has it."""
 
     @staticmethod
-    def forward(ctx, w: Tensor, bits: int, k: int, scale: Tensor | None) -> Tensor:  # noqa: D102
+    def forward(ctx, w: Tensor, bits: int, k: int, scale: Tensor | None,  # noqa: D102
+                units: str) -> Tensor:
         scale = weight_scale(w) if scale is None else scale
         bound = float(2 ** (k - 1))
         ctx.save_for_backward(w, scale)
-        ctx.bits, ctx.k = bits, k
-        return _unclamped_lsb(w, bits, k, scale).clamp_(-bound, bound).abs_().sum()
+        ctx.bits, ctx.k, ctx.units = bits, k, units
+        magnitude = _unclamped_lsb(w, bits, k, scale).clamp_(-bound, bound).abs_()
+        if units == "weight":
+            magnitude.mul_(scale * float(2.0 ** (1 - bits)))
+        return magnitude.sum()
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # noqa: D102
         w, scale = ctx.saved_tensors
         bits, k = ctx.bits, ctx.k
         bound = float(2 ** (k - 1))
-        slope = grad * (float(2 ** (bits - 1)) / scale)
+        # dB/dw is 1 / step; in weight units the step the value was multiplied by cancels it.
+        slope = grad if ctx.units == "weight" else grad * (float(2 ** (bits - 1)) / scale)
         # sign(B) where |B| < bound, else 0, without a mask: after the clamp B / bound is in
         # [-1, 1], its fractional part is itself inside and 0 on the bounds, and its sign is
         # the wanted factor. bound is a power of two, so the scaling is exact.
         factor = _unclamped_lsb(w, bits, k, scale).clamp_(-bound, bound).mul_(1.0 / bound)
-        return factor.frac_().sign_().mul_(slope), None, None, None
+        return factor.frac_().sign_().mul_(slope), None, None, None, None
 
 
 def lsb_integer(unsigned: Tensor, k: int) -> Tensor:

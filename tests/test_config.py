@@ -22,6 +22,8 @@ from msq_fx.config import HessianConfig, PruningConfig, QuantizationConfig
     ("pruning", "reg_strength", -1.0), ("pruning", "threshold", 0.0),
     ("pruning", "threshold", 1.5), ("pruning", "interval", 0),
     ("pruning", "step_policy", "random"),
+    ("pruning", "last_prune", "overshoot"),
+    ("pruning", "penalty_units", "bits"),
     ("hessian", "max_samples", 0), ("hessian", "tol", 0.0), ("hessian", "batches", 0),
     ("hessian", "method", "exact"), ("hessian", "chunk_size", 0), ("hessian", "chunk_size", 2.5),
     ("hessian", "relative_step", 0.0), ("hessian", "relative_step", 1.0),

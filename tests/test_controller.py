@@ -384,6 +384,17 @@ def test_regularization_is_lambda_times_the_lsb_l1_of_the_active_groups():
     assert [latent(qmodel, i).grad is not None for i in range(5)] == [False, True, True, False, False]
 
 
+def test_weight_unit_regularization_counts_each_lsb_residual_times_its_layer_s_step():
+    widths = [8, 16]
+    lam = 3e-3
+    qmodel, ctl = prepared(widths, pruning=dict(reg_strength=lam, penalty_units="weight"))
+    quantizer(qmodel, 1).bits.fill_(5)
+    expected = lam * sum(
+        float((quant.lsb_value(w, bits, 1).abs() * quant.weight_scale(w) * 2.0 ** (1 - bits)).sum())
+        for w, bits in ((latent(qmodel, 0).detach(), 8), (latent(qmodel, 1).detach(), 5)))
+    assert ctl.regularization().item() == pytest.approx(expected, rel=1e-5)
+
+
 def test_regularization_is_zero_when_lambda_is_zero():
     qmodel, ctl = prepared([8, 8], reg_strength=0.0)
     assert ctl.regularization().item() == 0.0

@@ -424,6 +424,40 @@ def test_fused_lsb_l1_gradient_equals_autograd_through_lsb_value(case):
     assert torch.allclose(fused.grad, reference.grad, rtol=1e-6, atol=0)
 
 
+@PROPERTY
+@given(weight_cases())
+def test_weight_unit_lsb_l1_is_the_code_unit_one_times_the_step(case):
+    n, k, w = case
+    step = quant.weight_scale(w) * 2.0 ** (1 - n)
+    reference = (quant.lsb_value(w, n, k).abs() * step).sum()
+    assert torch.allclose(quant.lsb_l1(w, n, k, units="weight"), reference, rtol=1e-5, atol=0)
+
+
+@PROPERTY
+@given(weight_cases())
+def test_weight_unit_lsb_l1_pulls_every_weight_with_the_same_strength(case):
+    # Gradient sign(B) (0 on the clamp bounds), whatever the width and the scale.
+    n, k, w = case
+    fused, reference = w.clone().requires_grad_(), w.clone().requires_grad_()
+    quant.lsb_l1(fused, n, k, units="weight").backward()
+    quant.lsb_value(reference, n, k).abs().sum().backward()
+    assert torch.equal(fused.grad, torch.sign(reference.grad))
+
+
+def test_weight_unit_lsb_l1_scales_per_channel_with_a_per_channel_scale():
+    w = torch.tensor([[0.3, -0.2], [0.03, -0.02]])
+    scale = torch.tensor([[0.5], [0.05]])
+    per_row = [quant.lsb_l1(w[i], 4, 1, scale[i], units="weight") for i in range(2)]
+    assert torch.allclose(quant.lsb_l1(w, 4, 1, scale, units="weight"), sum(per_row))
+    # Code units count both rows alike: the same codes, so the same |B| in steps.
+    assert torch.allclose(quant.lsb_l1(w[0], 4, 1, scale[0]), quant.lsb_l1(w[1], 4, 1, scale[1]))
+
+
+def test_lsb_l1_rejects_unknown_units():
+    with pytest.raises(ValueError, match="units must be one of"):
+        quant.lsb_l1(torch.randn(4), 4, 1, units="bits")
+
+
 def test_fused_lsb_l1_rejects_k_outside_1_to_bits_minus_1():
     with pytest.raises(ValueError, match="k must be in 1..bits-1"):
         quant.lsb_l1(torch.randn(4), 4, 4)
