@@ -8,6 +8,8 @@ round trip (bits, prune step, integer codes, scale) is in buffers.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor, nn
 
@@ -18,7 +20,7 @@ from .weight_cache import CachesItsWeight, WeightCache, from_cache, serves_from_
 from .owners import _new_quantized_instance  # noqa: F401
 from .recompute import _enter_recompute, _leave_recompute  # noqa: F401
 
-__all__ = ["WeightFakeQuant", "LoweredWeight", "ActivationFakeQuant", "LoweredActivation",
+__all__ = ["WeightFakeQuant", "Prefetched", "LoweredWeight", "ActivationFakeQuant", "LoweredActivation",
            "rounded_to_grid", "KINDS"]
 
 #: The kinds of weight a quantizer serves.
@@ -37,7 +39,8 @@ class WeightFakeQuant(CachesItsWeight):
     ``grid``, ``prunable`` (False for layers whose width a policy fixes), ``recompute`` (the
     owner's forward lets ops save how to recompute the quantized weight instead of a copy),
     ``cache`` (inside ``cached_quantized_weights``: the last quantized tensor and what it was
-    computed from, else None).
+    computed from, else None), ``prefetched`` (a ``Prefetched`` weight for the next call, set by
+    ``prefetch`` during a forward, else None).
     """
 
     def __init__(self, bits: int, kind: str, names: tuple[str, ...], grid: str = "nested",
@@ -65,6 +68,11 @@ class WeightFakeQuant(CachesItsWeight):
         self.recompute = recompute
         self.group = self.names[0]
         self.cache: WeightCache | None = None
+        self.prefetched: Prefetched | None = None
+
+    def __getstate__(self) -> dict:
+        # A prefetched weight belongs to the forward that made it (and holds its graph).
+        return {**super().__getstate__(), "prefetched": None}
 
     @property
     def num_bits(self) -> int:
@@ -81,7 +89,31 @@ class WeightFakeQuant(CachesItsWeight):
         if serves_from_cache(self, *sources):
             return from_cache(self, sources, (bits, self.grid),
                                lambda: quant.fake_quantize(latent, bits, self.grid, scale))
+        prefetched = self.__dict__.get("prefetched")
+        if prefetched is not None:
+            self.prefetched = None
+            if prefetched.serves(latent, bits, self.grid, scale):
+                return prefetched.value
         return quant.fake_quantize(latent, bits, self.grid, scale)
+
+    def prefetch(self, latent: Tensor) -> bool:
+        """Quantize ``latent`` now for this quantizer's next call, which returns that tensor if
+        nothing it was computed from has changed and grad mode is on (as it is now).
+
+        The model's recompute hooks call it for the small weights at the start of a forward
+        (msq_fx.recompute). Returns False, and prepares nothing, where the inference cache
+        would serve the weight.
+        """
+        bits, scale = self.num_bits, self.learned_scale
+        if serves_from_cache(self, *((latent,) if scale is None else (latent, scale))):
+            return False
+        self.prefetched = Prefetched.of(quant.fake_quantize(latent, bits, self.grid, scale),
+                                        latent, bits, self.grid, scale)
+        return True
+
+    def drop_prefetched(self) -> None:
+        """Forget a prefetched weight its forward did not use."""
+        self.prefetched = None
 
     def lsb_l1(self, latent: Tensor, k: int | None = None, units: str = "code") -> Tensor:
         """``sum |B_k|`` over the tensor in step units, or times the step with
@@ -117,6 +149,32 @@ class WeightFakeQuant(CachesItsWeight):
     def extra_repr(self) -> str:
         return (f"bits={self.num_bits}, p={int(self.prune_step)}, kind={self.kind}, "
                 f"grid={self.grid}, scale={self.scale_mode}")
+
+
+class Prefetched(NamedTuple):
+    """A quantized weight computed ahead of its use (``WeightFakeQuant.prefetch``), with what it
+    was computed from."""
+
+    value: Tensor
+    latent: Tensor
+    version: int
+    bits: int
+    grid: str
+    scale: Tensor | None
+    scale_version: int | None
+
+    @classmethod
+    def of(cls, value: Tensor, latent: Tensor, bits: int, grid: str,
+           scale: Tensor | None) -> "Prefetched":
+        return cls(value, latent, latent._version, bits, grid, scale,
+                   None if scale is None else scale._version)
+
+    def serves(self, latent: Tensor, bits: int, grid: str, scale: Tensor | None) -> bool:
+        """Whether a fresh quantization of ``latent`` would give this value and autograd node."""
+        return (torch.is_grad_enabled() and latent is self.latent
+                and latent._version == self.version and (bits, grid) == (self.bits, self.grid)
+                and scale is self.scale
+                and (scale is None or scale._version == self.scale_version))
 
 
 class LoweredWeight(CachesItsWeight):

@@ -335,3 +335,147 @@ def test_a_prepared_model_compiles_with_the_eager_output_and_gradients():
     assert torch.allclose(compiled_loss, eager_loss, rtol=1e-5)
     assert all(torch.allclose(g, p.grad, rtol=1e-4, atol=1e-6)
                for g, p in zip(eager_grads, model.parameters()))
+
+
+# ---------------------------------------------------------------- small weights together
+
+import msq_fx.recompute as recompute_module  # noqa: E402
+from msq_fx import quant  # noqa: E402
+
+
+class ConvStack(nn.Module):
+    """Three owners in a row, so the order of quantizations and layers is easy to follow."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.relu(self.second(F.relu(self.first(x)))).flatten(1))
+
+
+OWNERS = ("first", "second", "head")
+
+
+def prepared_stack() -> nn.Module:
+    torch.manual_seed(0)
+    return msq_fx.prepare(ConvStack(), torch.randn(2, 3, 6, 6)).train()
+
+
+def record_events(monkeypatch, model: nn.Module) -> list[str]:
+    """"quantize" / "recompute" for each quantization, the owner's name when its forward starts
+    and "grad <owner>" when the gradient reaches its output."""
+    events: list[str] = []
+    fake_quantize, quantized = quant.fake_quantize, recompute_module._quantized
+
+    def counted_fake_quantize(*args, **kwargs):
+        events.append("quantize")
+        return fake_quantize(*args, **kwargs)
+
+    def counted_recompute(recipe):
+        events.append("recompute")
+        return quantized(recipe)
+
+    monkeypatch.setattr(quant, "fake_quantize", counted_fake_quantize)
+    monkeypatch.setattr(recompute_module, "_quantized", counted_recompute)
+    def on_output(name: str, output: torch.Tensor) -> None:
+        if output.requires_grad:
+            output.register_hook(lambda grad: events.append(f"grad {name}"))
+
+    for name in OWNERS:
+        owner = getattr(model, name)
+        owner.register_forward_pre_hook(lambda m, i, name=name: events.append(name))
+        owner.register_forward_hook(lambda m, i, out, name=name: on_output(name, out))
+    return events
+
+
+def test_small_weights_are_quantized_together_when_the_forward_starts(monkeypatch):
+    model = prepared_stack()
+    events = record_events(monkeypatch, model)
+    model(batch()).square().mean()
+    assert events == ["quantize"] * 3 + list(OWNERS)
+    assert all(w.quantizer.prefetched is None for w in iter_quantized_weights(model))
+
+
+def test_the_backward_pass_recomputes_the_small_weights_together(monkeypatch):
+    model = prepared_stack()
+    events = record_events(monkeypatch, model)
+    loss = model(batch()).square().mean()
+    del events[:]
+    loss.backward()
+    assert events == ["grad head", "recompute", "recompute", "recompute", "grad second",
+                      "grad first"]
+
+
+def test_weights_past_the_size_limit_are_quantized_where_they_are_used(monkeypatch):
+    # first: 216 elements, second: 576, head: 160
+    monkeypatch.setattr(recompute_module, "BATCHED_MAX_ELEMENTS", 216)
+    model = prepared_stack()
+    events = record_events(monkeypatch, model)
+    model(batch()).square().mean().backward()
+    assert events == ["quantize", "quantize", "first", "second", "quantize", "head",
+                      "grad head", "recompute", "recompute", "grad second", "recompute",
+                      "grad first"]
+
+
+def test_the_byte_budget_caps_what_is_held_together(monkeypatch):
+    monkeypatch.setattr(recompute_module, "BATCHED_MAX_BYTES", 4 * (8 * 3 * 9 + 8 * 8 * 9))
+    model = prepared_stack()
+    events = record_events(monkeypatch, model)
+    model(batch()).square().mean()
+    assert events == ["quantize", "quantize", "first", "second", "head", "quantize"]
+
+
+def test_without_grad_nothing_is_quantized_ahead(monkeypatch):
+    model = prepared_stack()
+    events = record_events(monkeypatch, model)
+    with torch.no_grad():
+        model(batch())
+    assert events == ["first", "quantize", "second", "quantize", "head", "quantize"]
+
+
+class ReadsOneOfTwo(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.used, self.unused = nn.Linear(8, 4), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.used(x)
+
+
+def test_a_weight_quantized_ahead_but_not_read_is_dropped_when_the_forward_ends():
+    torch.manual_seed(0)
+    model = msq_fx.prepare(ReadsOneOfTwo(), torch.randn(2, 8)).train()
+    unused, held = model.unused.weight_quantizer, []
+    prefetch = unused.prefetch
+
+    def watched_prefetch(latent):
+        done = prefetch(latent)
+        held.append(weakref.ref(unused.prefetched.value))
+        return done
+
+    unused.prefetch = watched_prefetch
+    output = model(torch.randn(3, 8))
+    assert unused.prefetched is None and len(held) == 1 and held[0]() is None
+    assert output.grad_fn is not None
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_gradients_with_and_without_batching_are_bit_identical(monkeypatch, need_weights):
+    gradients = []
+    for limit in (recompute_module.BATCHED_MAX_ELEMENTS, 0):
+        monkeypatch.setattr(recompute_module, "BATCHED_MAX_ELEMENTS", limit)
+        model = prepared(True, need_weights=need_weights)
+        gradients.append(latent_gradients(model, lambda m: m(batch()).square().mean()))
+    assert all(torch.equal(a, b) for a, b in zip(*gradients))
+
+
+def test_a_retained_graph_recomputes_the_small_weights_again_for_a_second_backward():
+    model = prepared(True)
+    loss = model(batch()).square().mean()
+    loss.backward(retain_graph=True)
+    first = [p.grad.clone() for p in latents(model)]
+    model.zero_grad()
+    loss.backward()
+    assert all(torch.equal(a, p.grad) for a, p in zip(first, latents(model)))
