@@ -80,13 +80,23 @@ def test_each_model_has_one_time_per_repeat_and_a_peak(tiny_report):
         assert result["peak_bytes"] > 8 * CIFAR_INPUT_BYTES_PER_SAMPLE
 
 
-def test_table_has_a_row_per_model_and_the_ratio(bench, tiny_report):
+def test_table_has_a_row_per_model_with_its_ratios_to_float(bench, tiny_report):
     table = bench.format_table(tiny_report)
     header, column_names, rule, *rows = table.splitlines()
     assert "median ms/step" in column_names and "peak MiB" in column_names
+    assert "time / FP32" in column_names and "peak / FP32" in column_names
     assert [row.split()[0] for row in rows[:2]] == ["FP32", "MSQ"]
-    assert rows[2].startswith("MSQ / FP32") and rows[2].count("x") == 2
+    assert rows[0].split()[-2:] == ["1.00x", "1.00x"]
+    ratio = tiny_report["ratio_msq_over_fp"]
+    assert rows[1].split()[-2:] == [f"{ratio['time']:.2f}x", f"{ratio['peak_memory']:.2f}x"]
     assert f"torch {tiny_report['torch']}" in header
+
+
+def test_the_report_says_what_else_ran_on_the_machine(tiny_report):
+    conditions = tiny_report["conditions"]
+    assert conditions["machine"] and conditions["wall_seconds"] > 0
+    other = conditions["other_processes_cores"]
+    assert other is None or other >= 0
 
 
 def test_any_check_spec_is_benchmarked_at_the_input_size_it_declares(bench):
@@ -278,3 +288,138 @@ def test_onnx_bench_stores_the_weights_as_int4_and_the_file_is_smaller(onnx_repo
 def test_onnx_bench_is_an_executable_python_script():
     assert BENCH_ONNX_PATH.read_text().startswith("#!/usr/bin/env python3\n")
     assert BENCH_ONNX_PATH.stat().st_mode & 0o111
+
+
+# ---------------------------------------------------------------- peers
+
+PEER_RUN = ["--model", "msq_fx.models:SmallCNN", "--input-size", "1x16x16", "--batch-size", "4",
+            "--repeats", "1", "--steps", "1", "--warmup", "1", "--peers", "--json"]
+
+
+@pytest.fixture(scope="module")
+def peers_report(bench):
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert bench.main(PEER_RUN) == 0
+    return json.loads(stdout.getvalue())
+
+
+def test_peers_run_beside_float_and_msq_on_a_tiny_model(bench, peers_report):
+    assert peers_report["peers"] == list(bench.PEERS) and not peers_report["skipped_peers"]
+    assert set(peers_report["results"]) == {"FP32", "MSQ", *bench.PEERS}
+    for name in bench.PEERS:
+        ratio = peers_report["ratios_over_fp"][name]
+        result = peers_report["results"][name]
+        assert ratio["time"] > 0 and ratio["peak_memory"] > 0
+        assert isinstance(result["peak_bytes"], int) and len(result["repeat_ms_per_step"]) == 1
+        against = peers_report["msq_against_peers"][name]
+        assert against["peer_time_over_msq"] == pytest.approx(
+            result["median_ms_per_step"] / peers_report["results"]["MSQ"]["median_ms_per_step"])
+
+
+def test_the_peer_table_compares_msq_with_each_peer(bench, peers_report):
+    text = bench.format_table(peers_report)
+    assert "MSQ against" in text and "step time / MSQ's" in text
+    for name in bench.PEERS:
+        assert sum(line.startswith(name) for line in text.splitlines()) == 2
+
+
+def test_the_bit_split_peer_holds_eight_planes_per_weight(bench):
+    import torch
+
+    workload = bench.build_workload("resnet20")
+    model = workload.model
+    weights = sum(m.weight.numel() for m in model.modules()
+                  if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
+    split = bench.bit_split(model)
+    layers = bench.bit_split_layers(split)
+    assert sum(m.weight_planes.numel() for m in layers) == bench.PLANES * weights
+    assert set(torch.cat([m.weight_planes.flatten() for m in layers]).tolist()) == {0.0, 1.0}
+    x = torch.randn(2, 3, 32, 32)
+    (split(x).square().mean() + bench.group_lasso(layers)).backward()
+    assert all(m.weight_planes.grad is not None and m.weight_scale.grad is not None
+               for m in layers)
+
+
+def test_bit_planes_start_at_the_float_weights_8_bit_code():
+    import torch
+    from torch import nn
+
+    from msq_fx.bench.bit_split import bit_split
+
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 4, bias=False)
+    split = bit_split(nn.Sequential(layer))[0]
+    x = torch.randn(3, 16)
+    scale = layer.weight.abs().max()
+    expected = (torch.round(layer.weight / scale * 128 + 128).clamp(0, 255) - 128) * (scale / 128)
+    with torch.no_grad():
+        assert torch.allclose(split(x), x @ expected.t(), atol=1e-6)
+    assert not hasattr(split, "weight")  # only during its forward
+
+
+def test_the_weight_only_torch_ao_peer_fake_quantizes_weights_and_nothing_else(bench):
+    import torch
+    from torch.ao.quantization import FakeQuantize
+
+    from msq_fx.models import SmallCNN
+
+    model = bench.torch_ao_qat(SmallCNN(), torch.randn(2, 1, 16, 16),
+                               bench.weight_only_qconfig_mapping())
+    fake_quants = [m for m in model.modules() if isinstance(m, FakeQuantize)]
+    assert len(fake_quants) == 6  # four convs, two linears
+    assert all((fq.quant_min, fq.quant_max) == (-8, 7) for fq in fake_quants)
+    assert "activation_post_process" not in model.code
+
+
+def test_the_brevitas_peer_starts_from_the_float_weights(bench):
+    import torch
+    from brevitas.nn import QuantConv2d, QuantLinear
+
+    from msq_fx.models import SmallCNN
+
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    peer = bench.brevitas_weight_only(model)
+    swapped = [m for m in peer.modules() if isinstance(m, (QuantConv2d, QuantLinear))]
+    assert len(swapped) == 6
+    originals = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    assert all(torch.equal(a.weight, b.weight) for a, b in zip(swapped, originals))
+
+
+def test_the_doc_writer_replaces_its_own_block_and_keeps_the_rest(bench, tiny_report,
+                                                                 peers_report, tmp_path):
+    from msq_fx.bench.doc import write_doc
+
+    path = tmp_path / "benchmarks.md"
+    path.write_text("# Benchmarks\n\nhand-written text\n")
+    write_doc(path, tiny_report, ["--batch-size", "8"])
+    write_doc(path, peers_report, ["--peers"])
+    write_doc(path, tiny_report, ["--batch-size", "8", "--repeats", "2"])
+    text = path.read_text()
+    assert text.startswith("# Benchmarks\n\nhand-written text\n")
+    assert text.count("<!-- tools/bench: resnet20 3x32x32 batch 8 -->") == 1
+    assert text.count("<!-- tools/bench: msq_fx.models:SmallCNN 1x16x16 batch 4 peers -->") == 1
+    assert "`tools/bench --batch-size 8 --repeats 2`" in text
+    assert "`tools/bench --batch-size 8`," not in text
+    assert "| MSQ against |" in text and "| Brevitas 4-bit weights |" in text
+    assert text.index("resnet20 3x32x32") < text.index("SmallCNN 1x16x16")  # replaced in place
+
+
+def test_cpu_clock_and_profile_are_reported(bench):
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert bench.main(["--batch-size", "4", "--repeats", "1", "--steps", "1", "--warmup", "1",
+                           "--clock", "cpu", "--profile", "5", "--profile-steps", "1",
+                           "--json"]) == 0
+    report = json.loads(stdout.getvalue())
+    assert report["clock"] == "cpu"
+    assert set(report["profile"]) == {"FP32", "MSQ"}
+    assert "_StraightThrough" in report["profile"]["MSQ"]
+    assert "_StraightThrough" not in report["profile"]["FP32"]
+    rows = bench.profile_rows(report)
+    assert len(rows) == 6 and rows[-1][0] == "all ops"
+
+
+def test_a_torchvision_model_takes_the_input_size_given(bench):
+    assert bench.build_workload("torchvision:resnet18", (112,)).input_shape == (3, 112, 112)

@@ -6,6 +6,8 @@
     tools/bench --model torchvision:resnet18 --batch-size 16
     tools/bench --model timm:convnext_tiny --batch-size 8   # any msq-fx check SPEC
     tools/bench --hessian --model torchvision:vit_b_16 --batch-size 1   # the pruning step too
+    tools/bench --peers --threads 1 --write-doc docs/benchmarks.md       # against other QAT
+    tools/bench --profile 15 --threads 1                                 # where the step goes
 
 Both contenders start from the same weights and train on the same random batch (fixed seed, so
 no dataset is needed) with SGD + momentum. A timm or ``package.module:factory`` model is built as
@@ -34,6 +36,29 @@ Recompute (``--compare-recompute``)
     saves its quantized weight for the backward pass instead of recomputing it, as MSQ training
     did before that option existed. Its ratios to FP32 show what the recompute saves and costs.
 
+Peers (``--peers``, :mod:`.peers`, :mod:`.bit_split`)
+    Adds other ways to train the same model with quantized weights, built from the same float
+    weights and measured in the same run: torch.ao QAT (``prepare_qat_fx`` with the default x86
+    QAT qconfig mapping), torch.ao with a weight-only 4-bit qconfig, Brevitas with 4-bit
+    ``QuantConv2d`` / ``QuantLinear`` weights, and a bit-split baseline (8 trainable bit planes
+    and a scale per weight, BSQ / CSQ). Each gets its ratios to float, and MSQ is compared with
+    each: the peer's step time over MSQ's, MSQ's peak over the peer's, and the time each adds to
+    the float step.
+
+Clock (``--clock``)
+    ``wall`` (default) or ``cpu``: this process's CPU time, user and system, which leaves out
+    the time other processes held the CPU the step waited for (with ``--threads 1`` on a shared
+    machine, the steadier of the two; it still counts what sharing caches and memory costs).
+
+Profile (``--profile N``, :mod:`.profiling`)
+    Also ``--profile-steps`` steps of every contender under ``torch.profiler``; the table lists
+    the N ops with the most self CPU time in the MSQ step, per step, beside the float step's.
+
+Conditions (:mod:`.conditions`) and ``--write-doc PATH`` (:mod:`.doc`)
+    Every report records the machine, the load average and how many cores other processes kept
+    busy during the run. ``--write-doc`` writes the tables, the command and those conditions
+    into a Markdown file, replacing the block an earlier run of the same workload wrote.
+
 Evaluation (``--eval``)
     Also the time of one forward in eval mode under ``torch.no_grad()`` (a validation loop), for
     the float model, the fake-quant model and the converted model, the latter two also inside
@@ -47,28 +72,38 @@ Peak memory (:mod:`.memory`, which describes the CPU measure in full)
     allocator's records that ``torch.profiler`` keeps with ``profile_memory=True``.
 
 The package, one concern per module: :mod:`.workloads` (the model and the batch),
-:mod:`.contenders` (float and MSQ, the training step), :mod:`.timing`, :mod:`.memory`,
+:mod:`.contenders` (float and MSQ, the training step), :mod:`.peers` and :mod:`.bit_split` (the
+other contenders), :mod:`.timing`, :mod:`.memory`, :mod:`.profiling`, :mod:`.conditions`,
 :mod:`.hessian` (the pruning step), :mod:`.run` (one run to a report), :mod:`.report` (the
-table) and :mod:`.cli` (the options and ``main``). It is imported on its own, not with msq_fx.
+tables), :mod:`.doc` (the Markdown block) and :mod:`.cli` (the options and ``main``). It is
+imported on its own, not with msq_fx.
 """
 from __future__ import annotations
 
+from .bit_split import PLANES, bit_split, bit_split_layers, group_lasso
 from .cli import main, parse_args
 from .contenders import (AUTOCAST_DTYPES, SAVED_COPIES, Contender, build_contenders,
-                         enable_grad_checkpointing, train_step)
+                         enable_grad_checkpointing, sgd, train_step)
+from .doc import write_doc
 from .hessian import hessian_costs, pruning_step
 from .memory import peak_bytes, resident_state_bytes, step_peak_bytes
-from .report import format_table
-from .run import run_benchmark
-from .timing import CACHED, eval_forward_times, interleaved_step_times
+from .peers import (BIT_SPLIT, BREVITAS_W4, PEERS, TORCH_AO_QAT, TORCH_AO_W4,
+                    brevitas_weight_only, build_peers, torch_ao_qat, weight_only_qconfig_mapping)
+from .profiling import op_times
+from .report import format_table, profile_rows
+from .run import msq_against, run_benchmark
+from .timing import CACHED, CLOCKS, eval_forward_times, interleaved_step_times
 from .workloads import Workload, build_workload, random_batch
 
 __all__ = [
-    "main", "parse_args", "run_benchmark", "format_table",
+    "main", "parse_args", "run_benchmark", "format_table", "profile_rows", "write_doc",
     "Workload", "build_workload", "random_batch",
-    "Contender", "build_contenders", "enable_grad_checkpointing", "train_step",
-    "AUTOCAST_DTYPES", "SAVED_COPIES", "CACHED",
+    "Contender", "build_contenders", "enable_grad_checkpointing", "sgd", "train_step",
+    "AUTOCAST_DTYPES", "SAVED_COPIES", "CACHED", "CLOCKS",
     "interleaved_step_times", "eval_forward_times",
     "peak_bytes", "resident_state_bytes", "step_peak_bytes",
     "pruning_step", "hessian_costs",
+    "PEERS", "TORCH_AO_QAT", "TORCH_AO_W4", "BREVITAS_W4", "BIT_SPLIT", "build_peers",
+    "torch_ao_qat", "weight_only_qconfig_mapping", "brevitas_weight_only", "msq_against",
+    "PLANES", "bit_split", "bit_split_layers", "group_lasso", "op_times",
 ]

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Callable
 
 from ..cli import parse_input_size
 from .contenders import AUTOCAST_DTYPES
+from .doc import write_doc
 from .report import format_table
 from .run import run_benchmark
+from .timing import CLOCKS
 
 __all__ = ["parse_args", "main"]
 
@@ -21,8 +24,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="resnet20 (CIFAR, 3x32x32), torchvision:NAME (3x224x224, 1000 "
                              "classes), timm:NAME or package.module:factory")
     parser.add_argument("--input-size", type=parse_input_size, default=None,
-                        help="N, HxW or CxHxW for a timm or factory model (default: the size "
-                             "the model declares)")
+                        help="N, HxW or CxHxW (default: 32 for resnet20, 224 for torchvision, "
+                             "else the size the model declares)")
     parser.add_argument("--batch-size", type=_int_at_least(1), default=128)
     parser.add_argument("--repeats", type=_int_at_least(1), default=5, help="timed repeats per model")
     parser.add_argument("--steps", type=_int_at_least(1), default=10, help="training steps per repeat")
@@ -48,6 +51,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--eval", action="store_true",
                         help="also time an eval-mode forward: float, fake-quant and converted, "
                              "the latter two also with cached weights")
+    parser.add_argument("--peers", action="store_true",
+                        help="also train the same model with torch.ao QAT (x86), torch.ao 4-bit "
+                             "weight-only QAT, Brevitas 4-bit weights and 8 bit planes per "
+                             "weight (bit-split), as ratios to float of the same run")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="time by the wall clock (default) or by this process's CPU time, "
+                             "which leaves out time other processes held its CPU")
+    parser.add_argument("--profile", type=_int_at_least(0), default=0, metavar="N",
+                        help="also profile every contender's step (torch.profiler) and list the "
+                             "N ops with the most self CPU time in the MSQ step")
+    parser.add_argument("--profile-steps", type=_int_at_least(1), default=3,
+                        help="steps profiled per contender with --profile")
+    parser.add_argument("--write-doc", metavar="PATH", default=None,
+                        help="also write the result as Markdown (table, command, machine and "
+                             "load) into PATH, replacing the block of the same model, input, "
+                             "batch and options or adding one at the end")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     return parser.parse_args(argv)
 
@@ -67,4 +86,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     report = run_benchmark(args)
     print(json.dumps(report, indent=2) if args.json else format_table(report))
+    if args.write_doc:
+        write_doc(args.write_doc, report, sys.argv[1:] if argv is None else argv)
     return 0

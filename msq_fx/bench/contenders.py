@@ -2,9 +2,11 @@
 the training step they all take.
 
 One step is: zero_grad, forward (under ``torch.autocast`` when asked), the task loss
-(:func:`msq_fx.zoo.task_loss`), plus for MSQ the LSB penalty of an :class:`msq_fx.MSQController`
-built on the prepared model with the config it was prepared with (``regularization()``: lambda
-times the L1 of the droppable LSBs over the groups still pruning), backward, optimizer step.
+(:func:`msq_fx.zoo.task_loss`), plus the contender's regularizer if it has one (for MSQ the LSB
+penalty of an :class:`msq_fx.MSQController` built on the prepared model with the config it was
+prepared with, ``regularization()``: lambda times the L1 of the droppable LSBs over the groups
+still pruning; for the bit-split peer BSQ's group lasso), backward, optimizer step. The peers of
+``--peers`` are in :mod:`.peers`.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from ..zoo import task_loss
 from .workloads import Workload
 
 __all__ = ["AUTOCAST_DTYPES", "LEARNING_RATE", "MOMENTUM", "SAVED_COPIES", "Contender",
-           "build_contenders", "enable_grad_checkpointing", "train_step"]
+           "build_contenders", "enable_grad_checkpointing", "sgd", "train_step"]
 
 LEARNING_RATE = 0.01
 MOMENTUM = 0.9
@@ -37,7 +39,8 @@ class Contender:
     autocast: torch.dtype | None = None  # the forward runs under torch.autocast to this dtype
 
 
-def _sgd(model: nn.Module) -> torch.optim.Optimizer:
+def sgd(model: nn.Module) -> torch.optim.Optimizer:
+    """The optimizer every contender trains with."""
     return torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM)
 
 
@@ -48,14 +51,14 @@ def build_contenders(workload: Workload, example: Tensor, device: torch.device,
     ``compare_recompute``; all in train mode on ``device``, from the same weights."""
     # prepare() copies the float model, so all start from the same weights.
     float_model = workload.model.to(device).train()
-    contenders = [Contender("FP32", float_model, _sgd(float_model), autocast=autocast)]
+    contenders = [Contender("FP32", float_model, sgd(float_model), autocast=autocast)]
     configs = [("MSQ", MSQConfig())]
     if compare_recompute:
         configs.append((SAVED_COPIES, MSQConfig(quantization=dict(recompute_quantized_weights=False))))
     for name, config in configs:
         qmodel = prepare(float_model, (example[:2],), config).train()
         controller = MSQController(qmodel, config)
-        contenders.append(Contender(name, qmodel, _sgd(qmodel), controller.regularization,
+        contenders.append(Contender(name, qmodel, sgd(qmodel), controller.regularization,
                                     autocast))
     return contenders
 

@@ -19,7 +19,7 @@ from .. import convert
 from ..weight_cache import cached_quantized_weights
 from .contenders import AUTOCAST_DTYPES, Contender, train_step
 
-__all__ = ["CACHED", "synchronize", "mean_seconds", "seconds_per_step", "interleaved_step_times",
+__all__ = ["CACHED", "CLOCKS", "synchronize", "mean_seconds", "seconds_per_step", "interleaved_step_times",
            "eval_forward_times"]
 
 #: Suffix of an eval contender that runs inside
@@ -33,28 +33,35 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def mean_seconds(run: Callable[[], object], calls: int, device: torch.device) -> float:
-    """Wall-clock seconds per call of ``run`` over ``calls`` calls in a row."""
+#: The clocks of ``--clock``: wall-clock time, or the CPU time of this process (all its threads,
+#: user and system), which leaves out the time other processes held the CPU it waited for.
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def mean_seconds(run: Callable[[], object], calls: int, device: torch.device,
+                 clock: Callable[[], float] = time.perf_counter) -> float:
+    """Seconds per call of ``run`` over ``calls`` calls in a row, by ``clock`` (see CLOCKS)."""
     synchronize(device)
-    start = time.perf_counter()
+    start = clock()
     for _ in range(calls):
         run()
     synchronize(device)
-    return (time.perf_counter() - start) / calls
+    return (clock() - start) / calls
 
 
 def seconds_per_step(contender: Contender, batch: tuple[Tensor, Tensor], steps: int,
-                     device: torch.device) -> float:
-    return mean_seconds(lambda: train_step(contender, *batch), steps, device)
+                     device: torch.device, clock: Callable[[], float] = time.perf_counter) -> float:
+    return mean_seconds(lambda: train_step(contender, *batch), steps, device, clock)
 
 
 def interleaved_step_times(contenders: list[Contender], batch: tuple[Tensor, Tensor], repeats: int,
-                           steps: int, device: torch.device) -> dict[str, list[float]]:
+                           steps: int, device: torch.device,
+                           clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
     """Seconds per training step, one figure per repeat, by contender name."""
     times: dict[str, list[float]] = {c.name: [] for c in contenders}
     for _ in range(repeats):
         for contender in contenders:
-            times[contender.name].append(seconds_per_step(contender, batch, steps, device))
+            times[contender.name].append(seconds_per_step(contender, batch, steps, device, clock))
     return times
 
 
