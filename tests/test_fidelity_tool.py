@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import msq_fx
-from msq_fx.fidelity import ROWS, Settings, run_row, run_rows, write_table
+from msq_fx.fidelity import ROWS, Settings, main, run_row, run_rows, write_table
 from msq_fx.fidelity.run import FLOAT_WEIGHTS
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -41,11 +41,12 @@ def test_an_msq_fx_row_trains_converts_exactly_and_writes_its_result(settings, n
     assert result["exact_acc"] is not None
 
 
-def test_an_msq_row_records_every_prune_it_made(settings, monkeypatch):
-    spec = ROWS["msq-8x"]
-    monkeypatch.setitem(ROWS, "msq-8x", dataclasses.replace(
-        spec, pruning={**spec.pruning, "interval": 1, "threshold": 1.0}))
+def test_an_msq_row_records_every_prune_it_made_under_the_pruning_it_was_given(settings):
+    settings = dataclasses.replace(settings, pruning=(("interval", 1), ("threshold", 1.0)))
     result = run_row("msq-8x", settings)
+    row_pruning = ROWS["msq-8x"].pruning
+    assert (result["pruning"]["interval"], result["pruning"]["threshold"]) == (1, 1.0)
+    assert result["pruning"]["reg_strength"] == row_pruning["reg_strength"]  # the row's own
     history = result["history"]
     steps = sorted({record["step"] for record in history})
     assert steps and steps == list(range(1, len(steps) + 1))  # a prune after every step
@@ -119,3 +120,10 @@ def test_rows_run_in_parallel_processes_give_what_one_after_another_gives(settin
                       for out in (settings.out, parallel.out))
         assert [e["loss"] for e in one["epochs"]] == [e["loss"] for e in other["epochs"]]
         assert (one["test_acc"], one["bits"]) == (other["test_acc"], other["bits"])
+
+
+@pytest.mark.parametrize("text", ["interval", "interval=0", "bogus=1"])
+def test_a_bad_pruning_override_is_refused_by_the_command_line(text, capsys):
+    with pytest.raises(SystemExit):
+        main(["row", "msq-8x", "--pruning", text])
+    assert "--pruning" in capsys.readouterr().err

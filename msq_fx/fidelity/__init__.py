@@ -15,9 +15,11 @@ import multiprocessing
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from ..config import PruningConfig
 from .rows import ROWS, RowSpec, build_row
 from .run import Settings, run_row
 from .table import load_results, markdown_table
@@ -40,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-size", type=int, default=Settings.train_size)
     parser.add_argument("--scale", choices=("max", "tensor", "channel"), default=Settings.scale,
                         help="quantization.scale of every msq_fx row")
+    parser.add_argument("--pruning", type=_pruning_field, action="append", default=[],
+                        metavar="FIELD=VALUE",
+                        help="replace a PruningConfig field of the MSQ rows, e.g. "
+                             "--pruning interval=50 --pruning penalty_units=weight (repeatable)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per row")
     parser.add_argument("--jobs", type=int, default=1,
                         help="with `all`: rows run at once, each in its own process")
@@ -51,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
     torch.set_num_threads(args.threads)
     settings = Settings(data=args.data, out=args.out, epochs=args.epochs,
-                        train_size=args.train_size, scale=args.scale)
+                        train_size=args.train_size, scale=args.scale, pruning=tuple(args.pruning))
     if args.action == "no-training":
         from .no_training import no_training_accuracies, no_training_table, write_no_training
         from .run import float_weights
@@ -65,11 +71,30 @@ def main(argv: list[str] | None = None) -> int:
     elif args.action == "all":
         done = load_results(args.out)
         pending = [name for name in args.rows or list(ROWS) if name not in done]
+        overrides = "".join(f" --pruning {field}={json.dumps(value)}"
+                            for field, value in args.pruning)
         commands = [f"tools/fidelity row {name} --epochs {args.epochs} --scale {args.scale}"
-                    for name in pending]
+                    f"{overrides}" for name in pending]
         run_rows(pending, settings, commands, args.jobs, args.threads)
     write_table(args.out, args.doc)
     return 0
+
+
+def _pruning_field(text: str) -> tuple[str, Any]:
+    """``FIELD=VALUE`` of ``--pruning``: a PruningConfig field and its value (JSON, else text),
+    checked by building the section with it."""
+    field, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE, got {text!r}")
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = value
+    try:
+        PruningConfig(**{field: parsed})
+    except (TypeError, ValueError) as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return field, parsed
 
 
 def run_rows(names: list[str], settings: Settings, commands: list[str], jobs: int,
@@ -116,8 +141,9 @@ Every row starts from the same float ResNet-20 (`results/fidelity/resnet20_float
 `tools/cifar10_resnet20 --run float --epochs 100`) and is fine-tuned on CIFAR-10 with one budget:
 the same epochs of augmented data in the same order, SGD lr 0.01 (momentum 0.9, cosine to zero),
 weight decay 1e-4, batch 128, one torch thread, channels_last. msq_fx rows use the nested grid
-and the scale mode of the "scale" column (`--scale`); MSQ prunes every 200 steps with BN
-statistics re-estimated on 4 batches after each prune. "all 10k" is the whole test set, "exact 1k" its
+and the scale mode of the "scale" column (`--scale`); MSQ prunes every 100 steps with BN
+statistics re-estimated on 4 batches after each prune, its LSB penalty in weight units
+(lambda 1e-2); rows past 16x, and MSQ at 16x, allow binary 1-bit layers (literal grid). "all 10k" is the whole test set, "exact 1k" its
 bit-exact images; "steps to target" counts optimizer steps until the target compression was
 reached. Written by `tools/fidelity table` from `results/fidelity/rows/*.json`.
 

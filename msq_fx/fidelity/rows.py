@@ -23,10 +23,15 @@ __all__ = ["RowSpec", "ROWS", "BEST_QUANTIZATION", "build_row", "BuiltRow"]
 BEST_QUANTIZATION = {"grid": "nested"}
 
 #: Algorithm 1 at fine-tuning pace: a prune every PRUNE_STEPS optimizer steps, with the BN
-#: statistics re-estimated after each, so the target is reached early in the budget.
-PRUNE_STEPS = 200
+#: statistics re-estimated after each, and the LSB penalty in weight units (the code-unit
+#: penalty stalls around 5 bits at a fine-tuning learning rate), so the target is reached
+#: early in the budget and most of it is plain QAT (docs/fidelity.md, "Development runs").
+PRUNE_STEPS = 100
 MSQ_PRUNING = {"interval": PRUNE_STEPS, "interval_unit": "step", "bn_recalibration_batches": 4,
-               "reg_strength": 5e-5, "threshold": 0.3}
+               "reg_strength": 1e-2, "penalty_units": "weight", "threshold": 0.3}
+#: Past 16x a mixed-precision result needs layers under 2 bits: binary (+-S) 1-bit layers, as
+#: the symmetric literal grid gives.
+BELOW_TWO_BITS = {"min_bits": 1, "grid": "literal"}
 
 
 @dataclass(frozen=True)
@@ -43,9 +48,11 @@ class RowSpec:
     pruning: dict[str, Any] = field(default_factory=dict)
 
 
-def _uniform(bits: int) -> RowSpec:
-    return RowSpec(f"uniform-{bits}bit", "uniform", f"uniform {bits}-bit QAT (msq_fx, no pruning)",
-                   bits=bits, target=32 / bits)
+def _uniform(bits: int, grid: str = "nested") -> RowSpec:
+    suffix, what = ("", "") if grid == "nested" else (f"-{grid}", f", {grid} grid")
+    return RowSpec(f"uniform-{bits}bit{suffix}", "uniform",
+                   f"uniform {bits}-bit QAT (msq_fx, no pruning{what})", bits=bits,
+                   target=32 / bits, quantization={} if grid == "nested" else {"grid": grid})
 
 
 def _msq(name: str, target: float, description: str, **changes: dict) -> RowSpec:
@@ -55,14 +62,15 @@ def _msq(name: str, target: float, description: str, **changes: dict) -> RowSpec
 
 
 ROWS: dict[str, RowSpec] = {row.name: row for row in [
-    _uniform(4), _uniform(3), _uniform(2),
+    _uniform(4), _uniform(3), _uniform(2), _uniform(2, "literal"),
     _msq("msq-8x", 8.0, "MSQ, target 8x"),
     _msq("msq-10.67x", 32 / 3, "MSQ, target 10.67x"),
-    _msq("msq-16x", 16.0, "MSQ, target 16x"),
+    _msq("msq-16x", 16.0, "MSQ, target 16x (min_bits 1, literal grid: binary 1-bit layers)",
+         quantization=BELOW_TWO_BITS),
     _msq("msq-18x", 18.0, "MSQ, target 18x (min_bits 1, literal grid: binary 1-bit layers)",
-         quantization={"min_bits": 1, "grid": "literal"}),
-    _msq("msq-16x-fixed-p", 16.0, "MSQ, target 16x, p fixed at 1 (no Hessian)",
-         pruning={"step_policy": "fixed"}),
+         quantization=BELOW_TWO_BITS),
+    _msq("msq-16x-fixed-p", 16.0, "MSQ, target 16x, p fixed at 1 (no Hessian; min_bits 1, "
+         "literal grid)", quantization=BELOW_TWO_BITS, pruning={"step_policy": "fixed"}),
     RowSpec("oneshot-10.67x", "oneshot",
             "one-shot Hessian allocation to 10.67x, then uniform-schedule QAT", target=32 / 3),
     RowSpec("brevitas-4bit", "brevitas", "Brevitas weight-only 4-bit QAT (per-channel float "

@@ -10,7 +10,8 @@ import json
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,8 @@ class Settings:
     channels_last: bool = True
     scale: str = "channel"  # the msq_fx rows' quantization.scale
     seed: int = 0
+    #: (field, value) pairs that replace the MSQ rows' PruningConfig fields (``--pruning``).
+    pruning: tuple[tuple[str, Any], ...] = ()
 
     def result_settings(self) -> dict:
         return {k: str(v) for k, v in asdict(self).items() if k not in ("out",)}
@@ -80,6 +83,8 @@ def run_row(name: str, settings: Settings, command: str | None = None) -> dict:
     """Train row ``name`` to the end of the budget (resuming its checkpoint) and return its
     result, also written to ``<out>/rows/<name>.json``."""
     spec = ROWS[name]
+    if spec.method == "msq" and settings.pruning:
+        spec = replace(spec, pruning={**spec.pruning, **dict(settings.pruning)})
     train, test, exact_set = _datasets(settings)
     calibration = [(_in_format(x, settings), y) for x, y in
                    train.subset(settings.calibration_batches * settings.batch_size)
@@ -169,6 +174,7 @@ def _result(name, spec, model, controller, built, test, state, command, settings
               "command": command or " ".join(shlex.quote(a) for a in sys.argv)}
     if controller is not None:
         result["bits"] = controller.bit_widths()
+        result["pruning"] = controller.config.pruning.to_dict()
         result["history"] = [asdict(record) for record in controller.history]
         model.eval()
         lowered = convert(model)
