@@ -38,7 +38,7 @@ class Settings:
 
     data: Path
     out: Path
-    epochs: int = 8
+    epochs: int = 4
     batch_size: int = 128
     lr: float = 0.01
     weight_decay: float = 1e-4
