@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -10,6 +10,7 @@ from torch import nn
 from .config import MSQConfig
 from .errors import MSQError
 from .modules import LoweredWeight, WeightFakeQuant
+from .packed_weights import check_kernels
 from .state import PreparedState, attach_state, detach_state
 from .utils import copy_module, eval_mode
 
@@ -166,11 +167,12 @@ def _refuse_non_finite(qmodel: nn.Module, targets: list[WeightTarget]) -> None:
               "again.")
 
 
-def convert(qmodel: nn.Module, *, inplace: bool = False, one_at_a_time: bool = False) -> nn.Module:
+def convert(qmodel: nn.Module, *, inplace: bool = False, one_at_a_time: bool = False,
+            kernels: str = "dequantize", keep_float: bool | Iterable[str] = False) -> nn.Module:
     """Return a copy of a prepared model whose quantized weights are int8 codes + step + bit width.
 
     In eval mode its output equals the prepared model's output: both rebuild each weight with the
-    same formula from the same codes.
+    same formula from the same codes, whichever ``kernels`` hold them.
 
     Args:
         qmodel: a model returned by :func:`prepare` (trained or not).
@@ -183,6 +185,15 @@ def convert(qmodel: nn.Module, *, inplace: bool = False, one_at_a_time: bool = F
             anything changes, but running out of memory midway would leave ``qmodel`` partly
             converted: for a model you would discard then (the largest models, converted in
             place where they were trained).
+        kernels: ``"dequantize"`` (default): each weight a ``LoweredWeight``, its codes in an
+            int8 container, dequantized at every forward. ``"packed"``: each weight a
+            ``PackedWeight`` (msq_fx.packed_weights), its codes held at 1, 2, 4 or 8 bits each
+            (3 bits in 4, 5-7 in 8), so a model at 4 bits holds an eighth of its float weights'
+            bytes instead of a quarter; unpacked and dequantized at every use, to the same
+            weights. Saved files are the same either way.
+        keep_float: with ``kernels="packed"``, the kinds of weight (``"conv"``,
+            ``"depthwise"``, ``"linear"``, ``"attention"``, or True for all) whose float weight
+            is computed once and kept: as fast as float layers, for a float copy of them.
 
     Returns:
         The converted model: each quantized weight a ``LoweredWeight`` (msq_fx.modules) of
@@ -211,9 +222,10 @@ def convert(qmodel: nn.Module, *, inplace: bool = False, one_at_a_time: bool = F
         raise MSQError(f"convert() expects a model returned by msq_fx.prepare(), but "
                        f"{type(qmodel).__name__}: {detail}. Call msq_fx.prepare(model, "
                        f"example_inputs) and train it first.")
+    check_kernels(kernels, keep_float)
     int_model = qmodel if inplace else copy_module(qmodel)
     try:
-        lower(int_model, one_at_a_time=one_at_a_time)
+        lower(int_model, one_at_a_time=one_at_a_time, kernels=kernels, keep_float=keep_float)
     except LowerError as error:
         raise MSQError(str(error)) from error
     return int_model

@@ -153,9 +153,11 @@ def export_onnx(args: argparse.Namespace) -> int:
         return 2
     inputs = torch.randn(args.input_shape, generator=torch.Generator().manual_seed(0))
     dynamic = ({0: torch.export.Dim("batch")},) if args.dynamic_batch else None
-    result = export(int_model, inputs, args.output, int4=not args.int8, dynamic_shapes=dynamic)
+    result = export(int_model, inputs, args.output, int4=not args.int8, int2=args.int2,
+                    dynamic_shapes=dynamic)
+    int2 = f"{len(result.int2_weights)} as INT2, " if args.int2 else ""
     print(f"{result.path}: {result.file_bytes:,} bytes; {len(result.int4_weights)} weights as "
-          f"INT4, {len(result.int8_weights)} as INT8, {len(result.float_weights)} in float")
+          f"INT4, {int2}{len(result.int8_weights)} as INT8, {len(result.float_weights)} in float")
     for name, reason in result.float_weights:
         print(f"  float: {name} ({reason})")
     if args.verify:
@@ -301,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
                                help="the example input's shape, batch first, e.g. 1x3x224x224")
     export_parser.add_argument("--int8", action="store_true",
                                help="INT8 for every quantized weight (no INT4)")
+    export_parser.add_argument("--int2", action="store_true",
+                               help="INT2 for layers of at most 2 bits (a file of opset 25)")
     export_parser.add_argument("--dynamic-batch", action="store_true",
                                help="the file takes any batch size (the first input dimension)")
     export_parser.add_argument("--verify", action="store_true",

@@ -372,7 +372,7 @@ class _Blobs:
         self.state: list[list] = []
         self.refs: dict[int, tuple[str, int]] = {}
         self._tensor_sources: list[tuple[int, torch.Tensor]] = []  # (offset, tensor)
-        self._lowered: list[LoweredWeight] = []
+        self._lowered: list[tuple[LoweredWeight, torch.Tensor]] = []  # (module, its codes)
         self._tensor_end = 0
 
     @classmethod
@@ -380,10 +380,13 @@ class _Blobs:
         """Every state tensor of ``int_model``, with its state_dict key."""
         blobs = cls()
         for name, lowered in _lowered_modules(int_model):
-            blobs.refs[id(lowered.codes)] = ("codes", len(blobs.codes))
-            blobs.codes.append([name, list(lowered.codes.shape), lowered.num_bits,
-                                _memory_format(lowered.codes)])
-            blobs._lowered.append(lowered)
+            # Held for the whole save: a PackedWeight unpacks its codes on demand and gives this
+            # same tensor (to state_dict and to the structure's pickle) while it lives.
+            codes = lowered.codes
+            blobs.refs[id(codes)] = ("codes", len(blobs.codes))
+            blobs.codes.append([name, list(codes.shape), lowered.num_bits,
+                                _memory_format(codes)])
+            blobs._lowered.append((lowered, codes))
         for key, tensor in int_model.state_dict(keep_vars=True).items():
             blobs.state.append([key, *blobs.add(tensor)])
         return blobs
@@ -415,10 +418,10 @@ class _Blobs:
         return blob
 
     def code_blob(self) -> torch.Tensor:
-        sizes = [packed_size(m.codes.numel(), m.num_bits) for m in self._lowered]
+        sizes = [packed_size(codes.numel(), m.num_bits) for m, codes in self._lowered]
         blob, start = torch.empty(sum(sizes), dtype=torch.uint8), 0
-        for lowered, size in zip(self._lowered, sizes):
-            blob[start:start + size] = pack_codes(lowered.codes, lowered.num_bits)
+        for (lowered, codes), size in zip(self._lowered, sizes):
+            blob[start:start + size] = pack_codes(codes, lowered.num_bits)
             start += size
         return blob
 

@@ -9,7 +9,9 @@ the standard ONNX weight-only quantization pattern instead,
         -> DequantizeLinear(scale=step, zero_point=0) -> Conv / Gemm / MatMul ...
 
 which ONNX Runtime, TensorRT and other QDQ-aware runtimes read as a quantized weight. The
-dequantized values are the converted model's weights exactly. A model prepared with
+dequantized values are the converted model's weights exactly. With ``int2=True`` a layer of at
+most 2 bits is an INT2 initializer instead, and the file opset 25 (the first with INT2 in
+DequantizeLinear) instead of 21. A model prepared with
 ``act_bits`` also has each activation quantizer written as ``Clip -> QuantizeLinear ->
 DequantizeLinear`` (UINT8 / INT8, or 16-bit types above 8 bits), the same rounding as its
 ``round(clip(x) / step) * step``: both inputs of a quantized layer are then integers in the
@@ -33,13 +35,16 @@ from torch import Tensor, nn
 
 from .io import atomic_write, require_converted
 from .modules import LoweredActivation, LoweredWeight, rounded_to_grid
+from .packed_weights import dequantizing_kernels
 
 __all__ = ["export_onnx", "OnnxExport", "onnx_runtime_outputs", "onnx_runtime_session",
            "dequantize_weight", "dequantize_weight_per_channel", "quantize_activation",
-           "ONNX_OPSET", "INT4_MAX_BITS", "INSTALL_HINT"]
+           "ONNX_OPSET", "ONNX_OPSET_INT2", "INT4_MAX_BITS", "INT2_MAX_BITS", "INSTALL_HINT"]
 
 ONNX_OPSET = 21  # the first opset with INT4 in DequantizeLinear
+ONNX_OPSET_INT2 = 25  # the first opset with INT2 in DequantizeLinear
 INT4_MAX_BITS = 4
+INT2_MAX_BITS = 2
 INSTALL_HINT = "install the onnx extra (pip install -e '.[onnx]' in a checkout)"
 _PROTOBUF_LIMIT = 2**31 - 1  # a larger model keeps its initializers in an external data file
 
@@ -94,6 +99,8 @@ class OnnxExport:
         file_bytes: size of the file (plus its external data file, if any).
         quantized_activations: activation quantizers written as QuantizeLinear /
             DequantizeLinear (module names).
+        int2_weights: the quantized weights stored as INT2 initializers (``int2=True``).
+        opset: the file's ONNX opset (25 with INT2 weights, else 21).
     """
 
     path: Path
@@ -103,10 +110,13 @@ class OnnxExport:
     initializers: dict[str, str]
     file_bytes: int
     quantized_activations: tuple[str, ...] = ()
+    int2_weights: tuple[str, ...] = ()
+    opset: int = ONNX_OPSET
 
 
 def export_onnx(int_model: nn.Module, example_inputs: Any, path: str | os.PathLike, *,
-                int4: bool = True, dynamic_shapes: Any = None) -> OnnxExport:
+                int4: bool = True, int2: bool = False,
+                dynamic_shapes: Any = None) -> OnnxExport:
     """Write ``int_model`` (from ``msq_fx.convert``) to ``path`` as ONNX with integer weights.
 
     The model is exported in eval mode and left as it was given (mode and modules), also when
@@ -117,10 +127,12 @@ def export_onnx(int_model: nn.Module, example_inputs: Any, path: str | os.PathLi
         example_inputs: a tensor or a tuple of positional inputs.
         path: the ONNX file to write.
         int4: store weights of at most 4 bits as INT4 (False: every quantized weight as INT8).
+        int2: store weights of at most 2 bits as INT2, in a file of opset 25 (ONNX 1.20, ONNX
+            Runtime 1.23 or later read it); else as ``int4`` says.
         dynamic_shapes: passed to ``torch.onnx.export``.
 
     Returns:
-        An :class:`OnnxExport` saying which weights went in as INT4, INT8 or float.
+        An :class:`OnnxExport` saying which weights went in as INT2, INT4, INT8 or float.
 
     Example:
         >>> import os, tempfile, torch, msq_fx
@@ -135,6 +147,13 @@ def export_onnx(int_model: nn.Module, example_inputs: Any, path: str | os.PathLi
         >>> directory.cleanup()
     """
     require_converted(int_model, "msq_fx.export_onnx")
+    # The exporter reads each weight's int8 codes buffer: packed weights lend theirs meanwhile.
+    with dequantizing_kernels(int_model):
+        return _export(int_model, example_inputs, Path(path), int4, int2, dynamic_shapes)
+
+
+def _export(int_model: nn.Module, example_inputs: Any, destination: Path, int4: bool,
+            int2: bool, dynamic_shapes: Any) -> OnnxExport:
     onnx, translations = _onnx_modules()
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     lowered = _lowered_weights(int_model)
@@ -142,6 +161,9 @@ def export_onnx(int_model: nn.Module, example_inputs: Any, path: str | os.PathLi
                                             "zero point")
                           for module in lowered if float(module.offset) != 0.0)
     integer = [module for module in lowered if float(module.offset) == 0.0]
+    int2_weights = [module.names[0] for module in integer if int2
+                    and module.num_bits <= INT2_MAX_BITS]
+    opset = ONNX_OPSET_INT2 if int2_weights else ONNX_OPSET
     activations = {name: module for name, module in int_model.named_modules()
                    if isinstance(module, LoweredActivation)}
     was_training = int_model.training
@@ -150,7 +172,7 @@ def export_onnx(int_model: nn.Module, example_inputs: Any, path: str | os.PathLi
         with _as_one_op(integer, _one_op_forward), \
                 _as_one_op(activations.values(), _one_op_activation_forward):
             program = torch.onnx.export(
-                int_model, inputs, dynamo=True, opset_version=ONNX_OPSET,
+                int_model, inputs, dynamo=True, opset_version=opset,
                 dynamic_shapes=dynamic_shapes, verbose=False,
                 custom_translation_table=translations)
     finally:
@@ -158,9 +180,12 @@ def export_onnx(int_model: nn.Module, example_inputs: Any, path: str | os.PathLi
     proto = program.model_proto
     initializers = _initializer_names(int_model, integer, proto)
     int4_weights = [module.names[0] for module in integer if int4
-                    and module.num_bits <= INT4_MAX_BITS]
-    _store_as_int4(onnx, proto, {initializers[name] for name in int4_weights})
-    destination = Path(path)
+                    and module.num_bits <= INT4_MAX_BITS and module.names[0] not in int2_weights]
+    _store_as(onnx, proto, {initializers[name] for name in int4_weights}, "int4")
+    _store_as(onnx, proto, {initializers[name] for name in int2_weights}, "int2")
+    if int2_weights:  # INT2 tensors need the IR version of opset 25
+        proto.ir_version = max(proto.ir_version, onnx.helper.find_min_ir_version_for(
+            [onnx.helper.make_opsetid("", ONNX_OPSET_INT2)]))
     external = proto.ByteSize() > _PROTOBUF_LIMIT
     atomic_write(destination, lambda tmp: onnx.save_model(
         proto, tmp, save_as_external_data=external,
@@ -168,9 +193,11 @@ def export_onnx(int_model: nn.Module, example_inputs: Any, path: str | os.PathLi
     size = destination.stat().st_size
     if external:
         size += (destination.parent / (destination.name + ".data")).stat().st_size
+    narrow = set(int4_weights) | set(int2_weights)
     return OnnxExport(destination, tuple(int4_weights),
-                      tuple(m.names[0] for m in integer if m.names[0] not in int4_weights),
-                      float_weights, initializers, size, tuple(activations))
+                      tuple(m.names[0] for m in integer if m.names[0] not in narrow),
+                      float_weights, initializers, size, tuple(activations),
+                      tuple(int2_weights), opset)
 
 
 def onnx_runtime_outputs(path: str | os.PathLike, inputs: Tensor | tuple[Tensor, ...],
@@ -309,12 +336,13 @@ def _one_op_activation_forward(self: LoweredActivation, x: Tensor) -> Tensor:
 _ACTIVATION_TYPES = {(True, True): 3, (False, True): 2, (True, False): 5, (False, False): 4}
 
 
-def _store_as_int4(onnx: Any, proto: Any, names: set[str]) -> None:
-    """Re-type the INT8 initializers ``names`` that feed a DequantizeLinear as INT4 (and that
-    node's zero point), in place."""
+def _store_as(onnx: Any, proto: Any, names: set[str], narrow: str) -> None:
+    """Re-type the INT8 initializers ``names`` that feed a DequantizeLinear as ``narrow``
+    ("int4" or "int2", ml_dtypes' names; and that node's zero point), in place."""
     import ml_dtypes
     import numpy as np
 
+    dtype = getattr(ml_dtypes, narrow)
     initializers = {tensor.name: tensor for tensor in proto.graph.initializer}
     replaced_zero_points, retyped = set(), set()
     for node in proto.graph.node:
@@ -323,13 +351,13 @@ def _store_as_int4(onnx: Any, proto: Any, names: set[str]) -> None:
             continue
         codes = onnx.numpy_helper.to_array(initializers[codes_name])
         initializers[codes_name].CopyFrom(
-            onnx.numpy_helper.from_array(codes.astype(ml_dtypes.int4), codes_name))
+            onnx.numpy_helper.from_array(codes.astype(dtype), codes_name))
         zero_point = f"{codes_name}.zero_point"
         # A per-axis DequantizeLinear (one scale per channel) needs a zero point per channel.
         scale = initializers.get(node.input[1])
         shape = tuple(scale.dims) if scale is not None else ()
         proto.graph.initializer.append(
-            onnx.numpy_helper.from_array(np.zeros(shape, dtype=ml_dtypes.int4), zero_point))
+            onnx.numpy_helper.from_array(np.zeros(shape, dtype=dtype), zero_point))
         if len(node.input) > 2:
             replaced_zero_points.add(node.input[2])
             node.input[2] = zero_point
@@ -339,11 +367,16 @@ def _store_as_int4(onnx: Any, proto: Any, names: set[str]) -> None:
     if retyped != names:
         raise RuntimeError(f"msq_fx.export_onnx: no DequantizeLinear reads "
                            f"{sorted(names - retyped)} in the exported graph")
+    # The exporter's type annotations of the codes still say INT8, which a checker refuses.
+    element_type = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    for value in proto.graph.value_info:
+        if value.name in retyped:
+            value.type.tensor_type.elem_type = element_type
     _drop_unused_initializers(proto, replaced_zero_points)
 
 
 def _drop_unused_initializers(proto: Any, candidates: set[str]) -> None:
-    # The INT8 zero points that INT4 ones replaced: runtimes warn about unused initializers.
+    # The INT8 zero points that INT4 / INT2 ones replaced: runtimes warn about unused initializers.
     used = {name for node in proto.graph.node for name in node.input}
     used |= {output.name for output in proto.graph.output}
     kept = [tensor for tensor in proto.graph.initializer

@@ -6,13 +6,18 @@ Changes: the given model in place (``convert`` hands it a private copy). Every q
 the fake quantizer used, and the latent float Parameter is removed from its owner. Tied uses of
 one tensor keep sharing one lowered module. Each calibrated activation quantizer becomes a
 ``LoweredActivation`` (its trained clip frozen into bounds and a step, the same outputs); one that
-never saw an input stays as it is. Biases and norms stay as they are.
+never saw an input stays as it is. Biases and norms stay as they are. With
+``kernels="packed"`` each weight becomes a ``PackedWeight`` instead (msq_fx.packed_weights: the
+same codes held at 1, 2, 4 or 8 bits each, the same weights), packed as soon as it is lowered.
 """
 from __future__ import annotations
+
+from typing import Iterable
 
 from torch import nn
 
 from msq_fx.modules import ActivationFakeQuant, LoweredActivation, LoweredWeight, WeightFakeQuant
+from msq_fx.packed_weights import PackedWeight, check_kernels
 from msq_fx.owners import INPUT_QUANTIZER, QUANTIZER_SUFFIX, is_quantized_owner
 from msq_fx.recompute import remove_model_recompute
 
@@ -23,7 +28,8 @@ class LowerError(RuntimeError):
     """A quantized weight cannot be lowered; the message names it."""
 
 
-def lower(model: nn.Module, one_at_a_time: bool = False) -> None:
+def lower(model: nn.Module, one_at_a_time: bool = False, kernels: str = "dequantize",
+          keep_float: bool | Iterable[str] = False) -> None:
     """Lower every ``WeightFakeQuant`` in ``model`` to a ``LoweredWeight`` (in place).
 
     Every weight is first checked to be lowerable (LowerError names the first that is not, with
@@ -32,15 +38,17 @@ def lower(model: nn.Module, one_at_a_time: bool = False) -> None:
     every latent. ``one_at_a_time`` swaps each weight in, and drops its latent, as soon as its
     codes exist: the peak is then the model plus one weight's float temporaries, for a caller
     that owns the model and would discard it if something (running out of memory) failed
-    midway.
+    midway. ``kernels`` and ``keep_float`` as for ``msq_fx.packed_weights.use_kernels``.
     """
+    kept = check_kernels(kernels, keep_float)
     owners = [(name, m) for name, m in model.named_modules(remove_duplicate=False)
               if is_quantized_owner(m)]
     uses = _weight_uses(owners)
     for fqn, owner, attr, quantizer in (found[0] for found in uses.values()):
         _check_lowerable(fqn, owner, attr, quantizer)
     activations = _lowered_activations(owners)
-    lowered = ((found, _lower_one(*found[0])) for found in uses.values())
+    lowered = ((found, _lower_one(*found[0], kernels=kernels, kept=kept))
+               for found in uses.values())
     # Lazily, each weight is lowered just before it is swapped in; as a list, all are first.
     for found, weight in (lowered if one_at_a_time else list(lowered)):
         _swap_in(found, weight)
@@ -91,8 +99,12 @@ def _check_lowerable(fqn: str, owner: nn.Module, attr: str, quantizer: WeightFak
                          f"(was its bit width changed after prepare()? MSQ starts at 8 or fewer)")
 
 
-def _lower_one(fqn: str, owner: nn.Module, attr: str, quantizer: WeightFakeQuant) -> LoweredWeight:
+def _lower_one(fqn: str, owner: nn.Module, attr: str, quantizer: WeightFakeQuant, *,
+               kernels: str, kept: frozenset[str]) -> LoweredWeight:
     try:
-        return LoweredWeight.from_fake_quant(quantizer, owner._parameters[attr])
+        lowered = LoweredWeight.from_fake_quant(quantizer, owner._parameters[attr])
     except ValueError as error:
         raise LowerError(f"{fqn}: {error}") from error
+    if kernels == "packed":
+        return PackedWeight.from_lowered(lowered, keep_float=lowered.kind in kept)
+    return lowered
