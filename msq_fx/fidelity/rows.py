@@ -26,7 +26,7 @@ BEST_QUANTIZATION = {"grid": "nested"}
 #: statistics re-estimated after each, and the LSB penalty in weight units (the code-unit
 #: penalty stalls around 5 bits at a fine-tuning learning rate), so the target is reached
 #: early in the budget and most of it is plain QAT (docs/fidelity.md, "Development runs").
-PRUNE_STEPS = 100
+PRUNE_STEPS = 25
 MSQ_PRUNING = {"interval": PRUNE_STEPS, "interval_unit": "step", "bn_recalibration_batches": 4,
                "reg_strength": 1e-2, "penalty_units": "weight", "threshold": 0.3}
 #: Past 16x a mixed-precision result needs layers under 2 bits: binary (+-S) 1-bit layers, as
