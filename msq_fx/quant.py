@@ -150,9 +150,18 @@ def _literal_codes(w: Tensor, bits: int, scale: Tensor) -> Tensor:
 def _detached_code_position(w: Tensor, bits: int, scale: Tensor, grid: str = "nested") -> Tensor:
     """code_position's arithmetic without grad, in place after the first op: one weight-sized
     allocation instead of three, which on large models is most of the quantizer's memory
-    traffic. Same operations in the same order, so the values are identical."""
+    traffic. The values are code_position's bit for bit.
+
+    On the nested grid ``h = 2^(n-1)``, so ``(w / S) * h`` is exact and ``h + h * (w / S)`` in
+    one pass (``torch.add`` with ``alpha``, a fused multiply-add or not) rounds once, where
+    the multiplication and the addition would: the same bits, one weight-sized pass fewer.
+    """
     half = code_half(bits, grid)
-    return (w.detach() / scale).mul_(half).add_(half)
+    x = w.detach() / scale
+    if grid != "nested":
+        return x.mul_(half).add_(half)
+    return torch.add(torch.full((), half, dtype=x.dtype, device=x.device), x, alpha=half,
+                     out=x)
 
 
 def signed_codes(unsigned: Tensor, bits: int, inplace: bool = False) -> Tensor:
@@ -360,7 +369,8 @@ def _unclamped_lsb(w: Tensor, bits: int, k: int, scale: Tensor) -> Tensor:
     """
     x = _detached_code_position(w, bits, scale)
     coarse = (x * float(2.0**-k)).round_().clamp_(0.0, float(2 ** (bits - k) - 1))
-    return x.sub_(coarse.mul_(float(2**k)))
+    # x - 2^k c in one pass: 2^k c is an integer below 2^n, so exact, and the difference too.
+    return x.sub_(coarse, alpha=float(2**k))
 
 
 class _LsbL1(torch.autograd.Function):
