@@ -86,9 +86,12 @@ def test_table_has_a_row_per_model_with_its_ratios_to_float(bench, tiny_report):
     assert "median ms/step" in column_names and "peak MiB" in column_names
     assert "time / FP32" in column_names and "peak / FP32" in column_names
     assert [row.split()[0] for row in rows[:2]] == ["FP32", "MSQ"]
-    assert rows[0].split()[-2:] == ["1.00x", "1.00x"]
+    assert "page faults/step" in column_names
+    assert rows[0].split()[-3:-1] == ["1.00x", "1.00x"]
     ratio = tiny_report["ratio_msq_over_fp"]
-    assert rows[1].split()[-2:] == [f"{ratio['time']:.2f}x", f"{ratio['peak_memory']:.2f}x"]
+    assert rows[1].split()[-3:-1] == [f"{ratio['time']:.2f}x", f"{ratio['peak_memory']:.2f}x"]
+    faults = tiny_report["results"]["MSQ"]["minor_faults_per_step"]
+    assert rows[1].split()[-1] == f"{faults:.0f}"
     assert f"torch {tiny_report['torch']}" in header
 
 
@@ -406,19 +409,23 @@ def test_the_doc_writer_replaces_its_own_block_and_keeps_the_rest(bench, tiny_re
     assert text.index("resnet20 3x32x32") < text.index("SmallCNN 1x16x16")  # replaced in place
 
 
-def test_cpu_clock_and_profile_are_reported(bench):
+def test_cpu_clock_kept_heap_and_profile_are_reported(bench):
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         assert bench.main(["--batch-size", "4", "--repeats", "1", "--steps", "1", "--warmup", "1",
-                           "--clock", "cpu", "--profile", "5", "--profile-steps", "1",
-                           "--json"]) == 0
+                           "--clock", "cpu", "--keep-freed-heap", "--profile", "5",
+                           "--profile-steps", "1", "--json"]) == 0
     report = json.loads(stdout.getvalue())
-    assert report["clock"] == "cpu"
+    assert report["clock"] == "cpu" and report["keep_freed_heap"] is True
+    assert "cpu clock, freed heap kept" in bench.format_table(report)
+    assert msq_fx.bench.doc.block_key(report).endswith("batch 4 cpu clock freed heap kept")
     assert set(report["profile"]) == {"FP32", "MSQ"}
     assert "_StraightThrough" in report["profile"]["MSQ"]
     assert "_StraightThrough" not in report["profile"]["FP32"]
     rows = bench.profile_rows(report)
-    assert len(rows) == 6 and rows[-1][0] == "all ops"
+    assert rows[-1][0] == "all ops" and 6 < len(rows) <= 11
+    assert "_StraightThrough" in [row[0] for row in rows]  # the float step has no such op
+    assert all(row[1] == "-" for row in rows[5:-1])
 
 
 def test_a_torchvision_model_takes_the_input_size_given(bench):

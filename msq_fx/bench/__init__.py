@@ -51,8 +51,15 @@ Clock (``--clock``)
     machine, the steadier of the two; it still counts what sharing caches and memory costs).
 
 Profile (``--profile N``, :mod:`.profiling`)
-    Also ``--profile-steps`` steps of every contender under ``torch.profiler``; the table lists
-    the N ops with the most self CPU time in the MSQ step, per step, beside the float step's.
+    Also ``--profile-steps`` steps of every contender under ``torch.profiler``, each profiled
+    on its own; the table lists the N ops with the most self time in the MSQ step beside the
+    float step's, each scaled by its step's CPU time over its wall time and at its lowest over
+    those steps.
+
+Page faults (:mod:`.allocator`, ``--keep-freed-heap``)
+    Each contender's minor page faults per timed step: glibc returns freed memory to the system
+    and a later step faults it in again, more or less depending on where earlier steps of any
+    contender left the heap. ``--keep-freed-heap`` makes malloc keep it, for every contender.
 
 Conditions (:mod:`.conditions`) and ``--write-doc PATH`` (:mod:`.doc`)
     Every report records the machine, the load average and how many cores other processes kept
@@ -74,8 +81,8 @@ Peak memory (:mod:`.memory`, which describes the CPU measure in full)
 The package, one concern per module: :mod:`.workloads` (the model and the batch),
 :mod:`.contenders` (float and MSQ, the training step), :mod:`.peers` and :mod:`.bit_split` (the
 other contenders), :mod:`.timing`, :mod:`.memory`, :mod:`.profiling`, :mod:`.conditions`,
-:mod:`.hessian` (the pruning step), :mod:`.run` (one run to a report), :mod:`.report` (the
-tables), :mod:`.doc` (the Markdown block) and :mod:`.cli` (the options and ``main``). It is
+:mod:`.allocator`, :mod:`.hessian` (the pruning step), :mod:`.run` (one run to a report),
+:mod:`.report` (the tables), :mod:`.doc` (the Markdown block) and :mod:`.cli` (the options and ``main``). It is
 imported on its own, not with msq_fx.
 """
 from __future__ import annotations

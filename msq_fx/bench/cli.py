@@ -58,11 +58,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="time by the wall clock (default) or by this process's CPU time, "
                              "which leaves out time other processes held its CPU")
+    parser.add_argument("--keep-freed-heap", action="store_true",
+                        help="set glibc's malloc to keep freed memory (and serve blocks up to "
+                             "32 MiB from its heap), so no contender's steps pay page faults "
+                             "for memory an earlier step returned to the system")
     parser.add_argument("--profile", type=_int_at_least(0), default=0, metavar="N",
                         help="also profile every contender's step (torch.profiler) and list the "
                              "N ops with the most self CPU time in the MSQ step")
-    parser.add_argument("--profile-steps", type=_int_at_least(1), default=3,
-                        help="steps profiled per contender with --profile")
+    parser.add_argument("--profile-steps", type=_int_at_least(1), default=5,
+                        help="steps profiled per contender with --profile (each op's lowest "
+                             "time over them is reported)")
     parser.add_argument("--write-doc", metavar="PATH", default=None,
                         help="also write the result as Markdown (table, command, machine and "
                              "load) into PATH, replacing the block of the same model, input, "

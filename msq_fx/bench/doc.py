@@ -27,7 +27,10 @@ def block_key(report: dict) -> str:
                                      (f"autocast {report.get('autocast')}",
                                       report.get("autocast")),
                                      ("activation checkpointing",
-                                      report.get("grad_checkpointing"))) if on]
+                                      report.get("grad_checkpointing")),
+                                     (f"{report.get('clock')} clock",
+                                      report.get("clock", "wall") != "wall"),
+                                     ("freed heap kept", report.get("keep_freed_heap"))) if on]
     return " ".join([report["model"], shape, f"batch {report['batch_size']}", *options])
 
 
@@ -59,7 +62,10 @@ def markdown_block(report: dict, argv: list[str]) -> str:
         lines += ["", f"Not run: {name}: {reason}"]
     lines += ["", f"{report['repeats']} repeats x {report['steps']} steps per contender after "
                   f"{report['warmup']} warm-up, interleaved; medians over repeats, "
-                  f"{report.get('clock', 'wall')} clock; torch {report['torch']}, "
+                  f"{report.get('clock', 'wall')} clock"
+                  + (", glibc keeping freed heap memory (`--keep-freed-heap`)"
+                     if report.get("keep_freed_heap") else "")
+                  + f"; torch {report['torch']}, "
                   f"{report['threads']} thread(s), device {report['device']}. "
                   f"{conditions_line(report)}."]
     return "\n".join(lines)

@@ -13,7 +13,8 @@ __all__ = ["MIB", "format_table", "step_rows", "peer_rows", "header_line", "cond
 MIB = 2**20
 
 
-STEP_HEADERS = ["", "median ms/step", "peak MiB", "time / FP32", "peak / FP32"]
+STEP_HEADERS = ["", "median ms/step", "peak MiB", "time / FP32", "peak / FP32",
+                "page faults/step"]
 PEER_HEADERS = ["MSQ against", "step time / MSQ's", "MSQ peak / its peak",
                 "ms over FP32: its / MSQ's"]
 
@@ -27,7 +28,9 @@ def step_rows(report: dict) -> list[list[str]]:
         rows.append([name, f"{result['median_ms_per_step']:.1f}",
                      f"{result['peak_bytes'] / MIB:.1f}",
                      f"{ratio['time']:.2f}x" if ratio else "",
-                     f"{ratio['peak_memory']:.2f}x" if ratio else ""])
+                     f"{ratio['peak_memory']:.2f}x" if ratio else "",
+                     f"{result['minor_faults_per_step']:.0f}"
+                     if "minor_faults_per_step" in result else ""])
     return rows
 
 
@@ -55,6 +58,7 @@ def header_line(report: dict) -> str:
             f"warm-up, device {report['device']}, torch {report['torch']}, "
             f"{report['threads']} threads"
             + (f", {report['clock']} clock" if report.get("clock", "wall") != "wall" else "")
+            + (", freed heap kept" if report.get("keep_freed_heap") else "")
             + (f", autocast {report['autocast']}" if report.get("autocast") else "")
             + (", activation checkpointing" if report.get("grad_checkpointing") else ""))
 
@@ -78,7 +82,7 @@ def format_table(report: dict) -> str:
     """The report (as :func:`msq_fx.bench.run.run_benchmark` returns it) as a header line and
     aligned tables."""
     table = tabulate(step_rows(report), headers=STEP_HEADERS, disable_numparse=True,
-                     colalign=("left", "right", "right", "right", "right"))
+                     colalign=("left",) + ("right",) * (len(STEP_HEADERS) - 1))
     text = f"{header_line(report)}\n{table}"
     if report.get("msq_against_peers"):
         text += "\n\n" + tabulate(peer_rows(report), headers=PEER_HEADERS,
@@ -104,17 +108,20 @@ PROFILED_COLUMNS = ("FP32", "MSQ", SAVED_COPIES)
 
 def profile_headers(report: dict) -> list[str]:
     names = [name for name in PROFILED_COLUMNS if name in report["profile"]]
-    return (["op (self CPU time per step)"] + [f"{name} ms" for name in names]
+    return (["op (self time, lowest of the steps)"] + [f"{name} ms" for name in names]
             + ["MSQ calls"])
 
 
 def profile_rows(report: dict) -> list[list[str]]:
-    """The ops with the most self time in the MSQ step (``--profile N``), with each listed
-    contender's self time per step and MSQ's calls per step."""
+    """The N ops with the most self time in the MSQ step (``--profile N``), then the N that the
+    float step does not run, with each listed contender's self time per step and MSQ's calls
+    per step, and the sums over all ops."""
     profile = report["profile"]
     names = [name for name in PROFILED_COLUMNS if name in profile]
-    msq = profile["MSQ"]
-    ops = top_ops(profile, "MSQ", report["profile_top"])
+    msq, count = profile["MSQ"], report["profile_top"]
+    only_msq = {"MSQ": {op: t for op, t in msq.items() if op not in profile["FP32"]}}
+    ops = top_ops(profile, "MSQ", count)
+    ops += [op for op in top_ops(only_msq, "MSQ", count) if op not in ops]
     rows = [[op] + [f"{profile[name][op]['self_ms']:.2f}" if op in profile[name] else "-"
                     for name in names] + [f"{msq[op]['calls']:g}"] for op in ops]
     totals = [sum(op["self_ms"] for op in profile[name].values()) for name in names]

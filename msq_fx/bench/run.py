@@ -8,6 +8,7 @@ import statistics
 
 import torch
 
+from .allocator import keep_freed_heap
 from .conditions import Conditions
 from .contenders import (AUTOCAST_DTYPES, SAVED_COPIES, build_contenders,
                          enable_grad_checkpointing, train_step)
@@ -24,6 +25,8 @@ __all__ = ["run_benchmark", "msq_against"]
 def run_benchmark(args: argparse.Namespace) -> dict:
     """The report of the run ``args`` (from :func:`msq_fx.bench.cli.parse_args`) describes."""
     conditions = Conditions.start()
+    if args.keep_freed_heap and not keep_freed_heap():
+        raise SystemExit("--keep-freed-heap: this malloc is not glibc's")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -41,10 +44,12 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     for contender in contenders:
         for _ in range(args.warmup):
             train_step(contender, *batch)
+    faults: dict[str, int] = {}
     times = interleaved_step_times(contenders, batch, args.repeats, args.steps, device,
-                                   CLOCKS[args.clock])
+                                   CLOCKS[args.clock], faults)
     results = {c.name: {"median_ms_per_step": 1e3 * statistics.median(times[c.name]),
                         "repeat_ms_per_step": [1e3 * t for t in times[c.name]],
+                        "minor_faults_per_step": faults[c.name] / (args.repeats * args.steps),
                         "peak_bytes": step_peak_bytes(c, batch, device)}
                for c in contenders}
     fp, msq = results["FP32"], results["MSQ"]
@@ -62,6 +67,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "warmup": args.warmup,
         "threads": torch.get_num_threads(),
         "clock": args.clock,
+        "keep_freed_heap": args.keep_freed_heap,
         "device": str(device),
         "torch": torch.__version__,
         "python": platform.python_version(),

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from .. import convert
 from ..weight_cache import cached_quantized_weights
+from .allocator import minor_faults
 from .contenders import AUTOCAST_DTYPES, Contender, train_step
 
 __all__ = ["CACHED", "CLOCKS", "synchronize", "mean_seconds", "seconds_per_step", "interleaved_step_times",
@@ -56,12 +57,17 @@ def seconds_per_step(contender: Contender, batch: tuple[Tensor, Tensor], steps: 
 
 def interleaved_step_times(contenders: list[Contender], batch: tuple[Tensor, Tensor], repeats: int,
                            steps: int, device: torch.device,
-                           clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
-    """Seconds per training step, one figure per repeat, by contender name."""
+                           clock: Callable[[], float] = time.perf_counter,
+                           faults: dict[str, int] | None = None) -> dict[str, list[float]]:
+    """Seconds per training step, one figure per repeat, by contender name; ``faults``, if
+    given, gets each contender's minor page faults over its timed steps."""
     times: dict[str, list[float]] = {c.name: [] for c in contenders}
     for _ in range(repeats):
         for contender in contenders:
+            before = minor_faults()
             times[contender.name].append(seconds_per_step(contender, batch, steps, device, clock))
+            if faults is not None:
+                faults[contender.name] = faults.get(contender.name, 0) + minor_faults() - before
     return times
 
 
