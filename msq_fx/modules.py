@@ -91,7 +91,7 @@ class WeightFakeQuant(CachesItsWeight):
                                lambda: quant.fake_quantize(latent, bits, self.grid, scale))
         prefetched = self.__dict__.get("prefetched")
         if prefetched is not None:
-            self.prefetched = None
+            self.__dict__["prefetched"] = None  # a plain attribute: skip Module.__setattr__
             if prefetched.serves(latent, bits, self.grid, scale):
                 return prefetched.value
         return quant.fake_quantize(latent, bits, self.grid, scale)
@@ -107,13 +107,13 @@ class WeightFakeQuant(CachesItsWeight):
         bits, scale = self.num_bits, self.learned_scale
         if serves_from_cache(self, *((latent,) if scale is None else (latent, scale))):
             return False
-        self.prefetched = Prefetched.of(quant.fake_quantize(latent, bits, self.grid, scale),
-                                        latent, bits, self.grid, scale)
+        self.__dict__["prefetched"] = Prefetched.of(
+            quant.fake_quantize(latent, bits, self.grid, scale), latent, bits, self.grid, scale)
         return True
 
     def drop_prefetched(self) -> None:
         """Forget a prefetched weight its forward did not use."""
-        self.prefetched = None
+        self.__dict__["prefetched"] = None
 
     def lsb_l1(self, latent: Tensor, k: int | None = None, units: str = "code") -> Tensor:
         """``sum |B_k|`` over the tensor in step units, or times the step with
