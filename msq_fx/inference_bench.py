@@ -6,26 +6,26 @@ quantized weight at that width (``init_bits = min_bits = bits``, ``target_compre
 32 / bits``: nothing to prune), converts it and writes the files: the float model
 (``torch.save`` of the module) and the converted one once per contender's kernels
 (``msq_fx.save``; the same codes and tensors, the structure naming the modules that hold them,
-so that loading builds them directly). Each contender then runs in a fresh child process
-(``python -m msq_fx.inference_bench child ...``) that imports what it needs, loads and runs a
-small CNN saved the same way (so that what the first use of a code path costs, whatever the
-model, is not counted), reads its resident memory (the baseline), loads its file
-(``torch.load``, or ``msq_fx.load(path, trusted=True)``), runs ``warmup`` forwards and
-``forwards`` timed ones, and reports:
+so that loading builds them directly). Each contender's memory is measured in a fresh child
+process (``python -m msq_fx.inference_bench child ...``) that imports what it needs, loads and
+runs a small CNN saved the same way (so that what the first use of a code path costs, whatever
+the model, is not counted), reads its resident memory (the baseline), loads its file
+(``torch.load``, or ``msq_fx.load(path, trusted=True)``), runs a few forwards and reports:
 
-- time: the CPU time of the fastest timed forward (``time.process_time``; with one thread this
-  is the forward's own work, which on a shared machine varies less than wall time, also
-  reported);
-- resident memory: the process's RSS after loading and after the forwards, minus the baseline:
-  what loading the model and running it added, without the float model the parent built (the
-  kernel's peak, VmHWM, is in the JSON, but glibc giving memory back with madvise can hide a
-  peak from it);
+- the process's RSS after loading and after the forwards, minus the baseline: what loading
+  the model and running it added, without the float model the parent built (the kernel's
+  peak, VmHWM, is in the JSON, but glibc giving memory back with madvise can hide a peak from
+  it);
 - the bytes of the tensors the loaded model holds (parameters, buffers, kept float weights);
 - the largest difference of its output from the output the parent's model gave (the float
   model for float, the converted model for the others).
 
-Contenders are run in rounds, each round every contender once in turn, so slow drifts of the
-machine hit them alike; a contender's time is the median of its rounds.
+Time is measured in one more child that loads every contender's file and runs them in turn:
+``rounds`` rounds, in each every contender ``forwards`` times (after ``warmup`` forwards each at
+the start), the order rotating from round to round, so that the machine's drifts and other
+processes hit all alike. A contender's time is the median over the rounds of its fastest
+forward in the round, in CPU time (``time.process_time``: with one thread the forward's own
+work, which on a shared machine varies less than wall time, also reported).
 """
 from __future__ import annotations
 
@@ -112,7 +112,7 @@ def held_tensor_bytes(model: torch.nn.Module) -> int:
 
 def run_child(path: str, contender: str, inputs_path: str, expected_path: str, forwards: int,
               warmup: int, threads: int) -> ChildResult:
-    """Load one model and time it (the child process's work; see the module docstring)."""
+    """Load one model and run it (the memory child's work; see the module docstring)."""
     import msq_fx
     import msq_fx.packed_weights  # noqa: F401  (imported before the baseline)
     import torchvision  # noqa: F401  (the pickled modules' classes)
@@ -140,6 +140,44 @@ def run_child(path: str, contender: str, inputs_path: str, expected_path: str, f
         difference = float((output - expected).abs().max())
     return ChildResult(cpu, wall, baseline, after_load, _rss(), _peak_rss(),
                        held_tensor_bytes(model), difference)
+
+
+def run_timing(directory: str, runs: list[tuple[str, int | None]], rounds: int, forwards: int,
+               warmup: int, threads: int) -> dict[str, dict[str, list[float]]]:
+    """Every run's model loaded in this process and timed in turn (see the module docstring):
+    per run (``"contender|bits"``), its fastest CPU and wall time in each round, in ms."""
+    import msq_fx  # noqa: F401
+    import torchvision  # noqa: F401  (the pickled modules' classes)
+
+    torch.set_num_threads(threads)
+    folder = Path(directory)
+    inputs = torch.load(folder / "inputs.pt")
+    models = {run: _loaded(contender_file(folder, *run), run[0]) for run in runs}
+    times = {run: {"cpu_ms": [], "wall_ms": []} for run in runs}
+    with torch.inference_mode():
+        for model in models.values():
+            for _ in range(warmup):
+                model(inputs)
+        for index in range(rounds):
+            for run in runs[index % len(runs):] + runs[:index % len(runs)]:
+                cpu, wall = [], []
+                for _ in range(forwards):
+                    start_cpu, start_wall = time.process_time(), time.perf_counter()
+                    models[run](inputs)
+                    cpu.append(1e3 * (time.process_time() - start_cpu))
+                    wall.append(1e3 * (time.perf_counter() - start_wall))
+                times[run]["cpu_ms"].append(min(cpu))
+                times[run]["wall_ms"].append(min(wall))
+    return {_run_name(run): found for run, found in times.items()}
+
+
+def _run_name(run: tuple[str, int | None]) -> str:
+    return f"{run[0]}|{run[1] or ''}"
+
+
+def _run_of(name: str) -> tuple[str, int | None]:
+    contender, bits = name.split("|")
+    return contender, int(bits) if bits else None
 
 
 def _loaded(path: Path, contender: str) -> torch.nn.Module:
@@ -176,16 +214,14 @@ def _write_primer(directory: Path) -> None:
                 directory / PRIMER.with_suffix(".msq"))
 
 
-def _spawn_child(path: Path, contender: str, directory: Path, args: argparse.Namespace,
-                 expected: Path) -> ChildResult:
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    command = [sys.executable, "-m", "msq_fx.inference_bench", "child", str(path), contender,
-               str(directory / "inputs.pt"), str(expected), str(args.forwards),
-               str(args.warmup), str(args.threads)]
+def _spawn(arguments: list[str], threads: int, what: str) -> Any:
+    """Run ``python -m msq_fx.inference_bench ARGUMENTS`` and read the JSON it prints last."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    command = [sys.executable, "-m", "msq_fx.inference_bench", *arguments]
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        raise RuntimeError(f"{contender} on {path.name}: the child failed:\n{done.stderr[-3000:]}")
-    return ChildResult(**json.loads(done.stdout.strip().splitlines()[-1]))
+        raise RuntimeError(f"{what}: the child process failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _prepare_files(spec: str, bits_list: list[int], directory: Path, input_size) -> dict:
@@ -224,7 +260,9 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     """Every (model, width, contender) measured; see the module docstring."""
     report: dict[str, Any] = {"settings": {k: v for k, v in vars(args).items()
                                            if k not in ("json", "markdown", "func")},
-                              "torch": torch.__version__, "models": []}
+                              "torch": torch.__version__, "models": [],
+                              # How busy the machine was (1-minute load average).
+                              "load_average": {"start": os.getloadavg()[0]}}
     for spec in args.model:
         with tempfile.TemporaryDirectory() as tmp:
             directory = Path(tmp)
@@ -233,30 +271,38 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             runs = [("float", None)] + [(c, b) for b in args.bits for c in args.contenders
                                         if c != "float"]
             measured: dict[tuple, list[ChildResult]] = {run: [] for run in runs}
-            for _ in range(args.rounds):
+            for _ in range(args.memory_rounds):
                 for contender, bits in runs:
-                    path = contender_file(directory, contender, bits)
                     expected = directory / ("float.expected.pt" if bits is None
                                             else f"msq{bits}.expected.pt")
-                    result = _spawn_child(path, contender, directory, args, expected)
+                    result = ChildResult(**_spawn(
+                        ["child", str(contender_file(directory, contender, bits)), contender,
+                         str(directory / "inputs.pt"), str(expected), "2", "1",
+                         str(args.threads)], args.threads, f"{spec} {contender} {bits}"))
                     measured[(contender, bits)].append(result)
-                    print(f"{spec} {bits or 'float'} {contender}: {min(result.cpu_ms):.1f} ms, "
-                          f"RSS +{_mib(result.load_added)} MiB loaded, +{_mib(result.rss_added)} MiB "
-                          f"after the forwards", file=sys.stderr, flush=True)
-            report["models"].append(_summary(spec, files, measured))
+                    print(f"{spec} {bits or 'float'} {contender}: RSS "
+                          f"+{_mib(result.load_added)} MiB loaded, +{_mib(result.rss_added)} "
+                          f"MiB after the forwards", file=sys.stderr, flush=True)
+            timed = _spawn(["time", str(directory), str(args.rounds), str(args.forwards),
+                            str(args.warmup), str(args.threads)]
+                           + [_run_name(run) for run in runs], args.threads, f"{spec} timing")
+            report["models"].append(_summary(spec, files, measured,
+                                             {_run_of(n): t for n, t in timed.items()}))
+    report["load_average"]["end"] = os.getloadavg()[0]
     return report
 
 
-def _summary(spec: str, files: dict, measured: dict[tuple, list[ChildResult]]) -> dict:
+def _summary(spec: str, files: dict, measured: dict[tuple, list[ChildResult]],
+             timed: dict[tuple, dict[str, list[float]]]) -> dict:
     rows = []
     for (contender, bits), results in measured.items():
         first = results[0]
         path = contender_file(files["directory"], contender, bits)
         rows.append({
             "contender": contender, "bits": bits,
-            "cpu_ms": statistics.median(min(r.cpu_ms) for r in results),
-            "wall_ms": statistics.median(min(r.wall_ms) for r in results),
-            "round_cpu_ms": [min(r.cpu_ms) for r in results],
+            "cpu_ms": statistics.median(timed[(contender, bits)]["cpu_ms"]),
+            "wall_ms": statistics.median(timed[(contender, bits)]["wall_ms"]),
+            "round_cpu_ms": timed[(contender, bits)]["cpu_ms"],
             "rss_added": statistics.median(r.rss_added for r in results),
             "load_added": statistics.median(r.load_added for r in results),
             "tensor_bytes": first.tensor_bytes,
@@ -309,9 +355,12 @@ def text_table(report: dict) -> str:
     from tabulate import tabulate
 
     settings = report["settings"]
-    header = (f"batch 1, {settings['threads']} thread(s), torch {report['torch']}; fastest of "
-              f"{settings['forwards']} forwards after {settings['warmup']} warm-up, median of "
-              f"{settings['rounds']} rounds (CPU time)")
+    header = (f"batch 1, {settings['threads']} thread(s), torch {report['torch']}; CPU time: "
+              f"median over {settings['rounds']} rounds of the fastest of "
+              f"{settings['forwards']} forwards, after {settings['warmup']} warm-up")
+    load = report.get("load_average")
+    if load:
+        header += f"; load average {load['start']:.2f} at the start, {load['end']:.2f} at the end"
     return header + "\n" + tabulate(_table_rows(report), headers=HEADERS,
                                     disable_numparse=True)
 
@@ -390,9 +439,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="widths, every quantized weight at one (default 8 4)")
     parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS),
                         choices=list(CONTENDERS), help="(float is always run)")
-    parser.add_argument("--forwards", type=int, default=5, help="timed forwards per child")
-    parser.add_argument("--warmup", type=int, default=2, help="forwards before them")
-    parser.add_argument("--rounds", type=int, default=3, help="children per contender")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="timing rounds, each running every contender in turn")
+    parser.add_argument("--forwards", type=int, default=2,
+                        help="timed forwards per contender and round")
+    parser.add_argument("--warmup", type=int, default=1,
+                        help="untimed forwards per contender before the first round")
+    parser.add_argument("--memory-rounds", type=int, default=1,
+                        help="memory children per contender")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
@@ -411,6 +465,11 @@ def main(argv: list[str] | None = None) -> int:
         result = run_child(path, contender, inputs, expected, int(forwards), int(warmup),
                            int(threads))
         print(json.dumps(asdict(result)))
+        return 0
+    if argv[:1] == ["time"]:
+        directory, rounds, forwards, warmup, threads = argv[1:6]
+        print(json.dumps(run_timing(directory, [_run_of(name) for name in argv[6:]], int(rounds),
+                                    int(forwards), int(warmup), int(threads))))
         return 0
     args = parse_args(argv)
     if args.aten_kernels:

@@ -1,5 +1,6 @@
-"""msq_fx.inference_bench (tools/bench_inference): the files it writes, what a child measures,
-and the table; run in this process on a small CNN (the tool runs each child in its own)."""
+"""msq_fx.inference_bench (tools/bench_inference): the files it writes, what the memory and the
+timing children measure, and the table; run in this process on a small CNN (the tool runs each
+child in its own)."""
 
 from __future__ import annotations
 
@@ -32,7 +33,11 @@ def test_a_child_loads_each_contender_and_reproduces_its_output(tmp_path):
     # Packed 4-bit codes: under the int8 containers; with the conv weights kept in float as
     # well, above them, and under the float model (whose linear weights are float too).
     assert held["packed"] < held["dequantize"] < held["packed, conv kept"] < held["float"]
-    summary = inference_bench._summary("msq_fx.models:SmallCNN", files, measured)
+    timed = inference_bench.run_timing(str(tmp_path), list(measured), rounds=2, forwards=1,
+                                       warmup=1, threads=1)
+    assert all(len(found["cpu_ms"]) == 2 for found in timed.values())
+    summary = inference_bench._summary("msq_fx.models:SmallCNN", files, measured,
+                                       {inference_bench._run_of(n): t for n, t in timed.items()})
     assert summary["rows"][0]["time_ratio"] == 1.0
     assert summary["rows"][2]["file_ratio"] < 0.25
     table = inference_bench.markdown_table({"models": [summary]})
@@ -42,4 +47,5 @@ def test_a_child_loads_each_contender_and_reproduces_its_output(tmp_path):
 def test_the_command_line_defaults_name_the_three_models_at_8_and_4_bits():
     args = inference_bench.parse_args([])
     assert args.model == list(inference_bench.DEFAULT_MODELS) and args.bits == [8, 4]
+    assert args.rounds == 5 and args.memory_rounds == 1
     assert args.contenders == list(inference_bench.CONTENDERS)
