@@ -30,6 +30,7 @@ PRUNE_STEP_POLICIES = ("hessian", "fixed")
 INTERVAL_UNITS = ("epoch", "step")
 SCALE_AFTER_PRUNE = ("keep", "refit")
 LAST_PRUNE = ("fit", "full")
+DROP_ORDERS = ("beta", "omega")
 HESSIAN_METHODS = ("auto", "autograd", "finite_difference")
 HESSIAN_MODEL_MODES = ("eval", "train")
 UNQUANTIZABLE_POLICIES = ("float", "error")
@@ -174,6 +175,14 @@ class PruningConfig(_SubConfig):
         target drops only as many LSBs as reaching the target takes. "full": it drops all p, as
         a literal reading of Algorithm 1 does, and can overshoot the target by up to one bit of
         the largest group (MNIST example: 8.90x for a target of 8x).
+    drop_order: the order in which the groups under alpha lose their LSBs in the prune that
+        reaches the target (earlier prunes drop every such group, so the order decides only
+        this one). "beta" (default; the paper's ascending beta): the groups whose LSBs emptied
+        most; on ResNet-20 these are the small early layers, which then end one bit under the
+        rest. "omega": ascending Omega growth per weight and bit saved, Tr(H) x (||W_q - W||^2
+        at the width after the drop - at the current width) / (weights x LSBs dropped), the
+        rule of the one-shot allocation (msq_fx.allocation); needs Hessian traces, taken at
+        every prune even with ``step_policy="fixed"``.
     """
 
     _prefix = "pruning"
@@ -187,6 +196,7 @@ class PruningConfig(_SubConfig):
     bn_recalibration_batches: int = 4
     last_prune: str = "fit"
     penalty_units: str = "code"
+    drop_order: str = "beta"
 
     def _validate(self) -> None:
         self._require(_is_number(self.reg_strength) and self.reg_strength >= 0, "reg_strength",
@@ -207,6 +217,7 @@ class PruningConfig(_SubConfig):
         self._require(self.last_prune in LAST_PRUNE, "last_prune", f"one of {LAST_PRUNE}")
         self._require(self.penalty_units in PENALTY_UNITS, "penalty_units",
                       f"one of {PENALTY_UNITS}")
+        self._require(self.drop_order in DROP_ORDERS, "drop_order", f"one of {DROP_ORDERS}")
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,8 @@ share one width. What the paper leaves open, and what this implementation chose:
 
 * beta (Alg. 1 line 16) is the fraction of a group's weights whose p LSBs are not all zero.
 * Stop rule (lines 10/24 print the inequality reversed): prune while compression < Gamma; in the
-  round that reaches Gamma, groups are pruned in ascending-beta order until it is reached; then
+  round that reaches Gamma, groups are pruned in ascending-beta order until it is reached
+  (``pruning.drop_order="omega"``: in ascending order of Omega growth per bit saved); then
   regularization and pruning stop for good and training is plain QAT.
 * Omega_g = sum over members of Tr(H_l) * ||W_q - W||^2, with the raw (not per-parameter) trace
   of the loss Hessian w.r.t. the latent weights through the straight-through quantizer, i.e. the
@@ -259,7 +260,7 @@ class MSQController:
         _require_finite_measures(where, betas, {g.name: g.trace(traces) for g in groups}
                                  if traces else {}, omegas)
         before = {g.name: g.bits for g in groups}
-        self._drop_lsbs(sorted(groups, key=lambda g: betas[g.name]), betas)
+        self._drop_lsbs(self._drop_order(groups, betas, traces), betas)
         self._reassign_prune_steps(groups, omegas)
         pruned = [g for g in groups if g.bits != before[g.name]]
         if self.config.pruning.scale_after_prune == "refit":
@@ -294,9 +295,19 @@ class MSQController:
                            "larger batches to the prune, or set "
                            "MSQConfig(pruning={'bn_recalibration_batches': 0})", error)
 
-    def _drop_lsbs(self, ascending: list[PrecisionGroup], betas: dict[str, float]) -> None:
+    def _drop_order(self, groups: list[PrecisionGroup], betas: dict[str, float],
+                    traces: dict[int, float]) -> list[PrecisionGroup]:
+        """``groups`` in the order they lose LSBs (``pruning.drop_order``); ties keep the
+        model's order."""
+        if self.config.pruning.drop_order == "omega":
+            floor = self.config.quantization.min_bits
+            growth = {g.name: g.omega_growth_per_bit(traces, floor) for g in groups}
+            return sorted(groups, key=lambda g: growth[g.name])
+        return sorted(groups, key=lambda g: betas[g.name])
+
+    def _drop_lsbs(self, ordered: list[PrecisionGroup], betas: dict[str, float]) -> None:
         target, floor = self.config.target_compression, self.config.quantization.min_bits
-        for group in ascending:
+        for group in ordered:
             if betas[group.name] < self.config.pruning.threshold:
                 self._lower_width(group, target, floor)
             if self.compression() >= target:
@@ -329,9 +340,10 @@ class MSQController:
                         ) -> tuple[dict[int, float], str | None]:
         """Tr(H) per member latent (keyed by id) and the method that computed it.
 
-        ({}, None) when p is not Hessian-guided.
+        ({}, None) when neither p nor the drop order is Hessian-guided.
         """
-        if self.config.pruning.step_policy != "hessian":
+        pruning = self.config.pruning
+        if pruning.step_policy != "hessian" and pruning.drop_order != "omega":
             return {}, None
         members = [m for g in groups for m in g.members]
         return group_traces(self.model, members, batches, loss_fn, self.config, self.prune_count)

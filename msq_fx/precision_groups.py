@@ -6,6 +6,8 @@ for all of them at once. :class:`PruneRecord` is what one pruning step decided f
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 from .owners import QuantizedWeight
@@ -73,6 +75,17 @@ class PrecisionGroup:
     def trace(self, traces: dict[int, float]) -> float:
         """Tr(H) of the group: its members' traces (``traces`` is keyed by id of the latent)."""
         return sum(traces[id(m.latent)] for m in self.members)
+
+    def omega_growth_per_bit(self, traces: dict[int, float], min_bits: int) -> float:
+        """What the next prune costs per bit of memory it saves: (Omega at the width after it -
+        Omega now) / (weights x LSBs dropped), each member's scale as it is; inf when the
+        group is at ``min_bits``."""
+        k = self.droppable_lsbs(min_bits)
+        if k == 0:
+            return math.inf
+        lower = sum(traces[id(m.latent)] * m.quantizer.quantization_error(m.latent, self.bits - k)
+                    for m in self.members)
+        return (lower - self.omega(traces)) / (self.params * k)
 
     def omega(self, traces: dict[int, float]) -> float:
         """Omega_g = sum over members of Tr(H_l) * ||W_q - W||^2 at the group's width."""

@@ -203,6 +203,47 @@ def test_the_last_prune_drops_only_the_lsbs_the_target_needs_unless_told_full(la
     assert ctl.done
 
 
+@pytest.mark.parametrize("drop_order, widths_after", [("beta", [7, 8]), ("omega", [8, 7])])
+def test_the_prune_that_reaches_gamma_drops_by_beta_or_by_omega_growth_per_bit(drop_order,
+                                                                              widths_after):
+    # layers.0: beta 0.5 but ~1e5 times the curvature; layers.1: beta 0.9, insensitive. One
+    # drop reaches Gamma: ascending beta takes layers.0, ascending Omega growth layers.1.
+    widths = [8, 8]
+    qmodel, ctl = prepared(widths, [30.0, 0.1], target_compression=compression(widths, [7, 8]),
+                           pruning=dict(threshold=1.0, interval=1, drop_order=drop_order))
+    set_betas(qmodel, [0.5, 0.9])
+    ctl.epoch_end(1, batches(widths), F.mse_loss)
+    assert bits_of(qmodel) == widths_after
+    assert ctl.done
+
+
+def test_omega_growth_per_bit_is_the_trace_times_the_error_added_per_weight_and_lsb():
+    widths = [8, 8]
+    qmodel, ctl = prepared(widths, [30.0, 0.1], target_compression=16.0,
+                           pruning=dict(threshold=1.0, interval=1, drop_order="omega"))
+    set_betas(qmodel, [0.5, 0.9])
+    group = ctl.groups[0]
+    group.set_prune_step(2)
+    traces = {id(latent(qmodel, 0)): 3.0}
+    q = quantizer(qmodel, 0)
+    added = q.quantization_error(latent(qmodel, 0), 6) - q.quantization_error(latent(qmodel, 0), 8)
+    assert group.omega_growth_per_bit(traces, 1) == pytest.approx(3.0 * added / (64 * 2))
+    group.set_bits(1)
+    assert group.omega_growth_per_bit(traces, 1) == math.inf
+
+
+def test_omega_drop_order_takes_hessian_traces_under_the_fixed_step_policy():
+    widths = [8, 8]
+    qmodel, ctl = prepared(widths, [30.0, 0.1], target_compression=compression(widths, [7, 8]),
+                           pruning=dict(threshold=1.0, interval=1, drop_order="omega",
+                                        step_policy="fixed"))
+    set_betas(qmodel, [0.5, 0.9])
+    records = ctl.epoch_end(1, batches(widths), F.mse_loss)
+    assert bits_of(qmodel) == [8, 7]
+    assert all(r.hessian_method is not None for r in records)
+    assert [r.next_prune_step for r in records] == [1, 1]  # p stays fixed
+
+
 # ------------------------------------------------------------------------- (c) p from Omega
 
 SENSITIVE = [30.0, 0.1, 0.1, 0.1]  # Tr(H) of layers.0 is ~1e5 times the others'
