@@ -244,6 +244,26 @@ def test_omega_drop_order_takes_hessian_traces_under_the_fixed_step_policy():
     assert [r.next_prune_step for r in records] == [1, 1]  # p stays fixed
 
 
+@pytest.mark.parametrize("scale_after_prune", ["keep", "refit"])
+def test_a_prune_keeps_or_refits_the_learned_scales_of_the_groups_it_pruned(scale_after_prune):
+    # layers.1 (beta 0.9) is not pruned: its scale stays either way.
+    widths = [8, 8]
+    qmodel, ctl = prepared(widths, quantization=dict(scale="channel"), target_compression=16.0,
+                           pruning=dict(threshold=0.5, interval=1, bn_recalibration_batches=0,
+                                        scale_after_prune=scale_after_prune))
+    set_betas(qmodel, [0.0, 0.9])
+    with torch.no_grad():  # the grid set_betas put the weights on
+        for index in range(2):
+            quantizer(qmodel, index).learned_scale.fill_(1.0)
+    ctl.epoch_end(1, batches(widths), F.mse_loss)
+    assert bits_of(qmodel) == [7, 8]
+    pruned, kept = quantizer(qmodel, 0).learned_scale, quantizer(qmodel, 1).learned_scale
+    refit = quant.best_clip(latent(qmodel, 0), 7, "nested", tuple(pruned.shape))
+    assert not torch.equal(refit, torch.ones_like(refit))
+    assert torch.equal(pruned, torch.ones_like(pruned) if scale_after_prune == "keep" else refit)
+    assert torch.equal(kept, torch.ones_like(kept))
+
+
 # ------------------------------------------------------------------------- (c) p from Omega
 
 SENSITIVE = [30.0, 0.1, 0.1, 0.1]  # Tr(H) of layers.0 is ~1e5 times the others'
