@@ -139,11 +139,11 @@ HEADER = """# Fidelity: MSQ against uniform QAT, a one-shot allocation and Brevi
 
 Every row starts from the same float ResNet-20 (`results/fidelity/resnet20_float.pt`, trained by
 `tools/cifar10_resnet20 --run float --epochs 100`) and is fine-tuned on CIFAR-10 with one budget:
-the same epochs of augmented data in the same order, SGD lr 0.01 (momentum 0.9, cosine to zero),
+the same 3 epochs of augmented data in the same order, SGD lr 0.01 (momentum 0.9, cosine to zero),
 weight decay 1e-4, batch 128, one torch thread, channels_last. msq_fx rows use the nested grid
 and the scale mode of the "scale" column (`--scale`); MSQ prunes every 25 steps with BN
-statistics re-estimated on 4 batches after each prune, its LSB penalty in weight units
-(lambda 1e-2); MSQ at 16x and past it may use binary 1-bit layers (literal grid). "all 10k" is
+statistics re-estimated on 4 batches after each prune and each pruned layer's scale re-fitted
+at its new width, its LSB penalty in weight units (lambda 1e-2); MSQ at 16x and past it may use binary 1-bit layers (literal grid). "all 10k" is
 the whole test set, "exact 1k" its bit-exact images; "steps to target" counts optimizer steps
 until the target compression was reached. Written by `tools/fidelity table` from
 `results/fidelity/rows/*.json`.

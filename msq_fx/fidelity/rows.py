@@ -25,10 +25,13 @@ BEST_QUANTIZATION = {"grid": "nested"}
 #: Algorithm 1 at fine-tuning pace: a prune every PRUNE_STEPS optimizer steps, with the BN
 #: statistics re-estimated after each, and the LSB penalty in weight units (the code-unit
 #: penalty stalls around 5 bits at a fine-tuning learning rate), so the target is reached
-#: early in the budget and most of it is plain QAT (docs/fidelity.md, "Development runs").
+#: early in the budget and most of it is plain QAT; each pruned layer's scale re-fitted at its
+#: new width (kept, an 8-bit clip is far too wide at 2-3 bits: 2.4 points lost on the proxy).
+#: docs/fidelity.md, "Development runs".
 PRUNE_STEPS = 25
 MSQ_PRUNING = {"interval": PRUNE_STEPS, "interval_unit": "step", "bn_recalibration_batches": 4,
-               "reg_strength": 1e-2, "penalty_units": "weight", "threshold": 0.3}
+               "reg_strength": 1e-2, "penalty_units": "weight", "threshold": 0.3,
+               "scale_after_prune": "refit"}
 #: Past 16x a mixed-precision result needs layers under 2 bits: binary (+-S) 1-bit layers, as
 #: the symmetric literal grid gives.
 BELOW_TWO_BITS = {"min_bits": 1, "grid": "literal"}
