@@ -161,10 +161,13 @@ class PruningConfig(_SubConfig):
     interval_unit: "epoch" (the paper's) or "step": with a budget of a few epochs, prunes every
         few hundred steps reach the target early and leave most of the budget to plain QAT.
     step_policy: "hessian" (p = 2 where Omega < mean Omega, else 1) or "fixed" (p = 1).
-    scale_after_prune: what a prune does to a learned scale. "keep" (default): S stays, so
-        the prune moves no value (the dropped LSBs were zero). "refit": S is re-set to the
-        error-minimising clip at the new width (values move; the LSQ gradient would otherwise
-        take steps to shrink S to the coarser grid).
+    scale_after_prune: what a prune does to the learned scale of each group it pruned.
+        "refit" (default): S is re-set to the error-minimising clip at the new width, as a
+        calibration at that width would set it (values move). "keep": S stays, so a prune whose
+        dropped LSBs were all zero moves no value, but a clip chosen at 8 bits is far too wide
+        at 2-3 bits and the LSQ gradient takes many steps to shrink it. Measured fine-tuning
+        ResNet-20 to 10.67x (docs/fidelity.md): 78.53% refit against 76.18% keep; MNIST from
+        scratch: 93.78% against 93.65%. No effect with ``quantization.scale="max"``.
     bn_recalibration_batches: after a prune that changed any width, re-estimate the running
         statistics of every BatchNorm on this many of the batches given to the prune (0: off).
         A prune shifts each pruned layer's output distribution; the running statistics would
@@ -192,7 +195,7 @@ class PruningConfig(_SubConfig):
     interval: int = 10
     interval_unit: str = "epoch"
     step_policy: str = "hessian"
-    scale_after_prune: str = "keep"
+    scale_after_prune: str = "refit"
     bn_recalibration_batches: int = 4
     last_prune: str = "fit"
     penalty_units: str = "code"
