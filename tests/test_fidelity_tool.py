@@ -127,3 +127,10 @@ def test_a_bad_pruning_override_is_refused_by_the_command_line(text, capsys):
     with pytest.raises(SystemExit):
         main(["row", "msq-8x", "--pruning", text])
     assert "--pruning" in capsys.readouterr().err
+
+
+def test_the_table_of_rows_run_elsewhere_goes_beside_them_not_into_the_docs(tmp_path):
+    from msq_fx.fidelity import DEFAULT_DOC, DEFAULT_OUT, table_path
+
+    assert table_path(DEFAULT_OUT) == DEFAULT_DOC
+    assert table_path(tmp_path) == tmp_path / "fidelity.md"

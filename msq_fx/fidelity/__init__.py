@@ -25,8 +25,10 @@ from .run import Settings, run_row
 from .table import load_results, markdown_table
 
 __all__ = ["ROWS", "RowSpec", "build_row", "Settings", "run_row", "load_results",
-           "markdown_table", "main", "run_rows"]
+           "markdown_table", "main", "run_rows", "table_path", "DEFAULT_OUT", "DEFAULT_DOC"]
 
+DEFAULT_OUT = Path("results/fidelity")
+DEFAULT_DOC = Path("docs/fidelity.md")
 DEFAULT_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "cifar10.npz"
 
 
@@ -36,8 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("action", choices=("row", "all", "table", "no-training"))
     parser.add_argument("rows", nargs="*", help=f"rows to run: {', '.join(ROWS)}")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--out", type=Path, default=Path("results/fidelity"))
-    parser.add_argument("--doc", type=Path, default=Path("docs/fidelity.md"))
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--doc", type=Path, default=None,
+                        help=f"the table's Markdown file (default: {DEFAULT_DOC} for the "
+                             f"default --out, else OUT/fidelity.md, so trial runs elsewhere "
+                             f"leave the committed table alone)")
     parser.add_argument("--epochs", type=int, default=Settings.epochs)
     parser.add_argument("--train-size", type=int, default=Settings.train_size)
     parser.add_argument("--scale", choices=("max", "tensor", "channel"), default=Settings.scale,
@@ -76,8 +81,13 @@ def main(argv: list[str] | None = None) -> int:
         commands = [f"tools/fidelity row {name} --epochs {args.epochs} --scale {args.scale}"
                     f"{overrides}" for name in pending]
         run_rows(pending, settings, commands, args.jobs, args.threads)
-    write_table(args.out, args.doc)
+    write_table(args.out, args.doc or table_path(args.out))
     return 0
+
+
+def table_path(out: Path) -> Path:
+    """Where the table of the rows under ``out`` goes when ``--doc`` is not given."""
+    return DEFAULT_DOC if out == DEFAULT_OUT else out / "fidelity.md"
 
 
 def _pruning_field(text: str) -> tuple[str, Any]:
