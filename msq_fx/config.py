@@ -330,6 +330,32 @@ class MSQConfig:
                  f"quantization.min_bits or the target")
         _require(_is_int(self.seed), "seed", self.seed, "an integer")
 
+    @classmethod
+    def fine_tuning(cls, target_compression: float = 8.0, **changes: Any) -> "MSQConfig":
+        """The settings measured best for quantizing a trained network in a few epochs.
+
+        The defaults are the paper's, for training of hundreds of epochs (a prune every 10
+        epochs, the LSB penalty in n-bit steps, S = max|w|); fine-tuning a trained model they
+        do not reach the target (the LSBs stop emptying around 5 bits). This preset prunes every
+        25 optimizer steps (call ``MSQController.step_end`` after each step), pulls the LSBs in
+        weight units with lambda 1e-2, and learns one scale per output channel, re-fitted at
+        each pruned layer's new width. Measured (docs/fidelity.md): CIFAR-10 ResNet-20
+        fine-tuned 3 epochs to 10.9x, 79.84% against 81.61% float; MNIST example 8x, 97.92%
+        against 97.99% float. ``changes`` are applied as :meth:`replace` applies them (a dict
+        for a section changes only the fields it names).
+
+        Example:
+            >>> config = MSQConfig.fine_tuning(10.0, pruning={"interval": 50})
+            >>> config.pruning.interval, config.pruning.interval_unit, config.quantization.scale
+            (50, 'step', 'channel')
+        """
+        preset = cls(target_compression=target_compression,
+                     quantization={"scale": "channel"},
+                     pruning={"interval": 25, "interval_unit": "step",
+                              "penalty_units": "weight", "reg_strength": 1e-2,
+                              "scale_after_prune": "refit"})
+        return preset.replace(**changes) if changes else preset
+
     def replace(self, **changes: Any) -> "MSQConfig":
         """A copy with ``changes`` applied (validated again); a dict given for a sub-config
         changes only the fields it names."""

@@ -97,3 +97,21 @@ def test_replace_changes_only_the_named_fields_of_a_section():
 def test_replace_validates_again():
     with pytest.raises(ValueError, match=r"MSQConfig\.quantization\.min_bits=0"):
         MSQConfig().replace(quantization={"min_bits": 0})
+
+
+def test_the_fine_tuning_preset_prunes_on_steps_in_weight_units_with_channel_scales():
+    config = MSQConfig.fine_tuning(10.0)
+    assert config.target_compression == 10.0
+    assert (config.pruning.interval, config.pruning.interval_unit) == (25, "step")
+    assert (config.pruning.penalty_units, config.pruning.reg_strength) == ("weight", 1e-2)
+    assert config.pruning.scale_after_prune == "refit"
+    assert config.quantization.scale == "channel"
+    assert config.quantization.init_bits == MSQConfig().quantization.init_bits
+
+
+def test_changes_to_the_fine_tuning_preset_replace_only_the_fields_they_name():
+    config = MSQConfig.fine_tuning(8.0, pruning={"interval": 50}, seed=3)
+    assert (config.pruning.interval, config.pruning.interval_unit) == (50, "step")
+    assert config.pruning.penalty_units == "weight" and config.seed == 3
+    with pytest.raises(ValueError, match="MSQConfig.pruning.interval=0 is invalid"):
+        MSQConfig.fine_tuning(8.0, pruning={"interval": 0})
