@@ -70,6 +70,8 @@ ROWS: dict[str, RowSpec] = {row.name: row for row in [
     _msq("msq-10.67x", 32 / 3, "MSQ, target 10.67x"),
     _msq("msq-10.67x-omega-order", 32 / 3, "MSQ, target 10.67x, the last prune's groups in "
          "ascending Omega growth per bit (drop_order omega)", pruning={"drop_order": "omega"}),
+    _msq("msq-10.67x-from-4bit", 32 / 3, "MSQ, target 10.67x, from 4 bits (init_bits 4)",
+         quantization={"init_bits": 4}),
     _msq("msq-16x", 16.0, "MSQ, target 16x (min_bits 1, literal grid: binary 1-bit layers)",
          quantization=BELOW_TWO_BITS),
     _msq("msq-18x", 18.0, "MSQ, target 18x (min_bits 1, literal grid: binary 1-bit layers)",
