@@ -31,6 +31,7 @@ INTERVAL_UNITS = ("epoch", "step")
 SCALE_AFTER_PRUNE = ("keep", "refit")
 LAST_PRUNE = ("fit", "full")
 DROP_ORDERS = ("beta", "omega")
+OMEGA_SCALES = ("total", "per_weight")
 HESSIAN_METHODS = ("auto", "autograd", "finite_difference")
 HESSIAN_MODEL_MODES = ("eval", "train")
 UNQUANTIZABLE_POLICIES = ("float", "error")
@@ -186,6 +187,15 @@ class PruningConfig(_SubConfig):
         at the width after the drop - at the current width) / (weights x LSBs dropped), the
         rule of the one-shot allocation (msq_fx.allocation); needs Hessian traces, taken at
         every prune even with ``step_policy="fixed"``.
+    omega_scale: what Omega, against which p is chosen (p = 2 below the mean), measures.
+        "total" (default; Eq. 9 as printed): Tr(H_l) x ||W_q - W||^2, which grows with the
+        square of a layer's weight count at equal per-weight curvature and error, so the large
+        layers get p = 1 and the small ones p = 2; on ResNet-20 the small early layers then end
+        at 1-2 bits and the large late ones at 3-4. "per_weight": the same divided by the
+        group's weight count squared, (Tr(H_l) / n) x (||W_q - W||^2 / n), the mean diagonal
+        curvature (HAWQ-V2's average trace, which the paper says it follows) times the mean
+        squared quantization error: a layer is not judged more sensitive for being larger.
+        The recorded Omega is the one compared.
     """
 
     _prefix = "pruning"
@@ -200,6 +210,7 @@ class PruningConfig(_SubConfig):
     last_prune: str = "fit"
     penalty_units: str = "code"
     drop_order: str = "beta"
+    omega_scale: str = "total"
 
     def _validate(self) -> None:
         self._require(_is_number(self.reg_strength) and self.reg_strength >= 0, "reg_strength",
@@ -221,6 +232,7 @@ class PruningConfig(_SubConfig):
         self._require(self.penalty_units in PENALTY_UNITS, "penalty_units",
                       f"one of {PENALTY_UNITS}")
         self._require(self.drop_order in DROP_ORDERS, "drop_order", f"one of {DROP_ORDERS}")
+        self._require(self.omega_scale in OMEGA_SCALES, "omega_scale", f"one of {OMEGA_SCALES}")
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,9 @@ share one width. What the paper leaves open, and what this implementation chose:
   from a double backward, or (``hessian.method``) from the central difference of two gradients
   with the quantized weights displaced, which needs about a training step's memory instead of
   about 2.5 times it (ResNet-20); "auto" uses the first and falls back to the second on
-  out-of-memory (msq_fx/sensitivity.py takes the traces).
+  out-of-memory (msq_fx/sensitivity.py takes the traces). ``pruning.omega_scale="per_weight"``
+  divides it by the group's weight count squared (mean curvature times mean squared error), so
+  large layers are not p = 1 for their size alone.
 * p := 2 where Omega_g < mean(Omega) over the groups still pruning, else 1; p = 1 for everyone at
   the first prune (paper, supplement §1). A prune never takes a group below ``min_bits``; beta and
   the LSB penalty look at the LSBs the next prune would actually drop (p clipped at the floor).
@@ -255,7 +257,7 @@ class MSQController:
         chosen = take(batches, max(self.config.hessian.batches, recalibration))
         traces, hessian_method = self._hessian_traces(groups, chosen, loss_fn)
         betas = {g.name: g.lsb_nonzero_rate(self.config.quantization.min_bits) for g in groups}
-        omegas = {g.name: g.omega(traces) for g in groups} if traces else {}
+        omegas = {g.name: self._omega(g, traces) for g in groups} if traces else {}
         # Checked before any width changes, so a failed prune can be retried as it was.
         _require_finite_measures(where, betas, {g.name: g.trace(traces) for g in groups}
                                  if traces else {}, omegas)
@@ -324,6 +326,12 @@ class MSQController:
             group.set_bits(width)
             if self.compression() >= target:
                 return
+
+    def _omega(self, group: PrecisionGroup, traces: dict[int, float]) -> float:
+        """The group's Omega as ``pruning.omega_scale`` defines it."""
+        omega = group.omega(traces)
+        return omega / group.params**2 if self.config.pruning.omega_scale == "per_weight" \
+            else omega
 
     def _reassign_prune_steps(self, groups: list[PrecisionGroup], omegas: dict[str, float]) -> None:
         if self.config.pruning.step_policy != "hessian" or not omegas:

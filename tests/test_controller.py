@@ -290,6 +290,26 @@ def test_hessian_policy_gives_p_2_to_groups_with_omega_below_the_mean():
     assert [int(quantizer(qmodel, i).prune_step) for i in range(4)] == [1, 2, 2, 2]
 
 
+@pytest.mark.parametrize("omega_scale", ["total", "per_weight"])
+def test_omega_is_compared_in_total_or_per_weight(omega_scale):
+    # Equal per-weight curvature and error; layers.1 has 8 times the weights. In total its
+    # Omega is about 64 times layers.0's (p = 1 for it, 2 for the small one); per weight they
+    # are comparable, so neither is judged more sensitive for its size alone.
+    widths = [4, 32]
+    qmodel, ctl = prepared(widths, target_compression=16.0,
+                           pruning=dict(threshold=1.0, interval=1, omega_scale=omega_scale))
+    records = ctl.epoch_end(1, batches(widths), F.mse_loss)
+    totals = [r.hessian_trace * quantizer(qmodel, i).quantization_error(latent(qmodel, i), 8)
+              for i, r in enumerate(records)]
+    params = [IN_FEATURES * w for w in widths]
+    expected = totals if omega_scale == "total" else [t / n**2 for t, n in zip(totals, params)]
+    assert [r.omega for r in records] == pytest.approx(expected, rel=1e-6)
+    if omega_scale == "total":
+        assert [r.next_prune_step for r in records] == [2, 1]
+    else:
+        assert 0.1 < records[0].omega / records[1].omega < 10
+
+
 def test_second_prune_drops_the_p_assigned_after_the_first():
     widths = [8, 8, 8, 8]
     qmodel, ctl = prepared(widths, SENSITIVE, prune_threshold=1.0, target_compression=16.0,
