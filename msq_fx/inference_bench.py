@@ -346,7 +346,8 @@ HEADERS = ["model", "bits", "kernels", "ms / forward (vs float)",
 
 
 def markdown_table(report: dict) -> str:
-    lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+    headers = [header.replace("|", "\\|") for header in HEADERS]  # "max |diff|"
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(row) + " |" for row in _table_rows(report)]
     return "\n".join(lines)
 

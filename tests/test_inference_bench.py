@@ -42,6 +42,7 @@ def test_a_child_loads_each_contender_and_reproduces_its_output(tmp_path):
     assert summary["rows"][2]["file_ratio"] < 0.25
     table = inference_bench.markdown_table({"models": [summary]})
     assert table.count("\n") == 5 and "| SmallCNN | 4 | packed |" in table
+    assert "| max \\|diff\\| |" in table  # a cell of its own
 
 
 def test_the_command_line_defaults_name_the_three_models_at_8_and_4_bits():
