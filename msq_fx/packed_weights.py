@@ -9,11 +9,13 @@ every output of the model, is the same bits as the ``LoweredWeight`` model's (an
 fake-quant model's). ``convert(qmodel, kernels="packed")`` builds them; :func:`use_kernels`
 switches a converted model either way in place.
 
-Why not PyTorch's packed weight-only kernels: ``torch.ops.aten._weight_int8pack_mm`` and
-``_weight_int4pack_mm_for_cpu`` (torch 2.14) run 25-60x slower than a float ``F.linear`` with
-float32 activations on the CPUs measured (docs/benchmarks.md, "Converted-model inference"), and
-are fast only with bfloat16 activations, which moves the outputs by about 1e-2; and they round
-differently from a float matmul, so the outputs would no longer equal the fake-quant model's.
+Why not PyTorch's packed weight-only kernels: with float32 activations
+``torch.ops.aten._weight_int8pack_mm`` and ``_weight_int4pack_mm_for_cpu`` (torch 2.14) take
+10.7-72.5x the time of ``F.linear`` on a float weight, and 1.8-65x that of dequantizing the codes
+and calling ``F.linear`` (vit_b_16's MLP, 1 or 197 tokens, on the CPU measured:
+docs/benchmarks.md, "Converted-model inference"); they are faster only with bfloat16 activations
+and one token, where the outputs move by about 2e-2; and they round differently from a float
+matmul, so the outputs would no longer equal the fake-quant model's.
 
 Layout: the codes are taken in the order of their storage (so a channels_last conv weight
 comes back channels_last), as two's-complement values of the container width, and cut into
