@@ -153,9 +153,10 @@ the same 3 epochs of augmented data in the same order, SGD lr 0.01 (momentum 0.9
 weight decay 1e-4, batch 128, one torch thread, channels_last. msq_fx rows use the nested grid
 and the scale mode of the "scale" column (`--scale`); MSQ prunes every 25 steps with BN
 statistics re-estimated on 4 batches after each prune and each pruned layer's scale re-fitted
-at its new width, its LSB penalty in weight units (lambda 1e-2); MSQ at 16x and past it may use binary 1-bit layers (literal grid). "all 10k" is
-the whole test set, "exact 1k" its bit-exact images; "steps to target" counts optimizer steps
-until the target compression was reached. Written by `tools/fidelity table` from
-`results/fidelity/rows/*.json`.
+at its new width, its LSB penalty in weight units (lambda 1e-2); MSQ at 16x and past it may
+use binary 1-bit layers (literal grid). "all 10k" is the whole test set, "exact 1k" its
+bit-exact images; "steps to target" counts optimizer steps until the target compression was
+reached; "wall time" is as measured with two or three rows sharing the machine's two cores.
+Written by `tools/fidelity table` from `results/fidelity/rows/*.json`.
 
 """
