@@ -72,12 +72,18 @@ ROWS: dict[str, RowSpec] = {row.name: row for row in [
          "ascending Omega growth per bit (drop_order omega)", pruning={"drop_order": "omega"}),
     _msq("msq-10.67x-from-4bit", 32 / 3, "MSQ, target 10.67x, from 4 bits (init_bits 4)",
          quantization={"init_bits": 4}),
+    _msq("msq-10.67x-from-4bit-omega-order", 32 / 3, "MSQ, target 10.67x, from 4 bits, the "
+         "last prune by Omega growth", quantization={"init_bits": 4},
+         pruning={"drop_order": "omega"}),
     _msq("msq-10.67x-per-weight", 32 / 3, "MSQ, target 10.67x, p chosen on Omega per weight "
          "(omega_scale per_weight)", pruning={"omega_scale": "per_weight"}),
     _msq("msq-16x", 16.0, "MSQ, target 16x (min_bits 1, literal grid: binary 1-bit layers)",
          quantization=BELOW_TWO_BITS),
     _msq("msq-16x-per-weight", 16.0, "MSQ, target 16x, p chosen on Omega per weight (min_bits "
          "1, literal grid)", quantization=BELOW_TWO_BITS, pruning={"omega_scale": "per_weight"}),
+    _msq("msq-16x-omega-order", 16.0, "MSQ, target 16x, the last prune by Omega growth "
+         "(min_bits 1, literal grid)", quantization=BELOW_TWO_BITS,
+         pruning={"drop_order": "omega"}),
     _msq("msq-18x", 18.0, "MSQ, target 18x (min_bits 1, literal grid: binary 1-bit layers)",
          quantization=BELOW_TWO_BITS),
     _msq("msq-16x-fixed-p", 16.0, "MSQ, target 16x, p fixed at 1 (no Hessian; min_bits 1, "
