@@ -297,7 +297,9 @@ def test_a_file_of_the_previous_format_still_loads_with_its_saved_outputs(how):
               else msq_fx.load(path, model=_small_cnn_of_the_fixture()))
     assert torch.equal(eval_output(loaded, expected["inputs"]), expected["outputs"])
     assert [row.bits for row in msq_fx.saved_report(path).layers] == expected["bits"]
-    assert msq_fx.saved_config(path) == msq_fx.MSQConfig(quantization=dict(act_bits=4))
+    # Saved when "keep" was the default; the file says what it ran with.
+    assert msq_fx.saved_config(path) == msq_fx.MSQConfig(quantization=dict(act_bits=4),
+                                                         pruning=dict(scale_after_prune="keep"))
 
 
 def test_the_sizes_of_a_file_of_the_previous_format_are_read_too():
