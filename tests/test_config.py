@@ -105,9 +105,13 @@ def test_the_fine_tuning_preset_prunes_on_steps_in_weight_units_with_channel_sca
     assert config.target_compression == 10.0
     assert (config.pruning.interval, config.pruning.interval_unit) == (25, "step")
     assert (config.pruning.penalty_units, config.pruning.reg_strength) == ("weight", 1e-2)
-    assert config.pruning.scale_after_prune == "refit"
+    assert (config.pruning.scale_after_prune, config.pruning.drop_order) == ("refit", "omega")
     assert config.quantization.scale == "channel"
-    assert config.quantization.init_bits == MSQConfig().quantization.init_bits
+
+
+@pytest.mark.parametrize("target, init_bits", [(6.0, 8), (8.0, 8), (8.5, 4), (16.0, 4)])
+def test_the_fine_tuning_preset_starts_from_4_bits_past_8x(target, init_bits):
+    assert MSQConfig.fine_tuning(target).quantization.init_bits == init_bits
 
 
 def test_changes_to_the_fine_tuning_preset_replace_only_the_fields_they_name():
