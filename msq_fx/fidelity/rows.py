@@ -84,6 +84,12 @@ ROWS: dict[str, RowSpec] = {row.name: row for row in [
     _msq("msq-16x-omega-order", 16.0, "MSQ, target 16x, the last prune by Omega growth "
          "(min_bits 1, literal grid)", quantization=BELOW_TWO_BITS,
          pruning={"drop_order": "omega"}),
+    _msq("msq-16x-from-4bit-omega-order", 16.0, "MSQ, target 16x, from 4 bits, the last "
+         "prune by Omega growth (min_bits 1, literal grid)",
+         quantization={**BELOW_TWO_BITS, "init_bits": 4}, pruning={"drop_order": "omega"}),
+    _msq("msq-18x-from-4bit-omega-order", 18.0, "MSQ, target 18x, from 4 bits, the last "
+         "prune by Omega growth (min_bits 1, literal grid)",
+         quantization={**BELOW_TWO_BITS, "init_bits": 4}, pruning={"drop_order": "omega"}),
     _msq("msq-18x", 18.0, "MSQ, target 18x (min_bits 1, literal grid: binary 1-bit layers)",
          quantization=BELOW_TWO_BITS),
     _msq("msq-16x-fixed-p", 16.0, "MSQ, target 16x, p fixed at 1 (no Hessian; min_bits 1, "
