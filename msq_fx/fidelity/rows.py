@@ -35,6 +35,10 @@ MSQ_PRUNING = {"interval": PRUNE_STEPS, "interval_unit": "step", "bn_recalibrati
 #: Past 16x a mixed-precision result needs layers under 2 bits: binary (+-S) 1-bit layers, as
 #: the symmetric literal grid gives.
 BELOW_TWO_BITS = {"min_bits": 1, "grid": "literal"}
+#: Variants measured against the rows above (docs/fidelity.md, "What the table shows").
+FROM_4_BITS = {"init_bits": 4}
+OMEGA_ORDER = {"drop_order": "omega"}
+PER_WEIGHT_OMEGA = {"omega_scale": "per_weight"}
 
 
 @dataclass(frozen=True)
@@ -69,27 +73,27 @@ ROWS: dict[str, RowSpec] = {row.name: row for row in [
     _msq("msq-8x", 8.0, "MSQ, target 8x"),
     _msq("msq-10.67x", 32 / 3, "MSQ, target 10.67x"),
     _msq("msq-10.67x-omega-order", 32 / 3, "MSQ, target 10.67x, the last prune's groups in "
-         "ascending Omega growth per bit (drop_order omega)", pruning={"drop_order": "omega"}),
+         "ascending Omega growth per bit (drop_order omega)", pruning=OMEGA_ORDER),
     _msq("msq-10.67x-from-4bit", 32 / 3, "MSQ, target 10.67x, from 4 bits (init_bits 4)",
-         quantization={"init_bits": 4}),
+         quantization=FROM_4_BITS),
     _msq("msq-10.67x-from-4bit-omega-order", 32 / 3, "MSQ, target 10.67x, from 4 bits, the "
-         "last prune by Omega growth", quantization={"init_bits": 4},
-         pruning={"drop_order": "omega"}),
+         "last prune by Omega growth", quantization=FROM_4_BITS,
+         pruning=OMEGA_ORDER),
     _msq("msq-10.67x-per-weight", 32 / 3, "MSQ, target 10.67x, p chosen on Omega per weight "
-         "(omega_scale per_weight)", pruning={"omega_scale": "per_weight"}),
+         "(omega_scale per_weight)", pruning=PER_WEIGHT_OMEGA),
     _msq("msq-16x", 16.0, "MSQ, target 16x (min_bits 1, literal grid: binary 1-bit layers)",
          quantization=BELOW_TWO_BITS),
     _msq("msq-16x-per-weight", 16.0, "MSQ, target 16x, p chosen on Omega per weight (min_bits "
-         "1, literal grid)", quantization=BELOW_TWO_BITS, pruning={"omega_scale": "per_weight"}),
+         "1, literal grid)", quantization=BELOW_TWO_BITS, pruning=PER_WEIGHT_OMEGA),
     _msq("msq-16x-omega-order", 16.0, "MSQ, target 16x, the last prune by Omega growth "
          "(min_bits 1, literal grid)", quantization=BELOW_TWO_BITS,
-         pruning={"drop_order": "omega"}),
+         pruning=OMEGA_ORDER),
     _msq("msq-16x-from-4bit-omega-order", 16.0, "MSQ, target 16x, from 4 bits, the last "
          "prune by Omega growth (min_bits 1, literal grid)",
-         quantization={**BELOW_TWO_BITS, "init_bits": 4}, pruning={"drop_order": "omega"}),
+         quantization={**BELOW_TWO_BITS, **FROM_4_BITS}, pruning=OMEGA_ORDER),
     _msq("msq-18x-from-4bit-omega-order", 18.0, "MSQ, target 18x, from 4 bits, the last "
          "prune by Omega growth (min_bits 1, literal grid)",
-         quantization={**BELOW_TWO_BITS, "init_bits": 4}, pruning={"drop_order": "omega"}),
+         quantization={**BELOW_TWO_BITS, **FROM_4_BITS}, pruning=OMEGA_ORDER),
     _msq("msq-18x", 18.0, "MSQ, target 18x (min_bits 1, literal grid: binary 1-bit layers)",
          quantization=BELOW_TWO_BITS),
     _msq("msq-16x-fixed-p", 16.0, "MSQ, target 16x, p fixed at 1 (no Hessian; min_bits 1, "
