@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import msq_fx
-from msq_fx.fidelity import ROWS, Settings, main, run_row, run_rows, write_table
+from msq_fx.fidelity import (ROWS, TABLE_END, Settings, main, run_row, run_rows,
+                             write_table)
 from msq_fx.fidelity.run import FLOAT_WEIGHTS
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -97,7 +98,6 @@ def test_the_table_lists_every_row_and_says_which_have_not_run(settings):
 
 
 def test_rewriting_the_table_keeps_the_notes_written_below_it(settings):
-    from msq_fx.fidelity import TABLE_END
     doc = settings.out / "fidelity.md"
     write_table(settings.out, doc)
     doc.write_text(doc.read_text() + "\n## Notes\n\nmeasured by hand\n")
@@ -134,3 +134,48 @@ def test_the_table_of_rows_run_elsewhere_goes_beside_them_not_into_the_docs(tmp_
 
     assert table_path(DEFAULT_OUT) == DEFAULT_DOC
     assert table_path(tmp_path) == tmp_path / "fidelity.md"
+
+
+def test_a_row_under_another_seed_is_written_beside_the_tables_own_run(settings):
+    first = run_row("uniform-2bit", settings)
+    other = run_row("uniform-2bit", dataclasses.replace(settings, seed=1))
+    rows = settings.out / "rows"
+    assert json.loads((rows / "uniform-2bit.json").read_text()) == first
+    assert json.loads((rows / "uniform-2bit.seed1.json").read_text()) == other
+    assert (first["seed"], other["seed"]) == (0, 1)
+    assert first["epochs"][0]["loss"] != other["epochs"][0]["loss"]  # another data order
+
+
+def test_the_seeds_table_gives_each_seed_and_their_mean_for_rows_run_more_than_once(settings):
+    from msq_fx.fidelity import load_seeds, seeds_table
+
+    for seed in (0, 1, 2):
+        run_row("uniform-2bit", dataclasses.replace(settings, seed=seed))
+    run_row("uniform-4bit", settings)
+    by_row = load_seeds(settings.out)
+    assert sorted(by_row["uniform-2bit"]) == [0, 1, 2] and list(by_row["uniform-4bit"]) == [0]
+    accuracies = [by_row["uniform-2bit"][seed]["test_acc"] for seed in (0, 1, 2)]
+    mean = sum(accuracies) / 3
+    table = seeds_table(by_row)
+    assert "uniform-2bit" in table and "uniform-4bit" not in table
+    assert f"{mean:.2f} ±" in table
+    assert " / ".join(f"{value:.2f}" for value in accuracies) in table
+
+
+def test_the_table_is_written_without_a_seeds_table_until_a_row_has_two_seeds(settings):
+    run_row("uniform-2bit", settings)
+    doc = settings.out / "fidelity.md"
+    write_table(settings.out, doc)
+    assert "mean ± sd" not in doc.read_text()
+    run_row("uniform-2bit", dataclasses.replace(settings, seed=1))
+    write_table(settings.out, doc)
+    assert "mean ± sd" in doc.read_text().partition(TABLE_END)[0]
+
+
+def test_all_under_a_seed_runs_the_rows_that_seed_lacks_and_records_the_seed_in_the_command(
+        settings):
+    run_row("uniform-2bit", settings)
+    main(["all", "uniform-2bit", "--seed", "3", "--epochs", "1", "--data", str(settings.data),
+          "--out", str(settings.out), "--train-size", "64"])
+    written = json.loads((settings.out / "rows" / "uniform-2bit.seed3.json").read_text())
+    assert written["seed"] == 3 and written["command"].endswith("--seed 3")

@@ -6,6 +6,7 @@ CIFAR-10 ResNet-20, from one float start with one fine-tuning budget (``tools/fi
     tools/fidelity all --jobs 2          # the same, two rows at a time (one thread each)
     tools/fidelity table                 # docs/fidelity.md from the rows written so far
     tools/fidelity no-training           # the float start quantized without training
+    tools/fidelity row msq-8x --seed 1   # the same row under another seed (data order, init)
 """
 from __future__ import annotations
 
@@ -22,10 +23,10 @@ import torch
 from ..config import PruningConfig
 from .rows import ROWS, RowSpec, build_row
 from .run import Settings, run_row
-from .table import load_results, markdown_table
+from .table import load_results, load_seeds, markdown_table, seeds_table
 
-__all__ = ["ROWS", "RowSpec", "build_row", "Settings", "run_row", "load_results",
-           "markdown_table", "main", "run_rows", "table_path", "DEFAULT_OUT", "DEFAULT_DOC"]
+__all__ = ["ROWS", "RowSpec", "build_row", "Settings", "run_row", "load_results", "load_seeds",
+           "markdown_table", "seeds_table", "main", "run_rows", "table_path", "DEFAULT_OUT", "DEFAULT_DOC"]
 
 DEFAULT_OUT = Path("results/fidelity")
 DEFAULT_DOC = Path("docs/fidelity.md")
@@ -51,18 +52,23 @@ def main(argv: list[str] | None = None) -> int:
                         metavar="FIELD=VALUE",
                         help="replace a PruningConfig field of the MSQ rows, e.g. "
                              "--pruning interval=50 --pruning penalty_units=weight (repeatable)")
+    parser.add_argument("--seed", type=int, default=Settings.seed,
+                        help="seed of the data order and of everything random in a row; rows "
+                             "under a seed other than 0 are written beside the table's own "
+                             "(<row>.seed<N>.json) and summarised in its seeds table")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per row")
     parser.add_argument("--jobs", type=int, default=1,
                         help="with `all`: rows run at once, each in its own process")
     args = parser.parse_args(argv)
-    if args.jobs < 1 or args.threads < 1:
-        parser.error("--jobs and --threads take an integer >= 1")
+    if args.jobs < 1 or args.threads < 1 or args.seed < 0:
+        parser.error("--jobs and --threads take an integer >= 1, --seed one >= 0")
     unknown = [row for row in args.rows if row not in ROWS]
     if unknown:
         parser.error(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
     torch.set_num_threads(args.threads)
     settings = Settings(data=args.data, out=args.out, epochs=args.epochs,
-                        train_size=args.train_size, scale=args.scale, pruning=tuple(args.pruning))
+                        train_size=args.train_size, scale=args.scale, pruning=tuple(args.pruning),
+                        seed=args.seed)
     if args.action == "no-training":
         from .no_training import no_training_accuracies, no_training_table, write_no_training
         from .run import float_weights
@@ -74,10 +80,11 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.rows or parser.error("name the rows to run"):
             run_row(name, settings)
     elif args.action == "all":
-        done = load_results(args.out)
+        done = load_results(args.out, args.seed)
         pending = [name for name in args.rows or list(ROWS) if name not in done]
         overrides = "".join(f" --pruning {field}={json.dumps(value)}"
                             for field, value in args.pruning)
+        overrides += f" --seed {args.seed}" if args.seed else ""
         commands = [f"tools/fidelity row {name} --epochs {args.epochs} --scale {args.scale}"
                     f"{overrides}" for name in pending]
         run_rows(pending, settings, commands, args.jobs, args.threads)
@@ -138,11 +145,18 @@ def write_table(out: Path, doc: Path) -> None:
     doc.parent.mkdir(parents=True, exist_ok=True)
     # What follows the table (measurements, notes) is kept as written.
     rest = doc.read_text().partition(TABLE_END)[2] if doc.exists() else "\n"
-    doc.write_text(HEADER + markdown_table(load_results(out), float_row) + "\n\n" + TABLE_END
-                   + rest)
+    seeds = seeds_table(load_seeds(out))
+    seeds = f"\n\n{SEEDS_HEADER}{seeds}" if seeds else ""
+    doc.write_text(HEADER + markdown_table(load_results(out), float_row) + seeds + "\n\n"
+                   + TABLE_END + rest)
 
 
 TABLE_END = "<!-- end of the generated table -->"
+
+SEEDS_HEADER = """Rows run under more than one seed (`--seed N`: another data order and augmentation, the
+same float start and budget), to show how far a seed moves a row:
+
+"""
 
 
 HEADER = """# Fidelity: MSQ against uniform QAT, a one-shot allocation and Brevitas

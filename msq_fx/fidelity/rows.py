@@ -16,7 +16,7 @@ from .. import MSQConfig, MSQController, prepare
 from ..allocation import allocate_bits_once
 from ..models import resnet20
 
-__all__ = ["RowSpec", "ROWS", "BEST_QUANTIZATION", "build_row", "BuiltRow"]
+__all__ = ["RowSpec", "ROWS", "BEST_QUANTIZATION", "build_row", "BuiltRow", "result_stem"]
 
 #: The quantizer every msq_fx row uses: the nested grid (exact prunes); the scale mode is a
 #: setting of the run (``Settings.scale``), the same for every row.
@@ -37,6 +37,8 @@ MSQ_PRUNING = {"interval": PRUNE_STEPS, "interval_unit": "step", "bn_recalibrati
 BELOW_TWO_BITS = {"min_bits": 1, "grid": "literal"}
 #: Variants measured against the rows above (docs/fidelity.md, "What the table shows").
 FROM_4_BITS = {"init_bits": 4}
+FROM_3_BITS = {"init_bits": 3}
+FROM_5_BITS = {"init_bits": 5}
 OMEGA_ORDER = {"drop_order": "omega"}
 PER_WEIGHT_OMEGA = {"omega_scale": "per_weight"}
 
@@ -71,6 +73,8 @@ def _msq(name: str, target: float, description: str, **changes: dict) -> RowSpec
 ROWS: dict[str, RowSpec] = {row.name: row for row in [
     _uniform(4), _uniform(3), _uniform(2), _uniform(2, "literal"),
     _msq("msq-8x", 8.0, "MSQ, target 8x"),
+    _msq("msq-8x-from-5bit-omega-order", 8.0, "MSQ, target 8x, from 5 bits, the last prune "
+         "by Omega growth", quantization=FROM_5_BITS, pruning=OMEGA_ORDER),
     _msq("msq-10.67x", 32 / 3, "MSQ, target 10.67x"),
     _msq("msq-10.67x-omega-order", 32 / 3, "MSQ, target 10.67x, the last prune's groups in "
          "ascending Omega growth per bit (drop_order omega)", pruning=OMEGA_ORDER),
@@ -91,6 +95,12 @@ ROWS: dict[str, RowSpec] = {row.name: row for row in [
     _msq("msq-16x-from-4bit-omega-order", 16.0, "MSQ, target 16x, from 4 bits, the last "
          "prune by Omega growth (min_bits 1, literal grid)",
          quantization={**BELOW_TWO_BITS, **FROM_4_BITS}, pruning=OMEGA_ORDER),
+    _msq("msq-16x-from-3bit-omega-order", 16.0, "MSQ, target 16x, from 3 bits, the last "
+         "prune by Omega growth (min_bits 1, literal grid)",
+         quantization={**BELOW_TWO_BITS, **FROM_3_BITS}, pruning=OMEGA_ORDER),
+    _msq("msq-18x-from-3bit-omega-order", 18.0, "MSQ, target 18x, from 3 bits, the last "
+         "prune by Omega growth (min_bits 1, literal grid)",
+         quantization={**BELOW_TWO_BITS, **FROM_3_BITS}, pruning=OMEGA_ORDER),
     _msq("msq-18x-from-4bit-omega-order", 18.0, "MSQ, target 18x, from 4 bits, the last "
          "prune by Omega growth (min_bits 1, literal grid)",
          quantization={**BELOW_TWO_BITS, **FROM_4_BITS}, pruning=OMEGA_ORDER),
@@ -105,6 +115,12 @@ ROWS: dict[str, RowSpec] = {row.name: row for row in [
     RowSpec("brevitas-3bit", "brevitas", "Brevitas weight-only 3-bit QAT", bits=3),
     RowSpec("brevitas-2bit", "brevitas", "Brevitas weight-only 2-bit QAT", bits=2),
 ]}
+
+
+def result_stem(name: str, seed: int = 0) -> str:
+    """The file name (without suffix) of row ``name``'s checkpoint and result under ``seed``:
+    seed 0 is the table's own run, other seeds repeat it to show how far a seed moves it."""
+    return name if seed == 0 else f"{name}.seed{seed}"
 
 
 @dataclass

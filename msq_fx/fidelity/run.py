@@ -22,7 +22,7 @@ from ..api import convert
 from ..data import TensorDataset, load_npz, random_crop_flip
 from ..io import atomic_write
 from ..training import accuracy, cosine_schedule
-from .rows import ROWS, build_row
+from .rows import ROWS, build_row, result_stem
 
 __all__ = ["Settings", "run_row", "float_weights", "FLOAT_WEIGHTS"]
 
@@ -81,7 +81,8 @@ def _in_format(images: torch.Tensor, settings: Settings) -> torch.Tensor:
 
 def run_row(name: str, settings: Settings, command: str | None = None) -> dict:
     """Train row ``name`` to the end of the budget (resuming its checkpoint) and return its
-    result, also written to ``<out>/rows/<name>.json``."""
+    result, also written to ``<out>/rows/<name>.json`` (``<name>.seed<N>.json`` for a seed other
+    than 0)."""
     spec = ROWS[name]
     if spec.method == "msq" and settings.pruning:
         spec = replace(spec, pruning={**spec.pruning, **dict(settings.pruning)})
@@ -100,7 +101,8 @@ def run_row(name: str, settings: Settings, command: str | None = None) -> dict:
     scheduler = cosine_schedule(optimizer, settings.epochs * steps_per_epoch)
     rows_dir = settings.out / "rows"
     rows_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint = rows_dir / f"{name}.pt"
+    stem = result_stem(name, settings.seed)
+    checkpoint = rows_dir / f"{stem}.pt"
     state = {"epochs": [], "target_step": 0 if controller is None or controller.done else None,
              "seconds": 0.0}
     if checkpoint.exists():
@@ -129,11 +131,11 @@ def run_row(name: str, settings: Settings, command: str | None = None) -> dict:
                     "controller": None if controller is None else controller.state_dict(),
                     "state": state}
         atomic_write(checkpoint, lambda tmp: torch.save(snapshot, tmp))
-        print(f"[{name}] epoch {epoch}: loss {loss:.4f}  test {row['test_acc']:.2f}%  exact "
+        print(f"[{stem}] epoch {epoch}: loss {loss:.4f}  test {row['test_acc']:.2f}%  exact "
               f"{row['exact_acc']}%  {row['compression']:.2f}x  {row['seconds']:.0f} s",
               flush=True)
     result = _result(name, spec, model, controller, built, test, state, command, settings)
-    (rows_dir / f"{name}.json").write_text(json.dumps(result, indent=1))
+    (rows_dir / f"{stem}.json").write_text(json.dumps(result, indent=1))
     return result
 
 
@@ -166,7 +168,7 @@ def _train_epoch(model, controller, train, settings, epoch, steps_per_epoch, opt
 
 def _result(name, spec, model, controller, built, test, state, command, settings) -> dict:
     last = state["epochs"][-1]
-    result = {"row": name, "method": spec.method, "description": spec.description,
+    result = {"row": name, "seed": settings.seed, "method": spec.method, "description": spec.description,
               "scale": None if spec.method == "brevitas" else settings.scale,
               "compression": built.compression(), "test_acc": last["test_acc"],
               "exact_acc": last["exact_acc"], "target_step": state["target_step"],
