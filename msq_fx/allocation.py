@@ -3,7 +3,8 @@
 Tools such as HAWQ-V3 and AIMET choose every layer's width once, from a sensitivity measured
 before fine-tuning, then run plain QAT. :func:`allocate_bits_once` does that with MSQ's own
 sensitivity: Omega_g(b) = Tr(H_g) * ||W_q(b) - W||^2 for every group g and width b, then lowers
-widths greedily, one bit at a time, always where Omega grows least per bit saved, until the
+widths greedily, one bit at a time, always where Omega grows least per bit saved (with
+``pruning.omega_scale="per_weight"``, Omega with the average trace Tr(H_g) / weights), until the
 target compression is reached. The controller is then done: regularization and pruning are off
 and training is plain QAT at the chosen widths.
 """
@@ -42,12 +43,15 @@ def allocate_bits_once(controller: MSQController, batches: Iterable,
              for g in groups}
     before = {g.name: g.bits for g in groups}
     target = controller.config.target_compression
+    # Per bit saved; "per_weight" takes the average trace, as the controller's drop order does.
+    per_bit = {g.name: g.params * (g.params if controller.config.pruning.omega_scale
+                                   == "per_weight" else 1) for g in groups}
     while controller.compression() < target:
         lowerable = [g for g in groups if g.bits > floor]
         if not lowerable:
             break
         cheapest = min(lowerable, key=lambda g: (omega[g.name][g.bits - 1]
-                                                 - omega[g.name][g.bits]) / g.params)
+                                                 - omega[g.name][g.bits]) / per_bit[g.name])
         cheapest.set_bits(cheapest.bits - 1)
     for member in (m for g in groups for m in g.members):
         member.quantizer.refit_scale(member.latent)

@@ -195,7 +195,9 @@ class PruningConfig(_SubConfig):
         group's weight count squared, (Tr(H_l) / n) x (||W_q - W||^2 / n), the mean diagonal
         curvature (HAWQ-V2's average trace, which the paper says it follows) times the mean
         squared quantization error: a layer is not judged more sensitive for being larger.
-        The recorded Omega is the one compared.
+        The recorded Omega is the one compared. The scale applies as well to the "omega" drop
+        order and to the one-shot allocation: per weight, their growth per bit saved is divided
+        once more by the weight count (the average trace times the error added, per bit saved).
     """
 
     _prefix = "pruning"

@@ -303,7 +303,8 @@ class MSQController:
         model's order."""
         if self.config.pruning.drop_order == "omega":
             floor = self.config.quantization.min_bits
-            growth = {g.name: g.omega_growth_per_bit(traces, floor) for g in groups}
+            per_weight = self.config.pruning.omega_scale == "per_weight"
+            growth = {g.name: g.omega_growth_per_bit(traces, floor, per_weight) for g in groups}
             return sorted(groups, key=lambda g: growth[g.name])
         return sorted(groups, key=lambda g: betas[g.name])
 

@@ -76,16 +76,20 @@ class PrecisionGroup:
         """Tr(H) of the group: its members' traces (``traces`` is keyed by id of the latent)."""
         return sum(traces[id(m.latent)] for m in self.members)
 
-    def omega_growth_per_bit(self, traces: dict[int, float], min_bits: int) -> float:
+    def omega_growth_per_bit(self, traces: dict[int, float], min_bits: int,
+                             per_weight: bool = False) -> float:
         """What the next prune costs per bit of memory it saves: (Omega at the width after it -
         Omega now) / (weights x LSBs dropped), each member's scale as it is; inf when the
-        group is at ``min_bits``."""
+        group is at ``min_bits``. ``per_weight`` measures Omega with the average trace,
+        Tr(H) / weights (``pruning.omega_scale="per_weight"``): the second-order loss increase
+        per bit saved, which the raw trace overstates in proportion to the group's size."""
         k = self.droppable_lsbs(min_bits)
         if k == 0:
             return math.inf
         lower = sum(traces[id(m.latent)] * m.quantizer.quantization_error(m.latent, self.bits - k)
                     for m in self.members)
-        return (lower - self.omega(traces)) / (self.params * k)
+        per_bit = (lower - self.omega(traces)) / (self.params * k)
+        return per_bit / self.params if per_weight else per_bit
 
     def omega(self, traces: dict[int, float]) -> float:
         """Omega_g = sum over members of Tr(H_l) * ||W_q - W||^2 at the group's width."""

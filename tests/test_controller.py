@@ -918,3 +918,44 @@ def test_a_target_with_room_for_mixed_precision_is_not_warned(caplog):
     with caplog.at_level("WARNING", logger="msq_fx"):
         prepared([4, 4], target_compression=10.67, min_bits=2)
     assert "uniform precision" not in caplog.text
+
+
+def test_omega_growth_per_bit_per_weight_takes_the_average_trace():
+    widths = [8, 8]
+    qmodel, ctl = prepared(widths, [30.0, 0.1], target_compression=16.0,
+                           pruning=dict(threshold=1.0, interval=1, drop_order="omega"))
+    group = ctl.groups[0]
+    traces = {id(latent(qmodel, 0)): 3.0}
+    total = group.omega_growth_per_bit(traces, 1)
+    assert total > 0
+    assert group.omega_growth_per_bit(traces, 1, per_weight=True) == pytest.approx(total / 64)
+
+
+def test_the_omega_drop_order_follows_the_omega_scale():
+    # layers.0 holds 16x the weights of layers.1 at 9x less curvature per weight, and both lose
+    # as much per weight in a drop: by the raw trace layers.0 costs 16/9 times more per bit
+    # saved, by the average trace 9 times less.
+    widths = [64, 4]
+    orders = {}
+    for omega_scale in ("total", "per_weight"):
+        qmodel, ctl = prepared(widths, [10.0, 30.0],
+                               target_compression=compression(widths, [8, 7]),
+                               pruning=dict(threshold=1.0, interval=1, drop_order="omega",
+                                            omega_scale=omega_scale))
+        set_betas(qmodel, [0.5, 0.5])
+        ctl.epoch_end(1, batches(widths), F.mse_loss)
+        orders[omega_scale] = bits_of(qmodel)
+    assert orders == {"total": [8, 7], "per_weight": [7, 8]}
+
+
+@pytest.mark.parametrize("omega_scale, widths_after", [("total", [8, 7]),
+                                                      ("per_weight", [7, 8])])
+def test_the_one_shot_allocation_follows_the_omega_scale(omega_scale, widths_after):
+    from msq_fx.allocation import allocate_bits_once
+
+    widths = [64, 4]  # as in the drop-order test above
+    qmodel, ctl = prepared(widths, [10.0, 30.0], target_compression=compression(widths, [8, 7]),
+                           pruning=dict(omega_scale=omega_scale))
+    set_betas(qmodel, [0.5, 0.5])
+    allocate_bits_once(ctl, batches(widths), F.mse_loss)
+    assert bits_of(qmodel) == widths_after and ctl.done

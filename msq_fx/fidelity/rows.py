@@ -110,6 +110,15 @@ ROWS: dict[str, RowSpec] = {row.name: row for row in [
          "literal grid)", quantization=BELOW_TWO_BITS, pruning={"step_policy": "fixed"}),
     RowSpec("oneshot-10.67x", "oneshot",
             "one-shot Hessian allocation to 10.67x, then uniform-schedule QAT", target=32 / 3),
+    RowSpec("oneshot-8x-per-weight", "oneshot", "one-shot Hessian allocation to 8x by the "
+            "average trace (omega_scale per_weight), then QAT", target=8.0,
+            pruning=PER_WEIGHT_OMEGA),
+    RowSpec("oneshot-10.67x-per-weight", "oneshot", "one-shot Hessian allocation to 10.67x by "
+            "the average trace (omega_scale per_weight), then QAT", target=32 / 3,
+            pruning=PER_WEIGHT_OMEGA),
+    RowSpec("oneshot-16x-per-weight", "oneshot", "one-shot Hessian allocation to 16x by the "
+            "average trace (omega_scale per_weight; min_bits 1, literal grid), then QAT",
+            target=16.0, quantization=BELOW_TWO_BITS, pruning=PER_WEIGHT_OMEGA),
     RowSpec("brevitas-4bit", "brevitas", "Brevitas weight-only 4-bit QAT (per-channel float "
             "scale)", bits=4),
     RowSpec("brevitas-3bit", "brevitas", "Brevitas weight-only 3-bit QAT", bits=3),
