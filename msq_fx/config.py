@@ -29,7 +29,7 @@ FIRST_LAST_POLICIES = ("quantize", "fixed", "float")
 PRUNE_STEP_POLICIES = ("hessian", "fixed")
 INTERVAL_UNITS = ("epoch", "step")
 SCALE_AFTER_PRUNE = ("keep", "refit")
-LAST_PRUNE = ("fit", "full")
+LAST_PRUNE = ("fit", "full", "cheapest")
 DROP_ORDERS = ("beta", "omega")
 OMEGA_SCALES = ("total", "per_weight")
 HESSIAN_METHODS = ("auto", "autograd", "finite_difference")
@@ -178,7 +178,13 @@ class PruningConfig(_SubConfig):
     last_prune: "fit" (default): a group whose p-LSB drop would carry the compression past the
         target drops only as many LSBs as reaching the target takes. "full": it drops all p, as
         a literal reading of Algorithm 1 does, and can overshoot the target by up to one bit of
-        the largest group (MNIST example: 8.90x for a target of 8x).
+        the largest group (MNIST example: 8.90x for a target of 8x). "cheapest": as "fit", and
+        once a single group's drop would reach the target, the prune takes, of the groups that
+        can, the one whose drop adds the least Omega (Omega with ``omega_scale``; per weight,
+        the added Omega times the weight count) rather than the next in ``drop_order``, which
+        can be a large layer whose drop overshoots the target where a small one would have
+        closed the gap; needs Hessian traces, taken at every prune even with
+        ``step_policy="fixed"``.
     drop_order: the order in which the groups under alpha lose their LSBs in the prune that
         reaches the target (earlier prunes drop every such group, so the order decides only
         this one). "beta" (default; the paper's ascending beta): the groups whose LSBs emptied

@@ -86,10 +86,16 @@ class PrecisionGroup:
         k = self.droppable_lsbs(min_bits)
         if k == 0:
             return math.inf
-        lower = sum(traces[id(m.latent)] * m.quantizer.quantization_error(m.latent, self.bits - k)
-                    for m in self.members)
-        per_bit = (lower - self.omega(traces)) / (self.params * k)
+        per_bit = self.omega_growth(traces, k) / (self.params * k)
         return per_bit / self.params if per_weight else per_bit
+
+    def omega_growth(self, traces: dict[int, float], lsbs: int) -> float:
+        """Omega at ``lsbs`` bits under the group's width minus Omega now, each member's scale as
+        it is."""
+        lower = sum(traces[id(m.latent)]
+                    * m.quantizer.quantization_error(m.latent, self.bits - lsbs)
+                    for m in self.members)
+        return lower - self.omega(traces)
 
     def omega(self, traces: dict[int, float]) -> float:
         """Omega_g = sum over members of Tr(H_l) * ||W_q - W||^2 at the group's width."""

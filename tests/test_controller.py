@@ -959,3 +959,27 @@ def test_the_one_shot_allocation_follows_the_omega_scale(omega_scale, widths_aft
     set_betas(qmodel, [0.5, 0.5])
     allocate_bits_once(ctl, batches(widths), F.mse_loss)
     assert bits_of(qmodel) == widths_after and ctl.done
+
+
+@pytest.mark.parametrize("last_prune, widths_after", [("fit", [7, 8]), ("cheapest", [8, 7])])
+def test_the_cheapest_last_prune_closes_a_small_gap_with_the_drop_that_adds_least_omega(
+        last_prune, widths_after):
+    # Dropping one LSB of the small layers.1 reaches the target; ascending beta takes the large
+    # layers.0 first, overshooting it; its drop adds far more Omega than layers.1's.
+    widths = [64, 4]
+    qmodel, ctl = prepared(widths, [1.0, 3.0], target_compression=compression(widths, [8, 7]),
+                           pruning=dict(threshold=1.0, interval=1, last_prune=last_prune))
+    set_betas(qmodel, [0.3, 0.6])
+    ctl.epoch_end(1, batches(widths), F.mse_loss)
+    assert bits_of(qmodel) == widths_after and ctl.done
+
+
+def test_the_cheapest_last_prune_takes_hessian_traces_under_the_fixed_step_policy():
+    widths = [64, 4]
+    qmodel, ctl = prepared(widths, [1.0, 3.0], target_compression=compression(widths, [8, 7]),
+                           pruning=dict(threshold=1.0, interval=1, last_prune="cheapest",
+                                        step_policy="fixed"))
+    set_betas(qmodel, [0.3, 0.6])
+    ctl.epoch_end(1, batches(widths), F.mse_loss)
+    assert bits_of(qmodel) == [8, 7]
+    assert ctl.history[0].hessian_trace is not None

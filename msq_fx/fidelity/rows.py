@@ -40,6 +40,7 @@ FROM_4_BITS = {"init_bits": 4}
 FROM_3_BITS = {"init_bits": 3}
 FROM_5_BITS = {"init_bits": 5}
 OMEGA_ORDER = {"drop_order": "omega"}
+CHEAPEST_FINISH = {"drop_order": "omega", "last_prune": "cheapest"}
 PER_WEIGHT_OMEGA = {"omega_scale": "per_weight"}
 
 
@@ -98,6 +99,10 @@ ROWS: dict[str, RowSpec] = {row.name: row for row in [
     _msq("msq-16x-from-3bit-omega-order", 16.0, "MSQ, target 16x, from 3 bits, the last "
          "prune by Omega growth (min_bits 1, literal grid)",
          quantization={**BELOW_TWO_BITS, **FROM_3_BITS}, pruning=OMEGA_ORDER),
+    _msq("msq-16x-from-3bit-cheapest-finish", 16.0, "MSQ, target 16x, from 3 bits, the last "
+         "prune by Omega growth, closing the gap with the cheapest single drop (last_prune "
+         "cheapest; min_bits 1, literal grid)",
+         quantization={**BELOW_TWO_BITS, **FROM_3_BITS}, pruning=CHEAPEST_FINISH),
     _msq("msq-18x-from-3bit-omega-order", 18.0, "MSQ, target 18x, from 3 bits, the last "
          "prune by Omega growth (min_bits 1, literal grid)",
          quantization={**BELOW_TWO_BITS, **FROM_3_BITS}, pruning=OMEGA_ORDER),
