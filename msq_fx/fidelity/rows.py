@@ -41,6 +41,8 @@ FROM_3_BITS = {"init_bits": 3}
 FROM_5_BITS = {"init_bits": 5}
 OMEGA_ORDER = {"drop_order": "omega"}
 CHEAPEST_FINISH = {"drop_order": "omega", "last_prune": "cheapest"}
+#: Omega with the average trace for every decision: p, the drop order and the last prune.
+AVERAGE_TRACE = {"omega_scale": "per_weight", "drop_order": "omega", "last_prune": "cheapest"}
 PER_WEIGHT_OMEGA = {"omega_scale": "per_weight"}
 
 
@@ -76,7 +78,12 @@ ROWS: dict[str, RowSpec] = {row.name: row for row in [
     _msq("msq-8x", 8.0, "MSQ, target 8x"),
     _msq("msq-8x-from-5bit-omega-order", 8.0, "MSQ, target 8x, from 5 bits, the last prune "
          "by Omega growth", quantization=FROM_5_BITS, pruning=OMEGA_ORDER),
+    _msq("msq-8x-average-trace", 8.0, "MSQ, target 8x, Omega by the average trace for p, the "
+         "drop order and the last prune (omega_scale per_weight, drop_order omega, last_prune "
+         "cheapest)", pruning=AVERAGE_TRACE),
     _msq("msq-10.67x", 32 / 3, "MSQ, target 10.67x"),
+    _msq("msq-10.67x-average-trace", 32 / 3, "MSQ, target 10.67x, Omega by the average trace "
+         "for p, the drop order and the last prune", pruning=AVERAGE_TRACE),
     _msq("msq-10.67x-omega-order", 32 / 3, "MSQ, target 10.67x, the last prune's groups in "
          "ascending Omega growth per bit (drop_order omega)", pruning=OMEGA_ORDER),
     _msq("msq-10.67x-from-4bit", 32 / 3, "MSQ, target 10.67x, from 4 bits (init_bits 4)",
@@ -103,6 +110,9 @@ ROWS: dict[str, RowSpec] = {row.name: row for row in [
          "prune by Omega growth, closing the gap with the cheapest single drop (last_prune "
          "cheapest; min_bits 1, literal grid)",
          quantization={**BELOW_TWO_BITS, **FROM_3_BITS}, pruning=CHEAPEST_FINISH),
+    _msq("msq-16x-average-trace", 16.0, "MSQ, target 16x, Omega by the average trace for p, "
+         "the drop order and the last prune (min_bits 1, literal grid)",
+         quantization=BELOW_TWO_BITS, pruning=AVERAGE_TRACE),
     _msq("msq-18x-from-3bit-omega-order", 18.0, "MSQ, target 18x, from 3 bits, the last "
          "prune by Omega growth (min_bits 1, literal grid)",
          quantization={**BELOW_TWO_BITS, **FROM_3_BITS}, pruning=OMEGA_ORDER),
