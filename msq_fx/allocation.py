@@ -10,16 +10,19 @@ and training is plain QAT at the chosen widths.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from torch import Tensor
 
 from . import quant
-from .controller import MSQController
+from .config import MSQConfig
 from .precision_groups import PrecisionGroup, PruneRecord
 from .sensitivity import group_traces
 
-__all__ = ["allocate_bits_once"]
+if TYPE_CHECKING:  # the controller calls lower_widths_by_omega: no import at run time
+    from .controller import MSQController
+
+__all__ = ["allocate_bits_once", "lower_widths_by_omega"]
 
 
 def allocate_bits_once(controller: MSQController, batches: Iterable,
@@ -27,32 +30,17 @@ def allocate_bits_once(controller: MSQController, batches: Iterable,
     """Choose every prunable group's width once so that the compression reaches the target.
 
     Reads the Hessian traces on the first ``hessian.batches`` of ``batches`` (the same
-    estimator the pruning step uses; ``pruning.step_policy`` must be "hessian"). A learned
-    scale is re-fitted (:func:`msq_fx.quant.best_clip`) at its group's chosen width, as a
-    calibration at the final width would set it. Returns one record per group (epoch 0) and
-    marks the controller done.
+    estimator the pruning step uses). A learned scale is re-fitted
+    (:func:`msq_fx.quant.best_clip`) at its group's chosen width, as a calibration at the final
+    width would set it. Returns one record per group (epoch 0) and marks the controller done.
+    ``MSQConfig(pruning={"schedule": "one_shot"})`` makes the controller's first due prune do
+    the same inside the training loop.
     """
-    if controller.config.pruning.step_policy != "hessian":
-        raise ValueError("allocate_bits_once needs Hessian traces: use "
-                         "MSQConfig(pruning={'step_policy': 'hessian'})")
     groups = controller._active_groups()
     traces, method = group_traces(controller.model, [m for g in groups for m in g.members],
                                   batches, loss_fn, controller.config, controller.prune_count)
-    floor = controller.config.quantization.min_bits
-    omega = {g.name: {b: _group_error(g, b) * g.trace(traces) for b in range(floor, g.bits + 1)}
-             for g in groups}
     before = {g.name: g.bits for g in groups}
-    target = controller.config.target_compression
-    # Per bit saved; "per_weight" takes the average trace, as the controller's drop order does.
-    per_bit = {g.name: g.params * (g.params if controller.config.pruning.omega_scale
-                                   == "per_weight" else 1) for g in groups}
-    while controller.compression() < target:
-        lowerable = [g for g in groups if g.bits > floor]
-        if not lowerable:
-            break
-        cheapest = min(lowerable, key=lambda g: (omega[g.name][g.bits - 1]
-                                                 - omega[g.name][g.bits]) / per_bit[g.name])
-        cheapest.set_bits(cheapest.bits - 1)
+    omega = lower_widths_by_omega(groups, traces, controller.config, controller.compression)
     for member in (m for g in groups for m in g.members):
         member.quantizer.refit_scale(member.latent)
     controller.done = True
@@ -64,6 +52,34 @@ def allocate_bits_once(controller: MSQController, batches: Iterable,
         compression=controller.compression(), hessian_method=method) for g in groups]
     controller.history.extend(records)
     return records
+
+
+def lower_widths_by_omega(groups: list[PrecisionGroup], traces: dict[int, float],
+                          config: MSQConfig, compression: Callable[[], float],
+                          ) -> dict[str, dict[int, float]]:
+    """Lower the widths of ``groups`` one bit at a time, always where Omega grows least per bit
+    saved, until ``compression()`` reaches ``config.target_compression`` or every group is at
+    ``quantization.min_bits``.
+
+    Reads the groups' latents, scales and ``traces`` (Tr(H) per member latent, keyed by id);
+    changes only the groups' widths (scales are the caller's to re-fit). Returns Omega_g(b) for
+    every group and width from the floor to its width before (each learned scale at its best
+    clip at b), the table the choice was made on.
+    """
+    floor = config.quantization.min_bits
+    omega = {g.name: {b: _group_error(g, b) * g.trace(traces) for b in range(floor, g.bits + 1)}
+             for g in groups}
+    # Per bit saved; "per_weight" takes the average trace, as the controller's drop order does.
+    per_bit = {g.name: g.params * (g.params if config.pruning.omega_scale == "per_weight" else 1)
+               for g in groups}
+    while compression() < config.target_compression:
+        lowerable = [g for g in groups if g.bits > floor]
+        if not lowerable:
+            break
+        cheapest = min(lowerable, key=lambda g: (omega[g.name][g.bits - 1]
+                                                 - omega[g.name][g.bits]) / per_bit[g.name])
+        cheapest.set_bits(cheapest.bits - 1)
+    return omega
 
 
 def _group_error(group: PrecisionGroup, bits: int) -> float:

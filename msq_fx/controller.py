@@ -31,6 +31,8 @@ share one width. What the paper leaves open, and what this implementation chose:
   the first prune (paper, supplement §1). A prune never takes a group below ``min_bits``; beta and
   the LSB penalty look at the LSBs the next prune would actually drop (p clipped at the floor).
 * A group whose width a policy fixes (``first_last="fixed"``) is never pruned or regularized.
+* ``pruning.schedule="one_shot"`` replaces all of this with one decision: the first due prune
+  sets every width from Omega (msq_fx.allocation.lower_widths_by_omega) and the run is plain QAT.
 """
 from __future__ import annotations
 
@@ -45,6 +47,7 @@ from torch import Tensor, nn
 
 from msq_fx.passes.finite import non_finite_summary
 
+from .allocation import lower_widths_by_omega
 from .batchnorm import recalibrate_batchnorm
 from .config import MSQConfig
 from .errors import MSQError
@@ -122,7 +125,8 @@ class MSQController:
 
     # ------------------------------------------------------------------ per step
     def regularization(self) -> Tensor:
-        """lambda * sum of |B_p| over the groups still pruning; zero once the target is reached.
+        """lambda * sum of |B_p| over the groups still pruning; zero once the target is reached,
+        and throughout under ``pruning.schedule="one_shot"``.
 
         Returns:
             A scalar tensor to add to the training loss (it has gradients for the latents).
@@ -137,7 +141,8 @@ class MSQController:
         """
         device = self.groups[0].members[0].latent.device
         active = self._active_groups()
-        if self.done or self.config.pruning.reg_strength == 0 or not active:
+        if self.done or self.config.pruning.reg_strength == 0 or not active \
+                or self.config.pruning.schedule == "one_shot":
             return torch.zeros((), device=device)
         floor = self.config.quantization.min_bits
         units = self.config.pruning.penalty_units
@@ -262,8 +267,12 @@ class MSQController:
         _require_finite_measures(where, betas, {g.name: g.trace(traces) for g in groups}
                                  if traces else {}, omegas)
         before = {g.name: g.bits for g in groups}
-        self._drop_lsbs(self._drop_order(groups, betas, traces), betas, traces)
-        self._reassign_prune_steps(groups, omegas)
+        if self.config.pruning.schedule == "one_shot":
+            lower_widths_by_omega(groups, traces, self.config, self.compression)
+            self.done = True
+        else:
+            self._drop_lsbs(self._drop_order(groups, betas, traces), betas, traces)
+            self._reassign_prune_steps(groups, omegas)
         pruned = [g for g in groups if g.bits != before[g.name]]
         if self.config.pruning.scale_after_prune == "refit":
             for member in (m for g in pruned for m in g.members):
@@ -378,11 +387,11 @@ class MSQController:
                         ) -> tuple[dict[int, float], str | None]:
         """Tr(H) per member latent (keyed by id) and the method that computed it.
 
-        ({}, None) when neither p, the drop order nor the last prune is Hessian-guided.
+        ({}, None) when nothing the prune decides is Hessian-guided.
         """
         pruning = self.config.pruning
         if pruning.step_policy != "hessian" and pruning.drop_order != "omega" \
-                and pruning.last_prune != "cheapest":
+                and pruning.last_prune != "cheapest" and pruning.schedule != "one_shot":
             return {}, None
         members = [m for g in groups for m in g.members]
         return group_traces(self.model, members, batches, loss_fn, self.config, self.prune_count)

@@ -983,3 +983,34 @@ def test_the_cheapest_last_prune_takes_hessian_traces_under_the_fixed_step_polic
     ctl.epoch_end(1, batches(widths), F.mse_loss)
     assert bits_of(qmodel) == [8, 7]
     assert ctl.history[0].hessian_trace is not None
+
+
+def test_the_one_shot_schedule_sets_every_width_at_the_first_due_prune_as_allocate_bits_once():
+    from msq_fx.allocation import allocate_bits_once
+
+    widths = [16, 8, 4]
+    target = compression(widths, [5, 6, 4])
+    decided = []
+    for schedule in ("one_shot", None):
+        qmodel, ctl = prepared(widths, [1.0, 5.0, 30.0], target_compression=target,
+                               pruning=dict(interval=2, schedule=schedule or "gradual"))
+        set_betas(qmodel, [0.5, 0.5, 0.5])
+        if schedule:
+            assert ctl.epoch_end(1, batches(widths), F.mse_loss) == [] and not ctl.done
+            ctl.epoch_end(2, batches(widths), F.mse_loss)
+        else:
+            allocate_bits_once(ctl, batches(widths), F.mse_loss)
+        assert ctl.done and ctl.compression() >= target
+        decided.append(bits_of(qmodel))
+    assert decided[0] == decided[1]
+    assert len(set(decided[0])) > 1  # mixed widths, not one bit off every layer
+
+
+def test_the_one_shot_schedule_adds_no_lsb_penalty():
+    widths = [16, 8]
+    qmodel, ctl = prepared(widths, target_compression=6.0,
+                           pruning=dict(schedule="one_shot", reg_strength=1.0))
+    set_betas(qmodel, [0.5, 0.5])
+    assert ctl.regularization().item() == 0.0
+    _, gradual = prepared(widths, target_compression=6.0, pruning=dict(reg_strength=1.0))
+    assert gradual.regularization().item() > 0.0
