@@ -43,6 +43,8 @@ OMEGA_ORDER = {"drop_order": "omega"}
 CHEAPEST_FINISH = {"drop_order": "omega", "last_prune": "cheapest"}
 #: Omega with the average trace for every decision: p, the drop order and the last prune.
 AVERAGE_TRACE = {"omega_scale": "per_weight", "drop_order": "omega", "last_prune": "cheapest"}
+#: The one-shot allocation run by the controller (pruning.schedule): at the first due prune.
+ONE_SHOT = {"schedule": "one_shot", "omega_scale": "per_weight"}
 PER_WEIGHT_OMEGA = {"omega_scale": "per_weight"}
 
 
@@ -81,7 +83,13 @@ ROWS: dict[str, RowSpec] = {row.name: row for row in [
     _msq("msq-8x-average-trace", 8.0, "MSQ, target 8x, Omega by the average trace for p, the "
          "drop order and the last prune (omega_scale per_weight, drop_order omega, last_prune "
          "cheapest)", pruning=AVERAGE_TRACE),
+    _msq("msq-8x-one-shot", 8.0, "MSQ controller, target 8x, every width set at the first "
+         "prune (step 25) by the average trace (schedule one_shot, omega_scale per_weight)",
+         pruning=ONE_SHOT),
     _msq("msq-10.67x", 32 / 3, "MSQ, target 10.67x"),
+    _msq("msq-10.67x-one-shot", 32 / 3, "MSQ controller, target 10.67x, every width set at "
+         "the first prune (step 25) by the average trace (schedule one_shot, omega_scale "
+         "per_weight)", pruning=ONE_SHOT),
     _msq("msq-10.67x-average-trace", 32 / 3, "MSQ, target 10.67x, Omega by the average trace "
          "for p, the drop order and the last prune", pruning=AVERAGE_TRACE),
     _msq("msq-10.67x-omega-order", 32 / 3, "MSQ, target 10.67x, the last prune's groups in "
