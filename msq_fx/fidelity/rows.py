@@ -142,6 +142,9 @@ ROWS: dict[str, RowSpec] = {row.name: row for row in [
     RowSpec("oneshot-16x-per-weight", "oneshot", "one-shot Hessian allocation to 16x by the "
             "average trace (omega_scale per_weight; min_bits 1, literal grid), then QAT",
             target=16.0, quantization=BELOW_TWO_BITS, pruning=PER_WEIGHT_OMEGA),
+    RowSpec("oneshot-17x-per-weight", "oneshot", "one-shot Hessian allocation to 17x by the "
+            "average trace (omega_scale per_weight; min_bits 1, literal grid), then QAT",
+            target=17.0, quantization=BELOW_TWO_BITS, pruning=PER_WEIGHT_OMEGA),
     RowSpec("brevitas-4bit", "brevitas", "Brevitas weight-only 4-bit QAT (per-channel float "
             "scale)", bits=4),
     RowSpec("brevitas-3bit", "brevitas", "Brevitas weight-only 3-bit QAT", bits=3),
