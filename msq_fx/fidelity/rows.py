@@ -92,6 +92,9 @@ ROWS: dict[str, RowSpec] = {row.name: row for row in [
          "per_weight)", pruning=ONE_SHOT),
     _msq("msq-10.67x-average-trace", 32 / 3, "MSQ, target 10.67x, Omega by the average trace "
          "for p, the drop order and the last prune", pruning=AVERAGE_TRACE),
+    _msq("msq-10.67x-no-penalty", 32 / 3, "MSQ, target 10.67x, no LSB penalty (reg_strength "
+         "0; alpha 1, so every prune drops p LSBs from every layer, non-zero or not)",
+         pruning={"reg_strength": 0.0, "threshold": 1.0}),
     _msq("msq-10.67x-omega-order", 32 / 3, "MSQ, target 10.67x, the last prune's groups in "
          "ascending Omega growth per bit (drop_order omega)", pruning=OMEGA_ORDER),
     _msq("msq-10.67x-from-4bit", 32 / 3, "MSQ, target 10.67x, from 4 bits (init_bits 4)",
