@@ -102,6 +102,9 @@ ROWS: dict[str, RowSpec] = {row.name: row for row in [
     _msq("msq-10.67x-from-4bit-omega-order", 32 / 3, "MSQ, target 10.67x, from 4 bits, the "
          "last prune by Omega growth", quantization=FROM_4_BITS,
          pruning=OMEGA_ORDER),
+    _msq("msq-10.67x-from-4bit-cheapest-finish", 32 / 3, "MSQ, target 10.67x, from 4 bits, "
+         "the last prune by Omega growth, closing the gap with the cheapest single drop",
+         quantization=FROM_4_BITS, pruning=CHEAPEST_FINISH),
     _msq("msq-10.67x-per-weight", 32 / 3, "MSQ, target 10.67x, p chosen on Omega per weight "
          "(omega_scale per_weight)", pruning=PER_WEIGHT_OMEGA),
     _msq("msq-16x", 16.0, "MSQ, target 16x (min_bits 1, literal grid: binary 1-bit layers)",
@@ -124,6 +127,9 @@ ROWS: dict[str, RowSpec] = {row.name: row for row in [
     _msq("msq-16x-average-trace", 16.0, "MSQ, target 16x, Omega by the average trace for p, "
          "the drop order and the last prune (min_bits 1, literal grid)",
          quantization=BELOW_TWO_BITS, pruning=AVERAGE_TRACE),
+    _msq("msq-18x-from-3bit-cheapest-finish", 18.0, "MSQ, target 18x, from 3 bits, the last "
+         "prune by Omega growth, closing the gap with the cheapest single drop (min_bits 1, "
+         "literal grid)", quantization={**BELOW_TWO_BITS, **FROM_3_BITS}, pruning=CHEAPEST_FINISH),
     _msq("msq-18x-from-3bit-omega-order", 18.0, "MSQ, target 18x, from 3 bits, the last "
          "prune by Omega growth (min_bits 1, literal grid)",
          quantization={**BELOW_TWO_BITS, **FROM_3_BITS}, pruning=OMEGA_ORDER),
