@@ -109,9 +109,22 @@ def test_the_fine_tuning_preset_prunes_on_steps_in_weight_units_with_channel_sca
     assert config.quantization.scale == "channel"
 
 
-@pytest.mark.parametrize("target, init_bits", [(6.0, 8), (8.0, 8), (8.5, 4), (16.0, 4)])
-def test_the_fine_tuning_preset_starts_from_4_bits_past_8x(target, init_bits):
+@pytest.mark.parametrize("target, init_bits", [(4.0, 8), (6.0, 7), (8.0, 5), (8.5, 5),
+                                               (32 / 3, 4), (12.0, 4), (16.0, 3), (18.0, 3)])
+def test_the_fine_tuning_preset_starts_one_bit_above_the_uniform_width_of_the_target(target,
+                                                                                      init_bits):
     assert MSQConfig.fine_tuning(target).quantization.init_bits == init_bits
+
+
+def test_the_fine_tuning_preset_closes_the_last_gap_with_the_cheapest_drop():
+    assert MSQConfig.fine_tuning(8.0).pruning.last_prune == "cheapest"
+
+
+@pytest.mark.parametrize("target, floor, grid", [(10.0, 2, "nested"), (15.9, 2, "nested"),
+                                                 (16.0, 1, "literal"), (20.0, 1, "literal")])
+def test_the_fine_tuning_preset_allows_binary_layers_from_16x(target, floor, grid):
+    quantization = MSQConfig.fine_tuning(target).quantization
+    assert (quantization.min_bits, quantization.grid) == (floor, grid)
 
 
 def test_changes_to_the_fine_tuning_preset_replace_only_the_fields_they_name():
