@@ -383,9 +383,10 @@ class MSQConfig:
         * from 16x on, allows binary 1-bit layers (``min_bits=1`` on the symmetric literal
           grid): at 32 / min_bits = 16x with 2-bit floors only uniform widths reach the target.
 
-        Measured (docs/fidelity.md, CIFAR-10 ResNet-20, 81.61% float, 3 epochs, one seed):
-        81.61% at 8.00x, 81.41% at 10.78x, 81.32% at 16.04x, against 81.34 / 81.19 / 81.08% for
-        uniform 4- / 3- / 2-bit QAT. ``changes`` are applied as :meth:`replace` applies them (a
+        Measured (docs/fidelity.md, CIFAR-10 ResNet-20, 81.61% float, 3 epochs, seed by seed):
+        above uniform QAT at 8x (81.61 / 81.13% against 81.34 / 80.83% for 4-bit) and at 16x
+        (81.32 / 80.96 / 81.08% against 81.08 / 80.71 / 80.98% for 2-bit), under it at 10.67x
+        (81.41 / 79.83 / 80.56% against 81.19 / 80.78 / 81.19% for 3-bit). ``changes`` are applied as :meth:`replace` applies them (a
         dict for a section changes only the fields it names).
 
         Example:

@@ -43,8 +43,6 @@ OMEGA_ORDER = {"drop_order": "omega"}
 CHEAPEST_FINISH = {"drop_order": "omega", "last_prune": "cheapest"}
 #: Omega with the average trace for every decision: p, the drop order and the last prune.
 AVERAGE_TRACE = {"omega_scale": "per_weight", "drop_order": "omega", "last_prune": "cheapest"}
-#: The one-shot allocation run by the controller (pruning.schedule): at the first due prune.
-ONE_SHOT = {"schedule": "one_shot", "omega_scale": "per_weight"}
 PER_WEIGHT_OMEGA = {"omega_scale": "per_weight"}
 
 
@@ -83,13 +81,7 @@ ROWS: dict[str, RowSpec] = {row.name: row for row in [
     _msq("msq-8x-average-trace", 8.0, "MSQ, target 8x, Omega by the average trace for p, the "
          "drop order and the last prune (omega_scale per_weight, drop_order omega, last_prune "
          "cheapest)", pruning=AVERAGE_TRACE),
-    _msq("msq-8x-one-shot", 8.0, "MSQ controller, target 8x, every width set at the first "
-         "prune (step 25) by the average trace (schedule one_shot, omega_scale per_weight)",
-         pruning=ONE_SHOT),
     _msq("msq-10.67x", 32 / 3, "MSQ, target 10.67x"),
-    _msq("msq-10.67x-one-shot", 32 / 3, "MSQ controller, target 10.67x, every width set at "
-         "the first prune (step 25) by the average trace (schedule one_shot, omega_scale "
-         "per_weight)", pruning=ONE_SHOT),
     _msq("msq-10.67x-average-trace", 32 / 3, "MSQ, target 10.67x, Omega by the average trace "
          "for p, the drop order and the last prune", pruning=AVERAGE_TRACE),
     _msq("msq-10.67x-no-penalty", 32 / 3, "MSQ, target 10.67x, no LSB penalty (reg_strength "
@@ -124,9 +116,6 @@ ROWS: dict[str, RowSpec] = {row.name: row for row in [
          "prune by Omega growth, closing the gap with the cheapest single drop (last_prune "
          "cheapest; min_bits 1, literal grid)",
          quantization={**BELOW_TWO_BITS, **FROM_3_BITS}, pruning=CHEAPEST_FINISH),
-    _msq("msq-16x-average-trace", 16.0, "MSQ, target 16x, Omega by the average trace for p, "
-         "the drop order and the last prune (min_bits 1, literal grid)",
-         quantization=BELOW_TWO_BITS, pruning=AVERAGE_TRACE),
     _msq("msq-18x-from-3bit-cheapest-finish", 18.0, "MSQ, target 18x, from 3 bits, the last "
          "prune by Omega growth, closing the gap with the cheapest single drop (min_bits 1, "
          "literal grid)", quantization={**BELOW_TWO_BITS, **FROM_3_BITS}, pruning=CHEAPEST_FINISH),
@@ -151,9 +140,6 @@ ROWS: dict[str, RowSpec] = {row.name: row for row in [
     RowSpec("oneshot-16x-per-weight", "oneshot", "one-shot Hessian allocation to 16x by the "
             "average trace (omega_scale per_weight; min_bits 1, literal grid), then QAT",
             target=16.0, quantization=BELOW_TWO_BITS, pruning=PER_WEIGHT_OMEGA),
-    RowSpec("oneshot-17x-per-weight", "oneshot", "one-shot Hessian allocation to 17x by the "
-            "average trace (omega_scale per_weight; min_bits 1, literal grid), then QAT",
-            target=17.0, quantization=BELOW_TWO_BITS, pruning=PER_WEIGHT_OMEGA),
     RowSpec("brevitas-4bit", "brevitas", "Brevitas weight-only 4-bit QAT (per-channel float "
             "scale)", bits=4),
     RowSpec("brevitas-3bit", "brevitas", "Brevitas weight-only 3-bit QAT", bits=3),
