@@ -270,6 +270,12 @@ class MSQController:
         if self.config.pruning.schedule == "one_shot":
             lower_widths_by_omega(groups, traces, self.config, self.compression)
             self.done = True
+            if self.compression() < self.config.target_compression:
+                logger.warning("one-shot allocation: every group is at min_bits=%d and the "
+                               "compression %.2fx stays below the target %.2fx; lower the "
+                               "target or quantization.min_bits",
+                               self.config.quantization.min_bits, self.compression(),
+                               self.config.target_compression)
         else:
             self._drop_lsbs(self._drop_order(groups, betas, traces), betas, traces)
             self._reassign_prune_steps(groups, omegas)

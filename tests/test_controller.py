@@ -1014,3 +1014,15 @@ def test_the_one_shot_schedule_adds_no_lsb_penalty():
     assert ctl.regularization().item() == 0.0
     _, gradual = prepared(widths, target_compression=6.0, pruning=dict(reg_strength=1.0))
     assert gradual.regularization().item() > 0.0
+
+
+def test_a_one_shot_allocation_that_cannot_reach_the_target_says_so(caplog):
+    # The first and last layers keep 8 bits: with the middle one at 4 the model is at 4.67x.
+    widths = [16, 8, 4]
+    qmodel, ctl = prepared(widths, target_compression=6.0,
+                           quantization=dict(min_bits=4, first_last="fixed"),
+                           pruning=dict(interval=1, schedule="one_shot"))
+    with caplog.at_level("WARNING", logger="msq_fx"):
+        ctl.epoch_end(1, batches(widths), F.mse_loss)
+    assert bits_of(qmodel) == [8, 4, 8] and ctl.done
+    assert "stays below the target 6.00x" in caplog.text
