@@ -162,8 +162,12 @@ class MSQController:
             >>> msq_fx.MSQController(msq_fx.prepare(nn.Linear(4, 2))).compression()
             4.0
         """
+        return self._compression_saving(0)
+
+    def _compression_saving(self, bits_saved: int) -> float:
+        """The compression with ``bits_saved`` fewer weight bits than the current widths hold."""
         params = sum(g.params for g in self.groups)
-        return 32.0 * params / sum(g.bits * g.params for g in self.groups)
+        return 32.0 * params / (sum(g.bits * g.params for g in self.groups) - bits_saved)
 
     # ------------------------------------------------------------------ per epoch
     def epoch_end(self, epoch: int, batches: Iterable, loss_fn: Callable[[Any, Any], Tensor],
@@ -348,15 +352,12 @@ class MSQController:
         if self.config.pruning.last_prune != "cheapest" or not traces:
             return None
         target, floor = self.config.target_compression, self.config.quantization.min_bits
-        params = sum(g.params for g in self.groups)
-        total_bits = sum(g.bits * g.params for g in self.groups)
-        scale = self.config.pruning.omega_scale == "per_weight"
+        per_weight = self.config.pruning.omega_scale == "per_weight"
         costs = {}
         for group in waiting:
             for lsbs in range(1, group.droppable_lsbs(floor) + 1):
-                if 32.0 * params / (total_bits - lsbs * group.params) >= target:
-                    growth = group.omega_growth(traces, lsbs)
-                    costs[group.name] = growth / group.params if scale else growth
+                if self._compression_saving(lsbs * group.params) >= target:
+                    costs[group.name] = group.omega_growth(traces, lsbs, per_weight)
                     break
         finishing = [g for g in waiting if g.name in costs]
         return min(finishing, key=lambda g: costs[g.name]) if finishing else None

@@ -86,16 +86,16 @@ class PrecisionGroup:
         k = self.droppable_lsbs(min_bits)
         if k == 0:
             return math.inf
-        per_bit = self.omega_growth(traces, k) / (self.params * k)
-        return per_bit / self.params if per_weight else per_bit
+        return self.omega_growth(traces, k, per_weight) / (self.params * k)
 
-    def omega_growth(self, traces: dict[int, float], lsbs: int) -> float:
+    def omega_growth(self, traces: dict[int, float], lsbs: int, per_weight: bool = False) -> float:
         """Omega at ``lsbs`` bits under the group's width minus Omega now, each member's scale as
-        it is."""
+        it is; ``per_weight`` takes the average trace, Tr(H) / weights, in place of Tr(H)."""
         lower = sum(traces[id(m.latent)]
                     * m.quantizer.quantization_error(m.latent, self.bits - lsbs)
                     for m in self.members)
-        return lower - self.omega(traces)
+        growth = lower - self.omega(traces)
+        return growth / self.params if per_weight else growth
 
     def omega(self, traces: dict[int, float]) -> float:
         """Omega_g = sum over members of Tr(H_l) * ||W_q - W||^2 at the group's width."""

@@ -26,7 +26,8 @@ from .run import Settings, run_row
 from .table import load_results, load_seeds, markdown_table, seeds_table
 
 __all__ = ["ROWS", "RowSpec", "build_row", "Settings", "run_row", "load_results", "load_seeds",
-           "markdown_table", "seeds_table", "main", "run_rows", "table_path", "DEFAULT_OUT", "DEFAULT_DOC"]
+           "markdown_table", "seeds_table", "main", "run_rows", "table_path", "DEFAULT_OUT",
+           "DEFAULT_DOC"]
 
 DEFAULT_OUT = Path("results/fidelity")
 DEFAULT_DOC = Path("docs/fidelity.md")
@@ -145,9 +146,11 @@ def write_table(out: Path, doc: Path) -> None:
     doc.parent.mkdir(parents=True, exist_ok=True)
     # What follows the table (measurements, notes) is kept as written.
     rest = doc.read_text().partition(TABLE_END)[2] if doc.exists() else "\n"
-    seeds = seeds_table(load_seeds(out))
+    by_row = load_seeds(out)
+    table_runs = {name: runs[0] for name, runs in by_row.items() if 0 in runs}
+    seeds = seeds_table(by_row)
     seeds = f"\n\n{SEEDS_HEADER}{seeds}" if seeds else ""
-    doc.write_text(HEADER + markdown_table(load_results(out), float_row) + seeds + "\n\n"
+    doc.write_text(HEADER + markdown_table(table_runs, float_row) + seeds + "\n\n"
                    + TABLE_END + rest)
 
 

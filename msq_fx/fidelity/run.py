@@ -168,7 +168,8 @@ def _train_epoch(model, controller, train, settings, epoch, steps_per_epoch, opt
 
 def _result(name, spec, model, controller, built, test, state, command, settings) -> dict:
     last = state["epochs"][-1]
-    result = {"row": name, "seed": settings.seed, "method": spec.method, "description": spec.description,
+    result = {"row": name, "seed": settings.seed, "method": spec.method,
+              "description": spec.description,
               "scale": None if spec.method == "brevitas" else settings.scale,
               "compression": built.compression(), "test_acc": last["test_acc"],
               "exact_acc": last["exact_acc"], "target_step": state["target_step"],
