@@ -34,6 +34,7 @@ LAST_PRUNE = ("fit", "full", "cheapest")
 DROP_ORDERS = ("beta", "omega")
 OMEGA_SCALES = ("total", "per_weight")
 SCHEDULES = ("gradual", "one_shot")
+PENALTY_SCOPES = ("all", "planned")
 HESSIAN_METHODS = ("auto", "autograd", "finite_difference")
 HESSIAN_MODEL_MODES = ("eval", "train")
 UNQUANTIZABLE_POLICIES = ("float", "error")
@@ -158,6 +159,16 @@ class PruningConfig(_SubConfig):
         "weight": the residual in the weight's own units (|B_k| x step), so every weight is
         pulled with lambda whatever its width and scale; lambda then needs to be about
         1e-3 to 1e-2 rather than 1e-5 (MNIST example: 8x at epoch 2 of 4 with 1e-2).
+    penalty_scope: which groups the LSB penalty pulls. "all" (default; Algorithm 1): every group
+        still above ``min_bits``. "planned": the same until the prune that will reach the target
+        is in sight; from then (after a prune, when dropping p LSBs from every group still
+        pruning would carry the compression past the target) only the groups that prune would
+        take, by the same rules (``drop_order``, ``last_prune``), with the ordering of the
+        prune just made. Why: in the last interval the penalty otherwise drags every layer's
+        weights onto the next coarser grid while the prune lowers only a few of them; the rest
+        keep their width but start the plain QAT from weights a bit width coarser than it.
+        The groups left out keep their LSBs, so their beta stays high and the prune passes
+        them over.
     threshold: alpha; a group whose LSB non-zero rate beta is below it loses p LSBs.
     interval: I; pruning runs after every I-th epoch (``epoch_end``) or every I-th optimizer step
         (``step_end``), as ``interval_unit`` says.
@@ -229,6 +240,7 @@ class PruningConfig(_SubConfig):
     drop_order: str = "beta"
     omega_scale: str = "total"
     schedule: str = "gradual"
+    penalty_scope: str = "all"
 
     def _validate(self) -> None:
         self._require(_is_number(self.reg_strength) and self.reg_strength >= 0, "reg_strength",
@@ -252,6 +264,8 @@ class PruningConfig(_SubConfig):
         self._require(self.drop_order in DROP_ORDERS, "drop_order", f"one of {DROP_ORDERS}")
         self._require(self.omega_scale in OMEGA_SCALES, "omega_scale", f"one of {OMEGA_SCALES}")
         self._require(self.schedule in SCHEDULES, "schedule", f"one of {SCHEDULES}")
+        self._require(self.penalty_scope in PENALTY_SCOPES, "penalty_scope",
+                      f"one of {PENALTY_SCOPES}")
 
 
 @dataclass(frozen=True)

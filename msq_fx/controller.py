@@ -31,6 +31,9 @@ share one width. What the paper leaves open, and what this implementation chose:
   the first prune (paper, supplement §1). A prune never takes a group below ``min_bits``; beta and
   the LSB penalty look at the LSBs the next prune would actually drop (p clipped at the floor).
 * A group whose width a policy fixes (``first_last="fixed"``) is never pruned or regularized.
+* ``pruning.penalty_scope="planned"``: once a prune sees that the next one will reach the
+  target, the penalty pulls only the groups that prune would take (planned by running the
+  drop rules on the current widths with every beta taken as 0, then undone).
 * ``pruning.schedule="one_shot"`` replaces all of this with one decision: the first due prune
   sets every width from Omega (msq_fx.allocation.lower_widths_by_omega) and the run is plain QAT.
 """
@@ -113,6 +116,9 @@ class MSQController:
         self.prune_count = 0
         self.done = self.compression() >= self.config.target_compression
         self.history: list[PruneRecord] = []
+        #: Names of the groups the LSB penalty pulls, or None for every group still pruning
+        #: (``pruning.penalty_scope``).
+        self.penalized: set[str] | None = None
         if self.config.target_compression >= 0.95 * 32 / self.config.quantization.min_bits:
             # At 32/min_bits the target is met only when every weight sits at min_bits: the run
             # ends in uniform precision however the Hessian ranked the layers.
@@ -144,6 +150,10 @@ class MSQController:
         if self.done or self.config.pruning.reg_strength == 0 or not active \
                 or self.config.pruning.schedule == "one_shot":
             return torch.zeros((), device=device)
+        if self.penalized is not None:
+            active = [g for g in active if g.name in self.penalized]
+            if not active:
+                return torch.zeros((), device=device)
         floor = self.config.quantization.min_bits
         units = self.config.pruning.penalty_units
         terms = [m.quantizer.lsb_l1(m.latent, g.droppable_lsbs(floor), units)
@@ -283,6 +293,8 @@ class MSQController:
         else:
             self._drop_lsbs(self._drop_order(groups, betas, traces), betas, traces)
             self._reassign_prune_steps(groups, omegas)
+            if self.config.pruning.penalty_scope == "planned" and not self.done:
+                self.penalized = self._planned_prune(betas, traces)
         pruned = [g for g in groups if g.bits != before[g.name]]
         if self.config.pruning.scale_after_prune == "refit":
             for member in (m for g in pruned for m in g.members):
@@ -338,6 +350,27 @@ class MSQController:
             if self.compression() >= target:
                 self.done = True
                 return
+
+    def _planned_prune(self, betas: dict[str, float], traces: dict[int, float],
+                       ) -> set[str] | None:
+        """The names of the groups the next prune would lower if every group still pruning
+        passed alpha, when that prune reaches the target; None (every group) when it does not.
+
+        Runs the prune's own rules (``drop_order``, ``last_prune``) on the current widths, with
+        this prune's betas and traces for the ordering, and puts every width back."""
+        groups = self._active_groups()
+        widths = {g.name: g.bits for g in groups}
+        done = self.done
+        try:
+            self._drop_lsbs(self._drop_order(groups, betas, traces),
+                            {g.name: 0.0 for g in groups}, traces)
+            reached = self.done
+            planned = {g.name for g in groups if g.bits != widths[g.name]}
+        finally:
+            for group in groups:
+                group.set_bits(widths[group.name])
+            self.done = done
+        return planned if reached else None
 
     def _cheapest_finish(self, waiting: list[PrecisionGroup],
                          traces: dict[int, float]) -> PrecisionGroup | None:
@@ -454,11 +487,12 @@ class MSQController:
             >>> import msq_fx
             >>> from torch import nn
             >>> msq_fx.MSQController(msq_fx.prepare(nn.Linear(4, 2))).state_dict()
-            {'last_epoch': 0, 'last_step': 0, 'prune_count': 0, 'done': False, 'history': []}
+            {'last_epoch': 0, 'last_step': 0, 'prune_count': 0, 'done': False, 'history': [], 'penalized': None}
         """
         return {"last_epoch": self.last_epoch, "last_step": self.last_step,
                 "prune_count": self.prune_count,
-                "done": self.done, "history": [asdict(r) for r in self.history]}
+                "done": self.done, "history": [asdict(r) for r in self.history],
+                "penalized": None if self.penalized is None else sorted(self.penalized)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from :meth:`state_dict`'s output (load the model's state_dict as well).
@@ -487,6 +521,8 @@ class MSQController:
         self.prune_count = int(state["prune_count"])
         self.done = bool(state["done"])
         self.history = [PruneRecord(**row) for row in state["history"]]
+        penalized = state.get("penalized")  # absent from older checkpoints: every group
+        self.penalized = None if penalized is None else set(penalized)
 
 
 def _require_finite_latents(groups: list[PrecisionGroup], where: str) -> None:

@@ -26,6 +26,7 @@ from msq_fx.config import HessianConfig, PruningConfig, QuantizationConfig
     ("pruning", "penalty_units", "bits"),
     ("pruning", "drop_order", "size"),
     ("pruning", "omega_scale", "mean"), ("pruning", "schedule", "once"),
+    ("pruning", "penalty_scope", "some"),
     ("hessian", "max_samples", 0), ("hessian", "tol", 0.0), ("hessian", "batches", 0),
     ("hessian", "method", "exact"), ("hessian", "chunk_size", 0), ("hessian", "chunk_size", 2.5),
     ("hessian", "relative_step", 0.0), ("hessian", "relative_step", 1.0),

@@ -1026,3 +1026,77 @@ def test_a_one_shot_allocation_that_cannot_reach_the_target_says_so(caplog):
         ctl.epoch_end(1, batches(widths), F.mse_loss)
     assert bits_of(qmodel) == [8, 4, 8] and ctl.done
     assert "stays below the target 6.00x" in caplog.text
+
+
+# ------------------------------------------------------------------------- penalty scope
+
+#: layers.3 is by far the least sensitive; after the first prune (every layer 8 -> 7 bits) one
+#: more LSB of it reaches the target, so the next prune would take it alone.
+SCOPE_WIDTHS = [8, 8, 8, 8]
+SCOPE_SCALES = [30.0, 10.0, 3.0, 0.1]
+SCOPE_TARGET = compression(SCOPE_WIDTHS, [7, 7, 7, 6]) - 1e-9
+
+
+def after_first_prune(penalty_scope: str, target: float = SCOPE_TARGET):
+    qmodel, ctl = prepared(SCOPE_WIDTHS, SCOPE_SCALES, target_compression=target,
+                           pruning=dict(threshold=1.0, interval=1, drop_order="omega",
+                                        reg_strength=1e-2, penalty_scope=penalty_scope))
+    set_betas(qmodel, [0.5] * 4)
+    ctl.epoch_end(1, batches(SCOPE_WIDTHS), F.mse_loss)
+    assert bits_of(qmodel) == [7, 7, 7, 7] and not ctl.done
+    return qmodel, ctl
+
+
+def penalized_latents(qmodel, ctl) -> list[bool]:
+    for index in range(len(SCOPE_WIDTHS)):
+        latent(qmodel, index).grad = None
+    ctl.regularization().backward()
+    return [latent(qmodel, i).grad is not None and bool(latent(qmodel, i).grad.any())
+            for i in range(len(SCOPE_WIDTHS))]
+
+
+def test_the_planned_penalty_pulls_only_the_groups_the_next_prune_would_take():
+    qmodel, ctl = after_first_prune("planned")
+    assert ctl.penalized == {"layers.3.weight"}
+    assert penalized_latents(qmodel, ctl) == [False, False, False, True]
+
+
+def test_the_paper_s_penalty_pulls_every_group_still_pruning():
+    qmodel, ctl = after_first_prune("all")
+    assert ctl.penalized is None
+    assert penalized_latents(qmodel, ctl) == [True, True, True, True]
+
+
+def test_planning_the_next_prune_changes_no_width_and_does_not_end_the_run():
+    decided = [(bits_of(qmodel), ctl.done, ctl.compression())
+               for qmodel, ctl in (after_first_prune(scope) for scope in ("all", "planned"))]
+    assert decided[0] == decided[1]
+
+
+def test_the_next_prune_takes_the_planned_groups():
+    qmodel, ctl = after_first_prune("planned")
+    planned = ctl.penalized
+    ctl.epoch_end(2, batches(SCOPE_WIDTHS), F.mse_loss)
+    assert ctl.done
+    assert {g.name for g in ctl.groups if g.bits < 7} == planned
+
+
+def test_the_penalty_stays_on_every_group_while_the_next_prune_cannot_reach_the_target():
+    qmodel, ctl = after_first_prune("planned", target=compression(SCOPE_WIDTHS, [4, 4, 4, 4]))
+    assert ctl.penalized is None
+    assert penalized_latents(qmodel, ctl) == [True, True, True, True]
+
+
+def test_a_resumed_controller_keeps_the_planned_penalty():
+    qmodel, ctl = after_first_prune("planned")
+    resumed = msq_fx.MSQController(qmodel)
+    resumed.load_state_dict(ctl.state_dict())
+    assert resumed.penalized == ctl.penalized == {"layers.3.weight"}
+
+
+def test_a_checkpoint_from_before_the_penalty_scope_resumes_with_every_group_penalized():
+    qmodel, ctl = after_first_prune("planned")
+    state = ctl.state_dict()
+    del state["penalized"]
+    ctl.load_state_dict(state)
+    assert ctl.penalized is None
