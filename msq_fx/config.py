@@ -164,7 +164,7 @@ class PruningConfig(_SubConfig):
         is in sight; from then (after a prune, when dropping p LSBs from every group still
         pruning would carry the compression past the target) only the groups that prune would
         take, by the same rules (``drop_order``, ``last_prune``), with the ordering of the
-        prune just made. Why: in the last interval the penalty otherwise drags every layer's
+        prune that made the plan; it holds until a prune changes a width. Why: in the last interval the penalty otherwise drags every layer's
         weights onto the next coarser grid while the prune lowers only a few of them; the rest
         keep their width but start the plain QAT from weights a bit width coarser than it.
         The groups left out keep their LSBs, so their beta stays high and the prune passes

@@ -33,7 +33,8 @@ share one width. What the paper leaves open, and what this implementation chose:
 * A group whose width a policy fixes (``first_last="fixed"``) is never pruned or regularized.
 * ``pruning.penalty_scope="planned"``: once a prune sees that the next one will reach the
   target, the penalty pulls only the groups that prune would take (planned by running the
-  drop rules on the current widths with every beta taken as 0, then undone).
+  drop rules on the current widths with every beta taken as 0, then undone); the plan holds
+  until a prune changes a width.
 * ``pruning.schedule="one_shot"`` replaces all of this with one decision: the first due prune
   sets every width from Omega (msq_fx.allocation.lower_widths_by_omega) and the run is plain QAT.
 """
@@ -293,7 +294,12 @@ class MSQController:
         else:
             self._drop_lsbs(self._drop_order(groups, betas, traces), betas, traces)
             self._reassign_prune_steps(groups, omegas)
-            if self.config.pruning.penalty_scope == "planned" and not self.done:
+            # A plan holds until a prune changes a width: re-planning on every prune's fresh
+            # (noisy) traces can switch the pull to another group and waste the LSBs the
+            # penalty had already emptied.
+            changed = any(g.bits != before[g.name] for g in groups)
+            if self.config.pruning.penalty_scope == "planned" and not self.done \
+                    and (changed or self.penalized is None):
                 self.penalized = self._planned_prune(betas, traces)
         pruned = [g for g in groups if g.bits != before[g.name]]
         if self.config.pruning.scale_after_prune == "refit":

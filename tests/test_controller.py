@@ -1100,3 +1100,19 @@ def test_a_checkpoint_from_before_the_penalty_scope_resumes_with_every_group_pen
     del state["penalized"]
     ctl.load_state_dict(state)
     assert ctl.penalized is None
+
+
+def test_a_plan_holds_while_no_prune_changes_a_width(monkeypatch):
+    # Re-planning on a prune's fresh Hessian estimate could switch the pull to another group;
+    # a prune that lowers nothing (no group under alpha) must keep the plan it had.
+    qmodel, ctl = prepared(SCOPE_WIDTHS, SCOPE_SCALES, target_compression=SCOPE_TARGET,
+                           pruning=dict(threshold=0.3, interval=1, drop_order="omega",
+                                        penalty_scope="planned"))
+    set_betas(qmodel, [0.0] * 4)
+    ctl.epoch_end(1, batches(SCOPE_WIDTHS), F.mse_loss)
+    assert bits_of(qmodel) == [7, 7, 7, 7] and ctl.penalized == {"layers.3.weight"}
+    set_betas(qmodel, [0.6] * 4, bits=7)
+    monkeypatch.setattr(ctl, "_planned_prune", lambda *args: {"layers.0.weight"})
+    ctl.epoch_end(2, batches(SCOPE_WIDTHS), F.mse_loss)
+    assert bits_of(qmodel) == [7, 7, 7, 7] and not ctl.done
+    assert ctl.penalized == {"layers.3.weight"}
