@@ -167,8 +167,8 @@ class PruningConfig(_SubConfig):
         prune that made the plan; it holds until a prune changes a width. Why: in the last interval the penalty otherwise drags every layer's
         weights onto the next coarser grid while the prune lowers only a few of them; the rest
         keep their width but start the plain QAT from weights a bit width coarser than it.
-        The groups left out keep their LSBs, so their beta stays high and the prune passes
-        them over.
+        Only the planned groups can be pruned while a plan holds: the others were not pulled,
+        so a beta under alpha would be chance, not emptied LSBs.
     threshold: alpha; a group whose LSB non-zero rate beta is below it loses p LSBs.
     interval: I; pruning runs after every I-th epoch (``epoch_end``) or every I-th optimizer step
         (``step_end``), as ``interval_unit`` says.

@@ -33,8 +33,8 @@ share one width. What the paper leaves open, and what this implementation chose:
 * A group whose width a policy fixes (``first_last="fixed"``) is never pruned or regularized.
 * ``pruning.penalty_scope="planned"``: once a prune sees that the next one will reach the
   target, the penalty pulls only the groups that prune would take (planned by running the
-  drop rules on the current widths with every beta taken as 0, then undone); the plan holds
-  until a prune changes a width.
+  drop rules on the current widths with every beta taken as 0, then undone), and only those
+  groups can be pruned; the plan holds until a prune changes a width.
 * ``pruning.schedule="one_shot"`` replaces all of this with one decision: the first due prune
   sets every width from Omega (msq_fx.allocation.lower_widths_by_omega) and the run is plain QAT.
 """
@@ -292,7 +292,12 @@ class MSQController:
                                self.config.quantization.min_bits, self.compression(),
                                self.config.target_compression)
         else:
-            self._drop_lsbs(self._drop_order(groups, betas, traces), betas, traces)
+            ordered = self._drop_order(groups, betas, traces)
+            if self.penalized is not None:
+                # The groups left out were not pulled: their LSB rate says nothing about
+                # whether their LSBs were emptied, so it cannot qualify them for the drop.
+                ordered = [g for g in ordered if g.name in self.penalized]
+            self._drop_lsbs(ordered, betas, traces)
             self._reassign_prune_steps(groups, omegas)
             # A plan holds until a prune changes a width: re-planning on every prune's fresh
             # (noisy) traces can switch the pull to another group and waste the LSBs the

@@ -1102,15 +1102,33 @@ def test_a_checkpoint_from_before_the_penalty_scope_resumes_with_every_group_pen
     assert ctl.penalized is None
 
 
-def test_a_plan_holds_while_no_prune_changes_a_width(monkeypatch):
-    # Re-planning on a prune's fresh Hessian estimate could switch the pull to another group;
-    # a prune that lowers nothing (no group under alpha) must keep the plan it had.
+def planned_at_alpha_0_3():
+    """After a first prune (every layer 8 -> 7 bits) under alpha 0.3 and the planned penalty:
+    the plan is layers.3 alone."""
     qmodel, ctl = prepared(SCOPE_WIDTHS, SCOPE_SCALES, target_compression=SCOPE_TARGET,
                            pruning=dict(threshold=0.3, interval=1, drop_order="omega",
                                         penalty_scope="planned"))
     set_betas(qmodel, [0.0] * 4)
     ctl.epoch_end(1, batches(SCOPE_WIDTHS), F.mse_loss)
     assert bits_of(qmodel) == [7, 7, 7, 7] and ctl.penalized == {"layers.3.weight"}
+    return qmodel, ctl
+
+
+def test_while_a_plan_holds_only_the_planned_groups_can_be_pruned():
+    # layers.0-2 were not pulled: a beta under alpha there is chance, not emptied LSBs.
+    qmodel, ctl = planned_at_alpha_0_3()
+    set_betas(qmodel, [0.0, 0.0, 0.0, 0.6], bits=7)
+    ctl.epoch_end(2, batches(SCOPE_WIDTHS), F.mse_loss)
+    assert bits_of(qmodel) == [7, 7, 7, 7] and not ctl.done
+    set_betas(qmodel, [0.0, 0.0, 0.0, 0.0], bits=7)
+    ctl.epoch_end(3, batches(SCOPE_WIDTHS), F.mse_loss)
+    assert bits_of(qmodel)[:3] == [7, 7, 7] and bits_of(qmodel)[3] < 7 and ctl.done
+
+
+def test_a_plan_holds_while_no_prune_changes_a_width(monkeypatch):
+    # Re-planning on a prune's fresh Hessian estimate could switch the pull to another group;
+    # a prune that lowers nothing (no group under alpha) must keep the plan it had.
+    qmodel, ctl = planned_at_alpha_0_3()
     set_betas(qmodel, [0.6] * 4, bits=7)
     monkeypatch.setattr(ctl, "_planned_prune", lambda *args: {"layers.0.weight"})
     ctl.epoch_end(2, batches(SCOPE_WIDTHS), F.mse_loss)
