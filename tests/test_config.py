@@ -121,6 +121,11 @@ def test_the_fine_tuning_preset_closes_the_last_gap_with_the_cheapest_drop():
     assert MSQConfig.fine_tuning(8.0).pruning.last_prune == "cheapest"
 
 
+def test_the_fine_tuning_preset_pulls_only_the_groups_the_last_prune_will_take():
+    assert MSQConfig.fine_tuning(8.0).pruning.penalty_scope == "planned"
+    assert MSQConfig().pruning.penalty_scope == "all"  # the paper's, by default
+
+
 @pytest.mark.parametrize("target, floor, grid", [(10.0, 2, "nested"), (15.9, 2, "nested"),
                                                  (16.0, 1, "literal"), (20.0, 1, "literal")])
 def test_the_fine_tuning_preset_allows_binary_layers_from_16x(target, floor, grid):

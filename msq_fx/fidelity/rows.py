@@ -44,6 +44,11 @@ CHEAPEST_FINISH = {"drop_order": "omega", "last_prune": "cheapest"}
 #: Omega with the average trace for every decision: p, the drop order and the last prune.
 AVERAGE_TRACE = {"omega_scale": "per_weight", "drop_order": "omega", "last_prune": "cheapest"}
 PER_WEIGHT_OMEGA = {"omega_scale": "per_weight"}
+#: No LSB penalty: alpha 1, so a prune drops p LSBs from every layer, non-zero or not (the
+#: penalty's pull on the weights is what the long road loses accuracy to at 10.67x).
+NO_PENALTY = {"reg_strength": 0.0, "threshold": 1.0}
+#: The penalty only on the groups the prune that reaches the target will take.
+PLANNED_PENALTY = {**CHEAPEST_FINISH, "penalty_scope": "planned"}
 
 
 @dataclass(frozen=True)
@@ -86,7 +91,7 @@ ROWS: dict[str, RowSpec] = {row.name: row for row in [
          "for p, the drop order and the last prune", pruning=AVERAGE_TRACE),
     _msq("msq-10.67x-no-penalty", 32 / 3, "MSQ, target 10.67x, no LSB penalty (reg_strength "
          "0; alpha 1, so every prune drops p LSBs from every layer, non-zero or not)",
-         pruning={"reg_strength": 0.0, "threshold": 1.0}),
+         pruning=NO_PENALTY),
     _msq("msq-10.67x-omega-order", 32 / 3, "MSQ, target 10.67x, the last prune's groups in "
          "ascending Omega growth per bit (drop_order omega)", pruning=OMEGA_ORDER),
     _msq("msq-10.67x-from-4bit", 32 / 3, "MSQ, target 10.67x, from 4 bits (init_bits 4)",
@@ -97,6 +102,13 @@ ROWS: dict[str, RowSpec] = {row.name: row for row in [
     _msq("msq-10.67x-from-4bit-cheapest-finish", 32 / 3, "MSQ, target 10.67x, from 4 bits, "
          "the last prune by Omega growth, closing the gap with the cheapest single drop",
          quantization=FROM_4_BITS, pruning=CHEAPEST_FINISH),
+    _msq("msq-10.67x-from-4bit-no-penalty", 32 / 3, "MSQ, target 10.67x, from 4 bits, the "
+         "last prune by Omega growth closed by the cheapest drop, no LSB penalty",
+         quantization=FROM_4_BITS, pruning={**CHEAPEST_FINISH, **NO_PENALTY}),
+    _msq("msq-10.67x-from-4bit-planned-penalty", 32 / 3, "MSQ, target 10.67x, from 4 bits, "
+         "the last prune by Omega growth closed by the cheapest drop, the LSB penalty only on "
+         "the groups it will take (penalty_scope planned)", quantization=FROM_4_BITS,
+         pruning=PLANNED_PENALTY),
     _msq("msq-10.67x-per-weight", 32 / 3, "MSQ, target 10.67x, p chosen on Omega per weight "
          "(omega_scale per_weight)", pruning=PER_WEIGHT_OMEGA),
     _msq("msq-16x", 16.0, "MSQ, target 16x (min_bits 1, literal grid: binary 1-bit layers)",
@@ -119,6 +131,22 @@ ROWS: dict[str, RowSpec] = {row.name: row for row in [
     _msq("msq-18x-from-3bit-cheapest-finish", 18.0, "MSQ, target 18x, from 3 bits, the last "
          "prune by Omega growth, closing the gap with the cheapest single drop (min_bits 1, "
          "literal grid)", quantization={**BELOW_TWO_BITS, **FROM_3_BITS}, pruning=CHEAPEST_FINISH),
+    _msq("msq-17x-from-3bit-no-penalty", 17.0, "MSQ, target 17x, from 3 bits, the last "
+         "prune by Omega growth closed by the cheapest drop, no LSB penalty (min_bits 1, "
+         "literal grid)", quantization={**BELOW_TWO_BITS, **FROM_3_BITS},
+         pruning={**CHEAPEST_FINISH, **NO_PENALTY}),
+    _msq("msq-16x-from-3bit-planned-penalty", 16.0, "MSQ, target 16x, from 3 bits, the last "
+         "prune by Omega growth closed by the cheapest drop, the LSB penalty only on the groups "
+         "it will take (min_bits 1, literal grid)",
+         quantization={**BELOW_TWO_BITS, **FROM_3_BITS}, pruning=PLANNED_PENALTY),
+    _msq("msq-16.5x-from-3bit-planned-penalty", 16.5, "MSQ, target 16.5x, from 3 bits, the "
+         "last prune by Omega growth closed by the cheapest drop, the LSB penalty only on the "
+         "groups it will take (min_bits 1, literal grid)",
+         quantization={**BELOW_TWO_BITS, **FROM_3_BITS}, pruning=PLANNED_PENALTY),
+    _msq("msq-18x-from-3bit-planned-penalty", 18.0, "MSQ, target 18x, from 3 bits, the last "
+         "prune by Omega growth closed by the cheapest drop, the LSB penalty only on the groups "
+         "it will take (min_bits 1, literal grid)", quantization={**BELOW_TWO_BITS, **FROM_3_BITS},
+         pruning=PLANNED_PENALTY),
     _msq("msq-18x-from-3bit-omega-order", 18.0, "MSQ, target 18x, from 3 bits, the last "
          "prune by Omega growth (min_bits 1, literal grid)",
          quantization={**BELOW_TWO_BITS, **FROM_3_BITS}, pruning=OMEGA_ORDER),
