@@ -394,17 +394,18 @@ class MSQConfig:
         * takes the prune that reaches the target in ascending Omega growth per bit, and closes
           the last gap with the single drop that adds the least Omega (``last_prune=
           "cheapest"``);
-        * once that prune is in sight, pulls only the groups it will take
+        * under 16x, once that prune is in sight, pulls only the groups it will take
           (``penalty_scope="planned"``): pulling every layer toward a width only one of them
           gets left the others' weights a bit coarser than their width (10.67x: training loss
-          0.138 against 0.075 planned, 0.088 uniform 3-bit);
+          0.138 against 0.075 planned, 0.088 uniform 3-bit). From 16x it pulls every layer
+          (``"all"``), the last drop is to a binary layer, and the layers whose LSBs resist
+          the pull (fc) stay off it; planned, the cheapest by Omega was fc at three seeds of
+          four (80.72-80.99% against 81.30% with another layer binary);
         * from 16x on, allows binary 1-bit layers (``min_bits=1`` on the symmetric literal
           grid): at 32 / min_bits = 16x with 2-bit floors only uniform widths reach the target.
 
-        Measured (docs/fidelity.md, CIFAR-10 ResNet-20, 81.61% float, 3 epochs, mean over
-        seeds against uniform QAT at the same size and seeds): see the table of targets there;
-        at 10.67x the planned penalty took MSQ from 0.45 under uniform 3-bit to level with it,
-        at 16x it stayed above uniform 2-bit. ``changes`` are applied as :meth:`replace`
+        Measured (docs/fidelity.md, CIFAR-10 ResNet-20, 81.61% float, 3 epochs, three or four
+        seeds, against uniform QAT at the same size and seeds): see the table of targets there. ``changes`` are applied as :meth:`replace`
         applies them (a dict for a section changes only the fields it names).
 
         Example:
@@ -423,7 +424,8 @@ class MSQConfig:
                      pruning={"interval": 25, "interval_unit": "step",
                               "penalty_units": "weight", "reg_strength": 1e-2,
                               "scale_after_prune": "refit", "drop_order": "omega",
-                              "last_prune": "cheapest", "penalty_scope": "planned"})
+                              "last_prune": "cheapest",
+                              "penalty_scope": "all" if below_two_bits else "planned"})
         return preset.replace(**changes) if changes else preset
 
     def replace(self, **changes: Any) -> "MSQConfig":

@@ -121,9 +121,14 @@ def test_the_fine_tuning_preset_closes_the_last_gap_with_the_cheapest_drop():
     assert MSQConfig.fine_tuning(8.0).pruning.last_prune == "cheapest"
 
 
-def test_the_fine_tuning_preset_pulls_only_the_groups_the_last_prune_will_take():
-    assert MSQConfig.fine_tuning(8.0).pruning.penalty_scope == "planned"
-    assert MSQConfig().pruning.penalty_scope == "all"  # the paper's, by default
+@pytest.mark.parametrize("target, scope", [(8.0, "planned"), (32 / 3, "planned"),
+                                           (16.0, "all"), (18.0, "all")])
+def test_the_fine_tuning_preset_pulls_only_the_planned_groups_under_16x(target, scope):
+    assert MSQConfig.fine_tuning(target).pruning.penalty_scope == scope
+
+
+def test_the_paper_s_defaults_pull_every_group():
+    assert MSQConfig().pruning.penalty_scope == "all"
 
 
 @pytest.mark.parametrize("target, floor, grid", [(10.0, 2, "nested"), (15.9, 2, "nested"),
