@@ -400,7 +400,8 @@ class MSQConfig:
           0.138 against 0.075 planned, 0.088 uniform 3-bit). From 16x it pulls every layer
           (``"all"``), the last drop is to a binary layer, and the layers whose LSBs resist
           the pull (fc) stay off it; planned, the cheapest by Omega was fc at three seeds of
-          four (80.72-80.99% against 81.30% with another layer binary);
+          four (80.94% mean against 80.99% pulling every layer: a binary fc averaged 80.82%,
+          a binary layer1.1 conv 81.05%);
         * from 16x on, allows binary 1-bit layers (``min_bits=1`` on the symmetric literal
           grid): at 32 / min_bits = 16x with 2-bit floors only uniform widths reach the target.
 
