@@ -397,7 +397,7 @@ class MSQConfig:
         * under 16x, once that prune is in sight, pulls only the groups it will take
           (``penalty_scope="planned"``): pulling every layer toward a width only one of them
           gets left the others' weights a bit coarser than their width (10.67x: training loss
-          0.138 against 0.075 planned, 0.088 uniform 3-bit). From 16x it pulls every layer
+          0.137-0.139 against 0.074-0.079 planned, 0.087-0.088 uniform 3-bit). From 16x it pulls every layer
           (``"all"``), the last drop is to a binary layer, and the layers whose LSBs resist
           the pull (fc) stay off it; planned, the cheapest by Omega was fc at three seeds of
           four (80.94% mean against 80.99% pulling every layer: a binary fc averaged 80.82%,
