@@ -164,9 +164,10 @@ class PruningConfig(_SubConfig):
         is in sight; from then (after a prune, when dropping p LSBs from every group still
         pruning would carry the compression past the target) only the groups that prune would
         take, by the same rules (``drop_order``, ``last_prune``), with the ordering of the
-        prune that made the plan; it holds until a prune changes a width. Why: in the last interval the penalty otherwise drags every layer's
-        weights onto the next coarser grid while the prune lowers only a few of them; the rest
-        keep their width but start the plain QAT from weights a bit width coarser than it.
+        prune that made the plan; it holds until a prune changes a width. Why: in the last
+        interval the penalty otherwise drags every layer's weights onto the next coarser grid
+        while the prune lowers only a few of them; the rest keep their width but start the
+        plain QAT from weights a bit width coarser than it.
         Only the planned groups can be pruned while a plan holds: the others were not pulled,
         so a beta under alpha would be chance, not emptied LSBs.
     threshold: alpha; a group whose LSB non-zero rate beta is below it loses p LSBs.
@@ -397,17 +398,18 @@ class MSQConfig:
         * under 16x, once that prune is in sight, pulls only the groups it will take
           (``penalty_scope="planned"``): pulling every layer toward a width only one of them
           gets left the others' weights a bit coarser than their width (10.67x: training loss
-          0.137-0.139 against 0.074-0.079 planned, 0.087-0.088 uniform 3-bit). From 16x it pulls every layer
-          (``"all"``), the last drop is to a binary layer, and the layers whose LSBs resist
-          the pull (fc) stay off it; planned, the cheapest by Omega was fc at three seeds of
-          four (80.94% mean against 80.99% pulling every layer: a binary fc averaged 80.82%,
-          a binary layer1.1 conv 81.05%);
+          0.137-0.139 against 0.074-0.079 planned, 0.087-0.088 uniform 3-bit). From 16x it
+          pulls every layer (``"all"``), the last drop is to a binary layer, and the layers
+          whose LSBs resist the pull (fc) stay off it; planned, the cheapest by Omega was fc
+          at three seeds of four (80.94% mean against 80.99% pulling every layer: a binary fc
+          averaged 80.82%, a binary layer1.1 conv 81.05%);
         * from 16x on, allows binary 1-bit layers (``min_bits=1`` on the symmetric literal
           grid): at 32 / min_bits = 16x with 2-bit floors only uniform widths reach the target.
 
         Measured (docs/fidelity.md, CIFAR-10 ResNet-20, 81.61% float, 3 epochs, three or four
-        seeds, against uniform QAT at the same size and seeds): see the table of targets there. ``changes`` are applied as :meth:`replace`
-        applies them (a dict for a section changes only the fields it names).
+        seeds, against uniform QAT at the same size and seeds): see the table of targets there.
+        ``changes`` are applied as :meth:`replace` applies them (a dict for a section changes
+        only the fields it names).
 
         Example:
             >>> config = MSQConfig.fine_tuning(10.0, pruning={"interval": 50})

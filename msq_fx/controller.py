@@ -147,14 +147,11 @@ class MSQController:
             (torch.Size([]), True)
         """
         device = self.groups[0].members[0].latent.device
-        active = self._active_groups()
+        active = [g for g in self._active_groups()
+                  if self.penalized is None or g.name in self.penalized]
         if self.done or self.config.pruning.reg_strength == 0 or not active \
                 or self.config.pruning.schedule == "one_shot":
             return torch.zeros((), device=device)
-        if self.penalized is not None:
-            active = [g for g in active if g.name in self.penalized]
-            if not active:
-                return torch.zeros((), device=device)
         floor = self.config.quantization.min_bits
         units = self.config.pruning.penalty_units
         terms = [m.quantizer.lsb_l1(m.latent, g.droppable_lsbs(floor), units)
@@ -299,14 +296,13 @@ class MSQController:
                 ordered = [g for g in ordered if g.name in self.penalized]
             self._drop_lsbs(ordered, betas, traces)
             self._reassign_prune_steps(groups, omegas)
-            # A plan holds until a prune changes a width: re-planning on every prune's fresh
-            # (noisy) traces can switch the pull to another group and waste the LSBs the
-            # penalty had already emptied.
-            changed = any(g.bits != before[g.name] for g in groups)
-            if self.config.pruning.penalty_scope == "planned" and not self.done \
-                    and (changed or self.penalized is None):
-                self.penalized = self._planned_prune(betas, traces)
         pruned = [g for g in groups if g.bits != before[g.name]]
+        # A plan holds until a prune changes a width: re-planning on every prune's fresh (noisy)
+        # traces can switch the pull to another group and waste the LSBs the penalty had
+        # already emptied. (The one-shot schedule is done here, so it never plans.)
+        if self.config.pruning.penalty_scope == "planned" and not self.done \
+                and (pruned or self.penalized is None):
+            self.penalized = self._planned_prune(betas, traces)
         if self.config.pruning.scale_after_prune == "refit":
             for member in (m for g in pruned for m in g.members):
                 member.quantizer.refit_scale(member.latent)

@@ -1037,11 +1037,12 @@ SCOPE_SCALES = [30.0, 10.0, 3.0, 0.1]
 SCOPE_TARGET = compression(SCOPE_WIDTHS, [7, 7, 7, 6]) - 1e-9
 
 
-def after_first_prune(penalty_scope: str, target: float = SCOPE_TARGET):
+def after_first_prune(penalty_scope: str, target: float = SCOPE_TARGET, threshold: float = 1.0,
+                      beta: float = 0.5):
     qmodel, ctl = prepared(SCOPE_WIDTHS, SCOPE_SCALES, target_compression=target,
-                           pruning=dict(threshold=1.0, interval=1, drop_order="omega",
+                           pruning=dict(threshold=threshold, interval=1, drop_order="omega",
                                         reg_strength=1e-2, penalty_scope=penalty_scope))
-    set_betas(qmodel, [0.5] * 4)
+    set_betas(qmodel, [beta] * 4)
     ctl.epoch_end(1, batches(SCOPE_WIDTHS), F.mse_loss)
     assert bits_of(qmodel) == [7, 7, 7, 7] and not ctl.done
     return qmodel, ctl
@@ -1105,12 +1106,8 @@ def test_a_checkpoint_from_before_the_penalty_scope_resumes_with_every_group_pen
 def planned_at_alpha_0_3():
     """After a first prune (every layer 8 -> 7 bits) under alpha 0.3 and the planned penalty:
     the plan is layers.3 alone."""
-    qmodel, ctl = prepared(SCOPE_WIDTHS, SCOPE_SCALES, target_compression=SCOPE_TARGET,
-                           pruning=dict(threshold=0.3, interval=1, drop_order="omega",
-                                        penalty_scope="planned"))
-    set_betas(qmodel, [0.0] * 4)
-    ctl.epoch_end(1, batches(SCOPE_WIDTHS), F.mse_loss)
-    assert bits_of(qmodel) == [7, 7, 7, 7] and ctl.penalized == {"layers.3.weight"}
+    qmodel, ctl = after_first_prune("planned", threshold=0.3, beta=0.0)
+    assert ctl.penalized == {"layers.3.weight"}
     return qmodel, ctl
 
 
