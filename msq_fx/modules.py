@@ -36,7 +36,9 @@ class WeightFakeQuant(CachesItsWeight):
     zero LSBs never moves a value. With ``scale_mode="max"`` there is no parameter and S is
     max|w| at every forward.
     Plain attributes (re-created by ``prepare``): ``kind``, ``names`` (every FQN of the tensor),
-    ``grid``, ``prunable`` (False for layers whose width a policy fixes), ``recompute`` (the
+    ``grid``, ``binary_gradient`` (how a binary width passes the gradient with a learned
+    scale, :data:`msq_fx.quant.BINARY_GRADIENTS`), ``prunable`` (False for layers whose width
+    a policy fixes), ``recompute`` (the
     owner's forward lets ops save how to recompute the quantized weight instead of a copy),
     ``cache`` (inside ``cached_quantized_weights``: the last quantized tensor and what it was
     computed from, else None), ``prefetched`` (a ``Prefetched`` weight for the next call, set by
@@ -45,11 +47,14 @@ class WeightFakeQuant(CachesItsWeight):
 
     def __init__(self, bits: int, kind: str, names: tuple[str, ...], grid: str = "nested",
                  prunable: bool = True, recompute: bool = False, scale_mode: str = "max",
-                 latent: Tensor | None = None) -> None:
+                 latent: Tensor | None = None, binary_gradient: str = "inside_clip") -> None:
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         quant._check_grid(grid)
+        if binary_gradient not in quant.BINARY_GRADIENTS:
+            raise ValueError(f"binary_gradient must be one of {quant.BINARY_GRADIENTS}, "
+                             f"got {binary_gradient!r}")
         if scale_mode not in quant.SCALE_MODES:
             raise ValueError(f"scale_mode must be one of {quant.SCALE_MODES}, got {scale_mode!r}")
         if scale_mode != "max":
@@ -64,6 +69,7 @@ class WeightFakeQuant(CachesItsWeight):
         self.kind = kind
         self.names = tuple(names)
         self.grid = grid
+        self.binary_gradient = binary_gradient
         self.prunable = prunable
         self.recompute = recompute
         self.group = self.names[0]
@@ -88,13 +94,16 @@ class WeightFakeQuant(CachesItsWeight):
         sources = (latent,) if scale is None else (latent, scale)
         if serves_from_cache(self, *sources):
             return from_cache(self, sources, (bits, self.grid),
-                               lambda: quant.fake_quantize(latent, bits, self.grid, scale))
+                               lambda: self._quantize(latent, bits, scale))
         prefetched = self.__dict__.get("prefetched")
         if prefetched is not None:
             self.__dict__["prefetched"] = None  # a plain attribute: skip Module.__setattr__
             if prefetched.serves(latent, bits, self.grid, scale):
                 return prefetched.value
-        return quant.fake_quantize(latent, bits, self.grid, scale)
+        return self._quantize(latent, bits, scale)
+
+    def _quantize(self, latent: Tensor, bits: int, scale: Tensor | None) -> Tensor:
+        return quant.fake_quantize(latent, bits, self.grid, scale, self.binary_gradient)
 
     def prefetch(self, latent: Tensor) -> bool:
         """Quantize ``latent`` now for this quantizer's next call, which returns that tensor if
@@ -108,7 +117,7 @@ class WeightFakeQuant(CachesItsWeight):
         if serves_from_cache(self, *((latent,) if scale is None else (latent, scale))):
             return False
         self.__dict__["prefetched"] = Prefetched.of(
-            quant.fake_quantize(latent, bits, self.grid, scale), latent, bits, self.grid, scale)
+            self._quantize(latent, bits, scale), latent, bits, self.grid, scale)
         return True
 
     def drop_prefetched(self) -> None:

@@ -75,6 +75,7 @@ def rewrite(model: nn.Module, discovery: Discovery, config: MSQConfig,
                                           prunable=t.name not in discovery.fixed_width,
                                           recompute=quantization.recompute_quantized_weights,
                                           scale_mode=quantization.scale,
+                                          binary_gradient=quantization.binary_gradient,
                                           latent=_latent(model, t.name))
                   for t in discovery.targets}
     for name, quantizer in quantizers.items():

@@ -244,6 +244,127 @@ def test_a_per_channel_scale_with_one_weight_per_channel_gets_a_gradient_per_cha
     assert qmodel.weight_quantizer.scale.grad.shape == (3, 1)
 
 
+# ---------------------------------------------------------------- binary weights
+
+
+class BinaryCase(NamedTuple):
+    w: torch.Tensor  # (rows, cols) float32, anywhere within eight scales of zero
+    scale: torch.Tensor  # () per tensor, (rows, 1) per channel
+    grad: torch.Tensor  # a gradient arriving at the quantized weight
+
+
+@st.composite
+def binary_cases(draw, per_channel=st.booleans()) -> BinaryCase:
+    """Weights anywhere within eight scales of zero (far past the clip included), a scale per
+    tensor or per channel, and an upstream gradient."""
+    rows, cols = draw(st.integers(1, 4)), draw(st.integers(1, 12))
+    channel = draw(per_channel)
+    scale = torch.tensor([draw(SCALES) for _ in range(rows if channel else 1)])
+    scale = scale.reshape(rows, 1) if channel else scale.reshape(())
+    # Zero or at least 1e-3 scales out: w / S of a subnormal w underflows to (signed) zero.
+    multiple = st.floats(-8.0, 8.0).filter(lambda m: m == 0 or abs(m) >= 1e-3)
+    multiples = torch.tensor([[draw(multiple) for _ in range(cols)] for _ in range(rows)])
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    return BinaryCase((multiples * scale).float(), scale,
+                      torch.randn((rows, cols), generator=generator))
+
+
+def binary_differentiated(case: BinaryCase, binary_gradient: str, grid: str = "literal"):
+    """(w, S, fake_quantize(w, 1, grid, S)) with w and S leaves, after the case's gradient was
+    propagated back from the value."""
+    w, scale = case.w.clone().requires_grad_(), case.scale.clone().requires_grad_()
+    value = quant.fake_quantize(w, 1, grid, scale, binary_gradient)
+    value.backward(case.grad)
+    return w, scale, value
+
+
+@PROPERTY
+@given(binary_cases())
+def test_a_binary_weight_is_the_scale_times_its_sign(case):
+    w, scale, _ = case
+    value = quant.fake_quantize(w, 1, "literal", scale)
+    assert torch.equal(value, torch.where(w < 0, -scale, scale).expand_as(w))
+
+
+@PROPERTY
+@given(binary_cases())
+def test_every_binary_latent_gets_the_gradient_however_far_past_the_scale(case):
+    w, _, _ = binary_differentiated(case, "every_weight")
+    assert torch.equal(w.grad, case.grad)
+
+
+@PROPERTY
+@given(binary_cases())
+def test_a_binary_scale_gets_the_exact_derivative_of_its_sign_times_scale(case):
+    w, scale, _ = case
+    _, learned, _ = binary_differentiated(case, "every_weight")
+    # d(S sign w)/dS = sign(w), times LSQ's 1/sqrt(N) (N weights per scale, 2^(1-1) = 1).
+    per_weight = case.grad.double() * torch.where(w < 0, -1.0, 1.0).double()
+    per_scale = w.numel() / scale.numel()
+    dims = {} if scale.dim() == 0 else {"dim": 1, "keepdim": True}
+    expected = per_weight.sum(**dims) / math.sqrt(per_scale)
+    magnitude = per_weight.abs().sum(**dims) / math.sqrt(per_scale)
+    assert learned.grad.shape == scale.shape
+    assert bool(((learned.grad.double() - expected).abs() <= 1e-5 * magnitude + 1e-12).all())
+
+
+@PROPERTY
+@given(binary_cases())
+def test_inside_clip_keeps_lsq_rule_for_binary_weights_none_past_twice_the_scale(case):
+    w, scale, grad = case
+    latent, _, _ = binary_differentiated(case, "inside_clip")
+    # The binary code position is w / (2 S) + 1/2; it rounds inside [0, 1] up to |w| = 2 S.
+    far = (w.double() / scale.double()).abs() > 2.0 + 1e-6
+    near = (w.double() / scale.double()).abs() < 2.0 - 1e-6
+    assert bool((latent.grad[far] == 0).all())
+    assert torch.equal(latent.grad[near], grad[near])
+
+
+@PROPERTY
+@given(binary_cases())
+def test_one_nested_bit_is_not_binary_and_keeps_lsq_rule(case):
+    every, _, _ = binary_differentiated(case, "every_weight", grid="nested")
+    clipped, _, _ = binary_differentiated(case, "inside_clip", grid="nested")
+    assert torch.equal(every.grad, clipped.grad)
+
+
+def test_an_unknown_binary_gradient_is_refused_naming_the_choices():
+    with pytest.raises(ValueError, match="binary_gradient must be one of"):
+        quant.fake_quantize(torch.ones(2), 1, "literal", torch.tensor(1.0), "sign")
+
+
+@pytest.mark.parametrize("binary_gradient", quant.BINARY_GRADIENTS)
+def test_prepare_gives_every_quantizer_the_configured_binary_gradient(binary_gradient):
+    config = msq_fx.MSQConfig(quantization={"scale": "channel", "grid": "literal", "min_bits": 1,
+                                            "binary_gradient": binary_gradient})
+    qmodel = msq_fx.prepare(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)),
+                            torch.randn(3, 4), config)
+    quantizers = [m for m in qmodel.modules() if isinstance(m, WeightFakeQuant)]
+    assert len(quantizers) == 2
+    assert {q.binary_gradient for q in quantizers} == {binary_gradient}
+
+
+@pytest.mark.parametrize("binary_gradient, moves", [(None, False), ("inside_clip", False),
+                                                     ("every_weight", True)])
+def test_a_binary_latent_ten_scales_out_gets_a_gradient_only_with_every_weight(binary_gradient,
+                                                                               moves):
+    """Through prepare, a layer set to 1 bit (None: the default, LSQ's rule): under LSQ's rule a
+    latent that far past its channel's scale gets no gradient, so its sign can never change."""
+    torch.manual_seed(0)
+    quantization = {"scale": "channel", "grid": "literal", "min_bits": 1}
+    if binary_gradient is not None:
+        quantization["binary_gradient"] = binary_gradient
+    qmodel = msq_fx.prepare(nn.Linear(8, 3), torch.randn(5, 8),
+                            msq_fx.MSQConfig(quantization=quantization))
+    qmodel.weight_quantizer.bits.fill_(1)
+    latent = qmodel._parameters["weight"]
+    with torch.no_grad():
+        latent[0, 0] = 10 * float(qmodel.weight_quantizer.scale[0])
+    qmodel(torch.randn(5, 8)).square().sum().backward()
+    assert (float(latent.grad[0, 0]) != 0.0) == moves
+    assert int((latent.grad != 0).sum()) > 12  # the latents inside the clip get theirs
+
+
 # ---------------------------------------------------------------- best_clip
 
 
