@@ -35,6 +35,8 @@ MSQ_PRUNING = {"interval": PRUNE_STEPS, "interval_unit": "step", "bn_recalibrati
 #: Past 16x a mixed-precision result needs layers under 2 bits: binary (+-S) 1-bit layers, as
 #: the symmetric literal grid gives.
 BELOW_TWO_BITS = {"min_bits": 1, "grid": "literal"}
+#: Binary layers passing the gradient to every latent, not only to those inside the clip.
+BINARY_GRADIENT_EVERY_WEIGHT = {**BELOW_TWO_BITS, "binary_gradient": "every_weight"}
 #: Variants measured against the rows above (docs/fidelity.md, "What the table shows").
 FROM_4_BITS = {"init_bits": 4}
 FROM_3_BITS = {"init_bits": 3}
@@ -139,6 +141,20 @@ ROWS: dict[str, RowSpec] = {row.name: row for row in [
          "prune by Omega growth closed by the cheapest drop, the LSB penalty only on the groups "
          "it will take (min_bits 1, literal grid)",
          quantization={**BELOW_TWO_BITS, **FROM_3_BITS}, pruning=PLANNED_PENALTY),
+    _msq("msq-16x-from-3bit-two-bit-floor", 16.0, "MSQ, target 16x, from 3 bits on the nested "
+         "grid with a 2-bit floor (min_bits 2), the last prune by Omega growth closed by the "
+         "cheapest drop", quantization=FROM_3_BITS, pruning=CHEAPEST_FINISH),
+    _msq("msq-18x-from-3bit-binary-gradient", 18.0, "MSQ, target 18x, from 3 bits, the last "
+         "prune by Omega growth closed by the cheapest drop; binary layers pass the gradient to "
+         "every latent (min_bits 1, literal grid)",
+         quantization={**BINARY_GRADIENT_EVERY_WEIGHT, **FROM_3_BITS},
+         pruning=CHEAPEST_FINISH),
+    _msq("msq-16x-from-3bit-average-trace", 16.0, "MSQ, target 16x, from 3 bits, Omega by the "
+         "average trace for p, the drop order and the last prune (min_bits 1, literal grid)",
+         quantization={**BELOW_TWO_BITS, **FROM_3_BITS}, pruning=AVERAGE_TRACE),
+    _msq("msq-18x-from-3bit-average-trace", 18.0, "MSQ, target 18x, from 3 bits, Omega by the "
+         "average trace for p, the drop order and the last prune (min_bits 1, literal grid)",
+         quantization={**BELOW_TWO_BITS, **FROM_3_BITS}, pruning=AVERAGE_TRACE),
     _msq("msq-16.5x-from-3bit-planned-penalty", 16.5, "MSQ, target 16.5x, from 3 bits, the "
          "last prune by Omega growth closed by the cheapest drop, the LSB penalty only on the "
          "groups it will take (min_bits 1, literal grid)",
