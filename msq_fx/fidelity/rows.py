@@ -40,6 +40,7 @@ BINARY_GRADIENT_EVERY_WEIGHT = {**BELOW_TWO_BITS, "binary_gradient": "every_weig
 #: Variants measured against the rows above (docs/fidelity.md, "What the table shows").
 FROM_4_BITS = {"init_bits": 4}
 FROM_3_BITS = {"init_bits": 3}
+FROM_2_BITS = {"init_bits": 2}
 FROM_5_BITS = {"init_bits": 5}
 OMEGA_ORDER = {"drop_order": "omega"}
 CHEAPEST_FINISH = {"drop_order": "omega", "last_prune": "cheapest"}
@@ -155,6 +156,10 @@ ROWS: dict[str, RowSpec] = {row.name: row for row in [
     _msq("msq-18x-from-3bit-average-trace", 18.0, "MSQ, target 18x, from 3 bits, Omega by the "
          "average trace for p, the drop order and the last prune (min_bits 1, literal grid)",
          quantization={**BELOW_TWO_BITS, **FROM_3_BITS}, pruning=AVERAGE_TRACE),
+    _msq("msq-18x-from-2bit", 18.0, "MSQ, target 18x, from 2 bits (uniform 2-bit widths until "
+         "the first prune), the last prune by Omega growth closed by the cheapest drop (min_bits "
+         "1, literal grid)", quantization={**BELOW_TWO_BITS, **FROM_2_BITS},
+         pruning=CHEAPEST_FINISH),
     _msq("msq-16.5x-from-3bit-planned-penalty", 16.5, "MSQ, target 16.5x, from 3 bits, the "
          "last prune by Omega growth closed by the cheapest drop, the LSB penalty only on the "
          "groups it will take (min_bits 1, literal grid)",
