@@ -160,6 +160,12 @@ ROWS: dict[str, RowSpec] = {row.name: row for row in [
          "the first prune), the last prune by Omega growth closed by the cheapest drop (min_bits "
          "1, literal grid)", quantization={**BELOW_TWO_BITS, **FROM_2_BITS},
          pruning=CHEAPEST_FINISH),
+    _msq("msq-18x-from-4bit-cheapest-finish", 18.0, "MSQ, target 18x, from 4 bits, the last "
+         "prune by Omega growth closed by the cheapest drop (min_bits 1, literal grid)",
+         quantization={**BELOW_TWO_BITS, **FROM_4_BITS}, pruning=CHEAPEST_FINISH),
+    _msq("msq-16x-from-4bit-cheapest-finish", 16.0, "MSQ, target 16x, from 4 bits, the last "
+         "prune by Omega growth closed by the cheapest drop (min_bits 1, literal grid)",
+         quantization={**BELOW_TWO_BITS, **FROM_4_BITS}, pruning=CHEAPEST_FINISH),
     _msq("msq-16.5x-from-3bit-planned-penalty", 16.5, "MSQ, target 16.5x, from 3 bits, the "
          "last prune by Omega growth closed by the cheapest drop, the LSB penalty only on the "
          "groups it will take (min_bits 1, literal grid)",
