@@ -94,8 +94,8 @@ class QuantizationConfig(_SubConfig):
         scale passes the gradient. "inside_clip" (default): LSQ's rule as at every other width,
         a latent past twice the scale gets none (its sign stays); "every_weight": every latent
         gets it (the forward reads only the sign), the scale its exact derivative sign(w).
-        Measured fine-tuning ResNet-20 to 18.5x (two binary layer3 convs): 0.3-0.4 points
-        worse than "inside_clip" at two seeds (docs/fidelity.md).
+        Measured fine-tuning ResNet-20 to 18.5x (two binary layer3 convs): 0.3-0.6 points
+        worse than "inside_clip" (docs/fidelity.md).
     first_last: "quantize" the first and last quantized layer like any other, keep them "fixed"
         at init_bits (never pruned), or leave them "float".
     exclude: regular expressions; a weight whose FQN matches any (re.search) stays float.

@@ -273,7 +273,7 @@ class _LearnedScale(torch.autograd.Function):
     With ``every_weight`` True no latent counts as past a clip: dv/dw = 1 for every weight and
     dv/dS = sign(w) = v / S. (Under LSQ's rule a binary latent past twice the scale gets no
     gradient, so its sign stays: 31-39% of two binary ResNet-20 convs after fine-tuning; yet
-    passing the gradient to them measured 0.3-0.4 points worse there, docs/fidelity.md.)
+    passing the gradient to them measured 0.3-0.6 points worse there, docs/fidelity.md.)
     The scale's gradient is multiplied by ``1 / sqrt(n * 2^(bits-1))`` (n weights per scale),
     LSQ's step-size gradient scale, so a scale learns at the pace of the weights it serves.
     Nothing weight-sized is saved: the backward recomputes from ``w`` (a live parameter).
