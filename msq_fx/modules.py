@@ -52,9 +52,7 @@ class WeightFakeQuant(CachesItsWeight):
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         quant._check_grid(grid)
-        if binary_gradient not in quant.BINARY_GRADIENTS:
-            raise ValueError(f"binary_gradient must be one of {quant.BINARY_GRADIENTS}, "
-                             f"got {binary_gradient!r}")
+        quant._check_binary_gradient(binary_gradient)
         if scale_mode not in quant.SCALE_MODES:
             raise ValueError(f"scale_mode must be one of {quant.SCALE_MODES}, got {scale_mode!r}")
         if scale_mode != "max":

@@ -55,6 +55,12 @@ def _check_grid(grid: str) -> None:
         raise ValueError(f"grid must be one of {GRIDS}, got {grid!r}")
 
 
+def _check_binary_gradient(binary_gradient: str) -> None:
+    if binary_gradient not in BINARY_GRADIENTS:
+        raise ValueError(f"binary_gradient must be one of {BINARY_GRADIENTS}, "
+                         f"got {binary_gradient!r}")
+
+
 def weight_scale(w: Tensor) -> Tensor:
     """Per-tensor scale ``S = max|w|`` (detached; a tiny floor keeps all-zero tensors finite)."""
     floor = max(_MIN_SCALE, torch.finfo(w.dtype).tiny) if w.is_floating_point() else _MIN_SCALE
@@ -330,9 +336,7 @@ def fake_quantize(w: Tensor, bits: int, grid: str = "nested",
     """
     if scale is None:
         return _StraightThrough.apply(w, bits, grid)
-    if binary_gradient not in BINARY_GRADIENTS:
-        raise ValueError(f"binary_gradient must be one of {BINARY_GRADIENTS}, "
-                         f"got {binary_gradient!r}")
+    _check_binary_gradient(binary_gradient)
     return _LearnedScale.apply(w, scale, bits, grid, binary_gradient == "every_weight")
 
 
