@@ -97,7 +97,12 @@ class QuantizationConfig(_SubConfig):
         Measured fine-tuning ResNet-20 to 18.5x (two binary layer3 convs): 0.3-0.6 points
         worse than "inside_clip" (docs/fidelity.md).
     first_last: "quantize" the first and last quantized layer like any other, keep them "fixed"
-        at init_bits (never pruned), or leave them "float".
+        at ``first_last_bits`` (never pruned), or leave them "float".
+    first_last_bits: the width "fixed" holds the first and last layer at; None (default):
+        init_bits. Higher precision at a network's edges is the oldest mixed-precision
+        heuristic; with a start near the target's width (``MSQConfig.fine_tuning``) it is the
+        one way those two layers get more bits than the rest, since a prune only lowers widths.
+        Only read under ``first_last="fixed"``; any other policy with it set is an error.
     exclude: regular expressions; a weight whose FQN matches any (re.search) stays float.
     groups: each entry a tuple of FQN regexes; matching weights share one precision decision.
     on_unquantizable: what prepare() does with a found weight whose owner module cannot carry a
@@ -121,6 +126,7 @@ class QuantizationConfig(_SubConfig):
     scale: str = "max"
     binary_gradient: str = "inside_clip"
     first_last: str = "quantize"
+    first_last_bits: int | None = None
     exclude: tuple[str, ...] = ()
     groups: tuple[tuple[str, ...], ...] = ()
     on_unquantizable: str = "float"
@@ -145,6 +151,12 @@ class QuantizationConfig(_SubConfig):
                       f"one of {BINARY_GRADIENTS}")
         self._require(self.first_last in FIRST_LAST_POLICIES, "first_last",
                       f"one of {FIRST_LAST_POLICIES}")
+        self._require(self.first_last_bits is None or (_is_int(self.first_last_bits)
+                                                       and 1 <= self.first_last_bits <= 8),
+                      "first_last_bits", "None (init_bits) or an integer in 1..8")
+        self._require(self.first_last_bits is None or self.first_last == "fixed",
+                      "first_last_bits", f"None unless first_last='fixed' (it is "
+                      f"{self.first_last!r}): only 'fixed' holds the edges at a width")
         self._require(self.on_unquantizable in UNQUANTIZABLE_POLICIES, "on_unquantizable",
                       f"one of {UNQUANTIZABLE_POLICIES}")
         self._require(all(isinstance(p, str) and _compiles(p) for p in self.exclude), "exclude",

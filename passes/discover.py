@@ -85,8 +85,8 @@ class Discovery:
         targets: the weights to quantize, in execution order.
         float_weights: the conv / linear / attention weights left in float, with the reason.
         notes: what could not be checked, or is read through a transform.
-        fixed_width: names of the targets whose width a policy fixes at ``init_bits`` (never
-            pruned): the first and last layer under ``first_last="fixed"``, else empty.
+        fixed_width: names of the targets whose width a policy fixes (never pruned; at
+            ``first_last_bits``, or ``init_bits`` when that is None): the first and last layer under ``first_last="fixed"``, else empty.
     """
 
     targets: list[WeightTarget] = field(default_factory=list)

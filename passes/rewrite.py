@@ -1,7 +1,8 @@
 """Rewrite pass: put an MSQ weight quantizer on every discovered weight.
 
 Reads: a ``Discovery`` (its ``fixed_width`` names the weights whose quantizers are not
-prunable: the discover pass decides which layers ``first_last`` means) and the config.
+prunable, and start at ``first_last_bits`` when it is set: the discover pass decides which
+layers ``first_last`` means) and the config.
 Changes: the given model in place (``prepare`` hands it a private copy, so the user's model is
 never touched and a failure leaves nothing half-rewritten).
 Each owner module of a quantized tensor gets its class swapped for ``quantized_class(...)`` and a
@@ -71,7 +72,8 @@ def rewrite(model: nn.Module, discovery: Discovery, config: MSQConfig,
     if refused:
         raise RewriteError("; ".join(f"{f.name}: {f.reason}" for f in refused))
     quantization = config.quantization
-    quantizers = {t.name: WeightFakeQuant(quantization.init_bits, t.kind, t.fqns, quantization.grid,
+    quantizers = {t.name: WeightFakeQuant(_start_bits(t.name, discovery, quantization), t.kind,
+                                          t.fqns, quantization.grid,
                                           prunable=t.name not in discovery.fixed_width,
                                           recompute=quantization.recompute_quantized_weights,
                                           scale_mode=quantization.scale,
@@ -88,6 +90,13 @@ def rewrite(model: nn.Module, discovery: Discovery, config: MSQConfig,
             owner.add_module(INPUT_QUANTIZER, ActivationFakeQuant(config.quantization.act_bits))
     if config.quantization.recompute_quantized_weights and quantizers:
         install_model_recompute(model)
+
+
+def _start_bits(name: str, discovery: Discovery, quantization) -> int:
+    """The width ``name`` starts at: ``first_last_bits`` for a layer the policy fixes, when set."""
+    if name in discovery.fixed_width and quantization.first_last_bits is not None:
+        return quantization.first_last_bits
+    return quantization.init_bits
 
 
 def unrewrite(model: nn.Module) -> None:

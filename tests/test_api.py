@@ -354,6 +354,24 @@ def test_first_last_policy(policy, quantized, fixed):
             {r.name for r in report.layers if not r.prunable} | {f.name for f in report.float_weights})
 
 
+def test_first_last_bits_holds_the_edges_at_their_width_through_pruning_and_convert():
+    config = msq_fx.MSQConfig(target_compression=16.0,
+                              quantization=dict(init_bits=3, first_last="fixed", first_last_bits=8),
+                              pruning=dict(interval=1, threshold=1.0))  # every prunable layer drops
+    qmodel = msq_fx.prepare(small_cnn(), X, config)
+    controller = msq_fx.MSQController(qmodel)
+    widths = lambda: {r.name: r.bits for r in msq_fx.report(qmodel).layers}
+    edges = {"features.0.weight", "classifier.2.weight"}
+    assert {name: bits for name, bits in widths().items() if name in edges} == dict.fromkeys(edges, 8)
+    assert set(widths().values()) == {3, 8}
+    batches = [(X, torch.zeros(len(X)))]
+    for epoch in range(1, 4):
+        controller.epoch_end(epoch, batches, lambda out, _: out.square().mean())
+    assert all(bits == 8 for name, bits in widths().items() if name in edges)
+    assert all(bits < 3 for name, bits in widths().items() if name not in edges)
+    assert torch.equal(eval_output(qmodel, X), eval_output(msq_fx.convert(qmodel), X))
+
+
 def test_activation_quantization_quantizes_layer_inputs():
     qmodel = msq_fx.prepare(small_cnn(), X, msq_fx.MSQConfig(quantization=dict(act_bits=4)))
     seen = {}

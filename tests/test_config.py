@@ -16,6 +16,8 @@ from msq_fx.config import HessianConfig, PruningConfig, QuantizationConfig
     ("quantization", "init_bits", 8.0), ("quantization", "min_bits", 0),
     ("quantization", "min_bits", 9), ("quantization", "act_bits", 1),
     ("quantization", "grid", "uniform"), ("quantization", "first_last", "skip"),
+    ("quantization", "first_last_bits", 0), ("quantization", "first_last_bits", 9),
+    ("quantization", "first_last_bits", 4.0),
     ("quantization", "exclude", ("[",)), ("quantization", "groups", ((),)),
     ("quantization", "on_unquantizable", "skip"),
     ("quantization", "recompute_quantized_weights", 1),
@@ -35,6 +37,13 @@ from msq_fx.config import HessianConfig, PruningConfig, QuantizationConfig
 def test_invalid_values_are_rejected_with_the_whole_field_named(section, field, value):
     with pytest.raises(ValueError, match=re.escape(f"MSQConfig.{section}.{field}={value!r} is invalid")):
         MSQConfig(**{section: {field: value}})
+
+
+@pytest.mark.parametrize("policy", ["quantize", "float"])
+def test_first_last_bits_is_rejected_unless_first_last_is_fixed(policy):
+    with pytest.raises(ValueError, match=r"first_last_bits=8 is invalid: expected None unless "
+                                         r"first_last='fixed'"):
+        MSQConfig(quantization=dict(first_last=policy, first_last_bits=8))
 
 
 @pytest.mark.parametrize("value", [1.0, 64.0, "8"])

@@ -108,6 +108,14 @@ def test_fixed_width_targets_get_quantizers_that_are_not_prunable():
     assert [model[i].weight_quantizer.prunable for i in (0, 2)] == [True, False]
 
 
+def test_fixed_width_targets_start_at_first_last_bits_and_the_rest_at_init_bits():
+    model = stack()
+    config = msq_fx.MSQConfig(quantization=dict(init_bits=3, first_last="fixed", first_last_bits=8,
+                                                recompute_quantized_weights=False))
+    rewrite(model, every_linear(model, fixed_width=frozenset({"2.weight"})), config)
+    assert [model[i].weight_quantizer.num_bits for i in (0, 2)] == [3, 8]
+
+
 def test_rewrite_fixes_no_width_the_discovery_does_not_name():
     model = stack()
     rewrite(model, every_linear(model), msq_fx.MSQConfig(quantization=dict(first_last="fixed")))

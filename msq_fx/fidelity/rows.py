@@ -47,6 +47,9 @@ CHEAPEST_FINISH = {"drop_order": "omega", "last_prune": "cheapest"}
 #: Omega with the average trace for every decision: p, the drop order and the last prune.
 AVERAGE_TRACE = {"omega_scale": "per_weight", "drop_order": "omega", "last_prune": "cheapest"}
 PER_WEIGHT_OMEGA = {"omega_scale": "per_weight"}
+#: The first conv and the fc layer (1,072 of ResNet-20's 268,336 weights) held at a width of
+#: their own, never pruned: at 18x from 2 bits, conv1 and fc at 2 bits instead of 3 cost 0.88.
+FIRST_LAST_8_BITS = {"first_last": "fixed", "first_last_bits": 8}
 #: No LSB penalty: alpha 1, so a prune drops p LSBs from every layer, non-zero or not (the
 #: penalty's pull on the weights is what the long road loses accuracy to at 10.67x).
 NO_PENALTY = {"reg_strength": 0.0, "threshold": 1.0}
@@ -81,8 +84,21 @@ def _msq(name: str, target: float, description: str, **changes: dict) -> RowSpec
                    pruning={**MSQ_PRUNING, **changes.get("pruning", {})})
 
 
+def _first_last_held(label: str, target: float, bits: int) -> RowSpec:
+    """MSQ as ``MSQConfig.fine_tuning`` runs it past 16x, the first conv and fc held at ``bits``."""
+    return _msq(f"msq-{label}-from-3bit-first-last-{bits}bit", target,
+                f"MSQ, target {label}, from 3 bits, the first conv and fc held at {bits} bits, "
+                f"the last prune by Omega growth closed by the cheapest drop (min_bits 1, "
+                f"literal grid)",
+                quantization={**BELOW_TWO_BITS, **FROM_3_BITS, "first_last": "fixed",
+                              "first_last_bits": bits}, pruning=CHEAPEST_FINISH)
+
+
 ROWS: dict[str, RowSpec] = {row.name: row for row in [
     _uniform(4), _uniform(3), _uniform(2), _uniform(2, "literal"),
+    RowSpec("uniform-2bit-first-last-8bit", "uniform", "uniform 2-bit QAT, the first conv and "
+            "fc held at 8 bits (under 16x: a reference for the rows that hold them)", bits=2,
+            target=16.0, quantization=FIRST_LAST_8_BITS),
     _msq("msq-8x", 8.0, "MSQ, target 8x"),
     _msq("msq-8x-from-5bit-omega-order", 8.0, "MSQ, target 8x, from 5 bits, the last prune "
          "by Omega growth", quantization=FROM_5_BITS, pruning=OMEGA_ORDER),
@@ -134,6 +150,8 @@ ROWS: dict[str, RowSpec] = {row.name: row for row in [
     _msq("msq-18x-from-3bit-cheapest-finish", 18.0, "MSQ, target 18x, from 3 bits, the last "
          "prune by Omega growth, closing the gap with the cheapest single drop (min_bits 1, "
          "literal grid)", quantization={**BELOW_TWO_BITS, **FROM_3_BITS}, pruning=CHEAPEST_FINISH),
+    _first_last_held("18x", 18.0, 8), _first_last_held("16x", 16.0, 4),
+    _first_last_held("16x", 16.0, 8),
     _msq("msq-17x-from-3bit-no-penalty", 17.0, "MSQ, target 17x, from 3 bits, the last "
          "prune by Omega growth closed by the cheapest drop, no LSB penalty (min_bits 1, "
          "literal grid)", quantization={**BELOW_TWO_BITS, **FROM_3_BITS},
