@@ -86,7 +86,8 @@ class Discovery:
         float_weights: the conv / linear / attention weights left in float, with the reason.
         notes: what could not be checked, or is read through a transform.
         fixed_width: names of the targets whose width a policy fixes (never pruned; at
-            ``first_last_bits``, or ``init_bits`` when that is None): the first and last layer under ``first_last="fixed"``, else empty.
+            ``first_last_bits``, or ``init_bits`` when that is None): the first and last
+            layer under ``first_last="fixed"``, else empty.
     """
 
     targets: list[WeightTarget] = field(default_factory=list)

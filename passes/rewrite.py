@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from msq_fx.config import MSQConfig
+from msq_fx.config import MSQConfig, QuantizationConfig
 from msq_fx.modules import ActivationFakeQuant, WeightFakeQuant
 from msq_fx.owners import INPUT_QUANTIZER, QUANTIZER_SUFFIX, is_quantized_owner, quantized_class
 from msq_fx.recompute import install_model_recompute, remove_model_recompute
@@ -92,7 +92,7 @@ def rewrite(model: nn.Module, discovery: Discovery, config: MSQConfig,
         install_model_recompute(model)
 
 
-def _start_bits(name: str, discovery: Discovery, quantization) -> int:
+def _start_bits(name: str, discovery: Discovery, quantization: QuantizationConfig) -> int:
     """The width ``name`` starts at: ``first_last_bits`` for a layer the policy fixes, when set."""
     if name in discovery.fixed_width and quantization.first_last_bits is not None:
         return quantization.first_last_bits
