@@ -12,6 +12,7 @@ import torch
 import msq_fx
 from msq_fx.fidelity import (ROWS, TABLE_END, Settings, main, run_row, run_rows,
                              write_table)
+from msq_fx.fidelity.rows import build_row
 from msq_fx.fidelity.run import FLOAT_WEIGHTS
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -54,6 +55,15 @@ def test_an_msq_row_records_every_prune_it_made_under_the_pruning_it_was_given(s
     assert {record["group"] for record in history} <= set(result["bits"])
     last = {record["group"]: record["bits_after"] for record in history}
     assert all(result["bits"][group] == bits for group, bits in last.items())
+
+
+@pytest.mark.parametrize("name, min_samples", [("msq-18x-from-3bit-cheapest-finish", 4),
+                                                ("msq-18x-from-3bit-sixteen-probes", 16)])
+def test_a_row_s_hessian_settings_reach_its_controller_over_the_rows_common_ones(name, min_samples):
+    torch.manual_seed(0)
+    built = build_row(ROWS[name], msq_fx.resnet20().state_dict(), torch.randn(2, 3, 32, 32), [])
+    assert built.controller.config.hessian.batches == 2
+    assert built.controller.config.hessian.min_samples == min_samples
 
 
 def test_the_one_shot_row_reaches_its_target_before_training_and_converts_exactly(settings):

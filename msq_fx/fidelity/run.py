@@ -178,6 +178,7 @@ def _result(name, spec, model, controller, built, test, state, command, settings
     if controller is not None:
         result["bits"] = controller.bit_widths()
         result["pruning"] = controller.config.pruning.to_dict()
+        result["hessian"] = controller.config.hessian.to_dict()
         result["history"] = [asdict(record) for record in controller.history]
         model.eval()
         lowered = convert(model)
