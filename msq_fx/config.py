@@ -427,7 +427,7 @@ class MSQConfig:
         * from 16x on, allows binary 1-bit layers (``min_bits=1`` on the symmetric literal
           grid): at 32 / min_bits = 16x with 2-bit floors only uniform widths reach the target.
 
-        Measured (docs/fidelity.md, CIFAR-10 ResNet-20, 81.61% float, 3 epochs, three or four
+        Measured (docs/fidelity.md, CIFAR-10 ResNet-20, 81.61% float, 3 epochs, three to six
         seeds, against uniform QAT at the same size and seeds): see the table of targets there.
         ``changes`` are applied as :meth:`replace` applies them (a dict for a section changes
         only the fields it names).
