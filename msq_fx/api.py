@@ -32,7 +32,8 @@ def prepare(model: nn.Module, example_inputs: Any = None, config: MSQConfig | No
 
     Traces the model (leaf-aware, never failing for a model that runs eagerly), finds every conv,
     depthwise conv, linear and attention weight, and routes each through a RoundClamp quantizer
-    at ``config.quantization.init_bits``. ``model`` itself is never modified, unless
+    at ``config.quantization.init_bits`` (the first and last at ``first_last_bits`` when
+    ``first_last="fixed"`` sets it). ``model`` itself is never modified, unless
     ``inplace=True``: then ``model`` is rewritten and returned, without the copy (for a model
     too large to hold twice), and a failure undoes the rewrite before raising. When
     ``example_inputs`` are given, one eager forward on them finds weights used functionally where

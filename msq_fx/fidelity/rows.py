@@ -53,9 +53,6 @@ CHEAPEST_FINISH = {"drop_order": "omega", "last_prune": "cheapest"}
 #: Omega with the average trace for every decision: p, the drop order and the last prune.
 AVERAGE_TRACE = {"omega_scale": "per_weight", "drop_order": "omega", "last_prune": "cheapest"}
 PER_WEIGHT_OMEGA = {"omega_scale": "per_weight"}
-#: The first conv and the fc layer (1,072 of ResNet-20's 268,336 weights) held at a width of
-#: their own, never pruned (measured: no row moved past seed noise; docs/fidelity.md).
-FIRST_LAST_8_BITS = {"first_last": "fixed", "first_last_bits": 8}
 #: No LSB penalty: alpha 1, so a prune drops p LSBs from every layer, non-zero or not (the
 #: penalty's pull on the weights is what the long road loses accuracy to at 10.67x).
 NO_PENALTY = {"reg_strength": 0.0, "threshold": 1.0}
@@ -92,21 +89,27 @@ def _msq(name: str, target: float, description: str, **changes: dict) -> RowSpec
                    hessian=changes.get("hessian", {}))
 
 
+def _first_last_at(bits: int) -> dict[str, Any]:
+    """The first conv and the fc layer (1,072 of ResNet-20's 268,336 weights) held at ``bits``,
+    never pruned (measured: no row moved past seed noise; docs/fidelity.md)."""
+    return {"first_last": "fixed", "first_last_bits": bits}
+
+
 def _first_last_held(label: str, target: float, bits: int) -> RowSpec:
     """MSQ as ``MSQConfig.fine_tuning`` runs it past 16x, the first conv and fc held at ``bits``."""
     return _msq(f"msq-{label}-from-3bit-first-last-{bits}bit", target,
                 f"MSQ, target {label}, from 3 bits, the first conv and fc held at {bits} bits, "
                 f"the last prune by Omega growth closed by the cheapest drop (min_bits 1, "
                 f"literal grid)",
-                quantization={**BELOW_TWO_BITS, **FROM_3_BITS, "first_last": "fixed",
-                              "first_last_bits": bits}, pruning=CHEAPEST_FINISH)
+                quantization={**BELOW_TWO_BITS, **FROM_3_BITS, **_first_last_at(bits)},
+                pruning=CHEAPEST_FINISH)
 
 
 ROWS: dict[str, RowSpec] = {row.name: row for row in [
     _uniform(4), _uniform(3), _uniform(2), _uniform(2, "literal"),
     RowSpec("uniform-2bit-first-last-8bit", "uniform", "uniform 2-bit QAT, the first conv and "
             "fc held at 8 bits (under 16x: a reference for the rows that hold them)", bits=2,
-            target=16.0, quantization=FIRST_LAST_8_BITS),
+            target=16.0, quantization=_first_last_at(8)),
     _msq("msq-8x", 8.0, "MSQ, target 8x"),
     _msq("msq-8x-from-5bit-omega-order", 8.0, "MSQ, target 8x, from 5 bits, the last prune "
          "by Omega growth", quantization=FROM_5_BITS, pruning=OMEGA_ORDER),
