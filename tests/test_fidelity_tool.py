@@ -12,7 +12,7 @@ import torch
 import msq_fx
 from msq_fx.fidelity import (ROWS, TABLE_END, Settings, main, run_row, run_rows,
                              write_table)
-from msq_fx.fidelity.rows import build_row
+from msq_fx.fidelity.rows import TARGETS, build_row
 from msq_fx.fidelity.run import FLOAT_WEIGHTS
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -104,7 +104,8 @@ def test_the_table_lists_every_row_and_says_which_have_not_run(settings):
     text = doc.read_text()
     assert "`tools/fidelity row uniform-2bit`" in text
     assert all(name in text for name in ROWS)
-    assert text.count("not run") == len(ROWS) - 1
+    rows_table = text.partition("Against the targets")[0]
+    assert rows_table.count("not run") == len(ROWS) - 1
 
 
 def test_rewriting_the_table_keeps_the_notes_written_below_it(settings):
@@ -189,3 +190,52 @@ def test_all_under_a_seed_runs_the_rows_that_seed_lacks_and_records_the_seed_in_
           "--out", str(settings.out), "--train-size", "64"])
     written = json.loads((settings.out / "rows" / "uniform-2bit.seed3.json").read_text())
     assert written["seed"] == 3 and written["command"].endswith("--seed 3")
+
+
+@pytest.mark.parametrize("target", TARGETS, ids=lambda target: target.label)
+def test_each_target_is_judged_on_a_row_that_runs_the_fine_tuning_preset(target):
+    from msq_fx.fidelity.rows import ROW_HESSIAN, row_config
+
+    preset = msq_fx.MSQConfig.fine_tuning(target.compression, hessian=ROW_HESSIAN, seed=3)
+    assert row_config(ROWS[target.msq_row], seed=3) == preset
+    assert ROWS[target.uniform_row].method == "uniform"
+    assert ROWS[target.uniform_row].target == min(target.compression, 16.0)
+
+
+def _runs(accuracies: dict[int, float], compression: float = 16.0) -> dict[int, dict]:
+    return {seed: {"test_acc": acc, "compression": compression}
+            for seed, acc in accuracies.items()}
+
+
+@pytest.mark.parametrize("label, msq, met", [
+    ("16x", {0: 81.0, 1: 80.0}, "yes"),  # level on the mean is enough under 16x
+    ("16x", {0: 81.0, 1: 79.9}, "no"),
+    ("past 16x", {0: 81.0, 1: 80.0}, "no"),  # past 16x level is not enough
+    ("past 16x", {0: 81.0, 1: 80.1}, "yes"),
+])
+def test_a_target_is_met_on_the_mean_of_the_seeds_both_rows_ran(label, msq, met):
+    from msq_fx.fidelity import targets_table
+
+    target = next(target for target in TARGETS if target.label == label)
+    by_row = {target.msq_row: _runs(msq),
+              target.uniform_row: _runs({0: 80.0, 1: 81.0, 2: 99.0})}  # seed 2: MSQ lacks it
+    line = next(line for line in targets_table(by_row, 81.0).splitlines()
+                if f"`{target.msq_row}`" in line)
+    assert "| 0, 1 " in line
+    assert line.rstrip(" |").split("| ")[-1].startswith(met)
+
+
+def test_a_target_more_than_its_margin_under_float_is_not_met_though_above_uniform():
+    from msq_fx.fidelity.table import target_verdict
+
+    eight = next(target for target in TARGETS if target.label == "8x")
+    assert target_verdict(eight, [0.2, 0.4], [80.0, 80.2], 81.0).startswith("no: 0.90 under")
+    assert target_verdict(eight, [0.2, 0.4], [80.6, 80.8], 81.0).startswith("yes")
+
+
+def test_the_table_says_which_targets_have_no_paired_seeds_yet(settings):
+    from msq_fx.fidelity import targets_table
+
+    run_row("uniform-2bit", settings)
+    table = targets_table(msq_fx.fidelity.load_seeds(settings.out), None)
+    assert all(line.rstrip(" |").endswith("not run") for line in table.splitlines()[2:])

@@ -16,7 +16,8 @@ from .. import MSQConfig, MSQController, prepare
 from ..allocation import allocate_bits_once
 from ..models import resnet20
 
-__all__ = ["RowSpec", "ROWS", "BEST_QUANTIZATION", "build_row", "BuiltRow", "result_stem"]
+__all__ = ["RowSpec", "ROWS", "Target", "TARGETS", "BEST_QUANTIZATION", "build_row", "BuiltRow",
+           "result_stem", "row_config"]
 
 #: The quantizer every msq_fx row uses: the nested grid (exact prunes); the scale mode is a
 #: setting of the run (``Settings.scale``), the same for every row.
@@ -113,6 +114,10 @@ ROWS: dict[str, RowSpec] = {row.name: row for row in [
     _msq("msq-8x", 8.0, "MSQ, target 8x"),
     _msq("msq-8x-from-5bit-omega-order", 8.0, "MSQ, target 8x, from 5 bits, the last prune "
          "by Omega growth", quantization=FROM_5_BITS, pruning=OMEGA_ORDER),
+    _msq("msq-8x-from-5bit-planned-penalty", 8.0, "MSQ, target 8x, from 5 bits, the last "
+         "prune by Omega growth closed by the cheapest drop, the LSB penalty only on the groups "
+         "it will take (MSQConfig.fine_tuning(8))", quantization=FROM_5_BITS,
+         pruning=PLANNED_PENALTY),
     _msq("msq-8x-average-trace", 8.0, "MSQ, target 8x, Omega by the average trace for p, the "
          "drop order and the last prune (omega_scale per_weight, drop_order omega, last_prune "
          "cheapest)", pruning=AVERAGE_TRACE),
@@ -236,6 +241,34 @@ ROWS: dict[str, RowSpec] = {row.name: row for row in [
 ]}
 
 
+@dataclass(frozen=True)
+class Target:
+    """One fidelity target: MSQ as ``MSQConfig.fine_tuning(compression)`` runs it (row
+    ``msq_row``) against uniform QAT (row ``uniform_row``) at the same seeds.
+
+    ``float_margin``: how far under the float start MSQ's mean may end; None for the point past
+    16x, which must instead end above uniform QAT (``must_exceed``) rather than level with it.
+    """
+
+    label: str
+    compression: float
+    msq_row: str
+    uniform_row: str
+    float_margin: float | None
+    must_exceed: bool = False
+
+
+#: The targets the fidelity table is judged on, each row being the preset itself (a test checks
+#: that each msq_row's config is MSQConfig.fine_tuning(compression)'s).
+TARGETS = (
+    Target("8x", 8.0, "msq-8x-from-5bit-planned-penalty", "uniform-4bit", 0.5),
+    Target("10.67x", 32 / 3, "msq-10.67x-from-4bit-planned-penalty", "uniform-3bit", 1.0),
+    Target("16x", 16.0, "msq-16x-from-3bit-cheapest-finish", "uniform-2bit", 2.0),
+    Target("past 16x", 18.0, "msq-18x-from-3bit-cheapest-finish", "uniform-2bit", None,
+           must_exceed=True),
+)
+
+
 def result_stem(name: str, seed: int = 0) -> str:
     """The file name (without suffix) of row ``name``'s checkpoint and result under ``seed``:
     seed 0 is the table's own run, other seeds repeat it to show how far a seed moves it."""
@@ -249,6 +282,16 @@ class BuiltRow:
     compression: Callable[[], float]
 
 
+def row_config(spec: RowSpec, seed: int = 0, scale: str = "channel") -> MSQConfig:
+    """The MSQConfig an msq_fx row (uniform, msq or oneshot) quantizes and prunes under."""
+    quantization = {**BEST_QUANTIZATION, "scale": scale, **spec.quantization}
+    if spec.method == "uniform":
+        quantization.update(init_bits=spec.bits, min_bits=spec.bits)
+    return MSQConfig(target_compression=spec.target, quantization=quantization,
+                     pruning=spec.pruning or {"interval": 10**9},
+                     hessian={**ROW_HESSIAN, **spec.hessian}, seed=seed)
+
+
 def build_row(spec: RowSpec, float_state: dict, example: torch.Tensor, calibration: list,
               seed: int = 0, scale: str = "channel") -> BuiltRow:
     """The row's model, loaded with ``float_state`` and quantized as ``spec`` says."""
@@ -258,13 +301,7 @@ def build_row(spec: RowSpec, float_state: dict, example: torch.Tensor, calibrati
     if spec.method == "brevitas":
         quantized = brevitas_resnet20(model, spec.bits)
         return BuiltRow(quantized, None, lambda: 32 / spec.bits)
-    quantization = {**BEST_QUANTIZATION, "scale": scale, **spec.quantization}
-    if spec.method == "uniform":
-        quantization.update(init_bits=spec.bits, min_bits=spec.bits)
-    config = MSQConfig(target_compression=spec.target, quantization=quantization,
-                       pruning=spec.pruning or {"interval": 10**9},
-                       hessian={**ROW_HESSIAN, **spec.hessian},
-                       seed=seed)
+    config = row_config(spec, seed, scale)
     qmodel = prepare(model, example, config)
     controller = MSQController(qmodel, config)
     if spec.method == "oneshot":

@@ -8,9 +8,10 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from .rows import ROWS, result_stem
+from .rows import ROWS, TARGETS, Target, result_stem
 
-__all__ = ["load_results", "load_seeds", "markdown_table", "seeds_table"]
+__all__ = ["load_results", "load_seeds", "markdown_table", "seeds_table", "targets_table",
+           "target_verdict"]
 
 
 def load_results(out: Path, seed: int = 0) -> dict[str, dict]:
@@ -80,6 +81,57 @@ def seeds_table(by_row: dict[str, dict[int, dict]]) -> str:
         return ""
     return tabulate(lines, headers=["row", "seeds", "all 10k by seed", "all 10k mean ± sd",
                                     "exact 1k mean", "compression"], tablefmt="github")
+
+
+def targets_table(by_row: dict[str, dict[int, dict]], float_acc: float | None) -> str:
+    """Each target's MSQ row against its uniform row, seed by seed over the seeds both ran (a
+    seed is a data order, so rows are compared in pairs), with the verdict of
+    :func:`target_verdict`; targets whose rows share no seed yet say so."""
+    lines = []
+    for target in TARGETS:
+        msq, uniform = by_row.get(target.msq_row, {}), by_row.get(target.uniform_row, {})
+        seeds = sorted(set(msq) & set(uniform))
+        if not seeds:
+            lines.append([target.label, f"`{target.msq_row}`", f"`{target.uniform_row}`",
+                          "", "", "", "", "", "", "not run"])
+            continue
+        msq_acc = [msq[seed]["test_acc"] for seed in seeds]
+        differences = [msq[seed]["test_acc"] - uniform[seed]["test_acc"] for seed in seeds]
+        compression = [msq[seed]["compression"] for seed in seeds]
+        spread = (f" ± {statistics.stdev(differences) / len(seeds) ** 0.5:.2f}"
+                  if len(seeds) > 1 else "")
+        lines.append([
+            target.label, f"`{target.msq_row}`", f"`{target.uniform_row}`",
+            ", ".join(map(str, seeds)),
+            f"{statistics.mean(msq_acc):.2f} at {min(compression):.2f}"
+            + (f"-{max(compression):.2f}x" if max(compression) - min(compression) > 0.005
+               else "x"),
+            f"{statistics.mean(uniform[seed]['test_acc'] for seed in seeds):.2f}",
+            ", ".join(f"{value:+.2f}" for value in differences),
+            f"{statistics.mean(differences):+.2f}{spread}",
+            "" if float_acc is None else f"{statistics.mean(msq_acc) - float_acc:+.2f}",
+            target_verdict(target, differences, msq_acc, float_acc)])
+    return tabulate(lines, headers=["target", "MSQ (the fine_tuning preset)", "uniform QAT",
+                                    "seeds", "MSQ mean", "uniform mean",
+                                    "MSQ - uniform by seed", "mean ± se", "MSQ - float",
+                                    "met"], tablefmt="github", disable_numparse=True)
+
+
+def target_verdict(target: Target, differences: list[float], msq_acc: list[float],
+                   float_acc: float | None) -> str:
+    """Whether MSQ met ``target`` on the mean of its paired seeds: at least level with uniform
+    QAT (above it past 16x) and, where the target has a margin, within it of the float start."""
+    mean = statistics.mean(differences)
+    above = sum(value > 0 for value in differences)
+    against_uniform = f"above uniform at {above} of {len(differences)} seeds"
+    if (mean <= 0) if target.must_exceed else (mean < 0):
+        needed = "above" if target.must_exceed else "at least level with"
+        return f"no: {mean:+.2f} on the mean, not {needed} uniform; {against_uniform}"
+    if target.float_margin is not None and float_acc is not None:
+        gap = float_acc - statistics.mean(msq_acc)
+        if gap > target.float_margin:
+            return f"no: {gap:.2f} under float (margin {target.float_margin})"
+    return f"yes; {against_uniform}"
 
 
 def _pct(value) -> str:
