@@ -97,6 +97,16 @@ def test_the_brevitas_row_trains_the_peer(settings):
     assert result["compression"] == 16.0 and "bits" not in result
 
 
+def test_the_float_control_fine_tunes_the_start_unquantized(settings):
+    result = run_row("float-fine-tuned", settings)
+    assert result["compression"] == 1.0 and result["scale"] is None
+    assert "bits" not in result and len(result["epochs"]) == 1
+    trained = torch.load(settings.out / "rows" / "float-fine-tuned.pt", weights_only=False)
+    start = torch.load(settings.out / FLOAT_WEIGHTS)
+    assert set(trained["model"]) == set(start)  # a plain ResNet-20: no quantizer state
+    assert not torch.equal(trained["model"]["conv1.weight"], start["conv1.weight"])
+
+
 def test_the_table_lists_every_row_and_says_which_have_not_run(settings):
     run_row("uniform-2bit", settings, command="tools/fidelity row uniform-2bit")
     doc = settings.out / "fidelity.md"

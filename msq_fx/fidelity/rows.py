@@ -64,7 +64,8 @@ PLANNED_PENALTY = {**CHEAPEST_FINISH, "penalty_scope": "planned"}
 @dataclass(frozen=True)
 class RowSpec:
     """One run: ``method`` is "uniform", "msq", "oneshot" (one-shot Hessian allocation then
-    QAT) or "brevitas" (the peer's uniform weight-only QAT)."""
+    QAT), "brevitas" (the peer's uniform weight-only QAT) or "float" (no quantization: what the
+    fine-tuning budget alone does to the float start)."""
 
     name: str
     method: str
@@ -234,6 +235,8 @@ ROWS: dict[str, RowSpec] = {row.name: row for row in [
     RowSpec("oneshot-16x-per-weight", "oneshot", "one-shot Hessian allocation to 16x by the "
             "average trace (omega_scale per_weight; min_bits 1, literal grid), then QAT",
             target=16.0, quantization=BELOW_TWO_BITS, pruning=PER_WEIGHT_OMEGA),
+    RowSpec("float-fine-tuned", "float", "the float start fine-tuned with the same budget, "
+            "unquantized (a control: what the budget alone does)"),
     RowSpec("brevitas-4bit", "brevitas", "Brevitas weight-only 4-bit QAT (per-channel float "
             "scale)", bits=4),
     RowSpec("brevitas-3bit", "brevitas", "Brevitas weight-only 3-bit QAT", bits=3),
@@ -298,6 +301,8 @@ def build_row(spec: RowSpec, float_state: dict, example: torch.Tensor, calibrati
     torch.manual_seed(seed)
     model = resnet20()
     model.load_state_dict(float_state)
+    if spec.method == "float":
+        return BuiltRow(model, None, lambda: 1.0)
     if spec.method == "brevitas":
         quantized = brevitas_resnet20(model, spec.bits)
         return BuiltRow(quantized, None, lambda: 32 / spec.bits)

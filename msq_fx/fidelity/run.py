@@ -170,7 +170,7 @@ def _result(name, spec, model, controller, built, test, state, command, settings
     last = state["epochs"][-1]
     result = {"row": name, "seed": settings.seed, "method": spec.method,
               "description": spec.description,
-              "scale": None if spec.method == "brevitas" else settings.scale,
+              "scale": None if spec.method in ("brevitas", "float") else settings.scale,
               "compression": built.compression(), "test_acc": last["test_acc"],
               "exact_acc": last["exact_acc"], "target_step": state["target_step"],
               "seconds": state["seconds"], "epochs": state["epochs"],
