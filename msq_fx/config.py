@@ -316,6 +316,12 @@ class HessianConfig(_SubConfig):
         statistics, no dropout, so the loss is a function of the weights alone. "train": for
         models whose loss exists only in train mode (torchvision detectors); batches are then
         ``((inputs, targets), None)`` pairs fed as ``model(inputs, targets)``.
+    trace_margin: standard errors added to each layer's Hutchinson mean before any decision
+        reads it (Omega, p, the drop order, the cheapest finish). 0 (default) uses the mean, as
+        the paper does. The probes stop once the total trace settles, so one layer's own
+        estimate can be far off, even below zero, which makes that layer the cheapest to drop
+        (a 36,864-weight ResNet-20 conv made binary at 16x, docs/fidelity.md); with a margin of
+        2 a layer counts as cheap only when its trace is small beyond the estimate's noise.
     """
 
     _prefix = "hessian"
@@ -329,6 +335,7 @@ class HessianConfig(_SubConfig):
     relative_step: float = 1e-3
     frozen_kinks: bool = True
     model_mode: str = "eval"
+    trace_margin: float = 0.0
 
     def _validate(self) -> None:
         self._require(_is_int(self.min_samples) and self.min_samples >= 1, "min_samples",
@@ -346,6 +353,8 @@ class HessianConfig(_SubConfig):
         self._require(isinstance(self.frozen_kinks, bool), "frozen_kinks", "True or False")
         self._require(self.model_mode in HESSIAN_MODEL_MODES, "model_mode",
                       f"one of {HESSIAN_MODEL_MODES}")
+        self._require(_is_number(self.trace_margin) and 0 <= self.trace_margin < math.inf,
+                      "trace_margin", "a finite number >= 0 (standard errors; 0 uses the mean)")
 
 
 _SECTIONS = {"quantization": QuantizationConfig, "pruning": PruningConfig,

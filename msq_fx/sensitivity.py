@@ -51,8 +51,9 @@ def group_traces(model: nn.Module, members: Sequence, batches: Iterable,
         prune_index: how many prunes came before; seeds the probes with ``config.seed``.
 
     Returns:
-        ``(traces, method)``: ``traces`` maps ``id(member.latent)`` to its trace, ``method`` is
-        "autograd" or "finite_difference".
+        ``(traces, method)``: ``traces`` maps ``id(member.latent)`` to its trace (the Hutchinson
+        mean plus ``hessian.trace_margin`` standard errors), ``method`` is "autograd" or
+        "finite_difference".
     """
     chosen = take(batches, config.hessian.batches)
     if not chosen:
@@ -83,7 +84,9 @@ def group_traces(model: nn.Module, members: Sequence, batches: Iterable,
             result = estimate(method)
         else:
             method = "autograd"
-    return {id(m.latent): float(t) for m, t in zip(members, result.traces)}, method
+    margin = config.hessian.trace_margin
+    traces = result.traces + margin * result.stderr if margin else result.traces
+    return {id(m.latent): float(t) for m, t in zip(members, traces)}, method
 
 
 def _estimate_traces(model: nn.Module, config: MSQConfig, prune_index: int, method: str, *,

@@ -2,6 +2,8 @@
 data, and reads the flat form older saved files hold."""
 from __future__ import annotations
 
+import math
+
 import dataclasses
 import re
 
@@ -33,6 +35,8 @@ from msq_fx.config import HessianConfig, PruningConfig, QuantizationConfig
     ("hessian", "method", "exact"), ("hessian", "chunk_size", 0), ("hessian", "chunk_size", 2.5),
     ("hessian", "relative_step", 0.0), ("hessian", "relative_step", 1.0),
     ("hessian", "frozen_kinks", "yes"), ("hessian", "model_mode", "training"),
+    ("hessian", "trace_margin", -1.0), ("hessian", "trace_margin", math.inf),
+    ("hessian", "trace_margin", "2"),
 ])
 def test_invalid_values_are_rejected_with_the_whole_field_named(section, field, value):
     with pytest.raises(ValueError, match=re.escape(f"MSQConfig.{section}.{field}={value!r} is invalid")):

@@ -529,6 +529,23 @@ def test_history_omega_is_trace_times_quantization_error_at_the_pre_prune_width(
         assert r.beta == pytest.approx(quant.lsb_nonzero_rate(latent(qmodel, i).detach(), 8, 1))
 
 
+def test_a_trace_margin_adds_that_many_standard_errors_to_every_layer_s_trace():
+    widths = [8, 8, 8, 8]
+
+    def traces(margin: float) -> torch.Tensor:
+        _, ctl = prepared(widths, SENSITIVE, target_compression=16.0,
+                          pruning={"threshold": 1.0, "interval": 1},
+                          hessian={"trace_margin": margin})
+        return torch.tensor([r.hessian_trace for r in ctl.epoch_end(1, batches(widths),
+                                                                     F.mse_loss)],
+                            dtype=torch.float64)
+
+    mean, one, two = traces(0.0), traces(1.0), traces(2.0)
+    stderr = one - mean  # the same probes in every run: only the margin differs
+    assert (stderr > 0).all()
+    torch.testing.assert_close(two - mean, 2 * stderr, rtol=1e-9, atol=1e-12 * float(mean.max()))
+
+
 def test_hessian_traces_follow_the_constructed_sensitivity():
     # Tr(H_i) of MSE through a linear branch scales with scales[i]**2.
     widths = [8, 8]

@@ -39,6 +39,9 @@ ROW_HESSIAN = {"batches": 2}
 #: layer's own trace is often estimated below zero (at step 50 in four of the six 18x runs),
 #: which makes it the cheapest layer to drop.
 SIXTEEN_PROBES = {"min_samples": 16}
+#: Each layer's trace read as its Hutchinson mean plus two standard errors, so noise alone
+#: cannot make a layer the cheapest drop.
+TRACE_MARGIN = {"trace_margin": 2.0}
 #: Past 16x a mixed-precision result needs layers under 2 bits: binary (+-S) 1-bit layers, as
 #: the symmetric literal grid gives.
 BELOW_TWO_BITS = {"min_bits": 1, "grid": "literal"}
@@ -172,6 +175,11 @@ ROWS: dict[str, RowSpec] = {row.name: row for row in [
          "Hutchinson probes (min_bits 1, literal grid)",
          quantization={**BELOW_TWO_BITS, **FROM_3_BITS}, pruning=CHEAPEST_FINISH,
          hessian=SIXTEEN_PROBES),
+    _msq("msq-16x-from-3bit-trace-margin", 16.0, "MSQ, target 16x, from 3 bits, the last "
+         "prune by Omega growth closed by the cheapest drop, each trace read as its mean plus "
+         "two standard errors (hessian.trace_margin 2; min_bits 1, literal grid)",
+         quantization={**BELOW_TWO_BITS, **FROM_3_BITS}, pruning=CHEAPEST_FINISH,
+         hessian=TRACE_MARGIN),
     _first_last_held("18x", 18.0, 8), _first_last_held("16x", 16.0, 4),
     _first_last_held("16x", 16.0, 8),
     _msq("msq-17x-from-3bit-no-penalty", 17.0, "MSQ, target 17x, from 3 bits, the last "
