@@ -243,6 +243,15 @@ def test_a_target_more_than_its_margin_under_float_is_not_met_though_above_unifo
     assert target_verdict(eight, [0.2, 0.4], [80.6, 80.8], 81.0).startswith("yes")
 
 
+def test_a_verdict_says_when_the_mean_difference_is_within_its_standard_error_of_level():
+    from msq_fx.fidelity.table import target_verdict
+
+    past = next(target for target in TARGETS if target.label == "past 16x")
+    assert target_verdict(past, [0.5, -0.4], [81.0, 81.0], 81.0).endswith(
+        "within one standard error of level")
+    assert "standard error" not in target_verdict(past, [0.5, 0.4], [81.0, 81.0], 81.0)
+
+
 def test_the_table_says_which_targets_have_no_paired_seeds_yet(settings):
     from msq_fx.fidelity import targets_table
 

@@ -124,6 +124,8 @@ def target_verdict(target: Target, differences: list[float], msq_acc: list[float
     mean = statistics.mean(differences)
     above = sum(value > 0 for value in differences)
     against_uniform = f"above uniform at {above} of {len(differences)} seeds"
+    if len(differences) > 1 and abs(mean) < statistics.stdev(differences) / len(differences) ** 0.5:
+        against_uniform += "; the mean within one standard error of level"
     if (mean <= 0) if target.must_exceed else (mean < 0):
         needed = "above" if target.must_exceed else "at least level with"
         return f"no: {mean:+.2f} on the mean, not {needed} uniform; {against_uniform}"
