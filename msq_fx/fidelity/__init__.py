@@ -26,8 +26,8 @@ from .run import Settings, run_row
 from .table import load_results, load_seeds, markdown_table, seeds_table, targets_table
 
 __all__ = ["ROWS", "RowSpec", "build_row", "Settings", "run_row", "load_results", "load_seeds",
-           "markdown_table", "seeds_table", "targets_table", "main", "run_rows", "table_path", "DEFAULT_OUT",
-           "DEFAULT_DOC"]
+           "markdown_table", "seeds_table", "targets_table", "main", "run_rows", "table_path",
+           "DEFAULT_OUT", "DEFAULT_DOC"]
 
 DEFAULT_OUT = Path("results/fidelity")
 DEFAULT_DOC = Path("docs/fidelity.md")
