@@ -2,9 +2,8 @@
 data, and reads the flat form older saved files hold."""
 from __future__ import annotations
 
-import math
-
 import dataclasses
+import math
 import re
 
 import pytest

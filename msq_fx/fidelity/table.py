@@ -75,8 +75,7 @@ def seeds_table(by_row: dict[str, dict[int, dict]]) -> str:
                       " / ".join(f"{value:.2f}" for value in test),
                       f"{statistics.mean(test):.2f} ± {statistics.stdev(test):.2f}",
                       _pct(statistics.mean(exact)) if exact else "",
-                      f"{min(compression):.2f}-{max(compression):.2f}x"
-                      if max(compression) - min(compression) > 0.005 else f"{compression[0]:.2f}x"])
+                      _compression_range(compression)])
     if not lines:
         return ""
     return tabulate(lines, headers=["row", "seeds", "all 10k by seed", "all 10k mean ± sd",
@@ -98,14 +97,11 @@ def targets_table(by_row: dict[str, dict[int, dict]], float_acc: float | None) -
         msq_acc = [msq[seed]["test_acc"] for seed in seeds]
         differences = [msq[seed]["test_acc"] - uniform[seed]["test_acc"] for seed in seeds]
         compression = [msq[seed]["compression"] for seed in seeds]
-        spread = (f" ± {statistics.stdev(differences) / len(seeds) ** 0.5:.2f}"
-                  if len(seeds) > 1 else "")
+        spread = f" ± {_standard_error(differences):.2f}" if len(seeds) > 1 else ""
         lines.append([
             target.label, f"`{target.msq_row}`", f"`{target.uniform_row}`",
             ", ".join(map(str, seeds)),
-            f"{statistics.mean(msq_acc):.2f} at {min(compression):.2f}"
-            + (f"-{max(compression):.2f}x" if max(compression) - min(compression) > 0.005
-               else "x"),
+            f"{statistics.mean(msq_acc):.2f} at {_compression_range(compression)}",
             f"{statistics.mean(uniform[seed]['test_acc'] for seed in seeds):.2f}",
             ", ".join(f"{value:+.2f}" for value in differences),
             f"{statistics.mean(differences):+.2f}{spread}",
@@ -124,7 +120,7 @@ def target_verdict(target: Target, differences: list[float], msq_acc: list[float
     mean = statistics.mean(differences)
     above = sum(value > 0 for value in differences)
     against_uniform = f"above uniform at {above} of {len(differences)} seeds"
-    if len(differences) > 1 and abs(mean) < statistics.stdev(differences) / len(differences) ** 0.5:
+    if len(differences) > 1 and abs(mean) < _standard_error(differences):
         against_uniform += "; the mean within one standard error of level"
     if (mean <= 0) if target.must_exceed else (mean < 0):
         needed = "above" if target.must_exceed else "at least level with"
@@ -134,6 +130,17 @@ def target_verdict(target: Target, differences: list[float], msq_acc: list[float
         if gap > target.float_margin:
             return f"no: {gap:.2f} under float (margin {target.float_margin})"
     return f"yes; {against_uniform}"
+
+
+def _standard_error(values: list[float]) -> float:
+    """The standard error of the mean of ``values`` (at least two)."""
+    return statistics.stdev(values) / len(values) ** 0.5
+
+
+def _compression_range(values: list[float]) -> str:
+    """``"16.04x"``, or ``"16.04-17.14x"`` when the runs ended at different compressions."""
+    low, high = min(values), max(values)
+    return f"{low:.2f}-{high:.2f}x" if high - low > 0.005 else f"{low:.2f}x"
 
 
 def _pct(value) -> str:
