@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,8 @@ from msq_fx.fidelity.rows import TARGETS, build_row
 from msq_fx.fidelity.run import FLOAT_WEIGHTS
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -258,3 +261,51 @@ def test_the_table_says_which_targets_have_no_paired_seeds_yet(settings):
     run_row("uniform-2bit", settings)
     table = targets_table(msq_fx.fidelity.load_seeds(settings.out), None)
     assert all(line.rstrip(" |").endswith("not run") for line in table.splitlines()[2:])
+
+
+def test_the_targets_summary_gives_each_target_under_each_budget_and_its_verdict():
+    from msq_fx.fidelity import targets_summary
+
+    sixteen = next(target for target in TARGETS if target.label == "16x")
+    three = {sixteen.msq_row: _runs({0: 81.0, 1: 80.0}, 16.04),
+             sixteen.uniform_row: _runs({0: 80.0, 1: 81.0})}
+    lines = targets_summary({"3 epochs": three, "15 epochs": {}}, 81.0).splitlines()
+    line = next(line for line in lines if line.startswith("| 16x") and "3 epochs" in line)
+    cells = [cell.strip() for cell in line.strip("|").split("|")]
+    assert cells == ["16x", "3 epochs", "2", "16.04x", "+0.00 ± 1.00", "-0.50", "yes"]
+    assert next(line for line in lines if line.startswith("| 16x") and "15 epochs" in line
+                ).rstrip(" |").endswith("not run")
+
+
+def test_the_readme_summary_is_rewritten_between_its_markers_and_the_rest_kept(settings):
+    from msq_fx.fidelity import SUMMARY_BEGIN, SUMMARY_END
+
+    readme = settings.out / "README.md"
+    readme.write_text(f"# Title\n\nbefore\n\n{SUMMARY_BEGIN}\nstale\n{SUMMARY_END}\n\nafter\n")
+    run_row("uniform-2bit", settings)
+    write_table(settings.out, settings.out / "fidelity.md", readme=readme)
+    head, _, rest = readme.read_text().partition(SUMMARY_BEGIN)
+    summary, _, tail = rest.partition(SUMMARY_END)
+    assert head == "# Title\n\nbefore\n\n" and tail == "\n\nafter\n"
+    assert "stale" not in summary and "| past 16x |" in summary and "not run" in summary
+
+
+def test_a_readme_without_the_summary_markers_is_refused_unchanged(settings):
+    readme = settings.out / "README.md"
+    readme.write_text("# Title\n")
+    with pytest.raises(ValueError, match="README.md lacks the lines"):
+        write_table(settings.out, settings.out / "fidelity.md", readme=readme)
+    assert readme.read_text() == "# Title\n"
+
+
+def test_the_committed_table_and_readme_summary_are_what_the_committed_results_give(
+        tmp_path, monkeypatch):
+    from msq_fx.fidelity import DEFAULT_DOC, DEFAULT_OUT, DEFAULT_README
+
+    monkeypatch.chdir(REPO)
+    doc, readme = tmp_path / "fidelity.md", tmp_path / "README.md"
+    doc.write_text(DEFAULT_DOC.read_text())
+    readme.write_text(DEFAULT_README.read_text())
+    write_table(DEFAULT_OUT, doc, readme=readme)
+    assert doc.read_text() == DEFAULT_DOC.read_text(), "run tools/fidelity table"
+    assert readme.read_text() == DEFAULT_README.read_text(), "run tools/fidelity table"

@@ -23,14 +23,17 @@ import torch
 from ..config import PruningConfig
 from .rows import ROWS, RowSpec, build_row
 from .run import Settings, run_row
-from .table import load_results, load_seeds, markdown_table, seeds_table, targets_table
+from .table import (load_results, load_seeds, markdown_table, seeds_table, targets_summary,
+                    targets_table)
 
 __all__ = ["ROWS", "RowSpec", "build_row", "Settings", "run_row", "load_results", "load_seeds",
            "markdown_table", "seeds_table", "targets_table", "main", "run_rows", "table_path",
-           "DEFAULT_OUT", "DEFAULT_DOC"]
+           "targets_summary", "write_table", "write_summary", "DEFAULT_OUT", "DEFAULT_DOC",
+           "DEFAULT_README"]
 
 DEFAULT_OUT = Path("results/fidelity")
 DEFAULT_DOC = Path("docs/fidelity.md")
+DEFAULT_README = Path("README.md")
 DEFAULT_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "cifar10.npz"
 
 
@@ -89,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         commands = [f"tools/fidelity row {name} --epochs {args.epochs} --scale {args.scale}"
                     f"{overrides}" for name in pending]
         run_rows(pending, settings, commands, args.jobs, args.threads)
-    write_table(args.out, args.doc or table_path(args.out))
+    doc = args.doc or table_path(args.out)
+    # The README's summary follows the committed table only, not trial runs elsewhere.
+    write_table(args.out, doc, readme=DEFAULT_README if doc == DEFAULT_DOC else None)
     return 0
 
 
@@ -131,8 +136,9 @@ def run_rows(names: list[str], settings: Settings, commands: list[str], jobs: in
             pass
 
 
-def write_table(out: Path, doc: Path) -> None:
-    """Write the table of every row run so far to ``doc`` (Markdown)."""
+def write_table(out: Path, doc: Path, readme: Path | None = None) -> None:
+    """Write the table of every row run so far to ``doc`` (Markdown) and, given ``readme``,
+    the targets in brief into its summary block (:func:`write_summary`)."""
     float_json = out / "float.json"
     float_row = None
     if float_json.exists():
@@ -152,13 +158,33 @@ def write_table(out: Path, doc: Path) -> None:
     seeds = f"\n\n{SEEDS_HEADER}{seeds}" if seeds else ""
     float_acc = None if float_row is None else float_row["test_acc"]
     targets = f"\n\n{TARGETS_HEADER}{targets_table(by_row, float_acc)}"
+    budgets = {_epochs_text(_epochs_run(by_row)): by_row}
     for budget in sorted(out.glob("budget*/rows")):
         longer = load_seeds(budget.parent)
-        epochs = {len(result["epochs"]) for runs in longer.values() for result in runs.values()}
-        targets += (f"\n\nThe same targets fine-tuned for {_epochs_text(epochs)} (rows under "
-                    f"`{budget.parent}`):\n\n{targets_table(longer, float_acc)}")
+        budgets[_epochs_text(_epochs_run(longer))] = longer
+        targets += (f"\n\nThe same targets fine-tuned for {_epochs_text(_epochs_run(longer))} "
+                    f"(rows under `{budget.parent}`):\n\n{targets_table(longer, float_acc)}")
     doc.write_text(HEADER + markdown_table(table_runs, float_row) + seeds + targets + "\n\n"
                    + TABLE_END + rest)
+    if readme is not None:
+        write_summary(readme, targets_summary(budgets, float_acc))
+
+
+def write_summary(readme: Path, summary: str) -> None:
+    """Replace what stands between ``readme``'s SUMMARY_BEGIN and SUMMARY_END markers with
+    ``summary``; everything else in the file is kept."""
+    text = readme.read_text()
+    head, begin, tail = text.partition(SUMMARY_BEGIN)
+    _, end, tail = tail.partition(SUMMARY_END)
+    if not begin or not end:
+        raise ValueError(f"{readme} lacks the lines {SUMMARY_BEGIN!r} and {SUMMARY_END!r} "
+                         f"(in that order) that mark where the fidelity targets go: add them, "
+                         f"or give --doc to write the table alone")
+    readme.write_text(f"{head}{SUMMARY_BEGIN}\n{summary}\n{SUMMARY_END}{tail}")
+
+
+def _epochs_run(by_row: dict[str, dict[int, dict]]) -> set[int]:
+    return {len(result["epochs"]) for runs in by_row.values() for result in runs.values()}
 
 
 def _epochs_text(epochs: set[int]) -> str:
@@ -166,6 +192,8 @@ def _epochs_text(epochs: set[int]) -> str:
 
 
 TABLE_END = "<!-- end of the generated table -->"
+SUMMARY_BEGIN = "<!-- the fidelity targets, written by tools/fidelity table -->"
+SUMMARY_END = "<!-- end of the fidelity targets -->"
 
 TARGETS_HEADER = """Against the targets: MSQ as `MSQConfig.fine_tuning(target)` runs it, against uniform QAT
 at the same seeds, on all 10k ("mean ± se": the mean of the paired differences and its standard

@@ -5,13 +5,14 @@ import json
 import re
 import statistics
 from pathlib import Path
+from typing import NamedTuple
 
 from tabulate import tabulate
 
 from .rows import ROWS, TARGETS, Target, result_stem
 
 __all__ = ["load_results", "load_seeds", "markdown_table", "seeds_table", "targets_table",
-           "target_verdict"]
+           "targets_summary", "paired_runs", "PairedRuns", "target_shortfall", "target_verdict"]
 
 
 def load_results(out: Path, seed: int = 0) -> dict[str, dict]:
@@ -82,54 +83,112 @@ def seeds_table(by_row: dict[str, dict[int, dict]]) -> str:
                                     "exact 1k mean", "compression"], tablefmt="github")
 
 
+class PairedRuns(NamedTuple):
+    """A target's MSQ and uniform rows at the seeds both ran (a seed is a data order, so the
+    rows are compared in pairs)."""
+
+    seeds: list[int]
+    msq_acc: list[float]
+    uniform_acc: list[float]
+    compression: list[float]
+
+    @property
+    def differences(self) -> list[float]:
+        return [msq - uniform for msq, uniform in zip(self.msq_acc, self.uniform_acc)]
+
+    def mean_difference(self) -> str:
+        """``"+0.11 ± 0.21"``: the mean paired difference and, from two seeds, its standard
+        error."""
+        spread = (f" ± {_standard_error(self.differences):.2f}" if len(self.seeds) > 1
+                  else "")
+        return f"{statistics.mean(self.differences):+.2f}{spread}"
+
+
+def paired_runs(target: Target, by_row: dict[str, dict[int, dict]]) -> PairedRuns | None:
+    """``target``'s rows at the seeds both ran, or None while they share no seed."""
+    msq, uniform = by_row.get(target.msq_row, {}), by_row.get(target.uniform_row, {})
+    seeds = sorted(set(msq) & set(uniform))
+    if not seeds:
+        return None
+    return PairedRuns(seeds, [msq[seed]["test_acc"] for seed in seeds],
+                      [uniform[seed]["test_acc"] for seed in seeds],
+                      [msq[seed]["compression"] for seed in seeds])
+
+
 def targets_table(by_row: dict[str, dict[int, dict]], float_acc: float | None) -> str:
-    """Each target's MSQ row against its uniform row, seed by seed over the seeds both ran (a
-    seed is a data order, so rows are compared in pairs), with the verdict of
-    :func:`target_verdict`; targets whose rows share no seed yet say so."""
+    """Each target's MSQ row against its uniform row, seed by seed over the seeds both ran,
+    with the verdict of :func:`target_verdict`; targets whose rows share no seed yet say so."""
     lines = []
     for target in TARGETS:
-        msq, uniform = by_row.get(target.msq_row, {}), by_row.get(target.uniform_row, {})
-        seeds = sorted(set(msq) & set(uniform))
-        if not seeds:
+        runs = paired_runs(target, by_row)
+        if runs is None:
             lines.append([target.label, f"`{target.msq_row}`", f"`{target.uniform_row}`",
                           "", "", "", "", "", "", "not run"])
             continue
-        msq_acc = [msq[seed]["test_acc"] for seed in seeds]
-        differences = [msq[seed]["test_acc"] - uniform[seed]["test_acc"] for seed in seeds]
-        compression = [msq[seed]["compression"] for seed in seeds]
-        spread = f" ± {_standard_error(differences):.2f}" if len(seeds) > 1 else ""
         lines.append([
             target.label, f"`{target.msq_row}`", f"`{target.uniform_row}`",
-            ", ".join(map(str, seeds)),
-            f"{statistics.mean(msq_acc):.2f} at {_compression_range(compression)}",
-            f"{statistics.mean(uniform[seed]['test_acc'] for seed in seeds):.2f}",
-            ", ".join(f"{value:+.2f}" for value in differences),
-            f"{statistics.mean(differences):+.2f}{spread}",
-            "" if float_acc is None else f"{statistics.mean(msq_acc) - float_acc:+.2f}",
-            target_verdict(target, differences, msq_acc, float_acc)])
+            ", ".join(map(str, runs.seeds)),
+            f"{statistics.mean(runs.msq_acc):.2f} at {_compression_range(runs.compression)}",
+            f"{statistics.mean(runs.uniform_acc):.2f}",
+            ", ".join(f"{value:+.2f}" for value in runs.differences),
+            runs.mean_difference(), _below_float(runs, float_acc),
+            target_verdict(target, runs.differences, runs.msq_acc, float_acc)])
     return tabulate(lines, headers=["target", "MSQ (the fine_tuning preset)", "uniform QAT",
                                     "seeds", "MSQ mean", "uniform mean",
                                     "MSQ - uniform by seed", "mean ± se", "MSQ - float",
                                     "met"], tablefmt="github", disable_numparse=True)
 
 
-def target_verdict(target: Target, differences: list[float], msq_acc: list[float],
-                   float_acc: float | None) -> str:
-    """Whether MSQ met ``target`` on the mean of its paired seeds: at least level with uniform
-    QAT (above it past 16x) and, where the target has a margin, within it of the float start."""
+def targets_summary(budgets: dict[str, dict[str, dict[int, dict]]],
+                    float_acc: float | None) -> str:
+    """The targets in brief, one line per target and budget (``budgets`` maps a budget's name
+    to its rows by seed): the README's view of the targets tables."""
+    lines = []
+    for target in TARGETS:
+        for budget, by_row in budgets.items():
+            runs = paired_runs(target, by_row)
+            if runs is None:
+                lines.append([target.label, budget, "", "", "", "", "not run"])
+                continue
+            met = target_shortfall(target, runs.differences, runs.msq_acc, float_acc) is None
+            lines.append([target.label, budget, len(runs.seeds),
+                          _compression_range(runs.compression), runs.mean_difference(),
+                          _below_float(runs, float_acc), "yes" if met else "no"])
+    return tabulate(lines, headers=["target", "budget", "seeds", "MSQ compression",
+                                    "MSQ - uniform QAT (mean ± se)", "MSQ - float", "met"],
+                    tablefmt="github", disable_numparse=True)
+
+
+def target_shortfall(target: Target, differences: list[float], msq_acc: list[float],
+                     float_acc: float | None) -> str | None:
+    """Why MSQ missed ``target`` on the mean of its paired seeds (not at least level with
+    uniform QAT, not above it past 16x, or further under the float start than the target's
+    margin), or None when it met it."""
     mean = statistics.mean(differences)
-    above = sum(value > 0 for value in differences)
-    against_uniform = f"above uniform at {above} of {len(differences)} seeds"
-    if len(differences) > 1 and abs(mean) < _standard_error(differences):
-        against_uniform += "; the mean within one standard error of level"
     if (mean <= 0) if target.must_exceed else (mean < 0):
         needed = "above" if target.must_exceed else "at least level with"
-        return f"no: {mean:+.2f} on the mean, not {needed} uniform; {against_uniform}"
+        return f"{mean:+.2f} on the mean, not {needed} uniform"
     if target.float_margin is not None and float_acc is not None:
         gap = float_acc - statistics.mean(msq_acc)
         if gap > target.float_margin:
-            return f"no: {gap:.2f} under float (margin {target.float_margin})"
-    return f"yes; {against_uniform}"
+            return f"{gap:.2f} under float (margin {target.float_margin})"
+    return None
+
+
+def target_verdict(target: Target, differences: list[float], msq_acc: list[float],
+                   float_acc: float | None) -> str:
+    """:func:`target_shortfall` as the targets table says it, with how many seeds MSQ was above
+    uniform QAT at and whether the mean is within one standard error of level."""
+    above = sum(value > 0 for value in differences)
+    against_uniform = f"above uniform at {above} of {len(differences)} seeds"
+    if len(differences) > 1 and abs(statistics.mean(differences)) < _standard_error(differences):
+        against_uniform += "; the mean within one standard error of level"
+    shortfall = target_shortfall(target, differences, msq_acc, float_acc)
+    return f"no: {shortfall}; {against_uniform}" if shortfall else f"yes; {against_uniform}"
+
+
+def _below_float(runs: PairedRuns, float_acc: float | None) -> str:
+    return "" if float_acc is None else f"{statistics.mean(runs.msq_acc) - float_acc:+.2f}"
 
 
 def _standard_error(values: list[float]) -> float:
