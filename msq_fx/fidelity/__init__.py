@@ -161,9 +161,10 @@ def write_table(out: Path, doc: Path, readme: Path | None = None) -> None:
     budgets = {_epochs_text(_epochs_run(by_row)): by_row}
     for budget in sorted(out.glob("budget*/rows")):
         longer = load_seeds(budget.parent)
-        budgets[_epochs_text(_epochs_run(longer))] = longer
-        targets += (f"\n\nThe same targets fine-tuned for {_epochs_text(_epochs_run(longer))} "
-                    f"(rows under `{budget.parent}`):\n\n{targets_table(longer, float_acc)}")
+        name = _epochs_text(_epochs_run(longer))
+        budgets[name] = longer
+        targets += (f"\n\nThe same targets fine-tuned for {name} (rows under "
+                    f"`{budget.parent}`):\n\n{targets_table(longer, float_acc)}")
     doc.write_text(HEADER + markdown_table(table_runs, float_row) + seeds + targets + "\n\n"
                    + TABLE_END + rest)
     if readme is not None:
