@@ -309,3 +309,15 @@ def test_the_committed_table_and_readme_summary_are_what_the_committed_results_g
     write_table(DEFAULT_OUT, doc, readme=readme)
     assert doc.read_text() == DEFAULT_DOC.read_text(), "run tools/fidelity table"
     assert readme.read_text() == DEFAULT_README.read_text(), "run tools/fidelity table"
+
+
+def test_a_budget_s_runs_table_lists_every_run_in_row_order_then_by_seed(settings):
+    from msq_fx.fidelity import runs_table
+
+    for name, seed in [("uniform-4bit", 1), ("uniform-2bit", 0), ("uniform-4bit", 0)]:
+        run_row(name, dataclasses.replace(settings, seed=seed),
+                command=f"tools/fidelity row {name} --seed {seed}")
+    lines = runs_table(msq_fx.fidelity.load_seeds(settings.out)).splitlines()[2:]
+    order = [(line.split("|")[1].strip(), line.split("|")[2].strip()) for line in lines]
+    assert order == [("uniform-4bit", "0"), ("uniform-4bit", "1"), ("uniform-2bit", "0")]
+    assert lines[1].rstrip(" |").endswith("`tools/fidelity row uniform-4bit --seed 1`")

@@ -23,12 +23,12 @@ import torch
 from ..config import PruningConfig
 from .rows import ROWS, RowSpec, build_row
 from .run import Settings, run_row
-from .table import (load_results, load_seeds, markdown_table, seeds_table, targets_summary,
-                    targets_table)
+from .table import (load_results, load_seeds, markdown_table, runs_table, seeds_table,
+                    targets_summary, targets_table)
 
 __all__ = ["ROWS", "RowSpec", "build_row", "Settings", "run_row", "load_results", "load_seeds",
-           "markdown_table", "seeds_table", "targets_table", "main", "run_rows", "table_path",
-           "targets_summary", "write_table", "write_summary", "DEFAULT_OUT", "DEFAULT_DOC",
+           "markdown_table", "runs_table", "seeds_table", "targets_table", "main", "run_rows",
+           "table_path", "targets_summary", "write_table", "write_summary", "DEFAULT_OUT", "DEFAULT_DOC",
            "DEFAULT_README"]
 
 DEFAULT_OUT = Path("results/fidelity")
@@ -163,8 +163,10 @@ def write_table(out: Path, doc: Path, readme: Path | None = None) -> None:
         longer = load_seeds(budget.parent)
         name = _epochs_text(_epochs_run(longer))
         budgets[name] = longer
-        targets += (f"\n\nThe same targets fine-tuned for {name} (rows under "
-                    f"`{budget.parent}`):\n\n{targets_table(longer, float_acc)}")
+        targets += (f"\n\nFine-tuned for {name} (rows under `{budget.parent}`, which holds a "
+                    f"copy of the float start;\nthe same settings, the cosine schedule stretched "
+                    f"to the longer run):\n\n{runs_table(longer)}\n\nThe same targets over "
+                    f"that budget:\n\n{targets_table(longer, float_acc)}")
     doc.write_text(HEADER + markdown_table(table_runs, float_row) + seeds + targets + "\n\n"
                    + TABLE_END + rest)
     if readme is not None:

@@ -11,7 +11,8 @@ from tabulate import tabulate
 
 from .rows import ROWS, TARGETS, Target, result_stem
 
-__all__ = ["load_results", "load_seeds", "markdown_table", "seeds_table", "targets_table",
+__all__ = ["load_results", "load_seeds", "markdown_table", "runs_table", "seeds_table",
+           "targets_table",
            "targets_summary", "paired_runs", "PairedRuns", "target_shortfall", "target_verdict"]
 
 
@@ -49,15 +50,34 @@ def markdown_table(results: dict[str, dict], float_row: dict | None) -> str:
             lines.append([name, spec.description, "", "not run", "", "", "", "",
                           f"`tools/fidelity row {name}`"])
             continue
-        target_step = result["target_step"]
         lines.append([name, spec.description, result.get("scale") or "",
-                      f"{result['compression']:.2f}x",
-                      _pct(result["test_acc"]), _pct(result["exact_acc"]),
-                      "not reached" if target_step is None else str(target_step),
-                      f"{result['seconds'] / 60:.0f} min", f"`{result['command']}`"])
-    return tabulate(lines, headers=["row", "what", "scale", "compression", "all 10k", "exact 1k",
-                                    "steps to target", "wall time", "command"],
-                    tablefmt="github")
+                      *_result_cells(result)])
+    return tabulate(lines, headers=["row", "what", "scale", *RESULT_HEADERS], tablefmt="github")
+
+
+def runs_table(by_row: dict[str, dict[int, dict]]) -> str:
+    """Every run, one line each, in ROWS' order and then by seed: the rows of a budget other
+    than the table's own, where only some rows ran."""
+    lines = [[name, seed, *_result_cells(runs[seed])]
+             for name, runs in sorted(by_row.items(), key=lambda item: _row_order(item[0]))
+             for seed in sorted(runs)]
+    return tabulate(lines, headers=["row", "seed", *RESULT_HEADERS], tablefmt="github")
+
+
+RESULT_HEADERS = ["compression", "all 10k", "exact 1k", "steps to target", "wall time",
+                  "command"]
+
+
+def _result_cells(result: dict) -> list[str]:
+    """A run's cells under RESULT_HEADERS."""
+    target_step = result["target_step"]
+    return [f"{result['compression']:.2f}x", _pct(result["test_acc"]), _pct(result["exact_acc"]),
+            "not reached" if target_step is None else str(target_step),
+            f"{result['seconds'] / 60:.0f} min", f"`{result['command']}`"]
+
+
+def _row_order(name: str) -> int:
+    return list(ROWS).index(name) if name in ROWS else len(ROWS)
 
 
 def seeds_table(by_row: dict[str, dict[int, dict]]) -> str:
