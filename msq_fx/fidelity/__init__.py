@@ -28,8 +28,8 @@ from .table import (load_results, load_seeds, markdown_table, runs_table, seeds_
 
 __all__ = ["ROWS", "RowSpec", "build_row", "Settings", "run_row", "load_results", "load_seeds",
            "markdown_table", "runs_table", "seeds_table", "targets_table", "main", "run_rows",
-           "table_path", "targets_summary", "write_table", "write_summary", "DEFAULT_OUT", "DEFAULT_DOC",
-           "DEFAULT_README"]
+           "table_path", "targets_summary", "write_table", "write_summary", "DEFAULT_OUT",
+           "DEFAULT_DOC", "DEFAULT_README"]
 
 DEFAULT_OUT = Path("results/fidelity")
 DEFAULT_DOC = Path("docs/fidelity.md")
