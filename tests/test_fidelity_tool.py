@@ -272,7 +272,7 @@ def test_the_targets_summary_gives_each_target_under_each_budget_and_its_verdict
     lines = targets_summary({"3 epochs": three, "15 epochs": {}}, 81.0).splitlines()
     line = next(line for line in lines if line.startswith("| 16x") and "3 epochs" in line)
     cells = [cell.strip() for cell in line.strip("|").split("|")]
-    assert cells == ["16x", "3 epochs", "2", "16.04x", "+0.00 ± 1.00", "-0.50", "yes"]
+    assert cells == ["16x", "3 epochs", "2", "16.04x", "", "+0.00 ± 1.00", "-0.50", "yes"]
     assert next(line for line in lines if line.startswith("| 16x") and "15 epochs" in line
                 ).rstrip(" |").endswith("not run")
 
@@ -321,3 +321,23 @@ def test_a_budget_s_runs_table_lists_every_run_in_row_order_then_by_seed(setting
     order = [(line.split("|")[1].strip(), line.split("|")[2].strip()) for line in lines]
     assert order == [("uniform-4bit", "0"), ("uniform-4bit", "1"), ("uniform-2bit", "0")]
     assert lines[1].rstrip(" |").endswith("`tools/fidelity row uniform-4bit --seed 1`")
+
+
+@pytest.mark.parametrize("widths, said", [
+    ([{"a": 4, "b": 4}, {"a": 4, "b": 4}], "uniform"),
+    ([{"a": 3, "b": 2}, {"a": 3, "b": 3}], "mixed at 1 of 2 seeds"),
+    ([{"a": 3, "b": 2}, {"a": 1, "b": 2}], "mixed"),
+    ([{"a": 3, "b": 2}, None], ""),  # a run that recorded no widths: not guessed
+])
+def test_the_targets_say_whether_msq_ended_at_mixed_or_uniform_widths(widths, said):
+    from msq_fx.fidelity import targets_summary
+
+    sixteen = next(target for target in TARGETS if target.label == "16x")
+    msq = _runs({0: 81.0, 1: 81.0})
+    for seed, bits in enumerate(widths):
+        if bits is not None:
+            msq[seed]["bits"] = bits
+    by_row = {sixteen.msq_row: msq, sixteen.uniform_row: _runs({0: 80.0, 1: 80.0})}
+    line = next(line for line in targets_summary({"3 epochs": by_row}, None).splitlines()
+                if line.startswith("| 16x"))
+    assert line.split("|")[5].strip() == said

@@ -199,7 +199,8 @@ SUMMARY_BEGIN = "<!-- the fidelity targets, written by tools/fidelity table -->"
 SUMMARY_END = "<!-- end of the fidelity targets -->"
 
 TARGETS_HEADER = """Against the targets: MSQ as `MSQConfig.fine_tuning(target)` runs it, against uniform QAT
-at the same seeds, on all 10k ("mean ± se": the mean of the paired differences and its standard
+at the same seeds, on all 10k ("MSQ widths": whether MSQ's runs ended with mixed widths or with
+every layer at one width; "mean ± se": the mean of the paired differences and its standard
 error; "met": at least level with uniform QAT on the mean, above it past 16x, and within the
 target's margin of the float start: 0.5 / 1.0 / 2.0 points at 8x / 10.67x / 16x):
 

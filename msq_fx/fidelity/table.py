@@ -111,6 +111,7 @@ class PairedRuns(NamedTuple):
     msq_acc: list[float]
     uniform_acc: list[float]
     compression: list[float]
+    mixed: list[bool | None]  # None: a run that recorded no widths
 
     @property
     def differences(self) -> list[float]:
@@ -132,7 +133,8 @@ def paired_runs(target: Target, by_row: dict[str, dict[int, dict]]) -> PairedRun
         return None
     return PairedRuns(seeds, [msq[seed]["test_acc"] for seed in seeds],
                       [uniform[seed]["test_acc"] for seed in seeds],
-                      [msq[seed]["compression"] for seed in seeds])
+                      [msq[seed]["compression"] for seed in seeds],
+                      [_is_mixed(msq[seed].get("bits")) for seed in seeds])
 
 
 def targets_table(by_row: dict[str, dict[int, dict]], float_acc: float | None) -> str:
@@ -143,18 +145,19 @@ def targets_table(by_row: dict[str, dict[int, dict]], float_acc: float | None) -
         runs = paired_runs(target, by_row)
         if runs is None:
             lines.append([target.label, f"`{target.msq_row}`", f"`{target.uniform_row}`",
-                          "", "", "", "", "", "", "not run"])
+                          "", "", "", "", "", "", "", "not run"])
             continue
         lines.append([
             target.label, f"`{target.msq_row}`", f"`{target.uniform_row}`",
             ", ".join(map(str, runs.seeds)),
             f"{statistics.mean(runs.msq_acc):.2f} at {_compression_range(runs.compression)}",
+            _mixed_widths(runs),
             f"{statistics.mean(runs.uniform_acc):.2f}",
             ", ".join(f"{value:+.2f}" for value in runs.differences),
             runs.mean_difference(), _below_float(runs, float_acc),
             target_verdict(target, runs.differences, runs.msq_acc, float_acc)])
     return tabulate(lines, headers=["target", "MSQ (the fine_tuning preset)", "uniform QAT",
-                                    "seeds", "MSQ mean", "uniform mean",
+                                    "seeds", "MSQ mean", "MSQ widths", "uniform mean",
                                     "MSQ - uniform by seed", "mean ± se", "MSQ - float",
                                     "met"], tablefmt="github", disable_numparse=True)
 
@@ -168,13 +171,14 @@ def targets_summary(budgets: dict[str, dict[str, dict[int, dict]]],
         for budget, by_row in budgets.items():
             runs = paired_runs(target, by_row)
             if runs is None:
-                lines.append([target.label, budget, "", "", "", "", "not run"])
+                lines.append([target.label, budget, "", "", "", "", "", "not run"])
                 continue
             met = target_shortfall(target, runs.differences, runs.msq_acc, float_acc) is None
             lines.append([target.label, budget, len(runs.seeds),
-                          _compression_range(runs.compression), runs.mean_difference(),
+                          _compression_range(runs.compression), _mixed_widths(runs),
+                          runs.mean_difference(),
                           _below_float(runs, float_acc), "yes" if met else "no"])
-    return tabulate(lines, headers=["target", "budget", "seeds", "MSQ compression",
+    return tabulate(lines, headers=["target", "budget", "seeds", "MSQ compression", "MSQ widths",
                                     "MSQ - uniform QAT (mean ± se)", "MSQ - float", "met"],
                     tablefmt="github", disable_numparse=True)
 
@@ -205,6 +209,21 @@ def target_verdict(target: Target, differences: list[float], msq_acc: list[float
         against_uniform += "; the mean within one standard error of level"
     shortfall = target_shortfall(target, differences, msq_acc, float_acc)
     return f"no: {shortfall}; {against_uniform}" if shortfall else f"yes; {against_uniform}"
+
+
+def _mixed_widths(runs: PairedRuns) -> str:
+    """Whether MSQ's widths ended mixed or every layer at one width (then MSQ's gain or loss is
+    its road to uniform widths, not its allocation)."""
+    if None in runs.mixed:
+        return ""
+    mixed = sum(runs.mixed)
+    if mixed == len(runs.mixed):
+        return "mixed"
+    return "uniform" if not mixed else f"mixed at {mixed} of {len(runs.mixed)} seeds"
+
+
+def _is_mixed(bits: dict[str, int] | None) -> bool | None:
+    return None if not bits else len(set(bits.values())) > 1
 
 
 def _below_float(runs: PairedRuns, float_acc: float | None) -> str:
