@@ -12,8 +12,8 @@ from tabulate import tabulate
 from .rows import ROWS, TARGETS, Target, result_stem
 
 __all__ = ["load_results", "load_seeds", "markdown_table", "runs_table", "seeds_table",
-           "targets_table",
-           "targets_summary", "paired_runs", "PairedRuns", "target_shortfall", "target_verdict"]
+           "targets_table", "targets_summary", "paired_runs", "PairedRuns", "target_shortfall",
+           "target_verdict"]
 
 
 def load_results(out: Path, seed: int = 0) -> dict[str, dict]:
@@ -154,7 +154,7 @@ def targets_table(by_row: dict[str, dict[int, dict]], float_acc: float | None) -
             _mixed_widths(runs),
             f"{statistics.mean(runs.uniform_acc):.2f}",
             ", ".join(f"{value:+.2f}" for value in runs.differences),
-            runs.mean_difference(), _below_float(runs, float_acc),
+            runs.mean_difference(), _msq_minus_float(runs, float_acc),
             target_verdict(target, runs.differences, runs.msq_acc, float_acc)])
     return tabulate(lines, headers=["target", "MSQ (the fine_tuning preset)", "uniform QAT",
                                     "seeds", "MSQ mean", "MSQ widths", "uniform mean",
@@ -177,7 +177,7 @@ def targets_summary(budgets: dict[str, dict[str, dict[int, dict]]],
             lines.append([target.label, budget, len(runs.seeds),
                           _compression_range(runs.compression), _mixed_widths(runs),
                           runs.mean_difference(),
-                          _below_float(runs, float_acc), "yes" if met else "no"])
+                          _msq_minus_float(runs, float_acc), "yes" if met else "no"])
     return tabulate(lines, headers=["target", "budget", "seeds", "MSQ compression", "MSQ widths",
                                     "MSQ - uniform QAT (mean ± se)", "MSQ - float", "met"],
                     tablefmt="github", disable_numparse=True)
@@ -226,7 +226,7 @@ def _is_mixed(bits: dict[str, int] | None) -> bool | None:
     return None if not bits else len(set(bits.values())) > 1
 
 
-def _below_float(runs: PairedRuns, float_acc: float | None) -> str:
+def _msq_minus_float(runs: PairedRuns, float_acc: float | None) -> str:
     return "" if float_acc is None else f"{statistics.mean(runs.msq_acc) - float_acc:+.2f}"
 
 
