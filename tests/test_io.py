@@ -295,7 +295,10 @@ def test_a_file_of_the_previous_format_still_loads_with_its_saved_outputs(how):
     assert torch.load(path, weights_only=True)["format"] == msq_fx.io.PER_TENSOR_FORMAT
     loaded = (msq_fx.load(path, trusted=True) if how == "trusted"
               else msq_fx.load(path, model=_small_cnn_of_the_fixture()))
-    assert torch.equal(eval_output(loaded, expected["inputs"]), expected["outputs"])
+    # The outputs were saved on another CPU, whose kernels may round differently (1.5e-8 apart
+    # on outputs up to 0.17, measured); one code off by one moved them by 4e-5 to 7e-3.
+    torch.testing.assert_close(eval_output(loaded, expected["inputs"]), expected["outputs"],
+                               rtol=0, atol=1e-6)
     assert [row.bits for row in msq_fx.saved_report(path).layers] == expected["bits"]
     # Saved when "keep" was the default; the file says what it ran with.
     assert msq_fx.saved_config(path) == msq_fx.MSQConfig(quantization=dict(act_bits=4),
