@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["is_out_of_memory", "take", "call_model", "eval_mode", "model_mode", "copy_module",
-           "OUT_OF_MEMORY_MESSAGES"]
+           "replace_marked_block", "OUT_OF_MEMORY_MESSAGES"]
 
 #: Substrings of the errors an allocation failure raises on the CPU: torch's allocator, the C++
 #: runtime, Python, and the OS refusing an address-space request.
@@ -22,6 +22,16 @@ def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or (
         isinstance(error, RuntimeError)
         and any(text in str(error) for text in OUT_OF_MEMORY_MESSAGES))
+
+
+def replace_marked_block(text: str, start: str, end: str, body: str) -> str | None:
+    """``text`` with what stands between its first ``start`` marker and the ``end`` marker after
+    it replaced by ``body`` on lines of its own (the markers and the rest kept), or None when
+    ``text`` lacks that pair: a generated block inside a hand-written document."""
+    before, found, rest = text.partition(start)
+    if not found or end not in rest:
+        return None
+    return f"{before}{start}\n{body}\n{end}{rest.split(end, 1)[1]}"
 
 
 def take(items: Iterable, count: int) -> list:

@@ -13,6 +13,7 @@ import shlex
 import subprocess
 from pathlib import Path
 
+from ..utils import replace_marked_block
 from .report import PEER_HEADERS, STEP_HEADERS, conditions_line, peer_rows, step_rows
 
 __all__ = ["block_key", "markdown_block", "write_doc"]
@@ -76,11 +77,10 @@ def write_doc(path: str | Path, report: dict, argv: list[str]) -> None:
     path = Path(path)
     key = block_key(report)
     start, end = f"<!-- tools/bench: {key} -->", f"<!-- /tools/bench: {key} -->"
-    block = f"{start}\n{markdown_block(report, argv)}\n{end}"
+    body = markdown_block(report, argv)
     text = path.read_text() if path.exists() else ""
-    if start in text and end in text.split(start, 1)[1]:
-        before, rest = text.split(start, 1)
-        text = before + block + rest.split(end, 1)[1]
-    else:
-        text = text + ("\n" if text and not text.endswith("\n") else "") + block + "\n"
-    path.write_text(text)
+    replaced = replace_marked_block(text, start, end, body)
+    if replaced is None:
+        replaced = (text + ("\n" if text and not text.endswith("\n") else "")
+                    + f"{start}\n{body}\n{end}\n")
+    path.write_text(replaced)

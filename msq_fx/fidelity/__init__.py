@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..config import PruningConfig
+from ..utils import replace_marked_block
 from .rows import ROWS, RowSpec, build_row
 from .run import Settings, run_row
 from .table import (load_results, load_seeds, markdown_table, runs_table, seeds_table,
@@ -176,14 +177,12 @@ def write_table(out: Path, doc: Path, readme: Path | None = None) -> None:
 def write_summary(readme: Path, summary: str) -> None:
     """Replace what stands between ``readme``'s SUMMARY_BEGIN and SUMMARY_END markers with
     ``summary``; everything else in the file is kept."""
-    text = readme.read_text()
-    head, begin, tail = text.partition(SUMMARY_BEGIN)
-    _, end, tail = tail.partition(SUMMARY_END)
-    if not begin or not end:
+    text = replace_marked_block(readme.read_text(), SUMMARY_BEGIN, SUMMARY_END, summary)
+    if text is None:
         raise ValueError(f"{readme} lacks the lines {SUMMARY_BEGIN!r} and {SUMMARY_END!r} "
                          f"(in that order) that mark where the fidelity targets go: add them, "
                          f"or give --doc to write the table alone")
-    readme.write_text(f"{head}{SUMMARY_BEGIN}\n{summary}\n{SUMMARY_END}{tail}")
+    readme.write_text(text)
 
 
 def _epochs_run(by_row: dict[str, dict[int, dict]]) -> set[int]:
