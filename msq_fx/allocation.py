@@ -17,7 +17,7 @@ from torch import Tensor
 from . import quant
 from .config import MSQConfig
 from .precision_groups import PrecisionGroup, PruneRecord
-from .sensitivity import group_traces
+from .sensitivity import group_traces, warn_of_negative_traces
 
 if TYPE_CHECKING:  # the controller calls lower_widths_by_omega: no import at run time
     from .controller import MSQController
@@ -41,6 +41,8 @@ def allocate_bits_once(controller: MSQController, batches: Iterable,
                                   batches, loss_fn, controller.config, controller.prune_count)
     before = {g.name: g.bits for g in groups}
     omega = lower_widths_by_omega(groups, traces, controller.config, controller.compression)
+    warn_of_negative_traces("allocate_bits_once", [g for g in groups if g.bits != before[g.name]],
+                            traces, controller.config.hessian.trace_margin)
     for member in (m for g in groups for m in g.members):
         member.quantizer.refit_scale(member.latent)
     controller.done = True

@@ -323,7 +323,8 @@ class HessianConfig(_SubConfig):
         (a 36,864-weight ResNet-20 conv made binary at 16x, docs/fidelity.md); with a margin of
         2 a layer counts as cheap only when its trace is small beyond the estimate's noise.
         Measured at 16x over six seeds: the target hit more exactly (16.04-16.25x), the
-        accuracy not better (80.79% against 80.93% with the mean), hence the default.
+        accuracy not better (80.79% against 80.93% with the mean), hence the default. Either
+        way, a prune that lowers a layer on a negative trace logs a warning naming it.
     """
 
     _prefix = "hessian"

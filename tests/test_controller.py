@@ -1002,6 +1002,61 @@ def test_the_cheapest_last_prune_takes_hessian_traces_under_the_fixed_step_polic
     assert ctl.history[0].hessian_trace is not None
 
 
+def with_negated_trace(index: int):
+    """msq_fx.sensitivity.group_traces as a noisy estimate gives it: layers.<index>'s trace
+    comes out below zero."""
+    from msq_fx.sensitivity import group_traces
+
+    def noisy(model, members, *args, **kwargs):
+        traces, method = group_traces(model, members, *args, **kwargs)
+        key = id(latent(model, index))
+        return {**traces, key: -abs(traces[key])}, method
+    return noisy
+
+
+@pytest.mark.parametrize("trace_margin, remedy", [(0.0, "'trace_margin': 2.0"),
+                                                  (2.0, "hessian.min_samples")])
+def test_a_drop_chosen_on_a_negative_trace_estimate_is_warned_naming_the_layer(
+        monkeypatch, caplog, trace_margin, remedy):
+    # As in the cheapest-finish test, except that layers.0's trace comes out negative, so its
+    # overshooting drop looks cheaper than layers.1's.
+    monkeypatch.setattr("msq_fx.controller.group_traces", with_negated_trace(0))
+    widths = [64, 4]
+    qmodel, ctl = prepared(widths, [1.0, 3.0], target_compression=compression(widths, [8, 7]),
+                           pruning=dict(threshold=1.0, interval=1, last_prune="cheapest"),
+                           hessian=dict(trace_margin=trace_margin))
+    set_betas(qmodel, [0.3, 0.6])
+    with caplog.at_level("WARNING", logger="msq_fx"):
+        ctl.epoch_end(1, batches(widths), F.mse_loss)
+    assert bits_of(qmodel) == [7, 8]
+    assert "negative Hessian trace estimate: layers.0" in caplog.text
+    assert "layers.1" not in caplog.text and remedy in caplog.text
+
+
+def test_a_drop_chosen_on_positive_trace_estimates_is_not_warned(caplog):
+    widths = [64, 4]
+    qmodel, ctl = prepared(widths, [1.0, 3.0], target_compression=compression(widths, [8, 7]),
+                           pruning=dict(threshold=1.0, interval=1, last_prune="cheapest"))
+    set_betas(qmodel, [0.3, 0.6])
+    with caplog.at_level("WARNING", logger="msq_fx"):
+        ctl.epoch_end(1, batches(widths), F.mse_loss)
+    assert bits_of(qmodel) == [8, 7]
+    assert "negative Hessian trace" not in caplog.text
+
+
+def test_a_one_shot_allocation_on_a_negative_trace_estimate_is_warned(monkeypatch, caplog):
+    from msq_fx.allocation import allocate_bits_once
+
+    monkeypatch.setattr("msq_fx.allocation.group_traces", with_negated_trace(0))
+    widths = [64, 4]
+    qmodel, ctl = prepared(widths, [1.0, 3.0], target_compression=compression(widths, [7, 8]))
+    set_betas(qmodel, [0.5, 0.5])
+    with caplog.at_level("WARNING", logger="msq_fx"):
+        allocate_bits_once(ctl, batches(widths), F.mse_loss)
+    assert "allocate_bits_once: lowered on a negative Hessian trace estimate: layers.0" \
+        in caplog.text
+
+
 def test_the_one_shot_schedule_sets_every_width_at_the_first_due_prune_as_allocate_bits_once():
     from msq_fx.allocation import allocate_bits_once
 
