@@ -46,6 +46,14 @@ def test_an_msq_fx_row_trains_converts_exactly_and_writes_its_result(settings, n
     assert result["exact_acc"] is not None
 
 
+def test_a_row_records_the_environment_its_numbers_depend_on(settings):
+    result = run_row("uniform-2bit", settings)
+    environment = result["environment"]
+    assert environment["torch"] == torch.__version__
+    assert environment["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert environment["threads"] == torch.get_num_threads() and environment["processor"]
+
+
 def test_an_msq_row_records_every_prune_it_made_under_the_pruning_it_was_given(settings):
     settings = dataclasses.replace(settings, pruning=(("interval", 1), ("threshold", 1.0)))
     result = run_row("msq-8x", settings)
