@@ -95,15 +95,18 @@ def warn_of_negative_traces(where: str, lowered: Sequence, traces: dict[int, flo
     """Log one warning naming every group in ``lowered`` whose Hessian trace, as the decisions
     read it (mean plus ``trace_margin`` standard errors), is below zero.
 
-    Reads each group's name, width and ``trace(traces)``; changes nothing. Why: a layer's own
-    curvature is seldom negative (never when the outputs are piecewise linear in each layer's
-    weights, as in a ReLU net with BatchNorm in eval mode, and the loss is convex in the
-    outputs, as cross-entropy is: each diagonal Hessian block is then J^T H_out J), and the
-    probes stop once the total trace settles, so a negative estimate is mostly noise; as Omega
-    it makes the layer look the cheapest to drop (docs/fidelity.md: a 36,864-weight ResNet-20
-    conv made binary on a trace of -114).
+    Reads each group's name, width and ``trace(traces)``, nothing when ``traces`` is empty (no
+    Hessian was taken); changes nothing. Why: a layer's own curvature is seldom negative (never
+    when the outputs are piecewise linear in each layer's weights, as in a ReLU net with
+    BatchNorm in eval mode, and the loss is convex in the outputs, as cross-entropy is: each
+    diagonal Hessian block is then J^T H_out J), and the probes stop once the total trace
+    settles, so a negative estimate is mostly noise; as Omega it makes the layer look the
+    cheapest to drop (docs/fidelity.md: a 36,864-weight ResNet-20 conv made binary on a trace
+    of -114).
     """
-    negative = [(g, g.trace(traces)) for g in lowered if g.trace(traces) < 0]
+    if not traces:
+        return
+    negative = [(g, trace) for g in lowered if (trace := g.trace(traces)) < 0]
     if not negative:
         return
     named = ", ".join(f"{g.name} (now {g.bits} bits, trace {trace:.3g})" for g, trace in negative)
