@@ -24,7 +24,7 @@ from .quant import BINARY_GRADIENTS, GRIDS, PENALTY_UNITS, SCALE_MODES
 
 __all__ = ["MSQConfig", "QuantizationConfig", "PruningConfig", "HessianConfig",
            "FIRST_LAST_POLICIES", "PRUNE_STEP_POLICIES", "INTERVAL_UNITS", "HESSIAN_METHODS",
-           "HESSIAN_MODEL_MODES", "UNQUANTIZABLE_POLICIES"]
+           "HESSIAN_MODEL_MODES", "HESSIAN_CURVATURES", "UNQUANTIZABLE_POLICIES"]
 
 FIRST_LAST_POLICIES = ("quantize", "fixed", "float")
 PRUNE_STEP_POLICIES = ("hessian", "fixed")
@@ -37,6 +37,7 @@ SCHEDULES = ("gradual", "one_shot")
 PENALTY_SCOPES = ("all", "planned")
 HESSIAN_METHODS = ("auto", "autograd", "finite_difference")
 HESSIAN_MODEL_MODES = ("eval", "train")
+HESSIAN_CURVATURES = ("hessian", "fisher")
 UNQUANTIZABLE_POLICIES = ("float", "error")
 
 
@@ -325,6 +326,15 @@ class HessianConfig(_SubConfig):
         Measured at 16x over six seeds: the target hit more exactly (16.04-16.25x), the
         accuracy not better (80.79% against 80.93% with the mean), hence the default. Either
         way, a prune that lowers a layer on a negative trace logs a warning naming it.
+    curvature: what stands for Tr(H_l). "hessian" (default, the paper's Eq. 9): Hutchinson's
+        estimate of the loss Hessian's trace, by ``method``. "fisher": the trace of the Fisher
+        information of the model's own softmax over dim 1 of its output, which is the
+        Gauss-Newton part of the cross-entropy Hessian (msq_fx.fisher). It is never negative
+        and each layer's estimate comes from its own gradient block alone (no cross-layer noise),
+        from first-order backwards only (a training step's memory, any op); it reads the
+        model's class scores and labels drawn from them, not ``loss_fn``, so it suits
+        classifiers and segmenters trained with cross-entropy. ``method``, ``relative_step``
+        and ``frozen_kinks`` apply to "hessian" only.
     """
 
     _prefix = "hessian"
@@ -339,6 +349,7 @@ class HessianConfig(_SubConfig):
     frozen_kinks: bool = True
     model_mode: str = "eval"
     trace_margin: float = 0.0
+    curvature: str = "hessian"
 
     def _validate(self) -> None:
         self._require(_is_int(self.min_samples) and self.min_samples >= 1, "min_samples",
@@ -358,6 +369,11 @@ class HessianConfig(_SubConfig):
                       f"one of {HESSIAN_MODEL_MODES}")
         self._require(_is_number(self.trace_margin) and 0 <= self.trace_margin < math.inf,
                       "trace_margin", "a finite number >= 0 (standard errors; 0 uses the mean)")
+        self._require(self.curvature in HESSIAN_CURVATURES, "curvature",
+                      f"one of {HESSIAN_CURVATURES}")
+        self._require(self.curvature != "fisher" or self.model_mode == "eval", "curvature",
+                      "'hessian' when model_mode is 'train' (the Fisher reads class scores, and "
+                      "a model that needs train mode for its loss returns the loss instead)")
 
 
 _SECTIONS = {"quantization": QuantizationConfig, "pruning": PruningConfig,

@@ -7,7 +7,8 @@ Hessian batches (whole, or in chunks of ``hessian.chunk_size`` rows), seeds the 
 torch.distributed, and picks the estimator of msq_fx.hessian: the double backward, or the
 central difference of two gradients with the quantized weights displaced
 (:func:`displaced_quantized_weights`); "auto" falls back from the first to the second on
-out-of-memory or on an op without a second derivative.
+out-of-memory or on an op without a second derivative. With ``hessian.curvature="fisher"`` the
+trace of the Fisher information (msq_fx.fisher) stands in for Tr(H), over the same batches.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import MSQConfig
+from .fisher import OutputPiece, fisher_traces
 from .hessian import (HessianTraces, NoSecondDerivative, finite_difference_traces,
                       hutchinson_traces)
 from .recompute import displaced
@@ -52,9 +54,9 @@ def group_traces(model: nn.Module, members: Sequence, batches: Iterable,
         prune_index: how many prunes came before; seeds the probes with ``config.seed``.
 
     Returns:
-        ``(traces, method)``: ``traces`` maps ``id(member.latent)`` to its trace (the Hutchinson
-        mean plus ``hessian.trace_margin`` standard errors), ``method`` is "autograd" or
-        "finite_difference".
+        ``(traces, method)``: ``traces`` maps ``id(member.latent)`` to its trace (the estimate's
+        mean plus ``hessian.trace_margin`` standard errors), ``method`` is "autograd",
+        "finite_difference" or, with ``hessian.curvature="fisher"``, "fisher".
     """
     chosen = take(batches, config.hessian.batches)
     if not chosen:
@@ -64,9 +66,9 @@ def group_traces(model: nn.Module, members: Sequence, batches: Iterable,
     members = list(members)
     estimate = functools.partial(_estimate_traces, model, config, prune_index, members=members,
                                  chosen=chosen, loss_fn=loss_fn)
-    method = config.hessian.method
-    if method == "finite_difference":
-        result = estimate("finite_difference")
+    method = "fisher" if config.hessian.curvature == "fisher" else config.hessian.method
+    if method in ("fisher", "finite_difference"):
+        result = estimate(method)
     else:
         fallback = None
         try:
@@ -119,18 +121,23 @@ def warn_of_negative_traces(where: str, lowered: Sequence, traces: dict[int, flo
 
 def _estimate_traces(model: nn.Module, config: MSQConfig, prune_index: int, method: str, *,
                      members: list, chosen: list, loss_fn) -> HessianTraces:
-    """Hutchinson traces over ``members``' latents, on ``chosen`` batches, with the model in
-    ``hessian.model_mode`` (eval by default).
+    """Traces over ``members``' latents, on ``chosen`` batches, with the model in
+    ``hessian.model_mode`` (eval by default), by ``method``: "autograd" or "finite_difference"
+    (Hutchinson's estimate of Tr(H)) or "fisher" (Tr(F)).
 
-    Probes are seeded by (seed, prune index), so both methods draw the same ones.
+    Probes (the Fisher's labels) are seeded by (seed, prune index), so both Hessian methods draw
+    the same ones.
     """
     hessian = config.hessian
     params = [m.latent for m in members]
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + prune_index)
     limits = dict(max_samples=hessian.max_samples, min_samples=hessian.min_samples,
                   tol=hessian.tol, generator=generator, all_reduce=_distributed_mean())
-    loss = _loss_pieces(model, chosen, loss_fn, hessian.chunk_size)
     with model_mode(model, training=hessian.model_mode == "train"):
+        if method == "fisher":
+            return fisher_traces(_output_pieces(model, chosen, hessian.chunk_size), params,
+                                 **limits)
+        loss = _loss_pieces(model, chosen, loss_fn, hessian.chunk_size)
         if method == "finite_difference":
             displaced_weights = functools.partial(displaced_quantized_weights,
                                                   [m.quantizer for m in members])
@@ -189,15 +196,32 @@ def _loss_pieces(model: nn.Module, batches: list, loss_fn, chunk_size: int | Non
     """The Hessian's loss: the mean over ``batches``, whole or in chunks of ``chunk_size``."""
     if chunk_size is None:
         return [functools.partial(_mean_loss, model, batches, loss_fn)]
-    pieces = []
+    return [functools.partial(_weighted_loss, model, [chunk], loss_fn, weight)
+            for chunk, weight in _chunks(batches, chunk_size)]
+
+
+def _output_pieces(model: nn.Module, batches: list, chunk_size: int | None) -> list[OutputPiece]:
+    """The Fisher's batches: the model's outputs on each batch, or on each chunk of
+    ``chunk_size`` rows, with its share of the mean over ``batches``."""
+    if chunk_size is None:
+        parts = [(batch, 1 / len(batches)) for batch in batches]
+    else:
+        parts = _chunks(batches, chunk_size)
+    return [OutputPiece(functools.partial(call_model, model, inputs), weight)
+            for (inputs, _targets), weight in parts]
+
+
+def _chunks(batches: list, chunk_size: int) -> list[tuple[tuple[Any, Any], float]]:
+    """Every batch cut into runs of at most ``chunk_size`` rows, each with its share of the
+    mean over ``batches``."""
+    chunks = []
     for index, (inputs, targets) in enumerate(batches):
         size = _leading_size(inputs, index)
         for start in range(0, size, chunk_size):
             stop = min(start + chunk_size, size)
-            chunk = [(_rows(inputs, start, stop, size), _rows(targets, start, stop, size))]
-            weight = (stop - start) / size / len(batches)
-            pieces.append(functools.partial(_weighted_loss, model, chunk, loss_fn, weight))
-    return pieces
+            chunk = (_rows(inputs, start, stop, size), _rows(targets, start, stop, size))
+            chunks.append((chunk, (stop - start) / size / len(batches)))
+    return chunks
 
 
 def _weighted_loss(model: nn.Module, batches: list, loss_fn, weight: float) -> Tensor:

@@ -160,7 +160,7 @@ def hessian_report(bench):
 
 def test_hessian_mode_reports_each_method_against_the_msq_step(hessian_report):
     assert hessian_report["probes"] == 1
-    assert set(hessian_report["hessian"]) == {"autograd", "finite_difference",
+    assert set(hessian_report["hessian"]) == {"autograd", "finite_difference", "fisher",
                                               "autograd, chunks of 2"}
     for method, cost in hessian_report["hessian"].items():
         assert len(cost["repeat_ms"]) == 2 and isinstance(cost["peak_bytes"], int)
@@ -173,6 +173,11 @@ def test_finite_differences_need_less_memory_than_the_double_backward(hessian_re
     # Bytes requested from the allocator, not time: the same on every run of the same model.
     costs = hessian_report["hessian"]
     assert costs["finite_difference"]["peak_bytes"] < costs["autograd"]["peak_bytes"]
+
+
+def test_the_fishers_trace_needs_less_memory_than_the_double_backward(hessian_report):
+    costs = hessian_report["hessian"]
+    assert costs["fisher"]["peak_bytes"] < costs["autograd"]["peak_bytes"]
 
 
 def test_the_double_backward_in_chunks_needs_less_memory_than_on_the_whole_batch(hessian_report):

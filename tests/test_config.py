@@ -35,7 +35,7 @@ from msq_fx.config import HessianConfig, PruningConfig, QuantizationConfig
     ("hessian", "relative_step", 0.0), ("hessian", "relative_step", 1.0),
     ("hessian", "frozen_kinks", "yes"), ("hessian", "model_mode", "training"),
     ("hessian", "trace_margin", -1.0), ("hessian", "trace_margin", math.inf),
-    ("hessian", "trace_margin", "2"),
+    ("hessian", "trace_margin", "2"), ("hessian", "curvature", "gauss_newton"),
 ])
 def test_invalid_values_are_rejected_with_the_whole_field_named(section, field, value):
     with pytest.raises(ValueError, match=re.escape(f"MSQConfig.{section}.{field}={value!r} is invalid")):

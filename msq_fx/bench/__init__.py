@@ -27,7 +27,8 @@ Time (:mod:`.timing`)
 Hessian (``--hessian``, :mod:`.hessian`)
     Also the pruning step (``MSQController.epoch_end``: Hutchinson traces with ``--probes``
     probes on the batch, in eval mode) once per H v method, the double backward ("autograd") and
-    the central difference of gradients ("finite_difference"), each as a ratio to the MSQ
+    the central difference of gradients ("finite_difference"), and once with the Fisher's trace
+    in place of the Hessian's ("fisher", ``--probes`` label draws), each as a ratio to the MSQ
     training step of the same run. The controller's LSB threshold is set so that no group is
     pruned, so every repeat computes the Hessian at the same widths.
 

@@ -1,8 +1,9 @@
 """The cost of the pruning step (``--hessian``): ``MSQController.epoch_end``, i.e. Hutchinson
 traces with ``--probes`` probes on the batch in eval mode, once per H v method: the double
 backward ("autograd", also in chunks with ``--hessian-chunk-size``) and the central difference
-of gradients ("finite_difference"). The LSB threshold is set so that no group is pruned, so
-every repeat computes the Hessian at the same widths.
+of gradients ("finite_difference"); and the Fisher's trace in place of the Hessian's ("fisher",
+``--probes`` label draws). The LSB threshold is set so that no group is pruned, so every repeat
+computes the traces at the same widths.
 """
 from __future__ import annotations
 
@@ -24,9 +25,11 @@ __all__ = ["pruning_step", "hessian_costs"]
 
 def pruning_step(qmodel: nn.Module, method: str, probes: int, batch: tuple[Tensor, Tensor],
                  chunk_size: int | None = None) -> Callable[[], None]:
-    """One ``epoch_end`` per call: the Hessian by ``method``, then a prune that drops nothing."""
+    """One ``epoch_end`` per call: the Hessian by ``method`` ("fisher": the Fisher's trace),
+    then a prune that drops nothing."""
+    curvature = dict(curvature="fisher") if method == "fisher" else dict(method=method)
     config = MSQConfig(pruning=dict(interval=1, threshold=1e-9),
-                       hessian=dict(method=method, min_samples=probes, max_samples=probes,
+                       hessian=dict(**curvature, min_samples=probes, max_samples=probes,
                                     chunk_size=chunk_size))
     controller = MSQController(qmodel, config)
     epochs = iter(range(1, 1_000_000))
@@ -45,7 +48,8 @@ def hessian_costs(qmodel: nn.Module, optimizer: torch.optim.Optimizer,
     """Median time and peak bytes of one pruning step per H v method (after one warm-up call,
     ``args.repeats`` timed calls each)."""
     optimizer.zero_grad(set_to_none=True)  # the pruning step runs between epochs, without them
-    variants = {"autograd": ("autograd", None), "finite_difference": ("finite_difference", None)}
+    variants = {"autograd": ("autograd", None), "finite_difference": ("finite_difference", None),
+                "fisher": ("fisher", None)}
     if args.hessian_chunk_size is not None:
         variants[f"autograd, chunks of {args.hessian_chunk_size}"] = (
             "autograd", args.hessian_chunk_size)

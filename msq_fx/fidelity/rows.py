@@ -42,6 +42,9 @@ SIXTEEN_PROBES = {"min_samples": 16}
 #: Each layer's trace read as its Hutchinson mean plus two standard errors, so noise alone
 #: cannot make a layer the cheapest drop.
 TRACE_MARGIN = {"trace_margin": 2.0}
+#: The Fisher information's trace in place of the Hessian's (msq_fx.fisher): never negative, each
+#: layer's estimate free of the other layers' noise.
+FISHER = {"curvature": "fisher"}
 #: Past 16x a mixed-precision result needs layers under 2 bits: binary (+-S) 1-bit layers, as
 #: the symmetric literal grid gives.
 BELOW_TWO_BITS = {"min_bits": 1, "grid": "literal"}
@@ -180,6 +183,14 @@ ROWS: dict[str, RowSpec] = {row.name: row for row in [
          "two standard errors (hessian.trace_margin 2; min_bits 1, literal grid)",
          quantization={**BELOW_TWO_BITS, **FROM_3_BITS}, pruning=CHEAPEST_FINISH,
          hessian=TRACE_MARGIN),
+    _msq("msq-16x-from-3bit-fisher", 16.0, "MSQ, target 16x, from 3 bits, the last prune by "
+         "Omega growth closed by the cheapest drop, Omega on the Fisher information's trace "
+         "(hessian.curvature fisher; min_bits 1, literal grid)",
+         quantization={**BELOW_TWO_BITS, **FROM_3_BITS}, pruning=CHEAPEST_FINISH, hessian=FISHER),
+    _msq("msq-18x-from-3bit-fisher", 18.0, "MSQ, target 18x, from 3 bits, the last prune by "
+         "Omega growth closed by the cheapest drop, Omega on the Fisher information's trace "
+         "(hessian.curvature fisher; min_bits 1, literal grid)",
+         quantization={**BELOW_TWO_BITS, **FROM_3_BITS}, pruning=CHEAPEST_FINISH, hessian=FISHER),
     _first_last_held("18x", 18.0, 8), _first_last_held("16x", 16.0, 4),
     _first_last_held("16x", 16.0, 8),
     _msq("msq-17x-from-3bit-no-penalty", 17.0, "MSQ, target 17x, from 3 bits, the last "
