@@ -69,7 +69,8 @@ def fisher_traces(
 
     Raises:
         ValueError naming the piece whose output is not floating-point class scores of at least
-        two dimensions (a batch axis and a class axis).
+        two dimensions (a batch axis and a class axis), holds NaN or infinite scores, or depends
+        on none of the weights.
     """
     check_settings(max_samples, min_samples, tol, generator)
     params = checked_params(params)

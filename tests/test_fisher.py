@@ -143,6 +143,13 @@ def test_scores_that_are_not_finite_are_refused_naming_the_batch():
                                               OutputPiece(lambda: model(x), 0.5)])
 
 
+def test_scores_that_depend_on_none_of_the_weights_are_refused():
+    model, scores = classifier(), torch.randn(24, 4)
+    with pytest.raises(ValueError, match="batch 0: the model's output depends on none of the "
+                                         "weights"):
+        estimate(model, inputs(), samples=2, pieces=[OutputPiece(lambda: scores, 1.0)])
+
+
 # ---------------------------------------------------------------- in a prune
 
 def test_a_prune_on_the_fisher_records_it_and_reads_no_loss():
