@@ -349,3 +349,40 @@ def test_the_targets_say_whether_msq_ended_at_mixed_or_uniform_widths(widths, sa
     line = next(line for line in targets_summary({"3 epochs": by_row}, None).splitlines()
                 if line.startswith("| 16x"))
     assert line.split("|")[5].strip() == said
+
+
+# ------------------------------------------------------------- traces of two rows compared
+
+def traced(*prunes: tuple[int, dict[str, float]]) -> dict:
+    """A row result whose history records ``{group: trace}`` at each ``(step, traces)``."""
+    return {"history": [{"step": step, "group": group, "hessian_trace": trace}
+                        for step, traces in prunes for group, trace in traces.items()]}
+
+
+def test_the_rank_correlation_is_one_for_the_same_order_and_minus_one_for_the_reverse():
+    from msq_fx.fidelity.traces import rank_correlation
+
+    assert rank_correlation([1.0, 5.0, 2.0], [10.0, 90.0, 20.0]) == 1
+    assert rank_correlation([1.0, 5.0, 2.0], [-1.0, -5.0, -2.0]) == -1
+
+
+def test_traces_are_compared_only_where_both_rows_traced_the_same_groups_at_the_same_prune():
+    from msq_fx.fidelity.traces import trace_comparison
+
+    first = {0: traced((25, {"a": -1.0, "b": 2.0, "c": 3.0}), (50, {"a": 1.0, "b": 2.0})),
+             1: traced((25, {"a": 1.0, "b": 2.0}))}
+    second = {0: traced((25, {"a": 4.0, "b": 5.0, "c": 4.5, "d": 0.5}), (75, {"a": 1.0})),
+              2: traced((25, {"a": 1.0, "b": 2.0}))}
+    assert trace_comparison(first, second) == [
+        {"seed": 0, "step": 25, "groups": 3, "negative_first": 1, "negative_second": 0,
+         "rank_correlation": 0.5}]
+
+
+def test_the_traces_action_prints_the_comparison_of_the_two_rows_it_is_given(tmp_path, capsys):
+    rows = tmp_path / "rows"
+    rows.mkdir()
+    (rows / "msq-16x.json").write_text(json.dumps(traced((25, {"a": 1.0, "b": 2.0}))))
+    (rows / "msq-18x.json").write_text(json.dumps(traced((25, {"a": -3.0, "b": 4.0}))))
+    assert main(["traces", "msq-16x", "msq-18x", "--out", str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    assert "negative: msq-18x" in table and "|      0 |           25 |        2 |" in table

@@ -7,6 +7,7 @@ CIFAR-10 ResNet-20, from one float start with one fine-tuning budget (``tools/fi
     tools/fidelity table                 # docs/fidelity.md from the rows written so far
     tools/fidelity no-training           # the float start quantized without training
     tools/fidelity row msq-8x --seed 1   # the same row under another seed (data order, init)
+    tools/fidelity traces ROW_A ROW_B    # the layer traces both rows took at the same prunes
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tools/fidelity", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("action", choices=("row", "all", "table", "no-training"))
+    parser.add_argument("action", choices=("row", "all", "table", "no-training", "traces"))
     parser.add_argument("rows", nargs="*", help=f"rows to run: {', '.join(ROWS)}")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -74,6 +75,14 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings(data=args.data, out=args.out, epochs=args.epochs,
                         train_size=args.train_size, scale=args.scale, pruning=tuple(args.pruning),
                         seed=args.seed)
+    if args.action == "traces":
+        if len(args.rows) != 2:
+            parser.error("traces compares two rows: name exactly two")
+        from .traces import trace_comparison, trace_comparison_table
+        by_row = load_seeds(args.out)
+        first, second = (by_row.get(name, {}) for name in args.rows)
+        print(trace_comparison_table(tuple(args.rows), trace_comparison(first, second)))
+        return 0
     if args.action == "no-training":
         from .no_training import no_training_accuracies, no_training_table, write_no_training
         from .run import float_weights

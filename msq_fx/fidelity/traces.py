@@ -1,0 +1,73 @@
+"""The per-layer traces two rows took at the same prunes, seed by seed (``tools/fidelity traces``).
+
+Two rows that differ only in how the curvature is estimated (``hessian.curvature``, or
+``hessian.trace_margin``) train identically up to their first prune, so at that prune both
+estimates are of the same weights: how often each comes out below zero, and how alike the two
+rank the layers, says what the other decisions rest on.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from tabulate import tabulate
+
+__all__ = ["prune_traces", "rank_correlation", "trace_comparison", "trace_comparison_table"]
+
+
+def prune_traces(result: dict) -> dict[int, dict[str, float]]:
+    """A row result's recorded traces: prune step -> group -> trace (prunes without one left
+    out)."""
+    by_step: dict[int, dict[str, float]] = {}
+    for record in result.get("history", []):
+        if record.get("hessian_trace") is not None:
+            by_step.setdefault(record["step"], {})[record["group"]] = record["hessian_trace"]
+    return by_step
+
+
+def rank_correlation(first: Sequence[float], second: Sequence[float]) -> float:
+    """Spearman's rho of two equally long sequences (ties ranked in order of appearance; the
+    traces compared are real-valued estimates, where ties do not occur)."""
+    if len(first) != len(second) or len(first) < 2:
+        raise ValueError(f"need two sequences of the same length >= 2, got {len(first)} and "
+                         f"{len(second)}")
+    ranks = [_ranks(first), _ranks(second)]
+    count = len(first)
+    squared = sum((a - b) ** 2 for a, b in zip(*ranks))
+    return 1 - 6 * squared / (count * (count**2 - 1))
+
+
+def _ranks(values: Sequence[float]) -> list[int]:
+    order = sorted(range(len(values)), key=values.__getitem__)
+    ranks = [0] * len(values)
+    for rank, index in enumerate(order):
+        ranks[index] = rank
+    return ranks
+
+
+def trace_comparison(first: dict[int, dict], second: dict[int, dict]) -> list[dict]:
+    """One entry per seed both rows ran and prune step both recorded, over the groups both
+    traced there: the seed, the step, the group count, each row's count of negative traces,
+    and Spearman's rho between the two rows' traces."""
+    rows = []
+    for seed in sorted(set(first) & set(second)):
+        steps_first, steps_second = prune_traces(first[seed]), prune_traces(second[seed])
+        for step in sorted(set(steps_first) & set(steps_second)):
+            groups = sorted(set(steps_first[step]) & set(steps_second[step]))
+            if len(groups) < 2:
+                continue
+            a = [steps_first[step][g] for g in groups]
+            b = [steps_second[step][g] for g in groups]
+            rows.append({"seed": seed, "step": step, "groups": len(groups),
+                         "negative_first": sum(t < 0 for t in a),
+                         "negative_second": sum(t < 0 for t in b),
+                         "rank_correlation": rank_correlation(a, b)})
+    return rows
+
+
+def trace_comparison_table(names: tuple[str, str], comparison: list[dict]) -> str:
+    """:func:`trace_comparison` as a Markdown table headed by the two rows' names."""
+    first, second = names
+    return tabulate([[c["seed"], c["step"], c["groups"], c["negative_first"],
+                      c["negative_second"], f"{c['rank_correlation']:.2f}"] for c in comparison],
+                    headers=["seed", "prune step", "groups", f"negative: {first}",
+                             f"negative: {second}", "Spearman rho"], tablefmt="github")
