@@ -80,6 +80,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         # 2. One prune of an untrained model on this rank's data, with the all-reduce ...
         reduced = msq_fx.MSQController(make_model()).epoch_end(1, hessian_data, F.cross_entropy)
         result["reduced_traces"] = traces(reduced)
+        # ... and with the Fisher's trace in place of the Hessian's.
+        fisher = msq_fx.MSQController(make_model(), CONFIG.replace(hessian={"curvature": "fisher"}))
+        result["fisher_traces"] = traces(fisher.epoch_end(1, hessian_data, F.cross_entropy))
         # ... and without it: each rank estimates from its own data only.
         msq_fx.sensitivity._distributed_mean = lambda: None
         local = msq_fx.MSQController(make_model()).epoch_end(1, hessian_data, F.cross_entropy)
@@ -123,6 +126,11 @@ def test_every_rank_uses_identical_hessian_traces(ranks):
     first, second = ranks
     assert all(row["hessian_trace"] is not None for row in first["history"])
     assert traces_of(first) == traces_of(second)
+
+
+def test_every_rank_uses_identical_fisher_traces(ranks):
+    first, second = (rank["fisher_traces"] for rank in ranks)
+    assert first == second and all(trace > 0 for trace in first)
 
 
 def test_ddp_keeps_the_weights_identical_across_ranks(ranks):
