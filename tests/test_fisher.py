@@ -167,6 +167,23 @@ def test_a_prune_on_the_fisher_records_it_and_reads_no_loss():
     assert all(r.hessian_trace > 0 for r in records)
 
 
+@pytest.mark.parametrize("chunk_size", [None, 5])
+def test_the_prunes_fisher_pieces_cover_every_row_once_with_shares_summing_to_one(chunk_size):
+    from msq_fx.sensitivity import _output_pieces
+
+    model, batches = classifier(), [(inputs(12, seed=1), None), (inputs(8, seed=2), None)]
+    pieces = _output_pieces(model, batches, chunk_size)
+    with torch.no_grad():
+        rows = torch.cat([piece.outputs() for piece in pieces])
+        expected = torch.cat([model(x) for x, _ in batches])
+    assert torch.allclose(rows, expected, atol=1e-6)  # chunks round a little differently
+    # Each row's share of the mean over batches: 1 / (2 * 12) or 1 / (2 * 8).
+    shares = [piece.weight / piece.outputs().shape[0] for piece in pieces]
+    assert sum(piece.weight for piece in pieces) == pytest.approx(1.0)
+    assert shares == pytest.approx([1 / 24] * (len(pieces) - (2 if chunk_size else 1))
+                                   + [1 / 16] * (2 if chunk_size else 1))
+
+
 def test_the_fisher_with_a_model_that_needs_train_mode_for_its_loss_is_refused():
     with pytest.raises(ValueError, match="hessian.curvature='fisher' is invalid: expected "
                                          "'hessian' when model_mode is 'train'"):
