@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from . import MSQConfig, MSQController, SmallCNN, convert, prepare, report, save
 from .check.exports import add_export_option
-from .config import HESSIAN_METHODS
+from .config import HESSIAN_CURVATURES, HESSIAN_METHODS
 from .data import synthetic_patterns
 from .offload import release_freed_memory
 from .packing import packed_size
@@ -118,8 +118,9 @@ def check(args: argparse.Namespace) -> int:
     failed, results = False, []
     for spec in args.specs:
         try:
-            config = check_config(args.seed).replace(hessian=dict(method=args.hessian_method),
-                                                     quantization=dict(act_bits=args.act_bits))
+            config = check_config(args.seed).replace(
+                hessian=dict(method=args.hessian_method, curvature=args.curvature),
+                quantization=dict(act_bits=args.act_bits))
             result = check_model(spec, input_size=args.input_size, batch_size=args.batch_size,
                                  steps=args.steps, seed=args.seed, config=config,
                                  exports=args.export,
@@ -253,6 +254,10 @@ def _add_check_parser(commands) -> None:
                         help="how the pruning step computes H v (MSQConfig.hessian.method; "
                              "default auto: double backward, finite differences if it runs out "
                              "of memory)")
+    parser.add_argument("--curvature", choices=HESSIAN_CURVATURES, default="hessian",
+                        help="what the prune ranks layers by (MSQConfig.hessian.curvature; "
+                             "fisher: the Fisher information's trace, for models that output "
+                             "class scores)")
     parser.add_argument("--offload-activations", action="store_true",
                         help="keep the activations the training steps and the prune save for "
                              "their backward in temporary files, not in memory: for models whose "

@@ -592,6 +592,14 @@ def test_cli_hessian_method_chooses_how_the_prune_takes_h_v(capsys, method):
     assert (row["status"], row["hessian_method"]) == ("PASS", method)
 
 
+def test_cli_curvature_fisher_ranks_the_prune_by_the_fishers_trace(capsys):
+    code = cli.main(["check", "--json", "--input-size", "3x32x32", "--steps", "1",
+                     "--curvature", "fisher", "msq_fx.models:resnet20"])
+    assert code == 0
+    row = json.loads(capsys.readouterr().out)
+    assert (row["status"], row["hessian_method"]) == ("PASS", "fisher")
+
+
 def test_cli_export_adds_each_export_to_the_json_row(capsys):
     code = cli.main(["check", "--json", "--input-size", "3x32x32", "--steps", "1",
                      "--export", "onnx", "--export", "torch", "msq_fx.models:resnet20"])

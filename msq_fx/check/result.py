@@ -43,7 +43,8 @@ class CheckResult:
             the memory of the stage that failed; "" otherwise.
         hessian_method: how the prune computed H v: "autograd" (double backward) or
             "finite_difference" (the fallback when the double backward ran out of memory or met
-            an op without a second derivative); None when the prune was not reached.
+            an op without a second derivative); "fisher" when ``--curvature fisher`` put the
+            Fisher's trace in place of the Hessian's; None when the prune was not reached.
         seconds: wall time of the whole check; ``stage_seconds`` splits it by stage.
         peak_memory_mib: the process's peak resident memory (MiB) at the end of each stage; a
             high-water mark, so in a process that checks one model the first stage where it
