@@ -254,10 +254,6 @@ ROWS: dict[str, RowSpec] = {row.name: row for row in [
     RowSpec("oneshot-16x-per-weight", "oneshot", "one-shot Hessian allocation to 16x by the "
             "average trace (omega_scale per_weight; min_bits 1, literal grid), then QAT",
             target=16.0, quantization=BELOW_TWO_BITS, pruning=PER_WEIGHT_OMEGA),
-    RowSpec("oneshot-10.67x-per-weight-fisher", "oneshot", "one-shot allocation to 10.67x by "
-            "the average trace of the Fisher information (omega_scale per_weight, "
-            "hessian.curvature fisher), then QAT", target=32 / 3, pruning=PER_WEIGHT_OMEGA,
-            hessian=FISHER),
     RowSpec("float-fine-tuned", "float", "the float start fine-tuned with the same budget, "
             "unquantized (a control: what the budget alone does)"),
     RowSpec("brevitas-4bit", "brevitas", "Brevitas weight-only 4-bit QAT (per-channel float "
