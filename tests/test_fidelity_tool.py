@@ -378,11 +378,28 @@ def test_traces_are_compared_only_where_both_rows_traced_the_same_groups_at_the_
          "rank_correlation": 0.5}]
 
 
-def test_the_traces_action_prints_the_comparison_of_the_two_rows_it_is_given(tmp_path, capsys):
+def ended(accuracy: float, bits: dict[str, int], *prunes) -> dict:
+    return {**traced(*prunes), "test_acc": accuracy, "compression": 16.0, "bits": bits}
+
+
+def test_the_outcomes_are_paired_by_seed_with_the_mean_difference_last():
+    from msq_fx.fidelity.traces import outcome_table
+
+    first = {0: ended(81.0, {"a.weight": 1, "b.weight": 2}), 1: ended(80.0, {}),
+             2: ended(79.0, {})}
+    second = {0: ended(81.5, {"b.weight": 1}), 1: ended(80.1, {})}
+    lines = outcome_table(("p", "q"), first, second).splitlines()
+    assert len(lines) == 2 + 3  # header, rule, seeds 0 and 1, the mean
+    assert "| a " in lines[2] and "| b " in lines[2] and "+0.50" in lines[2]
+    assert lines[-1].startswith("| mean") and "+0.30 ± 0.20" in lines[-1]
+
+
+def test_the_compare_action_prints_both_rows_outcomes_and_traces(tmp_path, capsys):
     rows = tmp_path / "rows"
     rows.mkdir()
-    (rows / "msq-16x.json").write_text(json.dumps(traced((25, {"a": 1.0, "b": 2.0}))))
-    (rows / "msq-18x.json").write_text(json.dumps(traced((25, {"a": -3.0, "b": 4.0}))))
-    assert main(["traces", "msq-16x", "msq-18x", "--out", str(tmp_path)]) == 0
-    table = capsys.readouterr().out
-    assert "negative: msq-18x" in table and "|      0 |           25 |        2 |" in table
+    (rows / "msq-16x.json").write_text(json.dumps(ended(81.0, {}, (25, {"a": 1.0, "b": 2.0}))))
+    (rows / "msq-18x.json").write_text(json.dumps(ended(80.0, {}, (25, {"a": -3.0, "b": 4.0}))))
+    assert main(["compare", "msq-16x", "msq-18x", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "msq-18x: compression" in printed and "-1.00" in printed
+    assert "negative: msq-18x" in printed and "| 0      | 25           | 2        |" in printed

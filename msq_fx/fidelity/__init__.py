@@ -7,7 +7,7 @@ CIFAR-10 ResNet-20, from one float start with one fine-tuning budget (``tools/fi
     tools/fidelity table                 # docs/fidelity.md from the rows written so far
     tools/fidelity no-training           # the float start quantized without training
     tools/fidelity row msq-8x --seed 1   # the same row under another seed (data order, init)
-    tools/fidelity traces ROW_A ROW_B    # the layer traces both rows took at the same prunes
+    tools/fidelity compare ROW_A ROW_B   # seed by seed: what each ended with, the traces taken
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tools/fidelity", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("action", choices=("row", "all", "table", "no-training", "traces"))
+    parser.add_argument("action", choices=("row", "all", "table", "no-training", "compare"))
     parser.add_argument("rows", nargs="*", help=f"rows to run: {', '.join(ROWS)}")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -75,12 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings(data=args.data, out=args.out, epochs=args.epochs,
                         train_size=args.train_size, scale=args.scale, pruning=tuple(args.pruning),
                         seed=args.seed)
-    if args.action == "traces":
+    if args.action == "compare":
         if len(args.rows) != 2:
-            parser.error("traces compares two rows: name exactly two")
-        from .traces import trace_comparison, trace_comparison_table
+            parser.error("compare takes two rows: name exactly two")
+        from .traces import outcome_table, trace_comparison, trace_comparison_table
         by_row = load_seeds(args.out)
         first, second = (by_row.get(name, {}) for name in args.rows)
+        print(outcome_table(tuple(args.rows), first, second), end="\n\n")
         print(trace_comparison_table(tuple(args.rows), trace_comparison(first, second)))
         return 0
     if args.action == "no-training":

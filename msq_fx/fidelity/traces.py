@@ -1,17 +1,21 @@
-"""The per-layer traces two rows took at the same prunes, seed by seed (``tools/fidelity traces``).
+"""Two rows compared seed by seed (``tools/fidelity compare``): what each run ended with, and the
+per-layer traces both took at the same prunes.
 
 Two rows that differ only in how the curvature is estimated (``hessian.curvature``, or
-``hessian.trace_margin``) train identically up to their first prune, so at that prune both
-estimates are of the same weights: how often each comes out below zero, and how alike the two
-rank the layers, says what the other decisions rest on.
+``hessian.trace_margin``) train identically up to their first prune, when run in the same
+environment, so at that prune both estimates are of the same weights: how often each comes out
+below zero, and how alike the two rank the layers, says what the other decisions rest on; and
+the difference of their accuracies is what those decisions alone made of it.
 """
 from __future__ import annotations
 
+import statistics
 from typing import Sequence
 
 from tabulate import tabulate
 
-__all__ = ["prune_traces", "rank_correlation", "trace_comparison", "trace_comparison_table"]
+__all__ = ["prune_traces", "rank_correlation", "trace_comparison", "trace_comparison_table",
+           "outcome_table"]
 
 
 def prune_traces(result: dict) -> dict[int, dict[str, float]]:
@@ -70,4 +74,33 @@ def trace_comparison_table(names: tuple[str, str], comparison: list[dict]) -> st
     return tabulate([[c["seed"], c["step"], c["groups"], c["negative_first"],
                       c["negative_second"], f"{c['rank_correlation']:.2f}"] for c in comparison],
                     headers=["seed", "prune step", "groups", f"negative: {first}",
-                             f"negative: {second}", "Spearman rho"], tablefmt="github")
+                             f"negative: {second}", "Spearman rho"],
+                    tablefmt="github", disable_numparse=True)
+
+
+def outcome_table(names: tuple[str, str], first: dict[int, dict], second: dict[int, dict]) -> str:
+    """Per seed both rows ran: each run's compression, accuracy on all 10k and its binary (1-bit)
+    layers, and the second's accuracy minus the first's; then the mean difference (± its
+    standard error from two seeds) as a last line."""
+    seeds = sorted(set(first) & set(second))
+    lines, differences = [], []
+    for seed in seeds:
+        a, b = first[seed], second[seed]
+        differences.append(b["test_acc"] - a["test_acc"])
+        lines.append([seed, *_outcome_cells(a), *_outcome_cells(b), f"{differences[-1]:+.2f}"])
+    if differences:
+        spread = (f" ± {statistics.stdev(differences) / len(differences) ** 0.5:.2f}"
+                  if len(differences) > 1 else "")
+        lines.append(["mean", "", "", "", "", "", "",
+                      f"{statistics.mean(differences):+.2f}{spread}"])
+    first_name, second_name = names
+    return tabulate(lines, headers=["seed", f"{first_name}: compression", "all 10k", "binary",
+                                    f"{second_name}: compression", "all 10k", "binary",
+                                    "second - first"],
+                    tablefmt="github", disable_numparse=True)
+
+
+def _outcome_cells(result: dict) -> list[str]:
+    binary = sorted(name.removesuffix(".weight") for name, bits in result.get("bits", {}).items()
+                    if bits == 1)
+    return [f"{result['compression']:.2f}x", f"{result['test_acc']:.2f}", ", ".join(binary)]
