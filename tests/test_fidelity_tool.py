@@ -54,6 +54,18 @@ def test_a_row_records_the_environment_its_numbers_depend_on(settings):
     assert environment["threads"] == torch.get_num_threads() and environment["processor"]
 
 
+def test_the_cpu_identity_is_the_first_processors_model_and_vector_flags(tmp_path):
+    from msq_fx.fidelity.run import cpu_identity
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\ncpu family\t: 6\nmodel\t\t: 143\nstepping\t: 8\n"
+                       "flags\t\t: fpu sse2 avx2 fma avx512f amx_tile avx512_vnni\n\n"
+                       "processor\t: 1\nmodel\t\t: 999\n")
+    assert cpu_identity(cpuinfo) == {"family": "6", "model": "143", "stepping": "8",
+                                     "flags": ["amx_tile", "avx512_vnni", "avx512f", "fma"]}
+    assert cpu_identity(tmp_path / "absent") == {}
+
+
 def test_an_msq_row_records_every_prune_it_made_under_the_pruning_it_was_given(settings):
     settings = dataclasses.replace(settings, pruning=(("interval", 1), ("threshold", 1.0)))
     result = run_row("msq-8x", settings)

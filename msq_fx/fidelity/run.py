@@ -198,7 +198,29 @@ def _result(name, spec, model, controller, built, test, state, command, settings
 def run_environment() -> dict:
     """What a row's numbers depend on beyond its settings: the torch build, the CPU kernels it
     dispatched to, the thread count and the processor, as the process that finished the run
-    saw them (a resumed run's earlier epochs may have run elsewhere)."""
+    saw them (a resumed run's earlier epochs may have run elsewhere). ``cpu`` adds the CPU's
+    family, model and stepping and its vector-extension flags where /proc/cpuinfo tells them:
+    the same torch build and capability gave runs 0.5-0.9 points apart with the same decisions
+    (docs/fidelity.md), and oneDNN picks its kernels by those flags."""
     return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "threads": torch.get_num_threads(),
-            "processor": platform.processor() or platform.machine()}
+            "processor": platform.processor() or platform.machine(), "cpu": cpu_identity()}
+
+
+def cpu_identity(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict:
+    """The first CPU's family, model, stepping and AVX-512 / AMX / VNNI / FMA flags from
+    ``cpuinfo`` ({} where there is no such file)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return {}
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            break  # the first processor's block ends here
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    flags = sorted(flag for flag in fields.get("flags", "").split()
+                   if flag.startswith(("avx512", "amx", "avx_vnni", "fma")))
+    return {"family": fields.get("cpu family"), "model": fields.get("model"),
+            "stepping": fields.get("stepping"), "flags": flags}
