@@ -334,7 +334,10 @@ class HessianConfig(_SubConfig):
         from first-order backwards only (a training step's memory, any op); it reads the
         model's class scores and labels drawn from them, not ``loss_fn``, so it suits
         classifiers and segmenters trained with cross-entropy. ``method``, ``relative_step``
-        and ``frozen_kinks`` apply to "hessian" only.
+        and ``frozen_kinks`` apply to "hessian" only. Measured beside the fine-tuning preset in
+        one environment (CIFAR-10 ResNet-20, four seeds): level at 16x (+0.00 +- 0.16 points)
+        and 18x (-0.06 +- 0.14), with steadier choices and a third of the prune's time, hence
+        an option; the default stays the paper's Hessian.
     """
 
     _prefix = "hessian"
