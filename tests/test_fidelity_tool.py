@@ -372,14 +372,14 @@ def traced(*prunes: tuple[int, dict[str, float]]) -> dict:
 
 
 def test_the_rank_correlation_is_one_for_the_same_order_and_minus_one_for_the_reverse():
-    from msq_fx.fidelity.traces import rank_correlation
+    from msq_fx.fidelity.compare import rank_correlation
 
     assert rank_correlation([1.0, 5.0, 2.0], [10.0, 90.0, 20.0]) == 1
     assert rank_correlation([1.0, 5.0, 2.0], [-1.0, -5.0, -2.0]) == -1
 
 
 def test_traces_are_compared_only_where_both_rows_traced_the_same_groups_at_the_same_prune():
-    from msq_fx.fidelity.traces import trace_comparison
+    from msq_fx.fidelity.compare import trace_comparison
 
     first = {0: traced((25, {"a": -1.0, "b": 2.0, "c": 3.0}), (50, {"a": 1.0, "b": 2.0})),
              1: traced((25, {"a": 1.0, "b": 2.0}))}
@@ -395,7 +395,7 @@ def ended(accuracy: float, bits: dict[str, int], *prunes) -> dict:
 
 
 def test_the_outcomes_are_paired_by_seed_with_the_mean_difference_last():
-    from msq_fx.fidelity.traces import outcome_table
+    from msq_fx.fidelity.compare import outcome_table
 
     first = {0: ended(81.0, {"a.weight": 1, "b.weight": 2}), 1: ended(80.0, {}),
              2: ended(79.0, {})}

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.action == "compare":
         if len(args.rows) != 2:
             parser.error("compare takes two rows: name exactly two")
-        from .traces import outcome_table, trace_comparison, trace_comparison_table
+        from .compare import outcome_table, trace_comparison, trace_comparison_table
         by_row = load_seeds(args.out)
         first, second = (by_row.get(name, {}) for name in args.rows)
         print(outcome_table(tuple(args.rows), first, second), end="\n\n")
