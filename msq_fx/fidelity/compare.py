@@ -9,10 +9,11 @@ the difference of their accuracies is what those decisions alone made of it.
 """
 from __future__ import annotations
 
-import statistics
 from typing import Sequence
 
 from tabulate import tabulate
+
+from .table import mean_with_standard_error
 
 __all__ = ["prune_traces", "rank_correlation", "trace_comparison", "trace_comparison_table",
            "outcome_table"]
@@ -89,10 +90,7 @@ def outcome_table(names: tuple[str, str], first: dict[int, dict], second: dict[i
         differences.append(b["test_acc"] - a["test_acc"])
         lines.append([seed, *_outcome_cells(a), *_outcome_cells(b), f"{differences[-1]:+.2f}"])
     if differences:
-        spread = (f" ± {statistics.stdev(differences) / len(differences) ** 0.5:.2f}"
-                  if len(differences) > 1 else "")
-        lines.append(["mean", "", "", "", "", "", "",
-                      f"{statistics.mean(differences):+.2f}{spread}"])
+        lines.append(["mean", "", "", "", "", "", "", mean_with_standard_error(differences)])
     first_name, second_name = names
     return tabulate(lines, headers=["seed", f"{first_name}: compression", "all 10k", "binary",
                                     f"{second_name}: compression", "all 10k", "binary",

@@ -13,7 +13,7 @@ from .rows import ROWS, TARGETS, Target, result_stem
 
 __all__ = ["load_results", "load_seeds", "markdown_table", "runs_table", "seeds_table",
            "targets_table", "targets_summary", "paired_runs", "PairedRuns", "target_shortfall",
-           "target_verdict"]
+           "target_verdict", "mean_with_standard_error"]
 
 
 def load_results(out: Path, seed: int = 0) -> dict[str, dict]:
@@ -120,9 +120,14 @@ class PairedRuns(NamedTuple):
     def mean_difference(self) -> str:
         """``"+0.11 ± 0.21"``: the mean paired difference and, from two seeds, its standard
         error."""
-        spread = (f" ± {_standard_error(self.differences):.2f}" if len(self.seeds) > 1
-                  else "")
-        return f"{statistics.mean(self.differences):+.2f}{spread}"
+        return mean_with_standard_error(self.differences)
+
+
+def mean_with_standard_error(differences: list[float]) -> str:
+    """``"+0.11 ± 0.21"``: the mean of ``differences`` (at least one) and, from two, the
+    standard error of that mean."""
+    spread = f" ± {_standard_error(differences):.2f}" if len(differences) > 1 else ""
+    return f"{statistics.mean(differences):+.2f}{spread}"
 
 
 def paired_runs(target: Target, by_row: dict[str, dict[int, dict]]) -> PairedRuns | None:
