@@ -6,8 +6,8 @@ uninterrupted one. Across environments it need not be: re-run at another time wi
 command and code, a 15-epoch uniform 2-bit row reached 70.13% after epoch 1 against 69.66%,
 and 3-epoch rows with the same decisions ended 0.5-0.9 points apart, most likely from CPU
 kernels that round differently (1e-8 on an output, measured between two CPUs), which
-thousands of steps grow into another run. So each result records the environment it ran in. Its result goes to ``<out>/rows/<row>.json`` (read by
-:mod:`msq_fx.fidelity.table`).
+thousands of steps grow into another run. So each result records the environment it ran in.
+Its result goes to ``<out>/rows/<row>.json`` (read by :mod:`msq_fx.fidelity.table`).
 """
 from __future__ import annotations
 
