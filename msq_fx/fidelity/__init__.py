@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tools/fidelity", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("action", choices=("row", "all", "table", "no-training", "compare"))
-    parser.add_argument("rows", nargs="*", help=f"rows to run: {', '.join(ROWS)}")
+    parser.add_argument("rows", nargs="*",
+                        help=f"rows to run (with compare: the two to compare): {', '.join(ROWS)}")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--doc", type=Path, default=None,
