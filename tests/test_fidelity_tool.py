@@ -331,6 +331,38 @@ def test_the_committed_table_and_readme_summary_are_what_the_committed_results_g
     assert readme.read_text() == DEFAULT_README.read_text(), "run tools/fidelity table"
 
 
+def test_the_environments_list_counts_the_runs_on_each_and_says_where_none_was_recorded():
+    from msq_fx.fidelity import environments_text
+
+    cpu = {"family": "6", "model": "143", "stepping": "8", "flags": ["avx512f"]}
+    here = {"torch": "2.x", "cpu_capability": "AVX512", "threads": 1, "processor": "x86_64",
+            "cpu": cpu}
+    older = {key: value for key, value in here.items() if key != "cpu"}
+    by_row = {"uniform-2bit": {0: {"environment": here}, 1: {"environment": here}},
+              "msq-8x": {0: {"environment": older}}}
+    assert environments_text(by_row).splitlines() == [
+        "- 2 runs: torch 2.x, AVX512 kernels, 1 thread(s), CPU family 6 model 143 stepping 8 "
+        "(avx512f)",
+        "- 1 run: torch 2.x, AVX512 kernels, 1 thread(s), CPU not recorded"]
+
+
+def test_rows_re_run_in_one_environment_get_their_own_targets_and_summary_line(settings):
+    from msq_fx.fidelity import ONE_ENVIRONMENT, SUMMARY_BEGIN, SUMMARY_END
+
+    together = settings.out / ONE_ENVIRONMENT
+    together.mkdir()
+    (together / FLOAT_WEIGHTS).write_bytes((settings.out / FLOAT_WEIGHTS).read_bytes())
+    run_row("uniform-2bit", dataclasses.replace(settings, out=together))
+    readme = settings.out / "README.md"
+    readme.write_text(f"{SUMMARY_BEGIN}\n{SUMMARY_END}\n")
+    write_table(settings.out, settings.out / "fidelity.md", readme=readme)
+    doc = settings.out / "fidelity.md"
+    section = doc.read_text().partition("re-run back to back in one environment")[2]
+    assert "- 1 run: torch " in section and "| uniform-2bit " in section
+    assert "The targets over these runs" in section
+    assert "| 16x      | 1 epochs, one environment |" in readme.read_text()
+
+
 def test_a_budget_s_runs_table_lists_every_run_in_row_order_then_by_seed(settings):
     from msq_fx.fidelity import runs_table
 

@@ -25,13 +25,13 @@ from ..config import PruningConfig
 from ..utils import replace_marked_block
 from .rows import ROWS, RowSpec, build_row
 from .run import Settings, run_row
-from .table import (load_results, load_seeds, markdown_table, runs_table, seeds_table,
-                    targets_summary, targets_table)
+from .table import (environments_text, load_results, load_seeds, markdown_table, runs_table,
+                    seeds_table, targets_summary, targets_table)
 
 __all__ = ["ROWS", "RowSpec", "build_row", "Settings", "run_row", "load_results", "load_seeds",
            "markdown_table", "runs_table", "seeds_table", "targets_table", "main", "run_rows",
            "table_path", "targets_summary", "write_table", "write_summary", "DEFAULT_OUT",
-           "DEFAULT_DOC", "DEFAULT_README"]
+           "DEFAULT_DOC", "DEFAULT_README", "ONE_ENVIRONMENT", "environments_text"]
 
 DEFAULT_OUT = Path("results/fidelity")
 DEFAULT_DOC = Path("docs/fidelity.md")
@@ -179,6 +179,16 @@ def write_table(out: Path, doc: Path, readme: Path | None = None) -> None:
                     f"copy of the float start;\nthe same settings, the cosine schedule stretched "
                     f"to the longer run):\n\n{runs_table(longer)}\n\nThe same targets over "
                     f"that budget:\n\n{targets_table(longer, float_acc)}")
+    together = out / ONE_ENVIRONMENT
+    if (together / "rows").is_dir():
+        rerun = load_seeds(together)
+        name = f"{_epochs_text(_epochs_run(rerun))}, one environment"
+        budgets[name] = rerun
+        targets += (f"\n\nThe targets' rows re-run back to back in one environment (rows under "
+                    f"`{together}`, which holds a copy of\nthe float start; the same settings "
+                    f"and budget as the table's rows). What they ran on:\n\n"
+                    f"{environments_text(rerun)}\n\n{runs_table(rerun)}\n\nThe targets over "
+                    f"these runs:\n\n{targets_table(rerun, float_acc)}")
     doc.write_text(HEADER + markdown_table(table_runs, float_row) + seeds + targets + "\n\n"
                    + TABLE_END + rest)
     if readme is not None:
@@ -205,6 +215,9 @@ def _epochs_text(epochs: set[int]) -> str:
 
 
 TABLE_END = "<!-- end of the generated table -->"
+# The targets' rows re-run together under ``out``: runs from one environment, since the same
+# seed and decisions gave runs 0.5-0.9 points apart across environments.
+ONE_ENVIRONMENT = "one-environment"
 SUMMARY_BEGIN = "<!-- the fidelity targets, written by tools/fidelity table -->"
 SUMMARY_END = "<!-- end of the fidelity targets -->"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import re
 import statistics
+from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
 
@@ -13,7 +14,7 @@ from .rows import ROWS, TARGETS, Target, result_stem
 
 __all__ = ["load_results", "load_seeds", "markdown_table", "runs_table", "seeds_table",
            "targets_table", "targets_summary", "paired_runs", "PairedRuns", "target_shortfall",
-           "target_verdict", "mean_with_standard_error"]
+           "target_verdict", "mean_with_standard_error", "environments_text"]
 
 
 def load_results(out: Path, seed: int = 0) -> dict[str, dict]:
@@ -233,6 +234,29 @@ def _is_mixed(bits: dict[str, int] | None) -> bool | None:
 
 def _msq_minus_float(runs: PairedRuns, float_acc: float | None) -> str:
     return "" if float_acc is None else f"{statistics.mean(runs.msq_acc) - float_acc:+.2f}"
+
+
+def environments_text(by_row: dict[str, dict[int, dict]]) -> str:
+    """What the runs in ``by_row`` ran on, one environment per line with how many runs, the
+    most first: the torch build, the CPU kernels it dispatched to and the CPU's family / model /
+    stepping and vector flags (runs recorded before the CPU was, say so). Same-seed runs with
+    the same decisions came out 0.5-0.9 points apart across environments, so a comparison is
+    only as clean as this list is short."""
+    counts = Counter(_environment_line(result.get("environment") or {})
+                     for runs in by_row.values() for result in runs.values())
+    return "\n".join(f"- {count} run{'s' if count > 1 else ''}: {line}"
+                     for line, count in counts.most_common())
+
+
+def _environment_line(environment: dict) -> str:
+    """One environment record as text."""
+    cpu = environment.get("cpu")
+    where = ("CPU not recorded" if not cpu else
+             f"CPU family {cpu.get('family')} model {cpu.get('model')} stepping "
+             f"{cpu.get('stepping')} ({' '.join(cpu.get('flags', [])) or 'no vector flags'})")
+    return (f"torch {environment.get('torch', 'not recorded')}, "
+            f"{environment.get('cpu_capability', 'kernels not recorded')} kernels, "
+            f"{environment.get('threads', '?')} thread(s), {where}")
 
 
 def _standard_error(values: list[float]) -> float:
