@@ -123,10 +123,11 @@ def _prepare(qmodel: nn.Module, inputs: tuple | None, config: MSQConfig,
                          leaves=captured.leaves, filter_fn=capture.filter_fn)
     refused = unrewritable(qmodel, discovery.targets, config)
     if refused and config.quantization.on_unquantizable == "error":
-        raise MSQError("these weights cannot be quantized (MSQConfig.quantization.on_unquantizable='error'): "
+        raise MSQError("these weights cannot be quantized "
+                       "(MSQConfig.quantization.on_unquantizable='error'): "
                        + "; ".join(f"{f.name}: {f.reason}" for f in refused)
-                       + ". Exclude them with MSQConfig.quantization.exclude, or set on_unquantizable='float' "
-                         "to leave them in float.")
+                       + ". Exclude them with MSQConfig.quantization.exclude, "
+                         "or set on_unquantizable='float' to leave them in float.")
     discovery = discovery.leave_in_float(refused)
     _refuse_non_finite(qmodel, discovery.targets)
     sensitivity_graph = build_sensitivity_graph(discovery.targets, captured.graph_module, config)
@@ -139,7 +140,8 @@ def _prepare(qmodel: nn.Module, inputs: tuple | None, config: MSQConfig,
                                        notes=list(discovery.notes),
                                        sensitivity_graph=sensitivity_graph))
     for weight in refused:
-        logger.warning("prepare: %s (%s) left in float: %s", weight.name, weight.kind, weight.reason)
+        logger.warning("prepare: %s (%s) left in float: %s",
+                       weight.name, weight.kind, weight.reason)
     for note in discovery.notes:
         logger.warning("prepare: %s", note)
     logger.info("prepared %s: %d weights quantized, %d left in float, %d graph nodes, %d leaves",

@@ -49,7 +49,8 @@ def demo(args: argparse.Namespace) -> int:
         bits = " ".join(str(b) for b in controller.bit_widths().values())
         reached = ("  (target reached: plain QAT from here)"
                    if controller.compression() >= args.target_compression else "")
-        print(f"epoch {epoch}: loss {loss:.3f}, test acc {accuracy(qmodel, test_set.batches(500)):.1f}%"
+        print(f"epoch {epoch}: loss {loss:.3f}, "
+              f"test acc {accuracy(qmodel, test_set.batches(500)):.1f}%"
               f", compression {controller.compression():.2f}x, bits [{bits}]{reached}", flush=True)
     int_model = convert(qmodel)
     qmodel.eval(), int_model.eval()
@@ -241,7 +242,8 @@ def _add_check_parser(commands) -> None:
                       "the converted output with the fake-quant one",
         description="SPEC: timm:NAME, torchvision:NAME or package.module:factory. Prints each "
                     "model's per-layer table and a PASS / FAIL / SKIP line (SKIP: the model does "
-                    "not build or run eagerly). Exit status 1 if any model FAILs, 2 for a bad SPEC.")
+                    "not build or run eagerly). Exit status 1 if any model FAILs, "
+                    "2 for a bad SPEC.")
     parser.add_argument("specs", nargs="+", metavar="SPEC")
     parser.add_argument("--input-size", type=parse_input_size, default=None,
                         help="N, HxW, CxHxW or CxTxHxW (default: the size the model is made for)")
@@ -285,7 +287,8 @@ def _add_check_parser(commands) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="msq-fx", description="MSQ mixed-precision quantization")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo_parser = commands.add_parser("demo", help="quantize a small CNN end to end on generated data")
+    demo_parser = commands.add_parser("demo",
+                                      help="quantize a small CNN end to end on generated data")
     demo_parser.add_argument("--epochs", type=int, default=10)
     demo_parser.add_argument("--train-size", type=int, default=6000)
     demo_parser.add_argument("--target-compression", type=float, default=8.0)

@@ -120,15 +120,15 @@ class MSQController:
         #: Names of the groups the LSB penalty pulls, or None for every group still pruning
         #: (``pruning.penalty_scope``).
         self.penalized: set[str] | None = None
-        if self.config.target_compression >= 0.95 * 32 / self.config.quantization.min_bits:
+        target, min_bits = self.config.target_compression, self.config.quantization.min_bits
+        if target >= 0.95 * 32 / min_bits:
             # At 32/min_bits the target is met only when every weight sits at min_bits: the run
             # ends in uniform precision however the Hessian ranked the layers.
             logger.warning("target_compression %gx is %s 32/min_bits = %gx: it is reached only "
                            "with (nearly) every layer at min_bits=%d, i.e. uniform precision; "
                            "lower the target or min_bits for a mixed-precision result",
-                           self.config.target_compression,
-                           "equal to" if self.config.target_compression * self.config.quantization.min_bits
-                           == 32 else "close to", 32 / self.config.quantization.min_bits, self.config.quantization.min_bits)
+                           target, "equal to" if target * min_bits == 32 else "close to",
+                           32 / min_bits, min_bits)
 
     # ------------------------------------------------------------------ per step
     def regularization(self) -> Tensor:
@@ -495,7 +495,8 @@ class MSQController:
             >>> import msq_fx
             >>> from torch import nn
             >>> msq_fx.MSQController(msq_fx.prepare(nn.Linear(4, 2))).state_dict()
-            {'last_epoch': 0, 'last_step': 0, 'prune_count': 0, 'done': False, 'history': [], 'penalized': None}
+            {'last_epoch': 0, 'last_step': 0, 'prune_count': 0, 'done': False, 'history': [],
+             'penalized': None}
         """
         return {"last_epoch": self.last_epoch, "last_step": self.last_step,
                 "prune_count": self.prune_count,
@@ -615,6 +616,7 @@ def _checked_config(model: nn.Module, config: MSQConfig | None) -> MSQConfig:
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    """The module under a DistributedDataParallel/DataParallel wrapper (the Hessian needs it bare)."""
+    """The module under a DistributedDataParallel/DataParallel wrapper
+    (the Hessian needs it bare)."""
     wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
     return model.module if isinstance(model, wrappers) else model

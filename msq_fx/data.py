@@ -89,7 +89,8 @@ def synthetic_patterns(count: int, classes: int = 10, size: int = 16, seed: int 
     to high accuracy in a few epochs, so it exercises MSQ end to end in seconds.
     """
     generator = torch.Generator().manual_seed(seed)
-    grid = torch.stack(torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")).float()
+    grid = torch.stack(torch.meshgrid(torch.arange(size), torch.arange(size),
+                                      indexing="ij")).float()
     templates = []
     for _ in range(classes):
         freq = torch.rand(3, 2, generator=generator) * 0.8 + 0.2

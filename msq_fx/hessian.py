@@ -264,7 +264,8 @@ def _check_precision(params: list[torch.Tensor]) -> None:
             raise ValueError(
                 f"params[{index}] (shape {tuple(param.shape)}) is {param.dtype}: finite "
                 f"differences need float32 or float64 tensors; use the double backward "
-                f"(hutchinson_traces / MSQConfig.hessian.method='autograd') or keep the weights in float32")
+                f"(hutchinson_traces / MSQConfig.hessian.method='autograd') "
+                f"or keep the weights in float32")
 
 
 def _with_frozen_kinks(

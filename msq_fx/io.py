@@ -901,7 +901,8 @@ def _lowered_modules(model: nn.Module) -> list[tuple[str, LoweredWeight]]:
 
 
 def require_converted(model: nn.Module, caller: str) -> None:
-    """Raise unless ``model`` is a model returned by ``msq_fx.convert`` (``caller`` names who asks)."""
+    """Raise unless ``model`` is a model returned by ``msq_fx.convert``
+    (``caller`` names who asks)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"{caller} expects an nn.Module, got {type(model).__name__}")
     fake = [name for name, m in model.named_modules() if isinstance(m, WeightFakeQuant)]

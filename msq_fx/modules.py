@@ -20,8 +20,8 @@ from .weight_cache import CachesItsWeight, WeightCache, from_cache, serves_from_
 from .owners import _new_quantized_instance  # noqa: F401
 from .recompute import _enter_recompute, _leave_recompute  # noqa: F401
 
-__all__ = ["WeightFakeQuant", "Prefetched", "LoweredWeight", "ActivationFakeQuant", "LoweredActivation",
-           "rounded_to_grid", "KINDS"]
+__all__ = ["WeightFakeQuant", "Prefetched", "LoweredWeight", "ActivationFakeQuant",
+           "LoweredActivation", "rounded_to_grid", "KINDS"]
 
 #: The kinds of weight a quantizer serves.
 KINDS = ("conv", "depthwise", "linear", "attention")
@@ -136,7 +136,8 @@ class WeightFakeQuant(CachesItsWeight):
         return quant.lsb_nonzero_rate(latent.detach(), self.num_bits, k, self.learned_scale)
 
     def quantization_error(self, latent: Tensor, bits: int | None = None) -> float:
-        """``||W_q - W||^2`` at ``bits`` (default: the current width) with this quantizer's scale."""
+        """``||W_q - W||^2`` at ``bits`` (default: the current width) with this
+        quantizer's scale."""
         bits = self.num_bits if bits is None else bits
         return quant.quantization_error(latent, bits, self.grid, self.learned_scale)
 

@@ -39,7 +39,8 @@ def _quantized_attribute(name: str) -> property:
     def quantized(self: nn.Module) -> Tensor:
         return self._modules[quantizer_name](self._parameters.get(name))
 
-    return property(quantized, doc=f"`{name}` as the model sees it: quantized by `{quantizer_name}`.")
+    return property(quantized,
+                    doc=f"`{name}` as the model sees it: quantized by `{quantizer_name}`.")
 
 
 def _forward_with_input_quantizer(self: nn.Module, *args, **kwargs):

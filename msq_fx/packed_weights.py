@@ -41,7 +41,8 @@ from .modules import KINDS, LoweredWeight
 from .weight_cache import CachesItsWeight, WeightCache, from_cache, serves_from_cache
 
 __all__ = ["PackedWeight", "KERNELS", "CONTAINERS", "container_bits", "use_kernels",
-           "dequantizing_kernels", "check_kernels", "pack_codes_in_memory", "unpack_codes_in_memory"]
+           "dequantizing_kernels", "check_kernels", "pack_codes_in_memory",
+           "unpack_codes_in_memory"]
 
 #: The ``kernels`` a converted model can run with: ``"dequantize"`` (``LoweredWeight``, int8
 #: containers) or ``"packed"`` (``PackedWeight``).

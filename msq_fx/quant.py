@@ -439,7 +439,8 @@ def lsb_integer(unsigned: Tensor, k: int) -> Tensor:
 
 
 def lsb_nonzero_rate(w: Tensor, bits: int, k: int, scale: Tensor | None = None) -> float:
-    """beta: the fraction of weights whose k LSBs are not all zero at ``bits`` (chance ~ 1 - 2^-k)."""
+    """beta: the fraction of weights whose k LSBs are not all zero at ``bits``
+    (chance ~ 1 - 2^-k)."""
     _check_bits(bits)
     if not 1 <= k < bits:
         raise ValueError(f"k must be in 1..bits-1 (bits={bits}), got {k}")

@@ -15,7 +15,8 @@ __all__ = ["report", "Report", "LayerRow", "FloatRow"]
 
 @dataclass(frozen=True)
 class LayerRow:
-    """One quantized tensor. ``name`` is its first FQN; ``shared_with`` lists its other (tied) FQNs."""
+    """One quantized tensor. ``name`` is its first FQN; ``shared_with`` lists its
+    other (tied) FQNs."""
 
     name: str
     kind: str

@@ -27,9 +27,10 @@ A quantized weight that its op reads only through other ops computed from parame
 (weight standardization) is named in a note with those ops: the probe's record when it ran,
 else the graph's reads followed to their op (which cannot see inside leaves).
 
-The first and last layer of ``MSQConfig.quantization.first_last`` are decided here, once, for every policy
-(``rewrite`` reads ``Discovery.fixed_width``): the first and the last, in execution order, of the
-weights that survive ``exclude``, ``filter_fn`` and the dtype check. See ``_first_and_last``.
+The first and last layer of ``MSQConfig.quantization.first_last`` are decided here, once, for
+every policy (``rewrite`` reads ``Discovery.fixed_width``): the first and the last, in execution
+order, of the weights that survive ``exclude``, ``filter_fn`` and the dtype check. See
+``_first_and_last``.
 """
 from __future__ import annotations
 
@@ -296,7 +297,8 @@ def _apply_policies(model: nn.Module, found: list[WeightTarget], config: MSQConf
         discovery.fixed_width = first_last
     for target in found:
         reason = reasons[target.name]
-        if reason is None and config.quantization.first_last == "float" and target.name in first_last:
+        if (reason is None and config.quantization.first_last == "float"
+                and target.name in first_last):
             reason = "first/last layer kept float (MSQConfig.quantization.first_last='float')"
         if reason is None:
             discovery.targets.append(target)
@@ -306,7 +308,8 @@ def _apply_policies(model: nn.Module, found: list[WeightTarget], config: MSQConf
 
 
 def _first_and_last(kept: list[WeightTarget]) -> frozenset[str]:
-    """The names of the first and last layer of ``MSQConfig.quantization.first_last``, among ``kept``.
+    """The names of the first and last layer of ``MSQConfig.quantization.first_last``, among
+    ``kept``.
 
     ``kept`` are the weights that ``exclude``, ``filter_fn`` and the dtype check leave to be
     quantized, in execution order. The policy exists to protect the layer that reads the raw
@@ -347,7 +350,8 @@ def _unseen_uses_note(model: nn.Module, graph_module: fx.GraphModule | None,
     if graph_module is None:
         scopes, where = [""], "the model has no FX graph"
     else:
-        scopes, where = sorted(set(leaves)), "they live inside leaf modules the FX graph keeps opaque"
+        scopes, where = (sorted(set(leaves)),
+                         "they live inside leaf modules the FX graph keeps opaque")
     classified = {fqn for target in found for fqn in target.fqns}
     unseen = []
     for fqns in names_of.values():

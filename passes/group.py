@@ -1,6 +1,7 @@
 """Sensitivity-grouping pass: decide which quantized weights share one precision decision.
 
-Reads: the discovered targets, the FX graph (when one was captured) and ``config.quantization.groups``.
+Reads: the discovered targets, the FX graph (when one was captured) and
+``config.quantization.groups``.
 Returns: a networkx graph over the quantized weights (node = a weight's first FQN) with edges
 * ``relation="declared"``: weights matched by one ``MSQConfig.groups`` entry;
 * ``relation="dataflow"``: a weight's layer feeds the next quantized layer (reporting only).
@@ -40,7 +41,8 @@ def assign_groups(graph: nx.Graph) -> dict[str, str]:
     """Weight name -> group name (the group's first member in execution order)."""
     decisions = nx.Graph()
     decisions.add_nodes_from(graph.nodes)
-    decisions.add_edges_from((a, b) for a, b, rel in graph.edges(data="relation") if rel == DECLARED)
+    decisions.add_edges_from((a, b) for a, b, rel in graph.edges(data="relation")
+                             if rel == DECLARED)
     groups: dict[str, str] = {}
     for component in nx.connected_components(decisions):
         leader = min(component, key=lambda name: graph.nodes[name]["rank"])

@@ -45,7 +45,8 @@ class RewriteError(RuntimeError):
 
 def unrewritable(model: nn.Module, targets: list[WeightTarget],
                  config: MSQConfig) -> list[FloatWeight]:
-    """The targets an owner of which cannot carry a quantizer, as float leftovers with the reason."""
+    """The targets an owner of which cannot carry a quantizer, as float leftovers with the
+    reason."""
     refused: dict[str, FloatWeight] = {}
     for owner_name, owner, attrs in _owners(model, targets):
         reasons = _refusals(owner_name, owner, [a for a, _ in attrs], config)

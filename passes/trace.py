@@ -56,7 +56,8 @@ class CapturedGraph:
         graph_module: the traced graph; None only when not even the root's own forward can be
             traced (or the retry budget ran out).
         leaves: FQN of each submodule kept opaque in the graph -> why: ``"user"``,
-            ``"registry:timm"``, ``"registry:torchvision"`` or ``"retry: <ExceptionType: message>"``.
+            ``"registry:timm"``, ``"registry:torchvision"`` or
+            ``"retry: <ExceptionType: message>"``.
             Standard ``torch.nn`` layers are leaves too but are not listed.
         failure: why ``graph_module`` is None, else None.
     """
@@ -100,8 +101,8 @@ def trace(model: nn.Module, *, leaf_modules: Sequence[str | type] = (),
                 failure = _failure(model, culprit, reason, retries, policy.retry_leaves)
                 return CapturedGraph(None, {**policy.retry_leaves, **tracer.leaves}, failure)
             policy.retry_leaves[culprit] = RETRY_PREFIX + reason
-            logger.info("trace: submodule %r (%s) cannot be traced (%s); retrying with it as a leaf",
-                        culprit, _type_name(model, culprit), reason)
+            logger.info("trace: submodule %r (%s) cannot be traced (%s); "
+                        "retrying with it as a leaf", culprit, _type_name(model, culprit), reason)
 
 
 class LeafAwareTracer(fx.Tracer):
@@ -198,8 +199,9 @@ def _resolve_user_leaves(model: nn.Module, leaf_modules: Sequence[str | type]
                 modules.add(id(named[entry]))
             names.add(entry)
             if entry not in named and entry not in class_names:
-                logger.warning("trace: leaf_modules entry %r is neither a submodule FQN nor a class "
-                               "name of any submodule of %s; ignored", entry, type(model).__name__)
+                logger.warning("trace: leaf_modules entry %r is neither a submodule FQN "
+                               "nor a class name of any submodule of %s; ignored",
+                               entry, type(model).__name__)
         else:
             raise TypeError(f"leaf_modules entries must be an FQN / class name (str) or a class, "
                             f"got {entry!r} ({type(entry).__name__})")

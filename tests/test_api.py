@@ -73,7 +73,8 @@ def test_models_survive_pickling_with_identical_outputs(stage):
     buffer = io.BytesIO()
     torch.save(model, buffer)
     buffer.seek(0)
-    assert torch.equal(eval_output(model, X), eval_output(torch.load(buffer, weights_only=False), X))
+    assert torch.equal(eval_output(model, X),
+                       eval_output(torch.load(buffer, weights_only=False), X))
 
 
 def _train_and_validate(qmodel: nn.Module, cache: bool) -> list[torch.Tensor]:
@@ -82,7 +83,8 @@ def _train_and_validate(qmodel: nn.Module, cache: bool) -> list[torch.Tensor]:
     optimizer = torch.optim.SGD(qmodel.parameters(), lr=0.1)
     target = torch.tensor([0, 1, 2, 3])
     outputs = []
-    with msq_fx.weight_cache.cached_quantized_weights(qmodel) if cache else contextlib.nullcontext():
+    with (msq_fx.weight_cache.cached_quantized_weights(qmodel) if cache
+          else contextlib.nullcontext()):
         for _ in range(3):
             loss = F.cross_entropy(qmodel(X), target)
             optimizer.zero_grad()
@@ -105,7 +107,8 @@ def test_cached_weights_of_frozen_layers_give_the_same_gradients_to_the_trained_
         head = list(qmodel.parameters())[-2:]
         for parameter in list(qmodel.parameters())[:-2]:
             parameter.requires_grad_(False)
-        with msq_fx.weight_cache.cached_quantized_weights(qmodel) if cache else contextlib.nullcontext():
+        with (msq_fx.weight_cache.cached_quantized_weights(qmodel) if cache
+              else contextlib.nullcontext()):
             for _ in range(2):  # the second pass is served from the cache
                 qmodel.zero_grad()
                 qmodel(X).square().mean().backward()
@@ -180,7 +183,8 @@ def test_convert_freezes_calibrated_activation_quantizers_with_the_same_output()
 
 
 def test_a_converted_model_with_quantized_activations_exports_with_torch_export():
-    int_model = msq_fx.convert(msq_fx.prepare(small_cnn(), X, msq_fx.MSQConfig(quantization=dict(act_bits=8))))
+    config = msq_fx.MSQConfig(quantization=dict(act_bits=8))
+    int_model = msq_fx.convert(msq_fx.prepare(small_cnn(), X, config))
     program = torch.export.export(int_model.eval(), (X,))
     assert torch.equal(program.module()(X), eval_output(int_model, X))
 
@@ -225,7 +229,8 @@ def test_prepare_of_a_prepared_model_is_refused():
 
 def test_example_inputs_that_do_not_run_the_model_are_explained():
     model = small_cnn()
-    with pytest.raises(msq_fx.MSQError, match=r"example_inputs do not run .*SmallCNN.*\(4, 3, 16, 16\)"):
+    with pytest.raises(msq_fx.MSQError,
+                       match=r"example_inputs do not run .*SmallCNN.*\(4, 3, 16, 16\)"):
         msq_fx.prepare(model, torch.randn(4, 3, 16, 16))
 
 
@@ -344,14 +349,17 @@ def test_filter_fn_receives_module_and_fqn():
     assert len(report.float_weights) == 2
 
 
-@pytest.mark.parametrize("policy, quantized, fixed", [("quantize", 6, 0), ("fixed", 6, 2), ("float", 4, 0)])
+@pytest.mark.parametrize("policy, quantized, fixed",
+                         [("quantize", 6, 0), ("fixed", 6, 2), ("float", 4, 0)])
 def test_first_last_policy(policy, quantized, fixed):
-    report = msq_fx.report(msq_fx.prepare(small_cnn(), X, msq_fx.MSQConfig(quantization=dict(first_last=policy))))
+    config = msq_fx.MSQConfig(quantization=dict(first_last=policy))
+    report = msq_fx.report(msq_fx.prepare(small_cnn(), X, config))
     assert len(report.layers) == quantized
     assert sum(not r.prunable for r in report.layers) == fixed
     if policy != "quantize":
         assert {"features.0.weight", "classifier.2.weight"} & (
-            {r.name for r in report.layers if not r.prunable} | {f.name for f in report.float_weights})
+            {r.name for r in report.layers if not r.prunable}
+            | {f.name for f in report.float_weights})
 
 
 def test_first_last_bits_holds_the_edges_at_their_width_through_pruning_and_convert():
@@ -360,9 +368,13 @@ def test_first_last_bits_holds_the_edges_at_their_width_through_pruning_and_conv
                               pruning=dict(interval=1, threshold=1.0))  # every prunable layer drops
     qmodel = msq_fx.prepare(small_cnn(), X, config)
     controller = msq_fx.MSQController(qmodel)
-    widths = lambda: {r.name: r.bits for r in msq_fx.report(qmodel).layers}
+
+    def widths():
+        return {r.name: r.bits for r in msq_fx.report(qmodel).layers}
+
     edges = {"features.0.weight", "classifier.2.weight"}
-    assert {name: bits for name, bits in widths().items() if name in edges} == dict.fromkeys(edges, 8)
+    assert ({name: bits for name, bits in widths().items() if name in edges}
+            == dict.fromkeys(edges, 8))
     assert set(widths().values()) == {3, 8}
     batches = [(X, torch.zeros(len(X)))]
     for epoch in range(1, 4):

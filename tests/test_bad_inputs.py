@@ -141,8 +141,8 @@ def test_leaf_modules_fqn_of_no_submodule_is_named_and_ignored(caplog):
 
 def test_convert_on_a_float_model_says_prepare_first():
     with pytest.raises(msq_fx.MSQError, match=r"convert\(\) expects a model returned by "
-                                              r"msq_fx.prepare\(\), but Sequential: it holds no MSQ "
-                                              r"quantizer\. Call msq_fx.prepare\(model, "
+                                              r"msq_fx.prepare\(\), but Sequential: it holds "
+                                              r"no MSQ quantizer\. Call msq_fx.prepare\(model, "
                                               r"example_inputs\)"):
         msq_fx.convert(mlp())
 
@@ -418,7 +418,8 @@ def test_save_of_a_meta_device_model_names_the_meta_device(tmp_path):
 
 def test_load_into_a_meta_device_skeleton_names_the_meta_device_and_the_fix(saved):
     skeleton = msq_fx.convert(msq_fx.prepare(mlp().to("meta")))
-    with pytest.raises(msq_fx.MSQError, match=r"meta device \(0\.bias.*build the skeleton on the CPU"):
+    with pytest.raises(msq_fx.MSQError,
+                       match=r"meta device \(0\.bias.*build the skeleton on the CPU"):
         msq_fx.load(saved, skeleton)
 
 

@@ -139,7 +139,8 @@ def test_autocast_runs_every_contenders_forward_in_that_dtype(bench):
                                         autocast=torch.bfloat16)
     output_dtypes = []
     for contender in contenders:
-        contender.model.register_forward_hook(lambda m, i, output: output_dtypes.append(output.dtype))
+        contender.model.register_forward_hook(
+            lambda m, i, output: output_dtypes.append(output.dtype))
         bench.train_step(contender, inputs, targets)
     assert output_dtypes == [torch.bfloat16, torch.bfloat16]
 

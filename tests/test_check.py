@@ -234,7 +234,8 @@ def test_an_error_is_described_by_its_type_and_first_line():
 
 def test_a_wrapping_error_is_described_with_the_error_it_was_raised_from():
     error = raised_from(KeyError("qkv"), "export failed. Next steps:")
-    assert describe_error(error) == "RuntimeError: export failed. Next steps: (from KeyError: 'qkv')"
+    assert (describe_error(error)
+            == "RuntimeError: export failed. Next steps: (from KeyError: 'qkv')")
 
 
 def test_a_cause_the_message_already_quotes_is_not_repeated():
@@ -327,7 +328,8 @@ def test_a_weight_standardized_conv_passes_and_the_result_notes_the_transform():
     result = check_model(model, input_size=(16, 16))
     assert result.status == "PASS", result.reason
     assert len(result.notes) == 1
-    assert "through other ops (batch_norm" in result.notes[0] and ", 1: 0.weight." in result.notes[0]
+    assert ("through other ops (batch_norm" in result.notes[0]
+            and ", 1: 0.weight." in result.notes[0])
 
 
 def test_the_checks_sgd_steps_land_inside_backward_with_each_gradient_clipped_on_its_own():
@@ -335,7 +337,8 @@ def test_the_checks_sgd_steps_land_inside_backward_with_each_gradient_clipped_on
     layer = nn.Linear(4, 3)
     x = 100 * torch.randn(5, 4)
     before = {name: p.detach().clone() for name, p in layer.named_parameters()}
-    grads = dict(zip(before, torch.autograd.grad(layer(x).square().sum(), list(layer.parameters()))))
+    grads = dict(zip(before, torch.autograd.grad(layer(x).square().sum(),
+                                                 list(layer.parameters()))))
     with sgd_steps_in_backward(layer, lr=0.1, max_norm=1.0):
         layer(x).square().sum().backward()
     for name, param in layer.named_parameters():
@@ -352,7 +355,8 @@ def test_excluded_weights_are_listed_as_float_with_the_reason():
     assert result.status == "PASS"
     assert result.quantized_weights == 19
     assert result.float_weights == [{"name": "fc.weight", "kind": "linear",
-                                     "reason": "excluded by MSQConfig.quantization.exclude pattern '^fc\\\\.'"}]
+                                     "reason": "excluded by MSQConfig.quantization.exclude "
+                                               "pattern '^fc\\\\.'"}]
 
 
 def test_a_model_that_breaks_after_conversion_fails_at_compare():

@@ -111,5 +111,6 @@ def test_a_finished_float_run_keeps_its_weights_for_the_fidelity_rows(tool, arch
 def test_act_bits_quantize_the_inputs_of_the_quantized_layers(tool, archive, tmp_path):
     run(tool, archive, tmp_path, "--run", "msq", "--act-bits", "3", "--epochs", "1")
     state = torch.load(tmp_path / "msq.pt", weights_only=False)["model"]
-    activation_bits = [value for key, value in state.items() if key.endswith("input_quantizer.bits")]
+    activation_bits = [value for key, value in state.items()
+                       if key.endswith("input_quantizer.bits")]
     assert len(activation_bits) == 20 and all(int(bits) == 3 for bits in activation_bits)

@@ -38,7 +38,8 @@ from msq_fx.config import HessianConfig, PruningConfig, QuantizationConfig
     ("hessian", "trace_margin", "2"), ("hessian", "curvature", "gauss_newton"),
 ])
 def test_invalid_values_are_rejected_with_the_whole_field_named(section, field, value):
-    with pytest.raises(ValueError, match=re.escape(f"MSQConfig.{section}.{field}={value!r} is invalid")):
+    with pytest.raises(ValueError,
+                       match=re.escape(f"MSQConfig.{section}.{field}={value!r} is invalid")):
         MSQConfig(**{section: {field: value}})
 
 

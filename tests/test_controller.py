@@ -53,7 +53,8 @@ def batches(widths, count: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def latent(qmodel: nn.Module, index: int) -> nn.Parameter:
-    """The float latent weight of layers.<index> (``layer.weight`` would return the quantized one)."""
+    """The float latent weight of layers.<index>
+    (``layer.weight`` would return the quantized one)."""
     return qmodel.layers[index]._parameters["weight"]
 
 
@@ -142,7 +143,8 @@ def test_group_with_prune_step_two_loses_two_lsbs():
 
 @pytest.mark.parametrize("p, pruned", [(1, True), (2, False)])
 def test_beta_counts_a_weight_whose_p_lsbs_are_not_all_zero(p, pruned):
-    # Every code is 2 mod 4: its lowest bit is zero (beta=0 at p=1), its second is not (beta=1 at p=2).
+    # Every code is 2 mod 4: its lowest bit is zero (beta=0 at p=1), its second is not
+    # (beta=1 at p=2).
     widths = [8]
     qmodel, ctl = prepared(widths, target_compression=16.0, prune_interval=1,
                            prune_step_policy="fixed")
@@ -462,7 +464,8 @@ def test_regularization_is_lambda_times_the_lsb_l1_of_the_active_groups():
     assert reg.item() == pytest.approx(expected, rel=1e-5)
     assert expected > 0
     reg.backward()
-    assert [latent(qmodel, i).grad is not None for i in range(5)] == [False, True, True, False, False]
+    assert ([latent(qmodel, i).grad is not None for i in range(5)]
+            == [False, True, True, False, False])
 
 
 def test_weight_unit_regularization_counts_each_lsb_residual_times_its_layer_s_step():
@@ -720,7 +723,8 @@ def test_finite_differences_leave_latents_quantizers_and_grads_as_they_were():
         1, [(torch.randn(4, 3, 6, 6), torch.randint(0, 5, (4,)))], F.cross_entropy)
     for name, p in qmodel.named_parameters():
         assert torch.equal(p.detach(), latents[name]), name
-    assert torch.equal(qmodel.fc._parameters["weight"].grad, torch.full_like(latents["fc.weight"], 7.0))
+    assert torch.equal(qmodel.fc._parameters["weight"].grad,
+                       torch.full_like(latents["fc.weight"], 7.0))
     assert not qmodel.conv.weight_quantizer._forward_hooks
 
 
@@ -762,8 +766,9 @@ class RoIPooledNet(nn.Module):
 
 def test_auto_falls_back_to_finite_differences_for_torchvision_roi_align():
     torch.manual_seed(0)
-    qmodel = msq_fx.prepare(RoIPooledNet(), torch.randn(2, 3, 6, 6), msq_fx.MSQConfig(pruning=dict(threshold=1.0, interval=1),
-                                                                                      hessian=dict(min_samples=2, max_samples=2)))
+    qmodel = msq_fx.prepare(RoIPooledNet(), torch.randn(2, 3, 6, 6),
+                            msq_fx.MSQConfig(pruning=dict(threshold=1.0, interval=1),
+                                             hessian=dict(min_samples=2, max_samples=2)))
     data = [(torch.randn(4, 3, 6, 6), torch.randint(0, 5, (4,)))]
     records = msq_fx.MSQController(qmodel).epoch_end(1, data, F.cross_entropy)
     assert {r.hessian_method for r in records} == {"finite_difference"}
@@ -789,7 +794,8 @@ class LossInTrainMode(nn.Module):
 def test_the_hessian_takes_a_train_mode_loss_when_asked(method):
     torch.manual_seed(0)
     config = msq_fx.MSQConfig(pruning=dict(threshold=1.0, interval=1),
-                              hessian=dict(min_samples=2, max_samples=2, method=method, model_mode="train"))
+                              hessian=dict(min_samples=2, max_samples=2, method=method,
+                                           model_mode="train"))
     qmodel = msq_fx.prepare(LossInTrainMode(), torch.randn(2, 3, 6, 6), config).eval()
     batches = [((torch.randn(4, 3, 6, 6), torch.randint(0, 5, (4,))), None)]
     records = msq_fx.MSQController(qmodel).epoch_end(
@@ -801,8 +807,9 @@ def test_the_hessian_takes_a_train_mode_loss_when_asked(method):
 
 def test_the_hessian_runs_in_eval_mode_by_default():
     torch.manual_seed(0)
-    qmodel = msq_fx.prepare(LossInTrainMode(), torch.randn(2, 3, 6, 6), msq_fx.MSQConfig(pruning=dict(threshold=1.0, interval=1),
-                                                                                         hessian=dict(min_samples=2, max_samples=2)))
+    qmodel = msq_fx.prepare(LossInTrainMode(), torch.randn(2, 3, 6, 6),
+                            msq_fx.MSQConfig(pruning=dict(threshold=1.0, interval=1),
+                                             hessian=dict(min_samples=2, max_samples=2)))
     seen = []
     msq_fx.MSQController(qmodel.train()).epoch_end(
         1, [(torch.randn(4, 3, 6, 6), torch.randint(0, 5, (4,)))],
@@ -819,7 +826,8 @@ def test_explicit_autograd_without_a_second_derivative_names_both_ways_out(monke
 
 
 def test_explicit_autograd_out_of_memory_is_raised_as_is(monkeypatch):
-    monkeypatch.setattr("msq_fx.sensitivity.hutchinson_traces", failing_double_backward(OUT_OF_MEMORY))
+    monkeypatch.setattr("msq_fx.sensitivity.hutchinson_traces",
+                        failing_double_backward(OUT_OF_MEMORY))
     with pytest.raises(RuntimeError, match="can't allocate memory"):
         conv_net_traces(method="autograd")
 
@@ -851,8 +859,11 @@ def test_history_from_a_checkpoint_without_hessian_method_loads():
 
 def chunked_traces(chunk_size, method="autograd", data=None) -> list[float]:
     torch.manual_seed(0)
-    qmodel = msq_fx.prepare(SmallConvNet(), torch.randn(2, 3, 6, 6), msq_fx.MSQConfig(pruning=dict(threshold=1.0, interval=1),
-                                                                                      hessian=dict(min_samples=3, max_samples=3, method=method, chunk_size=chunk_size, batches=2)))
+    qmodel = msq_fx.prepare(SmallConvNet(), torch.randn(2, 3, 6, 6),
+                            msq_fx.MSQConfig(pruning=dict(threshold=1.0, interval=1),
+                                             hessian=dict(min_samples=3, max_samples=3,
+                                                          method=method, chunk_size=chunk_size,
+                                                          batches=2)))
     generator = torch.Generator().manual_seed(5)
     data = data or [(torch.randn(n, 3, 6, 6, generator=generator),
                      torch.randint(0, 5, (n,), generator=generator)) for n in (7, 4)]
@@ -883,12 +894,15 @@ def test_hessian_chunks_split_every_tensor_of_tuple_inputs():
     torch.manual_seed(0)
     example = (torch.randn(2, 3, 6, 6), torch.randn(2, 3, 6, 6))
     generator = torch.Generator().manual_seed(5)
-    data = [((torch.randn(6, 3, 6, 6, generator=generator), torch.randn(6, 3, 6, 6, generator=generator)),
+    data = [((torch.randn(6, 3, 6, 6, generator=generator),
+              torch.randn(6, 3, 6, 6, generator=generator)),
              torch.randint(0, 5, (6,), generator=generator))]
     model, traces = TwoInputs(), {}
     for chunk_size in (None, 2):
-        qmodel = msq_fx.prepare(model, example, msq_fx.MSQConfig(pruning=dict(threshold=1.0, interval=1),
-                                                                 hessian=dict(min_samples=2, max_samples=2, chunk_size=chunk_size)))
+        qmodel = msq_fx.prepare(model, example,
+                                msq_fx.MSQConfig(pruning=dict(threshold=1.0, interval=1),
+                                                 hessian=dict(min_samples=2, max_samples=2,
+                                                              chunk_size=chunk_size)))
         records = msq_fx.MSQController(qmodel).epoch_end(1, data, F.cross_entropy)
         traces[chunk_size] = [r.hessian_trace for r in records]
     assert traces[2] == pytest.approx(traces[None], rel=1e-5)
@@ -905,7 +919,8 @@ def test_hessian_chunks_of_non_tensor_inputs_are_refused_with_the_batch_index():
 def test_auto_does_not_fall_back_under_torch_distributed_and_says_what_to_set(monkeypatch):
     # A rank that restarted with another method would meet the others' all-reduce out of step.
     monkeypatch.setattr("msq_fx.sensitivity._distributed_mean", lambda: (lambda values: values))
-    monkeypatch.setattr("msq_fx.sensitivity.hutchinson_traces", failing_double_backward(OUT_OF_MEMORY))
+    monkeypatch.setattr("msq_fx.sensitivity.hutchinson_traces",
+                        failing_double_backward(OUT_OF_MEMORY))
     with pytest.raises(RuntimeError, match="under torch.distributed 'auto' does not fall back.*"
                                            "'chunk_size'.*'method': 'finite_difference'"):
         conv_net_traces()

@@ -31,8 +31,8 @@ def exact_hessian(loss_fn, params) -> torch.Tensor:
     """
     blocks = torch.autograd.functional.hessian(loss_fn, tuple(p.detach() for p in params))
     rows = [
-        torch.cat([blocks[l][m].reshape(p.numel(), q.numel()) for m, q in enumerate(params)], 1)
-        for l, p in enumerate(params)
+        torch.cat([blocks[n][m].reshape(p.numel(), q.numel()) for m, q in enumerate(params)], 1)
+        for n, p in enumerate(params)
     ]
     return torch.cat(rows, 0)
 
@@ -193,7 +193,8 @@ def test_same_seed_gives_identical_traces():
 
 
 def test_different_seed_gives_different_traces():
-    assert not torch.equal(_non_diagonal_estimate(seed=7).traces, _non_diagonal_estimate(seed=8).traces)
+    assert not torch.equal(_non_diagonal_estimate(seed=7).traces,
+                           _non_diagonal_estimate(seed=8).traces)
 
 
 def test_successive_calls_continue_the_generator_stream():
@@ -329,10 +330,16 @@ def _quadratic_loss_and_param():
             lambda loss, x: hutchinson_traces(loss, [x], max_samples=3, min_samples=4),
             r"max_samples \(3\) must be >= min_samples \(4\)",
         ),
-        (lambda loss, x: hutchinson_traces(loss, [x], min_samples=0), "min_samples must be at least 1"),
+        (
+            lambda loss, x: hutchinson_traces(loss, [x], min_samples=0),
+            "min_samples must be at least 1",
+        ),
         (lambda loss, x: hutchinson_traces(loss, [x], tol=0.0), "tol must be > 0"),
         (lambda loss, x: hutchinson_traces(loss, [x], tol=-1.0), "tol must be > 0"),
-        (lambda loss, x: hutchinson_traces(loss, [x, x]), r"params\[1\] is the same tensor as params\[0\]"),
+        (
+            lambda loss, x: hutchinson_traces(loss, [x, x]),
+            r"params\[1\] is the same tensor as params\[0\]",
+        ),
         (
             lambda loss, x: hutchinson_traces(lambda: (x**2).sum().detach(), [x]),
             "does not require grad",

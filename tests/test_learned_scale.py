@@ -513,7 +513,8 @@ def test_learned_scales_start_at_the_best_clip_of_their_weight(mode):
     qmodel = prepared(mode)
     for weight in msq_fx.owners.iter_quantized_weights(qmodel):
         shape = quant.scale_shape(weight.latent, mode)
-        assert torch.equal(weight.quantizer.scale, quant.best_clip(weight.latent, 8, "nested", shape))
+        assert torch.equal(weight.quantizer.scale,
+                           quant.best_clip(weight.latent, 8, "nested", shape))
 
 
 @pytest.mark.parametrize("mode", LEARNED_MODES)

@@ -44,7 +44,8 @@ class ConvNet(nn.Module):
 def generated(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Noise images labelled by the largest of CLASSES fixed smooth projections (the same
     projections for every set)."""
-    patterns = F.interpolate(torch.randn(CLASSES, 1, 3, 3, generator=torch.Generator().manual_seed(0)),
+    patterns = F.interpolate(torch.randn(CLASSES, 1, 3, 3,
+                                         generator=torch.Generator().manual_seed(0)),
                              size=(SIDE, SIDE), mode="bilinear", align_corners=False)
     images = torch.randn(count, 1, SIDE, SIDE, generator=torch.Generator().manual_seed(seed))
     labels = (images.flatten(1) @ patterns.flatten(1).T).argmax(1)

@@ -152,7 +152,8 @@ def test_a_saved_tensor_comes_back_with_its_values_and_strides_whatever_its_layo
 def test_release_freed_memory_takes_effect_under_glibc():
     # In a child process: the setting lasts for the rest of the process that makes it.
     done = subprocess.run([sys.executable, "-c",
-                           "import msq_fx.offload; print(msq_fx.offload.release_freed_memory(1 << 20))"],
+                           "import msq_fx.offload; "
+                           "print(msq_fx.offload.release_freed_memory(1 << 20))"],
                           capture_output=True, text=True, check=True)
     assert done.stdout.strip().splitlines()[-1] == "True"
 

@@ -138,7 +138,8 @@ def test_an_excluded_weight_is_left_in_float_with_the_pattern_as_reason():
     discovery = discovered(mlp(), msq_fx.MSQConfig(quantization=dict(exclude=(r"^4\.",))))
     assert "4.weight" not in names(discovery)
     assert discovery.float_weights == [
-        FloatWeight("4.weight", "linear", r"excluded by MSQConfig.quantization.exclude pattern '^4\\.'")]
+        FloatWeight("4.weight", "linear",
+                    r"excluded by MSQConfig.quantization.exclude pattern '^4\\.'")]
 
 
 def test_a_weight_refused_by_filter_fn_is_left_in_float():
@@ -176,13 +177,15 @@ EXCLUDE_FIRST = (r"^0\.",)
 
 
 def test_first_last_fixed_fixes_the_first_and_last_weight_that_survive_exclusion():
-    discovery = discovered(mlp(), msq_fx.MSQConfig(quantization=dict(first_last="fixed", exclude=EXCLUDE_FIRST)))
+    discovery = discovered(mlp(), msq_fx.MSQConfig(quantization=dict(first_last="fixed",
+                                                                     exclude=EXCLUDE_FIRST)))
     assert discovery.fixed_width == {"2.weight", "6.weight"}
     assert names(discovery) == ["2.weight", "4.weight", "6.weight"]
 
 
 def test_first_last_float_floats_the_first_and_last_weight_that_survive_exclusion():
-    discovery = discovered(mlp(), msq_fx.MSQConfig(quantization=dict(first_last="float", exclude=EXCLUDE_FIRST)))
+    discovery = discovered(mlp(), msq_fx.MSQConfig(quantization=dict(first_last="float",
+                                                                     exclude=EXCLUDE_FIRST)))
     assert names(discovery) == ["4.weight"] and discovery.fixed_width == frozenset()
     reasons = {f.name: f.reason for f in discovery.float_weights}
     assert reasons["2.weight"] == reasons["6.weight"] == (
@@ -197,7 +200,8 @@ def test_first_last_counts_from_the_weights_filter_fn_keeps():
 
 
 def test_first_last_quantize_fixes_and_floats_nothing_beyond_the_exclusions():
-    discovery = discovered(mlp(), msq_fx.MSQConfig(quantization=dict(first_last="quantize", exclude=EXCLUDE_FIRST)))
+    discovery = discovered(mlp(), msq_fx.MSQConfig(quantization=dict(first_last="quantize",
+                                                                     exclude=EXCLUDE_FIRST)))
     assert discovery.fixed_width == frozenset() and floats(discovery) == ["0.weight"]
 
 

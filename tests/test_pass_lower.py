@@ -19,7 +19,8 @@ def prepared(example=X, **config) -> nn.Module:
     """A prepared 4 -> 6 -> 3 stack; example=None leaves activation quantizers uncalibrated."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
-    return msq_fx.prepare(model, example, msq_fx.MSQConfig(quantization=dict(init_bits=4, **config)))
+    return msq_fx.prepare(model, example,
+                          msq_fx.MSQConfig(quantization=dict(init_bits=4, **config)))
 
 
 def test_each_weight_quantizer_becomes_a_lowered_weight_of_int8_codes():

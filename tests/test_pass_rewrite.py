@@ -61,7 +61,8 @@ def test_each_owner_keeps_its_class_as_base_and_gains_a_quantizer_child():
 
 def test_the_quantizer_starts_at_init_bits_with_the_target_kind_and_names():
     model = stack()
-    rewrite(model, Discovery(targets=[target(model, "2.weight")]), msq_fx.MSQConfig(quantization=dict(init_bits=6)))
+    rewrite(model, Discovery(targets=[target(model, "2.weight")]),
+            msq_fx.MSQConfig(quantization=dict(init_bits=6)))
     quantizer = model[2].weight_quantizer
     assert (quantizer.num_bits, quantizer.kind, quantizer.names) == (6, "linear", ("2.weight",))
     assert not is_quantized_owner(model[0])

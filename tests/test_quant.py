@@ -34,7 +34,8 @@ def weight_elements(n: int, k: int, scale: float) -> st.SearchStrategy[float]:
         st.sampled_from([0.0, scale, -scale]),
         st.integers(0, 2**n - 1).map(lambda c: (c - half) * scale / half),  # n-bit grid point
         st.integers(0, 2**n - 2).map(lambda c: (c - half + 0.5) * scale / half),  # tie
-        st.integers(0, 2 ** (n - k) - 1).map(lambda m: (m * 2**k - half) * scale / half),  # (n-k)-bit
+        # an (n-k)-bit grid point
+        st.integers(0, 2 ** (n - k) - 1).map(lambda m: (m * 2**k - half) * scale / half),
     )
 
 
@@ -230,7 +231,8 @@ def test_signed_codes_fit_in_n_bit_twos_complement(case):
 
 def test_literal_grid_moves_a_weight_with_zero_lsbs_when_requantized_at_fewer_bits():
     """Eq. 4 as printed divides by 2^n - 1, so grids of different widths do not nest: a weight
-    whose k LSBs are zero changes value when re-expressed at n - k bits (the nested grid keeps it)."""
+    whose k LSBs are zero changes value when re-expressed at n - k bits (the nested grid
+    keeps it)."""
     scale = torch.tensor(1.0)
     found = None
     for n in range(2, 9):
@@ -241,7 +243,8 @@ def test_literal_grid_moves_a_weight_with_zero_lsbs_when_requantized_at_fewer_bi
                 fine = quant.roundclamp_codes(w, n)
                 if not bool(lsbs_zero(fine, k).all()):
                     continue
-                change = quant.quantize_value(w, n - k, "literal") - quant.quantize_value(w, n, "literal")
+                change = (quant.quantize_value(w, n - k, "literal")
+                          - quant.quantize_value(w, n, "literal"))
                 if float(change.abs().max()) > 0:
                     found = (n, k, code, w, change)
                     break
@@ -252,7 +255,8 @@ def test_literal_grid_moves_a_weight_with_zero_lsbs_when_requantized_at_fewer_bi
     assert found is not None, "the literal grid nests at every width: no counterexample"
     n, k, code, w, change = found
     assert float(change.abs().max()) > 0
-    assert torch.equal(quant.quantize_value(w, n, "nested"), quant.quantize_value(w, n - k, "nested"))
+    assert torch.equal(quant.quantize_value(w, n, "nested"),
+                       quant.quantize_value(w, n - k, "nested"))
 
 
 def test_literal_grid_moves_the_papers_110_example_by_two_sevenths_of_the_scale():

@@ -62,7 +62,8 @@ def latents(model: nn.Module) -> list[nn.Parameter]:
     return [weight.latent for weight in iter_quantized_weights(model)]
 
 
-def quantized_outputs_alive_after_forward(model: nn.Module, inputs: torch.Tensor | None = None) -> int:
+def quantized_outputs_alive_after_forward(model: nn.Module,
+                                          inputs: torch.Tensor | None = None) -> int:
     outputs: list[weakref.ref] = []
     handles = [w.quantizer.register_forward_hook(lambda m, i, out: outputs.append(weakref.ref(out)))
                for w in iter_quantized_weights(model)]

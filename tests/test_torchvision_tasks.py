@@ -10,7 +10,7 @@ import msq_fx
 
 from msq_fx.check import check_model
 from msq_fx.zoo import normalize_input_size, parse_spec, task_loss
-from msq_fx.zoo.torchvision_tasks import (DetectionTraining, FramePair, build_torchvision_model,
+from msq_fx.zoo.torchvision_tasks import (DetectionTraining, build_torchvision_model,
                                           keep_every_detection, torchvision_input_size,
                                           torchvision_task, torchvision_tasks)
 
@@ -120,7 +120,8 @@ def test_synthetic_targets_carry_what_the_detector_predicts(name, extra):
 
 
 def test_the_optical_flow_adapter_names_the_input_it_wants():
-    with pytest.raises(ValueError, match=r"FramePair\(RAFT\).*\(B, 6, H, W\); got \(1, 3, 64, 64\)"):
+    with pytest.raises(ValueError,
+                       match=r"FramePair\(RAFT\).*\(B, 6, H, W\); got \(1, 3, 64, 64\)"):
         built("raft_small")(torch.rand(1, 3, 64, 64))
 
 
@@ -145,8 +146,10 @@ def test_a_detector_trains_with_msq_and_converts_to_the_same_detections():
     images = [torch.rand(3, 96, 128), torch.rand(3, 112, 96)]
     targets = [{"boxes": torch.tensor([[8.0, 8.0, 64.0, 72.0]]), "labels": torch.tensor([1])},
                {"boxes": torch.tensor([[20.0, 10.0, 90.0, 60.0]]), "labels": torch.tensor([2])}]
-    qmodel = msq_fx.prepare(detector, (images,), msq_fx.MSQConfig(pruning=dict(threshold=1.0, interval=1),
-                                                                  hessian=dict(max_samples=1, min_samples=1, model_mode="train")))
+    qmodel = msq_fx.prepare(detector, (images,),
+                            msq_fx.MSQConfig(pruning=dict(threshold=1.0, interval=1),
+                                             hessian=dict(max_samples=1, min_samples=1,
+                                                          model_mode="train")))
     controller = msq_fx.MSQController(qmodel)
     optimizer = torch.optim.SGD(qmodel.parameters(), lr=1e-3)
     qmodel.train()

@@ -83,8 +83,8 @@ The package, one concern per module: :mod:`.workloads` (the model and the batch)
 :mod:`.contenders` (float and MSQ, the training step), :mod:`.peers` and :mod:`.bit_split` (the
 other contenders), :mod:`.timing`, :mod:`.memory`, :mod:`.profiling`, :mod:`.conditions`,
 :mod:`.allocator`, :mod:`.hessian` (the pruning step), :mod:`.run` (one run to a report),
-:mod:`.report` (the tables), :mod:`.doc` (the Markdown block) and :mod:`.cli` (the options and ``main``). It is
-imported on its own, not with msq_fx.
+:mod:`.report` (the tables), :mod:`.doc` (the Markdown block) and :mod:`.cli` (the options and
+``main``). It is imported on its own, not with msq_fx.
 """
 from __future__ import annotations
 

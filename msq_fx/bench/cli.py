@@ -27,8 +27,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="N, HxW or CxHxW (default: 32 for resnet20, 224 for torchvision, "
                              "else the size the model declares)")
     parser.add_argument("--batch-size", type=_int_at_least(1), default=128)
-    parser.add_argument("--repeats", type=_int_at_least(1), default=5, help="timed repeats per model")
-    parser.add_argument("--steps", type=_int_at_least(1), default=10, help="training steps per repeat")
+    parser.add_argument("--repeats", type=_int_at_least(1), default=5,
+                        help="timed repeats per model")
+    parser.add_argument("--steps", type=_int_at_least(1), default=10,
+                        help="training steps per repeat")
     parser.add_argument("--warmup", type=_int_at_least(0), default=3,
                         help="untimed steps per model before timing")
     parser.add_argument("--threads", type=_int_at_least(1), default=None,

@@ -54,7 +54,8 @@ def build_contenders(workload: Workload, example: Tensor, device: torch.device,
     contenders = [Contender("FP32", float_model, sgd(float_model), autocast=autocast)]
     configs = [("MSQ", MSQConfig())]
     if compare_recompute:
-        configs.append((SAVED_COPIES, MSQConfig(quantization=dict(recompute_quantized_weights=False))))
+        configs.append((SAVED_COPIES,
+                        MSQConfig(quantization=dict(recompute_quantized_weights=False))))
     for name, config in configs:
         qmodel = prepare(float_model, (example[:2],), config).train()
         controller = MSQController(qmodel, config)

@@ -72,7 +72,8 @@ def between_epochs_bytes(model: nn.Module, optimizer: torch.optim.Optimizer,
 def _measured_window(events) -> tuple[int, int]:
     marks = [e for e in events if e.name() == MEASURED_STEP]
     if len(marks) != 1:
-        raise RuntimeError(f"expected one {MEASURED_STEP!r} range in the profile, found {len(marks)}")
+        raise RuntimeError(f"expected one {MEASURED_STEP!r} range in the profile, "
+                           f"found {len(marks)}")
     return marks[0].start_ns(), marks[0].end_ns()
 
 
@@ -119,7 +120,8 @@ def peak_bytes(run: Callable[[], object], resident: Callable[[], int],
     return cpu_peak_bytes(run, resident)
 
 
-def step_peak_bytes(contender: Contender, batch: tuple[Tensor, Tensor], device: torch.device) -> int:
+def step_peak_bytes(contender: Contender, batch: tuple[Tensor, Tensor],
+                    device: torch.device) -> int:
     """Peak bytes of one training step of ``contender`` on ``batch``."""
     contender.optimizer.zero_grad(set_to_none=True)
     return peak_bytes(lambda: train_step(contender, *batch),

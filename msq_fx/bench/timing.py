@@ -20,8 +20,8 @@ from ..weight_cache import cached_quantized_weights
 from .allocator import minor_faults
 from .contenders import AUTOCAST_DTYPES, Contender, train_step
 
-__all__ = ["CACHED", "CLOCKS", "synchronize", "mean_seconds", "seconds_per_step", "interleaved_step_times",
-           "eval_forward_times"]
+__all__ = ["CACHED", "CLOCKS", "synchronize", "mean_seconds", "seconds_per_step",
+           "interleaved_step_times", "eval_forward_times"]
 
 #: Suffix of an eval contender that runs inside
 #: ``msq_fx.weight_cache.cached_quantized_weights``.
@@ -77,8 +77,8 @@ def eval_forward_times(float_model: nn.Module, qmodel: nn.Module, inputs: Tensor
 
     The float model, the fake-quant model and the converted model, the latter two also inside
     ``msq_fx.weight_cache.cached_quantized_weights`` (entered once around all repeats, as around
-    a validation loop). Uses ``args.warmup``, ``args.repeats``, ``args.steps`` and ``args.autocast``; the
-    float and fake-quant models are left in the mode they had.
+    a validation loop). Uses ``args.warmup``, ``args.repeats``, ``args.steps`` and
+    ``args.autocast``; the float and fake-quant models are left in the mode they had.
     """
     converted = convert(qmodel)
     models = {"FP32": float_model, "MSQ fake-quant": qmodel,

@@ -49,7 +49,8 @@ def build_workload(spec: str, input_size: tuple[int, ...] | None = None) -> Work
     return Workload(model, shape, output_classes(model, shape))
 
 
-def random_batch(batch_size: int, workload: Workload, device: torch.device) -> tuple[Tensor, Tensor]:
+def random_batch(batch_size: int, workload: Workload,
+                 device: torch.device) -> tuple[Tensor, Tensor]:
     """Normal inputs and uniform class targets, the same for every run with the same shapes."""
     generator = torch.Generator().manual_seed(SEED)
     inputs = torch.randn(batch_size, *workload.input_shape, generator=generator)

@@ -28,7 +28,8 @@ def check_config(seed: int = 0) -> MSQConfig:
     32) runs the same double backward as many and keeps the Hessian affordable on large models;
     the estimate's quality is not what is checked here.
     """
-    return MSQConfig(seed=seed, pruning=dict(interval=1, threshold=1.0), hessian=dict(min_samples=1, max_samples=1))
+    return MSQConfig(seed=seed, pruning=dict(interval=1, threshold=1.0),
+                     hessian=dict(min_samples=1, max_samples=1))
 
 
 def check_model(spec_or_model: str | nn.Module, *, input_size: int | Sequence[int] | None = None,

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -221,7 +220,8 @@ ONE_ENVIRONMENT = "one-environment"
 SUMMARY_BEGIN = "<!-- the fidelity targets, written by tools/fidelity table -->"
 SUMMARY_END = "<!-- end of the fidelity targets -->"
 
-TARGETS_HEADER = """Against the targets: MSQ as `MSQConfig.fine_tuning(target)` runs it, against uniform QAT
+TARGETS_HEADER = """\
+Against the targets: MSQ as `MSQConfig.fine_tuning(target)` runs it, against uniform QAT
 at the same seeds, on all 10k ("MSQ widths": whether MSQ's runs ended with mixed widths or with
 every layer at one width; "mean ± se": the mean of the paired differences and its standard
 error; "met": at least level with uniform QAT on the mean, above it past 16x, and within the
@@ -229,7 +229,8 @@ target's margin of the float start: 0.5 / 1.0 / 2.0 points at 8x / 10.67x / 16x)
 
 """
 
-SEEDS_HEADER = """Rows run under more than one seed (`--seed N`: another data order and augmentation, the
+SEEDS_HEADER = """\
+Rows run under more than one seed (`--seed N`: another data order and augmentation, the
 same float start and budget), to show how far a seed moves a row:
 
 """

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from tabulate import tabulate
 
 from .. import MSQConfig, prepare
