@@ -331,12 +331,12 @@ class HessianConfig(_SubConfig):
         information of the model's own softmax over dim 1 of its output, which is the
         Gauss-Newton part of the cross-entropy Hessian (msq_fx.fisher). It is never negative
         and each layer's estimate comes from its own gradient block alone (no cross-layer noise),
-        from first-order backwards only (a training step's memory, any op); it reads the
+        from first-order backwards only (about a training step's memory, any op); it reads the
         model's class scores and labels drawn from them, not ``loss_fn``, so it suits
         classifiers and segmenters trained with cross-entropy. ``method``, ``relative_step``
         and ``frozen_kinks`` apply to "hessian" only. Measured beside the fine-tuning preset in
         one environment (CIFAR-10 ResNet-20, four seeds): level at 16x (+0.00 +- 0.16 points)
-        and 18x (-0.06 +- 0.14), with steadier choices and a third of the prune's time, hence
+        and 18x (-0.06 +- 0.14), with steadier choices and a quarter of the prune's time, hence
         an option; the default stays the paper's Hessian.
     """
 

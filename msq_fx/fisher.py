@@ -21,7 +21,7 @@ one per pixel for a segmentation model.
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Iterable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -76,9 +76,22 @@ def fisher_traces(
     params = checked_params(params)
     pieces = _checked_pieces(pieces)
     with torch.enable_grad():
-        samples = draw_until_stable(
-            lambda _nothing: _squared_score_norms(pieces, params, generator),
-            params, max_samples, min_samples, tol, generator, all_reduce, _no_probes)
+        if len(pieces) == 1:
+            # One batch: its forward is built once and only the backward repeats per draw (the
+            # labels, drawn from the same scores, are those a fresh forward would give).
+            scores = [(_class_scores(pieces[0], 0), pieces[0].weight)]
+
+            def sample_of(_nothing: list) -> torch.Tensor:
+                return _squared_score_norms(scores, params, generator, retain_graph=True)
+        else:
+            def sample_of(_nothing: list) -> torch.Tensor:
+                # A generator, so one piece's graph at a time is alive (what chunks are for).
+                return _squared_score_norms(
+                    ((_class_scores(piece, index), piece.weight)
+                     for index, piece in enumerate(pieces)), params, generator,
+                    retain_graph=False)
+        samples = draw_until_stable(sample_of, params, max_samples, min_samples, tol, generator,
+                                    all_reduce, _no_probes)
     return summarize(samples)
 
 
@@ -98,13 +111,15 @@ def _checked_pieces(pieces: Sequence[OutputPiece]) -> list[OutputPiece]:
     return pieces
 
 
-def _squared_score_norms(pieces: list[OutputPiece], params: list[torch.Tensor],
-                         generator: torch.Generator | None) -> torch.Tensor:
-    """One sample: || block l of grad sum_j sqrt(w_j) log p(y_j | x_j) ||^2 for every l."""
+def _squared_score_norms(scores: Iterable[tuple[torch.Tensor, float]],
+                         params: list[torch.Tensor], generator: torch.Generator | None,
+                         retain_graph: bool) -> torch.Tensor:
+    """One sample: || block l of grad sum_j sqrt(w_j) log p(y_j | x_j) ||^2 for every l, over
+    each piece's class scores and weight in ``scores``."""
     total: list[torch.Tensor | None] = [None] * len(params)
-    for index, piece in enumerate(pieces):
-        log_likelihood = _sampled_log_likelihood(piece, index, generator)
-        blocks = torch.autograd.grad(log_likelihood, params, allow_unused=True)
+    for logits, weight in scores:
+        blocks = torch.autograd.grad(_sampled_log_likelihood(logits, weight, generator), params,
+                                     allow_unused=True, retain_graph=retain_graph)
         total = [block if sum_ is None else (sum_ if block is None else sum_ + block)
                  for sum_, block in zip(total, blocks)]
     device = params[0].device
@@ -112,9 +127,9 @@ def _squared_score_norms(pieces: list[OutputPiece], params: list[torch.Tensor],
                         else block.double().pow(2).sum() for block in total])
 
 
-def _sampled_log_likelihood(piece: OutputPiece, index: int,
-                            generator: torch.Generator | None) -> torch.Tensor:
-    """sum_j sqrt(w_j) log p(y_j | x_j) over the piece's draws, y_j drawn from the model."""
+def _class_scores(piece: OutputPiece, index: int) -> torch.Tensor:
+    """The piece's class scores, checked to be finite floating-point scores with a class axis
+    that depend on the weights."""
     logits = piece.outputs()
     if not isinstance(logits, torch.Tensor) or logits.dim() < 2 \
             or not logits.is_floating_point():
@@ -128,12 +143,18 @@ def _sampled_log_likelihood(piece: OutputPiece, index: int,
         raise ValueError(f"the Fisher's batch {index}: the model's class scores are not all "
                          f"finite, so no labels can be drawn from them; check the batch's "
                          f"inputs for NaN or infinite values")
+    if not logits.requires_grad:
+        raise ValueError(f"the Fisher's batch {index}: the model's output depends on none of "
+                         f"the weights (or was built with autograd disabled)")
+    return logits
+
+
+def _sampled_log_likelihood(logits: torch.Tensor, weight: float,
+                            generator: torch.Generator | None) -> torch.Tensor:
+    """sum_j sqrt(w_j) log p(y_j | x_j) over the draws of ``logits`` (a piece of ``weight`` in
+    the mean loss), y_j drawn from the model."""
     log_probs = F.log_softmax(logits.float(), dim=1).movedim(1, -1)
     flat = log_probs.reshape(-1, log_probs.shape[-1])
     # Drawn on CPU so a seed gives the same labels on any device.
     labels = torch.multinomial(flat.detach().exp().cpu(), 1, generator=generator)
-    chosen = flat.gather(1, labels.to(flat.device)).sum()
-    if not chosen.requires_grad:
-        raise ValueError(f"the Fisher's batch {index}: the model's output depends on none of "
-                         f"the weights (or was built with autograd disabled)")
-    return chosen * math.sqrt(piece.weight / flat.shape[0])
+    return flat.gather(1, labels.to(flat.device)).sum() * math.sqrt(weight / flat.shape[0])

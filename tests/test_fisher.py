@@ -80,6 +80,21 @@ def test_chunks_weighted_by_their_share_estimate_the_same_trace_as_the_whole_bat
     assert within_error(result, enumerated_fisher_traces(model, x))
 
 
+def test_one_batch_is_run_forward_once_and_each_chunk_once_per_draw():
+    model, x = classifier(), inputs()
+    calls = {"whole": 0, "chunk": 0}
+
+    def scores(rows: slice, kind: str) -> torch.Tensor:
+        calls[kind] += 1
+        return model(x[rows])
+
+    estimate(model, x, samples=6, pieces=[OutputPiece(lambda: scores(slice(None), "whole"), 1.0)])
+    chunks = [OutputPiece(lambda: scores(slice(0, 8), "chunk"), 1 / 3),
+              OutputPiece(lambda: scores(slice(8, 24), "chunk"), 2 / 3)]
+    estimate(model, x, samples=6, pieces=chunks)
+    assert calls == {"whole": 1, "chunk": 12}
+
+
 def test_a_segmenter_draws_one_label_per_position_of_the_class_axis():
     # Scores (N, C, H, W) and the same scores laid out as (N * H * W, C) rows are one Fisher.
     torch.manual_seed(0)
