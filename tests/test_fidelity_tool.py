@@ -447,3 +447,4 @@ def test_the_compare_action_prints_both_rows_outcomes_and_traces(tmp_path, capsy
     printed = capsys.readouterr().out
     assert "msq-18x: compression" in printed and "-1.00" in printed
     assert "negative: msq-18x" in printed and "| 0      | 25           | 2        |" in printed
+    assert printed.rstrip().endswith("What these runs ran on:\n- 2 runs: environment not recorded")

@@ -83,6 +83,11 @@ def main(argv: list[str] | None = None) -> int:
         first, second = (by_row.get(name, {}) for name in args.rows)
         print(outcome_table(tuple(args.rows), first, second), end="\n\n")
         print(trace_comparison_table(tuple(args.rows), trace_comparison(first, second)))
+        # Runs from two environments differ by more than many settings do: say which these were.
+        seeds = set(first) & set(second)
+        compared = {name: {seed: runs[seed] for seed in seeds}
+                    for name, runs in zip(args.rows, (first, second))}
+        print(f"\nWhat these runs ran on:\n{environments_text(compared)}")
         return 0
     if args.action == "no-training":
         from .no_training import no_training_accuracies, no_training_table, write_no_training

@@ -250,6 +250,8 @@ def environments_text(by_row: dict[str, dict[int, dict]]) -> str:
 
 def _environment_line(environment: dict) -> str:
     """One environment record as text."""
+    if not environment:
+        return "environment not recorded"
     cpu = environment.get("cpu")
     where = ("CPU not recorded" if not cpu else
              f"CPU family {cpu.get('family')} model {cpu.get('model')} stepping "
