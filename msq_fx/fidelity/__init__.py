@@ -188,9 +188,9 @@ def write_table(out: Path, doc: Path, readme: Path | None = None) -> None:
         rerun = load_seeds(together)
         name = f"{_epochs_text(_epochs_run(rerun))}, one environment"
         budgets[name] = rerun
-        targets += (f"\n\nThe targets' rows re-run back to back in one environment (rows under "
-                    f"`{together}`, which holds a copy of\nthe float start; the same settings "
-                    f"and budget as the table's rows). What they ran on:\n\n"
+        targets += (f"\n\nThe targets' rows re-run back to back in one environment (rows "
+                    f"under\n`{together}`, which holds a copy of the float start; the same "
+                    f"settings and\nbudget as the table's rows). What they ran on:\n\n"
                     f"{environments_text(rerun)}\n\n{runs_table(rerun)}\n\nThe targets over "
                     f"these runs:\n\n{targets_table(rerun, float_acc)}")
     doc.write_text(HEADER + markdown_table(table_runs, float_row) + seeds + targets + "\n\n"
