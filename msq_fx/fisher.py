@@ -57,8 +57,10 @@ def fisher_traces(
     """Estimate Tr(F_l), the Fisher information's trace per tensor in ``params``.
 
     Reads:
-        pieces: the batches, each as an :class:`OutputPiece`; every sample calls each piece's
-            ``outputs`` once, with autograd enabled, and draws fresh labels from its softmax.
+        pieces: the batches, each as an :class:`OutputPiece`, whose ``outputs`` run with
+            autograd enabled; every sample draws fresh labels from each piece's softmax. A
+            single piece runs once and its graph serves every sample; with several, each runs
+            once per sample, so one piece's graph is alive at a time.
         params: distinct tensors that require grad (the latent weights of quantized layers).
         max_samples, min_samples, tol, generator, all_reduce: as for
             msq_fx.hessian.hutchinson_traces; the generator draws the labels.
