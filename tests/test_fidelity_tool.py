@@ -448,3 +448,32 @@ def test_the_compare_action_prints_both_rows_outcomes_and_traces(tmp_path, capsy
     assert "msq-18x: compression" in printed and "-1.00" in printed
     assert "negative: msq-18x" in printed and "| 0      | 25           | 2        |" in printed
     assert printed.rstrip().endswith("What these runs ran on:\n- 2 runs: environment not recorded")
+
+
+def run_record(accuracy: float, loss: float, bits: dict[str, int], seconds: float = 60.0) -> dict:
+    return {"test_acc": accuracy, "bits": bits, "epochs": [
+        {"loss": loss, "test_acc": accuracy, "exact_acc": 90.0, "compression": 16.0,
+         "seconds": seconds}]}
+
+
+def test_repeats_says_whether_two_directories_hold_the_same_run_of_a_row_and_seed():
+    from msq_fx.fidelity.compare import repeat_table
+
+    here = {"uniform-2bit": {0: run_record(81.0, 0.16, {"a": 2}),
+                             1: run_record(80.5, 0.15, {"a": 2}),
+                             2: run_record(80.0, 0.15, {"a": 2})},
+            "msq-16x": {0: run_record(80.0, 0.17, {"a": 1})}}
+    there = {"uniform-2bit": {0: run_record(81.0, 0.16, {"a": 2}, seconds=99.0),  # wall time
+                              1: run_record(80.9, 0.14, {"a": 2})},
+             "msq-16x": {0: run_record(80.2, 0.17, {"a": 2})}}
+    lines = [[cell.strip() for cell in line.strip("|").split("|")]
+             for line in repeat_table(here, there).splitlines()[2:]]
+    assert lines == [["uniform-2bit", "0", "81.00", "81.00", "+0.00", "every epoch"],
+                     ["uniform-2bit", "1", "80.50", "80.90", "-0.40", "the widths only"],
+                     ["msq-16x", "0", "80.00", "80.20", "-0.20", "no"]]
+
+
+def test_the_repeats_action_needs_the_directory_to_set_beside(capsys):
+    with pytest.raises(SystemExit):
+        main(["repeats"])
+    assert "--against" in capsys.readouterr().err

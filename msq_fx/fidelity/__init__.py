@@ -8,6 +8,7 @@ CIFAR-10 ResNet-20, from one float start with one fine-tuning budget (``tools/fi
     tools/fidelity no-training           # the float start quantized without training
     tools/fidelity row msq-8x --seed 1   # the same row under another seed (data order, init)
     tools/fidelity compare ROW_A ROW_B   # seed by seed: what each ended with, the traces taken
+    tools/fidelity repeats --out A --against B   # the runs both hold: the same run or not
 """
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tools/fidelity", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("action", choices=("row", "all", "table", "no-training", "compare"))
+    parser.add_argument("action",
+                        choices=("row", "all", "table", "no-training", "compare", "repeats"))
     parser.add_argument("rows", nargs="*",
                         help=f"rows to run (with compare: the two to compare): {', '.join(ROWS)}")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -62,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="seed of the data order and of everything random in a row; rows "
                              "under a seed other than 0 are written beside the table's own "
                              "(<row>.seed<N>.json) and summarised in its seeds table")
+    parser.add_argument("--against", type=Path, default=None,
+                        help="with `repeats`: the other results directory, whose runs of the "
+                             "same row and seed are set beside those under --out")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per row")
     parser.add_argument("--jobs", type=int, default=1,
                         help="with `all`: rows run at once, each in its own process")
@@ -88,6 +93,12 @@ def main(argv: list[str] | None = None) -> int:
         compared = {name: {seed: runs[seed] for seed in seeds}
                     for name, runs in zip(args.rows, (first, second))}
         print(f"\nWhat these runs ran on:\n{environments_text(compared)}")
+        return 0
+    if args.action == "repeats":
+        if args.against is None:
+            parser.error("repeats needs --against DIR: the results to set beside --out's")
+        from .compare import repeat_table
+        print(repeat_table(load_seeds(args.out), load_seeds(args.against)))
         return 0
     if args.action == "no-training":
         from .no_training import no_training_accuracies, no_training_table, write_no_training

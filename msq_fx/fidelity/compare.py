@@ -13,10 +13,10 @@ from typing import Sequence
 
 from tabulate import tabulate
 
-from .table import mean_with_standard_error
+from .table import mean_with_standard_error, row_position
 
 __all__ = ["prune_traces", "rank_correlation", "trace_comparison", "trace_comparison_table",
-           "outcome_table"]
+           "outcome_table", "repeat_table"]
 
 
 def prune_traces(result: dict) -> dict[int, dict[str, float]]:
@@ -102,3 +102,27 @@ def _outcome_cells(result: dict) -> list[str]:
     binary = sorted(name.removesuffix(".weight") for name, bits in result.get("bits", {}).items()
                     if bits == 1)
     return [f"{result['compression']:.2f}x", f"{result['test_acc']:.2f}", ", ".join(binary)]
+
+
+def repeat_table(here: dict[str, dict[int, dict]], there: dict[str, dict[int, dict]]) -> str:
+    """Every run (row and seed) written in both ``here`` and ``there``: its accuracy on all 10k
+    in each, the difference, and whether the two are the same run: every epoch's training loss
+    and accuracies equal (what one environment gives) or only the final widths. Runs of the same
+    settings and seed part only where the environment below them differs."""
+    lines = []
+    for name in sorted(set(here) & set(there), key=row_position):
+        for seed in sorted(set(here[name]) & set(there[name])):
+            a, b = here[name][seed], there[name][seed]
+            same = ("every epoch" if _trajectory(a) == _trajectory(b) else
+                    "the widths only" if a.get("bits") == b.get("bits") else "no")
+            lines.append([name, seed, f"{a['test_acc']:.2f}", f"{b['test_acc']:.2f}",
+                          f"{a['test_acc'] - b['test_acc']:+.2f}", same])
+    return tabulate(lines, headers=["row", "seed", "all 10k here", "all 10k there",
+                                    "here - there", "the same run"],
+                    tablefmt="github", disable_numparse=True)
+
+
+def _trajectory(result: dict) -> list[tuple]:
+    # Wall time differs between identical runs; what they computed does not.
+    return [(epoch["loss"], epoch["test_acc"], epoch["exact_acc"], epoch["compression"])
+            for epoch in result["epochs"]]

@@ -60,7 +60,7 @@ def runs_table(by_row: dict[str, dict[int, dict]]) -> str:
     """Every run, one line each, in ROWS' order and then by seed: the rows of a budget other
     than the table's own, where only some rows ran."""
     lines = [[name, seed, *_result_cells(runs[seed])]
-             for name, runs in sorted(by_row.items(), key=lambda item: _row_order(item[0]))
+             for name, runs in sorted(by_row.items(), key=lambda item: row_position(item[0]))
              for seed in sorted(runs)]
     return tabulate(lines, headers=["row", "seed", *RESULT_HEADERS], tablefmt="github")
 
@@ -77,7 +77,8 @@ def _result_cells(result: dict) -> list[str]:
             f"{result['seconds'] / 60:.0f} min", f"`{result['command']}`"]
 
 
-def _row_order(name: str) -> int:
+def row_position(name: str) -> int:
+    """Where ``name`` stands in ROWS' order (rows no longer defined last)."""
     return list(ROWS).index(name) if name in ROWS else len(ROWS)
 
 
