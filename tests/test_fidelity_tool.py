@@ -58,10 +58,12 @@ def test_the_cpu_identity_is_the_first_processors_model_and_vector_flags(tmp_pat
     from msq_fx.fidelity.run import cpu_identity
 
     cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text("processor\t: 0\ncpu family\t: 6\nmodel\t\t: 143\nstepping\t: 8\n"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\n"
+                       "model\t\t: 143\nmodel name\t: Intel(R) Xeon(R)\nstepping\t: 8\n"
                        "flags\t\t: fpu sse2 avx2 fma avx512f amx_tile avx512_vnni\n\n"
                        "processor\t: 1\nmodel\t\t: 999\n")
-    assert cpu_identity(cpuinfo) == {"family": "6", "model": "143", "stepping": "8",
+    assert cpu_identity(cpuinfo) == {"vendor": "GenuineIntel", "name": "Intel(R) Xeon(R)",
+                                     "family": "6", "model": "143", "stepping": "8",
                                      "flags": ["amx_tile", "avx512_vnni", "avx512f", "fma"]}
     assert cpu_identity(tmp_path / "absent") == {}
 
@@ -334,15 +336,16 @@ def test_the_committed_table_and_readme_summary_are_what_the_committed_results_g
 def test_the_environments_list_counts_the_runs_on_each_and_says_where_none_was_recorded():
     from msq_fx.fidelity import environments_text
 
-    cpu = {"family": "6", "model": "143", "stepping": "8", "flags": ["avx512f"]}
+    cpu = {"name": "Intel(R) Xeon(R)", "family": "6", "model": "143", "stepping": "8",
+           "flags": ["avx512f"]}
     here = {"torch": "2.x", "cpu_capability": "AVX512", "threads": 1, "processor": "x86_64",
             "cpu": cpu}
     older = {key: value for key, value in here.items() if key != "cpu"}
     by_row = {"uniform-2bit": {0: {"environment": here}, 1: {"environment": here}},
               "msq-8x": {0: {"environment": older}}}
     assert environments_text(by_row).splitlines() == [
-        "- 2 runs: torch 2.x, AVX512 kernels, 1 thread(s), CPU family 6 model 143 stepping 8 "
-        "(avx512f)",
+        "- 2 runs: torch 2.x, AVX512 kernels, 1 thread(s), Intel(R) Xeon(R), CPU family 6 "
+        "model 143 stepping 8 (avx512f)",
         "- 1 run: torch 2.x, AVX512 kernels, 1 thread(s), CPU not recorded"]
 
 

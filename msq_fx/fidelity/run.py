@@ -199,7 +199,8 @@ def run_environment() -> dict:
     """What a row's numbers depend on beyond its settings: the torch build, the CPU kernels it
     dispatched to, the thread count and the processor, as the process that finished the run
     saw them (a resumed run's earlier epochs may have run elsewhere). ``cpu`` adds the CPU's
-    family, model and stepping and its vector-extension flags where /proc/cpuinfo tells them:
+    vendor, name, family, model and stepping and its vector-extension flags where
+    /proc/cpuinfo tells them:
     the same torch build and capability gave runs 0.5-0.9 points apart with the same decisions
     (docs/fidelity.md), and oneDNN picks its kernels by those flags."""
     return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
@@ -208,8 +209,8 @@ def run_environment() -> dict:
 
 
 def cpu_identity(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict:
-    """The first CPU's family, model, stepping and AVX-512 / AMX / VNNI / FMA flags from
-    ``cpuinfo`` ({} where there is no such file)."""
+    """The first CPU's vendor, name, family, model, stepping and AVX-512 / AMX / VNNI / FMA
+    flags from ``cpuinfo`` ({} where there is no such file)."""
     try:
         text = cpuinfo.read_text()
     except OSError:
@@ -222,5 +223,6 @@ def cpu_identity(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict:
         fields.setdefault(key.strip(), value.strip())
     flags = sorted(flag for flag in fields.get("flags", "").split()
                    if flag.startswith(("avx512", "amx", "avx_vnni", "fma")))
-    return {"family": fields.get("cpu family"), "model": fields.get("model"),
+    return {"vendor": fields.get("vendor_id"), "name": fields.get("model name"),
+            "family": fields.get("cpu family"), "model": fields.get("model"),
             "stepping": fields.get("stepping"), "flags": flags}

@@ -254,9 +254,12 @@ def _environment_line(environment: dict) -> str:
     if not environment:
         return "environment not recorded"
     cpu = environment.get("cpu")
-    where = ("CPU not recorded" if not cpu else
-             f"CPU family {cpu.get('family')} model {cpu.get('model')} stepping "
-             f"{cpu.get('stepping')} ({' '.join(cpu.get('flags', [])) or 'no vector flags'})")
+    if not cpu:
+        where = "CPU not recorded"
+    else:  # runs recorded before the CPU's name was have its family and model only
+        name = f"{cpu['name']}, " if cpu.get("name") else ""
+        where = (f"{name}CPU family {cpu.get('family')} model {cpu.get('model')} stepping "
+                 f"{cpu.get('stepping')} ({' '.join(cpu.get('flags', [])) or 'no vector flags'})")
     return (f"torch {environment.get('torch', 'not recorded')}, "
             f"{environment.get('cpu_capability', 'kernels not recorded')} kernels, "
             f"{environment.get('threads', '?')} thread(s), {where}")
