@@ -190,24 +190,31 @@ def write_table(out: Path, doc: Path, readme: Path | None = None) -> None:
         longer = load_seeds(budget.parent)
         name = _epochs_text(_epochs_run(longer))
         budgets[name] = longer
-        targets += (f"\n\nFine-tuned for {name} (rows under `{budget.parent}`, which holds a "
-                    f"copy of the float start;\nthe same settings, the cosine schedule stretched "
-                    f"to the longer run):\n\n{runs_table(longer)}\n\nThe same targets over "
-                    f"that budget:\n\n{targets_table(longer, float_acc)}")
+        targets += _set_section(
+            f"Fine-tuned for {name} (rows under `{budget.parent}`, which holds a copy of the "
+            f"float start;\nthe same settings, the cosine schedule stretched to the longer run):",
+            longer, "The same targets over that budget", float_acc)
     together = out / ONE_ENVIRONMENT
     if (together / "rows").is_dir():
         rerun = load_seeds(together)
-        name = f"{_epochs_text(_epochs_run(rerun))}, one environment"
-        budgets[name] = rerun
-        targets += (f"\n\nThe targets' rows re-run back to back in one environment (rows "
-                    f"under\n`{together}`, which holds a copy of the float start; the same "
-                    f"settings and\nbudget as the table's rows). What they ran on:\n\n"
-                    f"{environments_text(rerun)}\n\n{runs_table(rerun)}\n\nThe targets over "
-                    f"these runs:\n\n{targets_table(rerun, float_acc)}")
+        budgets[f"{_epochs_text(_epochs_run(rerun))}, one environment"] = rerun
+        targets += _set_section(
+            f"The targets' rows re-run back to back in one environment (rows under\n`{together}`, "
+            f"which holds a copy of the float start; the same settings and\nbudget as the "
+            f"table's rows). What they ran on:\n\n{environments_text(rerun)}",
+            rerun, "The targets over these runs", float_acc)
     doc.write_text(HEADER + markdown_table(table_runs, float_row) + seeds + targets + "\n\n"
                    + TABLE_END + rest)
     if readme is not None:
         write_summary(readme, targets_summary(budgets, float_acc))
+
+
+def _set_section(intro: str, by_row: dict[str, dict[int, dict]], targets_intro: str,
+                 float_acc: float | None) -> str:
+    """A set of runs beside the table's own (another budget, or one environment): ``intro``,
+    every run, then ``targets_intro`` and the targets over those runs."""
+    return (f"\n\n{intro}\n\n{runs_table(by_row)}\n\n{targets_intro}:\n\n"
+            f"{targets_table(by_row, float_acc)}")
 
 
 def write_summary(readme: Path, summary: str) -> None:

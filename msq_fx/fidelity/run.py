@@ -200,9 +200,9 @@ def run_environment() -> dict:
     dispatched to, the thread count and the processor, as the process that finished the run
     saw them (a resumed run's earlier epochs may have run elsewhere). ``cpu`` adds the CPU's
     vendor, name, family, model and stepping and its vector-extension flags where
-    /proc/cpuinfo tells them:
-    the same torch build and capability gave runs 0.5-0.9 points apart with the same decisions
-    (docs/fidelity.md), and oneDNN picks its kernels by those flags."""
+    /proc/cpuinfo tells them: the same torch build and capability gave runs 0.5-0.9 points
+    apart with the same decisions (docs/fidelity.md), and oneDNN picks its kernels by those
+    flags."""
     return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "threads": torch.get_num_threads(),
             "processor": platform.processor() or platform.machine(), "cpu": cpu_identity()}

@@ -239,10 +239,10 @@ def _msq_minus_float(runs: PairedRuns, float_acc: float | None) -> str:
 
 def environments_text(by_row: dict[str, dict[int, dict]]) -> str:
     """What the runs in ``by_row`` ran on, one environment per line with how many runs, the
-    most first: the torch build, the CPU kernels it dispatched to and the CPU's family / model /
-    stepping and vector flags (runs recorded before the CPU was, say so). Same-seed runs with
-    the same decisions came out 0.5-0.9 points apart across environments, so a comparison is
-    only as clean as this list is short."""
+    most first: the torch build, the CPU kernels it dispatched to and the CPU's name, family /
+    model / stepping and vector flags (runs recorded before the CPU was, say so). Same-seed
+    runs with the same decisions came out 0.5-0.9 points apart across environments, so a
+    comparison is only as clean as this list is short."""
     counts = Counter(_environment_line(result.get("environment") or {})
                      for runs in by_row.values() for result in runs.values())
     return "\n".join(f"- {count} run{'s' if count > 1 else ''}: {line}"
@@ -256,7 +256,7 @@ def _environment_line(environment: dict) -> str:
     cpu = environment.get("cpu")
     if not cpu:
         where = "CPU not recorded"
-    else:  # runs recorded before the CPU's name was have its family and model only
+    else:  # runs recorded before the name was have the family and model only
         name = f"{cpu['name']}, " if cpu.get("name") else ""
         where = (f"{name}CPU family {cpu.get('family')} model {cpu.get('model')} stepping "
                  f"{cpu.get('stepping')} ({' '.join(cpu.get('flags', [])) or 'no vector flags'})")
