@@ -30,7 +30,7 @@ FIRST_LAST_POLICIES = ("quantize", "fixed", "float")
 PRUNE_STEP_POLICIES = ("hessian", "fixed")
 INTERVAL_UNITS = ("epoch", "step")
 SCALE_AFTER_PRUNE = ("keep", "refit")
-LAST_PRUNE = ("fit", "full", "cheapest")
+LAST_PRUNE = ("fit", "full", "cheapest", "measured")
 DROP_ORDERS = ("beta", "omega")
 OMEGA_SCALES = ("total", "per_weight")
 SCHEDULES = ("gradual", "one_shot")
@@ -220,7 +220,19 @@ class PruningConfig(_SubConfig):
         the added Omega times the weight count) rather than the next in ``drop_order``, which
         can be a large layer whose drop overshoots the target where a small one would have
         closed the gap; needs Hessian traces, taken at every prune even with
-        ``step_policy="fixed"``.
+        ``step_policy="fixed"``. "measured": the prune that would reach the target (dropping
+        p LSBs from every group under alpha would) tries each drop instead: every group still
+        above ``min_bits``, under alpha or not, 1 to p LSBs narrower, its scale re-fitted and
+        the BatchNorm statistics re-estimated as the prune would leave them, the loss taken on
+        the prune's batches; the prune then takes the set of drops whose loss increases sum
+        least among those that reach the target (msq_fx.finish). Each prune record holds the
+        increase it measured (``drop_loss_increase``). Why: the estimates the other rules read
+        decide the final widths, and one layer's Hutchinson trace can be far off, even below
+        zero; and the layers whose LSBs resist the pull (ResNet-20's first conv and fc, 1,072
+        weights at 16x) cannot be lowered under alpha, so a whole larger layer goes to 1 bit
+        in their place. Costs one forward over the prune's batches per candidate drop, plus
+        the BatchNorm re-estimation, in that prune only. Not with ``penalty_scope="planned"``,
+        whose plan is made by the estimates.
     drop_order: the order in which the groups under alpha lose their LSBs in the prune that
         reaches the target (earlier prunes drop every such group, so the order decides only
         this one). "beta" (default; the paper's ascending beta): the groups whose LSBs emptied
@@ -289,6 +301,10 @@ class PruningConfig(_SubConfig):
         self._require(self.schedule in SCHEDULES, "schedule", f"one of {SCHEDULES}")
         self._require(self.penalty_scope in PENALTY_SCOPES, "penalty_scope",
                       f"one of {PENALTY_SCOPES}")
+        self._require(not (self.penalty_scope == "planned" and self.last_prune == "measured"),
+                      "penalty_scope", "'all' with last_prune='measured': a plan is made "
+                      "before the prune from the estimates, which 'measured' does not use; "
+                      "use one or the other")
 
 
 @dataclass(frozen=True)

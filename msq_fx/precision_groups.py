@@ -33,6 +33,9 @@ class PruneRecord:
     compression: float
     hessian_method: str | None = None  # how H v was computed; None when no Hessian was taken
     step: int | None = None  # the optimizer step it ran after, when pruning counts steps
+    # pruning.last_prune="measured", in the prune that reached the target: the loss increase
+    # measured for the drop the group took, or for its 1-LSB drop when it took none.
+    drop_loss_increase: float | None = None
 
 
 class PrecisionGroup:

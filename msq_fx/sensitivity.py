@@ -132,7 +132,7 @@ def _estimate_traces(model: nn.Module, config: MSQConfig, prune_index: int, meth
     params = [m.latent for m in members]
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + prune_index)
     limits = dict(max_samples=hessian.max_samples, min_samples=hessian.min_samples,
-                  tol=hessian.tol, generator=generator, all_reduce=_distributed_mean())
+                  tol=hessian.tol, generator=generator, all_reduce=distributed_mean())
     with model_mode(model, training=hessian.model_mode == "train"):
         if method == "fisher":
             return fisher_traces(_output_pieces(model, chosen, hessian.chunk_size), params,
@@ -152,7 +152,7 @@ def _autograd_fallback_reason(error: BaseException, model: nn.Module, config: MS
     """Why finite differences should replace the double backward, or re-raise ``error``."""
     no_second_derivative = (isinstance(error, NoSecondDerivative)
                             or any(text in str(error) for text in NO_SECOND_DERIVATIVE))
-    distributed = _distributed_mean() is not None
+    distributed = distributed_mean() is not None
     auto = config.hessian.method == "auto"
     if auto and distributed and is_out_of_memory(error):
         # Ranks that fit would be inside the estimator's all-reduce while this one restarts
@@ -248,7 +248,7 @@ def _rows(value: Any, start: int, stop: int, size: int) -> Any:
     return value
 
 
-def _distributed_mean() -> Callable[[Tensor], Tensor] | None:
+def distributed_mean() -> Callable[[Tensor], Tensor] | None:
     """Average across ranks under torch.distributed, so every rank makes the same decisions."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return None

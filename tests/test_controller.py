@@ -918,7 +918,7 @@ def test_hessian_chunks_of_non_tensor_inputs_are_refused_with_the_batch_index():
 
 def test_auto_does_not_fall_back_under_torch_distributed_and_says_what_to_set(monkeypatch):
     # A rank that restarted with another method would meet the others' all-reduce out of step.
-    monkeypatch.setattr("msq_fx.sensitivity._distributed_mean", lambda: (lambda values: values))
+    monkeypatch.setattr("msq_fx.sensitivity.distributed_mean", lambda: (lambda values: values))
     monkeypatch.setattr("msq_fx.sensitivity.hutchinson_traces",
                         failing_double_backward(OUT_OF_MEMORY))
     with pytest.raises(RuntimeError, match="under torch.distributed 'auto' does not fall back.*"

@@ -84,7 +84,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         fisher = msq_fx.MSQController(make_model(), CONFIG.replace(hessian={"curvature": "fisher"}))
         result["fisher_traces"] = traces(fisher.epoch_end(1, hessian_data, F.cross_entropy))
         # ... and without it: each rank estimates from its own data only.
-        msq_fx.sensitivity._distributed_mean = lambda: None
+        msq_fx.sensitivity.distributed_mean = lambda: None
         local = msq_fx.MSQController(make_model()).epoch_end(1, hessian_data, F.cross_entropy)
         result["local_traces"] = traces(local)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))

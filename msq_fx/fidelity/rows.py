@@ -57,6 +57,8 @@ FROM_2_BITS = {"init_bits": 2}
 FROM_5_BITS = {"init_bits": 5}
 OMEGA_ORDER = {"drop_order": "omega"}
 CHEAPEST_FINISH = {"drop_order": "omega", "last_prune": "cheapest"}
+#: The prune that reaches the target chosen by trying each drop (msq_fx.finish).
+MEASURED_FINISH = {"drop_order": "omega", "last_prune": "measured"}
 #: Omega with the average trace for every decision: p, the drop order and the last prune.
 AVERAGE_TRACE = {"omega_scale": "per_weight", "drop_order": "omega", "last_prune": "cheapest"}
 PER_WEIGHT_OMEGA = {"omega_scale": "per_weight"}
@@ -191,6 +193,14 @@ ROWS: dict[str, RowSpec] = {row.name: row for row in [
          "Omega growth closed by the cheapest drop, Omega on the Fisher information's trace "
          "(hessian.curvature fisher; min_bits 1, literal grid)",
          quantization={**BELOW_TWO_BITS, **FROM_3_BITS}, pruning=CHEAPEST_FINISH, hessian=FISHER),
+    _msq("msq-16x-from-3bit-measured-finish", 16.0, "MSQ, target 16x, from 3 bits, the prune "
+         "that reaches the target by the measured loss of each drop, any layer (last_prune "
+         "measured; min_bits 1, literal grid)",
+         quantization={**BELOW_TWO_BITS, **FROM_3_BITS}, pruning=MEASURED_FINISH),
+    _msq("msq-18x-from-3bit-measured-finish", 18.0, "MSQ, target 18x, from 3 bits, the prune "
+         "that reaches the target by the measured loss of each drop, any layer (last_prune "
+         "measured; min_bits 1, literal grid)",
+         quantization={**BELOW_TWO_BITS, **FROM_3_BITS}, pruning=MEASURED_FINISH),
     _first_last_held("18x", 18.0, 8), _first_last_held("16x", 16.0, 4),
     _first_last_held("16x", 16.0, 8),
     _msq("msq-17x-from-3bit-no-penalty", 17.0, "MSQ, target 17x, from 3 bits, the last "
