@@ -304,7 +304,8 @@ class MSQController:
                 self._drop_lsbs(ordered, betas, traces)
             self._reassign_prune_steps(groups, omegas)
         pruned = [g for g in groups if g.bits != before[g.name]]
-        warn_of_negative_traces(where, pruned, traces, self.config.hessian.trace_margin)
+        if not measured:  # a measured finish did not read the traces to choose its drops
+            warn_of_negative_traces(where, pruned, traces, self.config.hessian.trace_margin)
         # A plan holds until a prune changes a width: re-planning on every prune's fresh (noisy)
         # traces can switch the pull to another group and waste the LSBs the penalty had
         # already emptied. (The one-shot schedule is done here, so it never plans.)

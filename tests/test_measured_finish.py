@@ -214,3 +214,19 @@ def test_the_measured_finish_on_a_real_prune_reaches_the_target_exactly():
 def test_a_planned_penalty_cannot_be_combined_with_the_measured_finish():
     with pytest.raises(ValueError, match="penalty_scope.*'all' with last_prune='measured'"):
         msq_fx.MSQConfig(pruning={"last_prune": "measured", "penalty_scope": "planned"})
+
+
+def test_a_measured_finish_is_not_warned_of_negative_trace_estimates(monkeypatch, caplog):
+    # The traces still set p, but the drops were chosen by the measured loss, not by them.
+    from msq_fx.sensitivity import group_traces
+
+    def negative(model, members, *args, **kwargs):
+        traces, method = group_traces(model, members, *args, **kwargs)
+        return {key: -abs(trace) for key, trace in traces.items()}, method
+
+    qmodel, controller = prepared(config())
+    monkeypatch.setattr("msq_fx.controller.group_traces", negative)
+    with caplog.at_level("WARNING", logger="msq_fx"):
+        records = controller.epoch_end(1, data(), F.cross_entropy)
+    assert all(r.hessian_trace < 0 and r.bits_after == 4 for r in records)
+    assert "negative Hessian trace" not in caplog.text
