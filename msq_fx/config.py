@@ -224,8 +224,11 @@ class PruningConfig(_SubConfig):
         p LSBs from every group under alpha would) tries each drop instead: every group still
         above ``min_bits``, under alpha or not, 1 to p LSBs narrower, its scale re-fitted and
         the BatchNorm statistics re-estimated as the prune would leave them, the loss taken on
-        the prune's batches; the prune then takes the set of drops whose loss increases sum
-        least among those that reach the target (msq_fx.finish). Each prune record holds the
+        the prune's batches against the loss at the current widths with the statistics
+        re-estimated alike; the prune then takes the set of drops whose loss increases, each
+        clipped at zero, sum least among those that reach the target, of those the one saving
+        the fewest bits (msq_fx.finish): a drop measured to lower the loss is free but does not
+        carry the compression past the target. Each prune record holds the
         increase it measured (``drop_loss_increase``). Why: the estimates the other rules read
         decide the final widths, and one layer's Hutchinson trace can be far off, even below
         zero; and the layers whose LSBs resist the pull (ResNet-20's first conv and fc, 1,072

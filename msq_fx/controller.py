@@ -378,7 +378,8 @@ class MSQController:
                          ) -> dict[str, list[float]]:
         """With ``pruning.last_prune="measured"``, the prune that reaches the target: of every
         group still pruning, each dropping up to its p LSBs, the drops whose measured loss
-        increases (msq_fx.finish) sum least among those that reach the target. Returns the
+        increases (msq_fx.finish), each clipped at zero, sum least among those that reach the
+        target, and of those the one that saves the fewest bits. Returns the
         measured increases, per group the drops of 1, 2, ... LSBs.
 
         Every group is a candidate, also one whose LSBs have not emptied (beta >= alpha): the
@@ -392,8 +393,10 @@ class MSQController:
             recalibration=pruning.bn_recalibration_batches,
             training=self.config.hessian.model_mode == "train", all_reduce=distributed_mean())
         needed = self._bits_to_save()
-        options = {g.name: [(k * g.params, cost) for k, cost in enumerate(costs[g.name], 1)]
-                   for g in groups}
+        # A drop measured to lower the loss counts as free, not as a gain: the finish reaches
+        # the target and does not go past it for a difference seen on a few batches.
+        options = {g.name: [(k * g.params, max(cost, 0.0))
+                            for k, cost in enumerate(costs[g.name], 1)] for g in groups}
         chosen = cheapest_cover(options, needed)
         by_name = {g.name: g for g in groups}
         for name, index in (chosen or {}).items():

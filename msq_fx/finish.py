@@ -30,16 +30,18 @@ _COVER_RESOLUTION = 4096
 def cheapest_cover(options: dict[str, Sequence[tuple[int, float]]], needed: int,
                    ) -> dict[str, int] | None:
     """The choice of at most one option per key whose bits saved sum to at least ``needed`` and
-    whose costs sum least; None when even every key's largest saving falls short.
+    whose costs sum least, of those the one saving the fewest bits; None when even every key's
+    largest saving falls short.
 
     Args:
-        options: per group name, its alternative drops as ``(bits saved, cost)``; costs may be
-            negative (a drop that lowered the measured loss), and such a drop is taken.
+        options: per group name, its alternative drops as ``(bits saved, cost)``. A negative
+            cost lowers the sum, so such a drop is taken even where the target does not need it
+            (the measured finish passes costs clipped at zero for that reason).
         needed: the bits that must be saved, >= 0.
 
     Returns:
         Group name -> index into its options, for the groups that drop; groups not named keep
-        their width. Ties go to the choice found first in the order of ``options``.
+        their width. Remaining ties go to the choice found first in the order of ``options``.
 
     Exact (a 0/1 knapsack by dynamic programming over bits saved) while ``needed`` is at most
     4,096 bits; above, bits saved are counted in units of ``ceil(needed / 4096)``, each option's
@@ -55,19 +57,19 @@ def cheapest_cover(options: dict[str, Sequence[tuple[int, float]]], needed: int,
         raise ValueError(f"cheapest_cover: needed must be >= 0, got {needed}")
     unit = max(1, math.ceil(needed / _COVER_RESOLUTION))
     goal = math.ceil(needed / unit)
-    # saved units (capped at goal) -> (summed cost, chosen options)
-    best: dict[int, tuple[float, tuple[tuple[str, int], ...]]] = {0: (0.0, ())}
+    # saved units (capped at goal) -> (summed cost, bits saved, chosen options)
+    best: dict[int, tuple[float, int, tuple[tuple[str, int], ...]]] = {0: (0.0, 0, ())}
     for name, alternatives in options.items():
         grown = dict(best)
-        for saved, (cost, chosen) in best.items():
+        for reached, (cost, saved, chosen) in best.items():
             for index, (bits, option_cost) in enumerate(alternatives):
-                reached = min(goal, saved + bits // unit)
-                total = cost + option_cost
-                if reached not in grown or total < grown[reached][0]:
-                    grown[reached] = (total, chosen + ((name, index),))
+                key = min(goal, reached + bits // unit)
+                value = (cost + option_cost, saved + bits, chosen + ((name, index),))
+                if key not in grown or value[:2] < grown[key][:2]:
+                    grown[key] = value
         best = grown
     if goal in best:
-        return dict(best[goal][1])
+        return dict(best[goal][2])
     # Only the rounding can leave a reachable goal unreached: then every group's largest drop.
     largest = {name: max(range(len(alternatives)), key=lambda i: alternatives[i][0])
                for name, alternatives in options.items() if alternatives}
@@ -88,8 +90,9 @@ def measured_drop_costs(model: nn.Module, groups: Sequence[PrecisionGroup], min_
     LSBs its next prune may drop, sets the group k bits narrower, re-fits its learned scales
     (``refit``), re-estimates the BatchNorm statistics on the first ``recalibration`` batches,
     and takes the mean of ``loss_fn(model(inputs), targets)`` over ``batches`` with the model in
-    train (``training``) or eval mode. Changes nothing: every width, learned scale and BatchNorm
-    statistic is put back after each trial, also when one fails.
+    train (``training``) or eval mode; the baseline it subtracts is that loss at the current
+    widths, the statistics re-estimated the same way. Changes nothing: every width, learned
+    scale and BatchNorm statistic is put back after each trial, also when one fails.
 
     Returns:
         Group name -> the loss increase of dropping 1, 2, ... LSBs (an empty list for a group at
@@ -101,6 +104,10 @@ def measured_drop_costs(model: nn.Module, groups: Sequence[PrecisionGroup], min_
     trials = [(group, k) for group in groups
               for k in range(1, group.droppable_lsbs(min_bits) + 1)]
     with model_mode(model, training=training), _restored(groups, norms):
+        # Against statistics re-estimated the same way at the current widths: the
+        # re-estimation alone lowers the loss on these batches, which is no merit of a drop.
+        if recalibration:
+            recalibrate_batchnorm(model, batches[:recalibration])
         baseline = _mean_loss(model, batches, loss_fn)
         losses = []
         for group, k in trials:

@@ -53,6 +53,17 @@ def test_the_cover_is_the_cheapest_choice_that_saves_enough(options, needed):
     assert cost == pytest.approx(optimum, abs=1e-9)
 
 
+def test_a_measured_loss_decrease_does_not_carry_the_prune_past_the_target(monkeypatch):
+    # 5 bits: 7,480 bits for 1,496 weights. Target 7.7x: 1,263 bits to save, which fc's drop
+    # (1,280) saves alone; the conv's drop, measured as lowering the loss, is not added to it.
+    qmodel, controller = prepared(config().replace(target_compression=7.7))
+    monkeypatch.setattr("msq_fx.controller.measured_drop_costs",
+                        lambda model, groups, *args, **kwargs: {"conv.weight": [-0.3],
+                                                                "fc.weight": [0.2]})
+    records = controller.epoch_end(1, data(), F.cross_entropy)
+    assert {r.group: r.bits_after for r in records} == {"conv.weight": 5, "fc.weight": 4}
+
+
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.lists(st.tuples(st.integers(1, 40_000), st.floats(0, 5, allow_nan=False)),
                          min_size=1, max_size=2), min_size=1, max_size=8),
@@ -66,9 +77,10 @@ def test_counted_in_coarse_units_the_cover_still_saves_enough(lists, needed):
         assert saved_and_cost(options, chosen)[0] >= needed
 
 
-def test_a_drop_that_lowers_the_loss_is_taken_even_when_not_needed():
-    chosen = cheapest_cover({"a": [(500, 1.0)], "b": [(10, -0.5)]}, 500)
-    assert chosen == {"a": 0, "b": 0}
+def test_of_equally_cheap_covers_the_one_saving_the_fewest_bits_is_taken():
+    chosen = cheapest_cover({"big": [(5000, 0.0)], "small": [(1200, 0.0)], "tiny": [(10, 0.0)]},
+                            1000)
+    assert chosen == {"small": 0}
 
 
 def test_the_cover_refuses_a_negative_need():
@@ -129,9 +141,11 @@ def test_a_trial_costs_what_the_drop_it_tries_does_to_the_loss():
     qmodel, controller = prepared(config())
     qmodel.eval()
     batches = data()
-    baseline = loss_of(qmodel, batches)
     costs = measured_drop_costs(qmodel, controller.groups, 2, batches, F.cross_entropy,
                                 refit=True, recalibration=4)
+    # Against the current widths with the statistics re-estimated on the same batches.
+    msq_fx.batchnorm.recalibrate_batchnorm(qmodel, batches)
+    baseline = loss_of(qmodel, batches)
     conv = next(g for g in controller.groups if g.name == "conv.weight")
     conv.set_bits(conv.bits - 1)
     conv.members[0].quantizer.refit_scale(conv.members[0].latent)
@@ -157,7 +171,7 @@ def test_a_trial_that_fails_leaves_the_model_as_it_was():
 
     def failing_loss(outputs, targets):
         calls.append(1)
-        if len(calls) == 6:  # inside the second trial
+        if len(calls) == 10:  # inside the second trial (4 batches per loss, and a baseline)
             raise RuntimeError("loss failed")
         return F.cross_entropy(outputs, targets)
 
