@@ -299,7 +299,7 @@ class MSQController:
                 ordered = [g for g in ordered if g.name in self.penalized]
             if self.config.pruning.last_prune == "measured" \
                     and self._reaches_target([g for g in ordered if betas[g.name] < alpha]):
-                measured = self._measured_finish(groups, chosen, loss_fn)
+                measured = self._measured_finish(where, groups, chosen, loss_fn)
             else:
                 self._drop_lsbs(ordered, betas, traces)
             self._reassign_prune_steps(groups, omegas)
@@ -374,8 +374,8 @@ class MSQController:
         saved = sum(g.droppable_lsbs(floor) * g.params for g in waiting)
         return self._compression_saving(saved) >= self.config.target_compression
 
-    def _measured_finish(self, groups: list[PrecisionGroup], batches: list, loss_fn,
-                         ) -> dict[str, list[float]]:
+    def _measured_finish(self, where: str, groups: list[PrecisionGroup], batches: list,
+                         loss_fn) -> dict[str, list[float]]:
         """With ``pruning.last_prune="measured"``, the prune that reaches the target: of every
         group still pruning, each dropping up to its p LSBs, the drops whose measured loss
         increases (msq_fx.finish), each clipped at zero, sum least among those that reach the
@@ -392,6 +392,7 @@ class MSQController:
             refit=pruning.scale_after_prune == "refit",
             recalibration=pruning.bn_recalibration_batches,
             training=self.config.hessian.model_mode == "train", all_reduce=distributed_mean())
+        _require_finite_drop_costs(where, costs)
         needed = self._bits_to_save()
         # A drop measured to lower the loss counts as free, not as a gain: the finish reaches
         # the target and does not go past it for a difference seen on a few batches.
@@ -631,6 +632,19 @@ def _require_finite_measures(where: str, betas: dict[str, float], traces: dict[s
     raise MSQError(f"MSQController.{where}: not finite: {'; '.join(found)}. Nothing was pruned: "
                    f"the widths and the controller's state are as they were. {cause}, then call "
                    f"{where[:-1]}, ...) again.")
+
+
+def _require_finite_drop_costs(where: str, costs: dict[str, list[float]]) -> None:
+    """MSQError naming each trial of the measured finish whose loss is not finite."""
+    found = [f"{name} {k} LSB(s) narrower" for name, values in costs.items()
+             for k, cost in enumerate(values, 1) if not math.isfinite(cost)]
+    if found:
+        raise MSQError(f"MSQController.{where}: the measured finish's loss is not finite with "
+                       f"{', '.join(found)}. Nothing was pruned: the widths and the controller's "
+                       f"state are as they were. The loss overflows on the batches given to this "
+                       f"call at that width; pass finite batches, or set "
+                       f"MSQConfig(pruning={{'last_prune': 'cheapest'}}), then call "
+                       f"{where[:-1]}, ...) again.")
 
 
 def _not_finite(values: dict[str, float]) -> list[str]:

@@ -244,3 +244,17 @@ def test_a_measured_finish_is_not_warned_of_negative_trace_estimates(monkeypatch
         records = controller.epoch_end(1, data(), F.cross_entropy)
     assert all(r.hessian_trace < 0 and r.bits_after == 4 for r in records)
     assert "negative Hessian trace" not in caplog.text
+
+
+def test_a_trial_whose_loss_is_not_finite_stops_the_prune_naming_it(monkeypatch):
+    qmodel, controller = prepared(config())
+    before = {k: v.clone() for k, v in qmodel.state_dict().items()}
+    monkeypatch.setattr("msq_fx.controller.measured_drop_costs",
+                        lambda model, groups, *args, **kwargs: {"conv.weight": [float("nan")],
+                                                                "fc.weight": [0.2]})
+    with pytest.raises(msq_fx.MSQError, match=r"epoch_end\(epoch=1\): the measured finish's "
+                                              r"loss is not finite with conv.weight 1 LSB"):
+        controller.epoch_end(1, data(), F.cross_entropy)
+    after = qmodel.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert controller.history == [] and controller.last_epoch == 0
