@@ -480,3 +480,29 @@ def test_the_repeats_action_needs_the_directory_to_set_beside(capsys):
     with pytest.raises(SystemExit):
         main(["repeats"])
     assert "--against" in capsys.readouterr().err
+
+
+def test_runs_recorded_before_the_cpu_name_count_with_the_one_named_environment_like_them():
+    from msq_fx.fidelity import environments_text
+
+    flags = {"family": "6", "model": "167", "stepping": "1", "flags": ["avx512f"]}
+    named = {"torch": "2.x", "cpu_capability": "AVX512", "threads": 1,
+             "cpu": {"vendor": "GenuineIntel", "name": "Intel(R) Xeon(R)", **flags}}
+    earlier = {**named, "cpu": flags}
+    by_row = {"uniform-2bit": {0: {"environment": named}, 1: {"environment": earlier}},
+              "msq-8x": {0: {"environment": earlier}}}
+    assert environments_text(by_row).splitlines() == [
+        "- 3 runs: torch 2.x, AVX512 kernels, 1 thread(s), Intel(R) Xeon(R), CPU family 6 "
+        "model 167 stepping 1 (avx512f) (2 of them recorded before the CPU's name was)"]
+
+
+def test_a_run_without_the_cpu_name_keeps_its_line_where_two_named_cpus_are_like_it():
+    from msq_fx.fidelity import environments_text
+
+    flags = {"family": "6", "model": "167", "stepping": "1", "flags": ["avx512f"]}
+    base = {"torch": "2.x", "cpu_capability": "AVX512", "threads": 1}
+    by_row = {"a": {0: {"environment": {**base, "cpu": {"name": "Xeon A", **flags}}},
+                    1: {"environment": {**base, "cpu": {"name": "Xeon B", **flags}}},
+                    2: {"environment": {**base, "cpu": flags}}}}
+    lines = environments_text(by_row).splitlines()
+    assert len(lines) == 3 and not any("recorded before" in line for line in lines)

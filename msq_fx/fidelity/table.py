@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import re
 import statistics
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import NamedTuple
 
@@ -242,22 +242,47 @@ def environments_text(by_row: dict[str, dict[int, dict]]) -> str:
     most first: the torch build, the CPU kernels it dispatched to and the CPU's name, family /
     model / stepping and vector flags (runs recorded before the CPU was, say so). Same-seed
     runs with the same decisions came out 0.5-0.9 points apart across environments, so a
-    comparison is only as clean as this list is short."""
-    counts = Counter(_environment_line(result.get("environment") or {})
-                     for runs in by_row.values() for result in runs.values())
-    return "\n".join(f"- {count} run{'s' if count > 1 else ''}: {line}"
-                     for line, count in counts.most_common())
+    comparison is only as clean as this list is short.
+
+    A run recorded before the CPU's name was counts with the one named environment that agrees
+    with it on everything else, and its line says how many such runs it holds; where several
+    named environments agree with it, it keeps its own line."""
+    environments = [result.get("environment") or {}
+                    for runs in by_row.values() for result in runs.values()]
+    named_lines: dict[str, set[str]] = defaultdict(set)
+    for environment in environments:
+        if _cpu_name(environment):
+            named_lines[_environment_line(environment, with_name=False)].add(
+                _environment_line(environment))
+    counts: Counter = Counter()
+    unnamed: Counter = Counter()
+    for environment in environments:
+        line = _environment_line(environment)
+        candidates = named_lines.get(line, set()) if not _cpu_name(environment) else set()
+        if len(candidates) == 1:
+            line = next(iter(candidates))
+            unnamed[line] += 1
+        counts[line] += 1
+    return "\n".join(
+        f"- {count} run{'s' if count > 1 else ''}: {line}"
+        + (f" ({unnamed[line]} of them recorded before the CPU's name was)" if unnamed[line]
+           else "")
+        for line, count in counts.most_common())
 
 
-def _environment_line(environment: dict) -> str:
-    """One environment record as text."""
+def _cpu_name(environment: dict) -> str | None:
+    return (environment.get("cpu") or {}).get("name")
+
+
+def _environment_line(environment: dict, with_name: bool = True) -> str:
+    """One environment record as text (without the CPU's name unless ``with_name``)."""
     if not environment:
         return "environment not recorded"
     cpu = environment.get("cpu")
     if not cpu:
         where = "CPU not recorded"
     else:  # runs recorded before the name was have the family and model only
-        name = f"{cpu['name']}, " if cpu.get("name") else ""
+        name = f"{cpu['name']}, " if cpu.get("name") and with_name else ""
         where = (f"{name}CPU family {cpu.get('family')} model {cpu.get('model')} stepping "
                  f"{cpu.get('stepping')} ({' '.join(cpu.get('flags', [])) or 'no vector flags'})")
     return (f"torch {environment.get('torch', 'not recorded')}, "
