@@ -29,7 +29,7 @@ from .second_order import twice_differentiable
 from .utils import call_model, is_out_of_memory, model_mode, take
 
 __all__ = ["group_traces", "displaced_quantized_weights", "warn_of_negative_traces",
-           "NO_SECOND_DERIVATIVE"]
+           "distributed_mean", "NO_SECOND_DERIVATIVE"]
 
 logger = logging.getLogger("msq_fx")
 
