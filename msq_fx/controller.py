@@ -280,7 +280,6 @@ class MSQController:
         _require_finite_measures(where, betas, {g.name: g.trace(traces) for g in groups}
                                  if traces else {}, omegas)
         before = {g.name: g.bits for g in groups}
-        alpha = self.config.pruning.threshold
         measured: dict[str, list[float]] = {}
         if self.config.pruning.schedule == "one_shot":
             lower_widths_by_omega(groups, traces, self.config, self.compression)
@@ -298,7 +297,7 @@ class MSQController:
                 # whether their LSBs were emptied, so it cannot qualify them for the drop.
                 ordered = [g for g in ordered if g.name in self.penalized]
             if self.config.pruning.last_prune == "measured" \
-                    and self._reaches_target([g for g in ordered if betas[g.name] < alpha]):
+                    and self._reaches_target(self._waiting(ordered, betas)):
                 measured = self._measured_finish(where, groups, chosen, loss_fn)
             else:
                 self._drop_lsbs(ordered, betas, traces)
@@ -359,7 +358,7 @@ class MSQController:
     def _drop_lsbs(self, ordered: list[PrecisionGroup], betas: dict[str, float],
                    traces: dict[int, float]) -> None:
         target, floor = self.config.target_compression, self.config.quantization.min_bits
-        waiting = [g for g in ordered if betas[g.name] < self.config.pruning.threshold]
+        waiting = self._waiting(ordered, betas)
         while waiting:
             group = self._cheapest_finish(waiting, traces) or waiting[0]
             waiting.remove(group)
@@ -367,6 +366,11 @@ class MSQController:
             if self.compression() >= target:
                 self.done = True
                 return
+
+    def _waiting(self, ordered: list[PrecisionGroup], betas: dict[str, float],
+                 ) -> list[PrecisionGroup]:
+        """The groups of ``ordered`` whose LSB rate is under alpha, in that order."""
+        return [g for g in ordered if betas[g.name] < self.config.pruning.threshold]
 
     def _reaches_target(self, waiting: list[PrecisionGroup]) -> bool:
         """Whether dropping the next p LSBs of every group in ``waiting`` reaches the target."""
@@ -398,14 +402,14 @@ class MSQController:
         # the target and does not go past it for a difference seen on a few batches.
         options = {g.name: [(k * g.params, max(cost, 0.0))
                             for k, cost in enumerate(costs[g.name], 1)] for g in groups}
-        chosen = cheapest_cover(options, needed)
+        chosen = cheapest_cover(options, needed) or {}
         by_name = {g.name: g for g in groups}
-        for name, index in (chosen or {}).items():
+        for name, index in chosen.items():
             by_name[name].set_bits(by_name[name].bits - (index + 1))
         self.done = self.compression() >= self.config.target_compression
         logger.info("measured finish: dropped %s (loss +%s)",
-                    {name: index + 1 for name, index in (chosen or {}).items()},
-                    {name: f"{costs[name][index]:.4f}" for name, index in (chosen or {}).items()})
+                    {name: index + 1 for name, index in chosen.items()},
+                    {name: f"{costs[name][index]:.4f}" for name, index in chosen.items()})
         return costs
 
     def _bits_to_save(self) -> int:
@@ -636,8 +640,8 @@ def _require_finite_measures(where: str, betas: dict[str, float], traces: dict[s
 
 def _require_finite_drop_costs(where: str, costs: dict[str, list[float]]) -> None:
     """MSQError naming each trial of the measured finish whose loss is not finite."""
-    found = [f"{name} {k} LSB(s) narrower" for name, values in costs.items()
-             for k, cost in enumerate(values, 1) if not math.isfinite(cost)]
+    found = _not_finite({f"{name} {k} LSB(s) narrower": cost for name, values in costs.items()
+                         for k, cost in enumerate(values, 1)})
     if found:
         raise MSQError(f"MSQController.{where}: the measured finish's loss is not finite with "
                        f"{', '.join(found)}. Nothing was pruned: the widths and the controller's "

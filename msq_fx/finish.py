@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .batchnorm import recalibrate_batchnorm
+from .batchnorm import recalibrate_batchnorm, saved_statistics, tracking_batchnorms
 from .precision_groups import PrecisionGroup
 from .utils import call_model, model_mode
 
@@ -99,8 +99,7 @@ def measured_drop_costs(model: nn.Module, groups: Sequence[PrecisionGroup], min_
         ``min_bits``). Under torch.distributed, ``all_reduce`` averages them over the ranks, so
         every rank makes the same choice.
     """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-             and m.track_running_stats]
+    norms = tracking_batchnorms(model)
     trials = [(group, k) for group in groups
               for k in range(1, group.droppable_lsbs(min_bits) + 1)]
     with model_mode(model, training=training), _restored(groups, norms):
@@ -145,15 +144,11 @@ class _restored:
         self.scales = [(scale, scale.detach().clone()) for group in self.groups
                        for member in group.members
                        if (scale := member.quantizer.learned_scale) is not None]
-        self.statistics = [(norm, norm.running_mean.clone(), norm.running_var.clone(),
-                            norm.num_batches_tracked.clone()) for norm in self.norms]
+        self.restore_statistics = saved_statistics(self.norms)
 
     def __exit__(self, *exc_info) -> None:
         for group, width in zip(self.groups, self.widths):
             group.set_bits(width)
         for scale, saved in self.scales:
             scale.data.copy_(saved)
-        for norm, mean, var, count in self.statistics:
-            norm.running_mean.copy_(mean)
-            norm.running_var.copy_(var)
-            norm.num_batches_tracked.copy_(count)
+        self.restore_statistics()
