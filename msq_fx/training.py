@@ -12,7 +12,7 @@ from .controller import MSQController
 from .utils import eval_mode
 from .weight_cache import cached_quantized_weights
 
-__all__ = ["train_epoch", "accuracy", "cosine_schedule"]
+__all__ = ["train_epoch", "accuracy", "cosine_schedule", "distillation_loss"]
 
 
 def train_epoch(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]],
@@ -72,3 +72,23 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int,
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def distillation_loss(student_logits: Tensor, teacher_logits: Tensor,
+                      temperature: float = 1.0) -> Tensor:
+    """KL(teacher || student) of the two softened class distributions, times ``temperature``^2.
+
+    The usual distillation term for fine-tuning a quantized model from its own float weights:
+    the float model (the teacher, its logits detached here) gives a target for every class,
+    not only the label. Scaling by ``temperature``^2 keeps the gradient's size independent of
+    the temperature (Hinton et al., 2015). Averaged over the batch; 0 where the two agree.
+    """
+    if temperature <= 0:
+        raise ValueError(f"distillation temperature must be > 0, got {temperature}")
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} differ in shape: give both models the "
+                         f"same batch")
+    student = F.log_softmax(student_logits / temperature, dim=-1)
+    teacher = F.log_softmax(teacher_logits.detach() / temperature, dim=-1)
+    return F.kl_div(student, teacher, reduction="batchmean", log_target=True) * temperature ** 2

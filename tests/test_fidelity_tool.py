@@ -14,7 +14,7 @@ import msq_fx
 from msq_fx.fidelity import (ROWS, TABLE_END, Settings, main, run_row, run_rows,
                              write_table)
 from msq_fx.fidelity.rows import TARGETS, build_row
-from msq_fx.fidelity.run import FLOAT_WEIGHTS
+from msq_fx.fidelity.run import FLOAT_WEIGHTS, _row_loss
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -506,3 +506,42 @@ def test_a_run_without_the_cpu_name_keeps_its_line_where_two_named_cpus_are_like
                     2: {"environment": {**base, "cpu": flags}}}}
     lines = environments_text(by_row).splitlines()
     assert len(lines) == 3 and not any("recorded before" in line for line in lines)
+
+
+def test_distilling_from_the_float_start_changes_the_run(settings, tmp_path):
+    run_row("uniform-2bit", settings)
+    distilled_settings = dataclasses.replace(settings, out=tmp_path / "distill", distill=1.0)
+    distilled_settings.out.mkdir()
+    (distilled_settings.out / FLOAT_WEIGHTS).write_bytes((settings.out / FLOAT_WEIGHTS)
+                                                         .read_bytes())
+    run_row("uniform-2bit", distilled_settings)
+    plain = torch.load(settings.out / "rows" / "uniform-2bit.pt", weights_only=False)
+    distilled = torch.load(distilled_settings.out / "rows" / "uniform-2bit.pt",
+                           weights_only=False)
+    assert not torch.equal(plain["model"]["conv1.weight"], distilled["model"]["conv1.weight"])
+    assert distilled["settings"]["distill"] == "1.0"
+
+
+def test_a_distilled_step_trains_on_the_weighted_sum_and_reports_the_cross_entropy(settings):
+    model = msq_fx.resnet20().eval()
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    cross_entropy = torch.nn.functional.cross_entropy(model(images), labels)
+    half = dataclasses.replace(settings, distill=0.5)
+    # The model as its own teacher: the distillation term is 0, so the loss is half the CE.
+    loss, reported = _row_loss(model, images, labels, model, half)
+    assert reported.item() == pytest.approx(cross_entropy.item(), rel=1e-6)
+    assert loss.item() == pytest.approx(0.5 * cross_entropy.item(), rel=1e-5)
+
+
+def test_a_checkpoint_without_distillation_is_refused_by_a_run_with_it(settings):
+    run_row("uniform-2bit", settings)
+    with pytest.raises(SystemExit, match="other settings"):
+        run_row("uniform-2bit", dataclasses.replace(settings, distill=0.5))
+
+
+@pytest.mark.parametrize("changes", [{"distill": 1.5}, {"distill": -0.1},
+                                     {"distill_temperature": 0.0}])
+def test_a_distillation_weight_outside_0_to_1_or_a_temperature_under_0_is_refused(
+        settings, changes):
+    with pytest.raises(ValueError, match="distill"):
+        dataclasses.replace(settings, **changes)

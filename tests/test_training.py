@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import msq_fx
 import msq_fx.owners
 from conftest import count_calls
-from msq_fx.training import accuracy
+from msq_fx.training import accuracy, distillation_loss
 
 X = torch.randn(12, 1, 16, 16, generator=torch.Generator().manual_seed(3))
 Y = torch.randint(0, 10, (12,), generator=torch.Generator().manual_seed(4))
@@ -77,3 +78,35 @@ def test_train_epoch_prunes_on_the_given_batches():
     train_epoch(qmodel, batches()[:1], optimizer, controller, loss_fn=recording_loss,
                 prune_batches=hessian_batch)
     assert 5 in seen  # the prune's loss ran on the given batch, not the step's batch of 4
+
+
+def test_the_distillation_loss_is_zero_where_student_and_teacher_agree():
+    logits = torch.randn(5, 10, generator=torch.Generator().manual_seed(0))
+    assert distillation_loss(logits, logits.clone()).item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+def test_the_distillation_loss_is_the_teachers_kl_to_the_student_times_t_squared(temperature):
+    generator = torch.Generator().manual_seed(1)
+    student, teacher = torch.randn(6, 10, generator=generator), torch.randn(6, 10,
+                                                                             generator=generator)
+    p = torch.softmax(teacher / temperature, dim=1)
+    q = torch.softmax(student / temperature, dim=1)
+    expected = (p * (p.log() - q.log())).sum(1).mean() * temperature ** 2
+    assert distillation_loss(student, teacher, temperature).item() == pytest.approx(
+        expected.item(), rel=1e-5)
+
+
+def test_the_distillation_loss_sends_no_gradient_to_the_teacher():
+    student = torch.randn(4, 10, requires_grad=True)
+    teacher = torch.randn(4, 10, requires_grad=True)
+    distillation_loss(student, teacher).backward()
+    assert teacher.grad is None and student.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("student_shape, temperature, message", [
+    ((4, 10), 0.0, "temperature must be > 0"), ((3, 10), 1.0, "differ in shape")])
+def test_the_distillation_loss_refuses_a_bad_temperature_or_mismatched_logits(
+        student_shape, temperature, message):
+    with pytest.raises(ValueError, match=message):
+        distillation_loss(torch.zeros(student_shape), torch.zeros(4, 10), temperature)

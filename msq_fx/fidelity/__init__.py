@@ -64,6 +64,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="seed of the data order and of everything random in a row; rows "
                              "under a seed other than 0 are written beside the table's own "
                              "(<row>.seed<N>.json) and summarised in its seeds table")
+    parser.add_argument("--distill", type=float, default=Settings.distill, metavar="WEIGHT",
+                        help="distil from the float start: every row's loss is (1 - WEIGHT) * "
+                             "cross-entropy + WEIGHT * KL(float start || model); 0 (default): "
+                             "cross-entropy alone")
+    parser.add_argument("--distill-temperature", type=float,
+                        default=Settings.distill_temperature, metavar="T",
+                        help="temperature of the distillation term (default 1)")
     parser.add_argument("--against", type=Path, default=None,
                         help="with `repeats`: the other results directory, whose runs of the "
                              "same row and seed are set beside those under --out")
@@ -77,9 +84,13 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
     torch.set_num_threads(args.threads)
-    settings = Settings(data=args.data, out=args.out, epochs=args.epochs,
-                        train_size=args.train_size, scale=args.scale, pruning=tuple(args.pruning),
-                        seed=args.seed)
+    try:
+        settings = Settings(data=args.data, out=args.out, epochs=args.epochs,
+                            train_size=args.train_size, scale=args.scale,
+                            pruning=tuple(args.pruning), seed=args.seed, distill=args.distill,
+                            distill_temperature=args.distill_temperature)
+    except ValueError as error:
+        parser.error(str(error))
     if args.action == "compare":
         if len(args.rows) != 2:
             parser.error("compare takes two rows: name exactly two")
@@ -116,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides = "".join(f" --pruning {field}={json.dumps(value)}"
                             for field, value in args.pruning)
         overrides += f" --seed {args.seed}" if args.seed else ""
+        overrides += (f" --distill {args.distill} --distill-temperature "
+                      f"{args.distill_temperature}" if args.distill else "")
         commands = [f"tools/fidelity row {name} --epochs {args.epochs} --scale {args.scale}"
                     f"{overrides}" for name in pending]
         run_rows(pending, settings, commands, args.jobs, args.threads)

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from ..api import convert
 from ..data import TensorDataset, load_npz, random_crop_flip
 from ..io import atomic_write
-from ..training import accuracy, cosine_schedule
+from ..models import resnet20
+from ..training import accuracy, cosine_schedule, distillation_loss
 from .rows import ROWS, build_row, result_stem
 
 __all__ = ["Settings", "run_row", "run_environment", "float_weights", "FLOAT_WEIGHTS"]
@@ -55,9 +56,23 @@ class Settings:
     seed: int = 0
     #: (field, value) pairs that replace the MSQ rows' PruningConfig fields (``--pruning``).
     pruning: tuple[tuple[str, Any], ...] = ()
+    #: Weight of the distillation term from the float start (``--distill``): every row's
+    #: loss is (1 - distill) * cross-entropy + distill * KL(float start || model). 0: none.
+    distill: float = 0.0
+    distill_temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.distill <= 1.0:
+            raise ValueError(f"distill is the distillation term's weight, in [0, 1]; got "
+                             f"{self.distill}")
+        if self.distill_temperature <= 0:
+            raise ValueError(f"distill_temperature must be > 0, got {self.distill_temperature}")
 
     def result_settings(self) -> dict:
-        return {k: str(v) for k, v in asdict(self).items() if k not in ("out",)}
+        # Without distillation its two fields are left out, so checkpoints written before
+        # they existed still resume.
+        skipped = {"out"} | ({"distill", "distill_temperature"} if not self.distill else set())
+        return {k: str(v) for k, v in asdict(self).items() if k not in skipped}
 
 
 def float_weights(out: Path) -> dict:
@@ -101,6 +116,7 @@ def run_row(name: str, settings: Settings, command: str | None = None) -> dict:
     model, controller = built.model, built.controller
     if settings.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    teacher = _teacher(settings) if settings.distill else None
     steps_per_epoch = -(-len(train) // settings.batch_size)
     optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=0.9,
                                 weight_decay=settings.weight_decay)
@@ -125,7 +141,7 @@ def run_row(name: str, settings: Settings, command: str | None = None) -> dict:
     for epoch in range(len(state["epochs"]) + 1, settings.epochs + 1):
         start = time.perf_counter()
         loss = _train_epoch(model, controller, train, settings, epoch, steps_per_epoch,
-                            optimizer, scheduler, calibration, state)
+                            optimizer, scheduler, calibration, state, teacher)
         row = {"epoch": epoch, "loss": loss, "compression": built.compression(),
                "test_acc": accuracy(model, test.batches(1000)),
                "exact_acc": None if exact_set is None else accuracy(model, exact_set.batches(1000)),
@@ -145,16 +161,38 @@ def run_row(name: str, settings: Settings, command: str | None = None) -> dict:
     return result
 
 
+def _teacher(settings: Settings) -> torch.nn.Module:
+    """The float start as the distillation teacher: frozen, in eval mode."""
+    teacher = resnet20()
+    teacher.load_state_dict(float_weights(settings.out))
+    if settings.channels_last:
+        teacher = teacher.to(memory_format=torch.channels_last)
+    return teacher.eval().requires_grad_(False)
+
+
+def _row_loss(model, images, labels, teacher, settings) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training loss of a step and its cross-entropy (what the row reports)."""
+    logits = model(images)
+    task_loss = F.cross_entropy(logits, labels)
+    if teacher is None:
+        return task_loss, task_loss
+    with torch.no_grad():
+        teacher_logits = teacher(images)
+    distilled = distillation_loss(logits, teacher_logits, settings.distill_temperature)
+    return (1 - settings.distill) * task_loss + settings.distill * distilled, task_loss
+
+
 def _train_epoch(model, controller, train, settings, epoch, steps_per_epoch, optimizer,
-                 scheduler, calibration, state) -> float:
+                 scheduler, calibration, state, teacher=None) -> float:
     model.train()
     generator = torch.Generator().manual_seed(settings.seed * 100_003 + epoch)
     total = count = 0
     for index, (images, labels) in enumerate(train.batches(settings.batch_size, shuffle=True,
                                                           generator=generator)):
         images = _in_format(random_crop_flip(images, generator), settings)
-        task_loss = F.cross_entropy(model(images), labels)
-        loss = task_loss if controller is None else task_loss + controller.regularization()
+        loss, task_loss = _row_loss(model, images, labels, teacher, settings)
+        if controller is not None:
+            loss = loss + controller.regularization()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
