@@ -366,6 +366,22 @@ def test_rows_re_run_in_one_environment_get_their_own_targets_and_summary_line(s
     assert "| 16x      | 1 epochs, one environment |" in readme.read_text()
 
 
+def test_distilled_rows_get_their_own_targets_and_summary_line(settings):
+    from msq_fx.fidelity import DISTILLED, SUMMARY_BEGIN, SUMMARY_END
+
+    taught = settings.out / DISTILLED
+    taught.mkdir()
+    (taught / FLOAT_WEIGHTS).write_bytes((settings.out / FLOAT_WEIGHTS).read_bytes())
+    result = run_row("uniform-2bit", dataclasses.replace(settings, out=taught, distill=1.0))
+    assert result["distill"] == {"weight": 1.0, "temperature": 1.0}
+    readme = settings.out / "README.md"
+    readme.write_text(f"{SUMMARY_BEGIN}\n{SUMMARY_END}\n")
+    write_table(settings.out, settings.out / "fidelity.md", readme=readme)
+    section = (settings.out / "fidelity.md").read_text().partition("distilled from the float")[2]
+    assert "| uniform-2bit " in section and "The targets over the distilled runs" in section
+    assert "| 16x      | 1 epochs, distilled, one environment |" in readme.read_text()
+
+
 def test_a_budget_s_runs_table_lists_every_run_in_row_order_then_by_seed(settings):
     from msq_fx.fidelity import runs_table
 

@@ -31,7 +31,7 @@ from .table import (environments_text, load_results, load_seeds, markdown_table,
 __all__ = ["ROWS", "RowSpec", "build_row", "Settings", "run_row", "load_results", "load_seeds",
            "markdown_table", "runs_table", "seeds_table", "targets_table", "main", "run_rows",
            "table_path", "targets_summary", "write_table", "write_summary", "DEFAULT_OUT",
-           "DEFAULT_DOC", "DEFAULT_README", "ONE_ENVIRONMENT", "environments_text"]
+           "DEFAULT_DOC", "DEFAULT_README", "ONE_ENVIRONMENT", "DISTILLED", "environments_text"]
 
 DEFAULT_OUT = Path("results/fidelity")
 DEFAULT_DOC = Path("docs/fidelity.md")
@@ -216,6 +216,16 @@ def write_table(out: Path, doc: Path, readme: Path | None = None) -> None:
             f"which holds a copy of the float start; the same settings and\nbudget as the "
             f"table's rows). What they ran on:\n\n{environments_text(rerun)}",
             rerun, "The targets over these runs", float_acc)
+    distilled = out / DISTILLED
+    if (distilled / "rows").is_dir():
+        taught = load_seeds(distilled)
+        budgets[f"{_epochs_text(_epochs_run(taught))}, distilled, one environment"] = taught
+        targets += _set_section(
+            f"The targets' rows distilled from the float start (rows under `{distilled}`, which "
+            f"holds a copy of\nthe float start): the same settings and budget, every row's loss "
+            f"taking the float start's\nclass probabilities as its target (`--distill WEIGHT`, "
+            f"in each command). What they ran on:\n\n{environments_text(taught)}",
+            taught, "The targets over the distilled runs", float_acc)
     doc.write_text(HEADER + markdown_table(table_runs, float_row) + seeds + targets + "\n\n"
                    + TABLE_END + rest)
     if readme is not None:
@@ -253,6 +263,8 @@ TABLE_END = "<!-- end of the generated table -->"
 # The targets' rows re-run together under ``out``: runs from one environment, since the same
 # seed and decisions gave runs 0.5-0.9 points apart across environments.
 ONE_ENVIRONMENT = "one-environment"
+# The targets' rows with every row distilled from the float start (``--distill``).
+DISTILLED = "distill"
 SUMMARY_BEGIN = "<!-- the fidelity targets, written by tools/fidelity table -->"
 SUMMARY_END = "<!-- end of the fidelity targets -->"
 

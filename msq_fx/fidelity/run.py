@@ -220,6 +220,9 @@ def _result(name, spec, model, controller, built, test, state, command, settings
               "seconds": state["seconds"], "epochs": state["epochs"],
               "command": command or " ".join(shlex.quote(a) for a in sys.argv),
               "environment": run_environment()}
+    if settings.distill:
+        result["distill"] = {"weight": settings.distill,
+                             "temperature": settings.distill_temperature}
     if controller is not None:
         result["bits"] = controller.bit_widths()
         result["pruning"] = controller.config.pruning.to_dict()
