@@ -214,6 +214,10 @@ ROWS: dict[str, RowSpec] = {row.name: row for row in [
     _msq("msq-16x-from-3bit-two-bit-floor", 16.0, "MSQ, target 16x, from 3 bits on the nested "
          "grid with a 2-bit floor (min_bits 2), the last prune by Omega growth closed by the "
          "cheapest drop", quantization=FROM_3_BITS, pruning=CHEAPEST_FINISH),
+    _msq("msq-16x-from-3bit-two-bit-floor-no-penalty", 16.0, "MSQ, target 16x, from 3 bits on "
+         "the nested grid with a 2-bit floor and no LSB penalty: the first prune drops every "
+         "layer's third bit (uniform 2-bit widths, reached by MSQ's prune: scales re-fitted, BN "
+         "re-estimated)", quantization=FROM_3_BITS, pruning={**CHEAPEST_FINISH, **NO_PENALTY}),
     _msq("msq-18x-from-3bit-binary-gradient", 18.0, "MSQ, target 18x, from 3 bits, the last "
          "prune by Omega growth closed by the cheapest drop; binary layers pass the gradient to "
          "every latent (min_bits 1, literal grid)",
