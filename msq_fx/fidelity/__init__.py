@@ -207,25 +207,14 @@ def write_table(out: Path, doc: Path, readme: Path | None = None) -> None:
             f"Fine-tuned for {name} (rows under `{budget.parent}`, which holds a copy of the "
             f"float start;\nthe same settings, the cosine schedule stretched to the longer run):",
             longer, "The same targets over that budget", float_acc)
-    together = out / ONE_ENVIRONMENT
-    if (together / "rows").is_dir():
-        rerun = load_seeds(together)
-        budgets[f"{_epochs_text(_epochs_run(rerun))}, one environment"] = rerun
-        targets += _set_section(
-            f"The targets' rows re-run back to back in one environment (rows under\n`{together}`, "
-            f"which holds a copy of the float start; the same settings and\nbudget as the "
-            f"table's rows). What they ran on:\n\n{environments_text(rerun)}",
-            rerun, "The targets over these runs", float_acc)
-    distilled = out / DISTILLED
-    if (distilled / "rows").is_dir():
-        taught = load_seeds(distilled)
-        budgets[f"{_epochs_text(_epochs_run(taught))}, distilled, one environment"] = taught
-        targets += _set_section(
-            f"The targets' rows distilled from the float start (rows under `{distilled}`, which "
-            f"holds a copy of\nthe float start): the same settings and budget, every row's loss "
-            f"taking the float start's\nclass probabilities as its target (`--distill WEIGHT`, "
-            f"in each command). What they ran on:\n\n{environments_text(taught)}",
-            taught, "The targets over the distilled runs", float_acc)
+    for subdirectory, label, intro, targets_intro in SETS_BESIDE:
+        directory = out / subdirectory
+        if not (directory / "rows").is_dir():
+            continue
+        runs = load_seeds(directory)
+        budgets[f"{_epochs_text(_epochs_run(runs))}, {label}"] = runs
+        targets += _set_section(f"{intro.format(directory=directory)} What they ran on:\n\n"
+                                f"{environments_text(runs)}", runs, targets_intro, float_acc)
     doc.write_text(HEADER + markdown_table(table_runs, float_row) + seeds + targets + "\n\n"
                    + TABLE_END + rest)
     if readme is not None:
@@ -265,6 +254,19 @@ TABLE_END = "<!-- end of the generated table -->"
 ONE_ENVIRONMENT = "one-environment"
 # The targets' rows with every row distilled from the float start (``--distill``).
 DISTILLED = "distill"
+#: Sets of runs of the table's rows set beside it, each with its own targets and README line:
+#: (subdirectory of the results, budget label, the set's introduction, its targets' heading).
+SETS_BESIDE = (
+    (ONE_ENVIRONMENT, "one environment",
+     "The targets' rows re-run back to back in one environment (rows under\n`{directory}`, "
+     "which holds a copy of the float start; the same settings and\nbudget as the table's "
+     "rows).", "The targets over these runs"),
+    (DISTILLED, "distilled",
+     "The targets' rows distilled from the float start (rows under `{directory}`, which holds "
+     "a copy of\nthe float start): the same settings and budget, every row's loss taking the "
+     "float start's\nclass probabilities as its target (`--distill WEIGHT`, in each command).",
+     "The targets over the distilled runs"),
+)
 SUMMARY_BEGIN = "<!-- the fidelity targets, written by tools/fidelity table -->"
 SUMMARY_END = "<!-- end of the fidelity targets -->"
 
