@@ -111,12 +111,13 @@ def run_row(name: str, settings: Settings, command: str | None = None) -> dict:
     calibration = [(_in_format(x, settings), y) for x, y in
                    train.subset(settings.calibration_batches * settings.batch_size)
                    .batches(settings.batch_size)]
-    built = build_row(spec, float_weights(settings.out), train.images[:2], calibration,
+    float_start = float_weights(settings.out)
+    built = build_row(spec, float_start, train.images[:2], calibration,
                       settings.seed, scale=settings.scale)
     model, controller = built.model, built.controller
     if settings.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    teacher = _teacher(settings) if settings.distill else None
+    teacher = _teacher(float_start, settings) if settings.distill else None
     steps_per_epoch = -(-len(train) // settings.batch_size)
     optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=0.9,
                                 weight_decay=settings.weight_decay)
@@ -161,10 +162,11 @@ def run_row(name: str, settings: Settings, command: str | None = None) -> dict:
     return result
 
 
-def _teacher(settings: Settings) -> torch.nn.Module:
-    """The float start as the distillation teacher: frozen, in eval mode."""
+def _teacher(start: dict, settings: Settings) -> torch.nn.Module:
+    """The float start (its state_dict ``start``) as the distillation teacher: frozen, in eval
+    mode."""
     teacher = resnet20()
-    teacher.load_state_dict(float_weights(settings.out))
+    teacher.load_state_dict(start)
     if settings.channels_last:
         teacher = teacher.to(memory_format=torch.channels_last)
     return teacher.eval().requires_grad_(False)
