@@ -36,6 +36,13 @@ def settings(tmp_path):
     return Settings(data=data, out=tmp_path, epochs=1, batch_size=32, calibration_batches=1)
 
 
+def settings_beside(settings: Settings, directory: Path, **changes) -> Settings:
+    """``settings`` writing to ``directory`` (made here, with a copy of the float start)."""
+    directory.mkdir()
+    (directory / FLOAT_WEIGHTS).write_bytes((settings.out / FLOAT_WEIGHTS).read_bytes())
+    return dataclasses.replace(settings, out=directory, **changes)
+
+
 @pytest.mark.parametrize("name", ["uniform-2bit", "msq-8x"])
 def test_an_msq_fx_row_trains_converts_exactly_and_writes_its_result(settings, name):
     result = run_row(name, settings, command=f"tools/fidelity row {name}")
@@ -156,9 +163,7 @@ def test_rewriting_the_table_keeps_the_notes_written_below_it(settings):
 
 def test_rows_run_in_parallel_processes_give_what_one_after_another_gives(settings, tmp_path):
     names = ["uniform-2bit", "uniform-4bit"]
-    parallel = dataclasses.replace(settings, out=tmp_path / "parallel")
-    parallel.out.mkdir()
-    (parallel.out / FLOAT_WEIGHTS).write_bytes((settings.out / FLOAT_WEIGHTS).read_bytes())
+    parallel = settings_beside(settings, tmp_path / "parallel")
     run_rows(names, settings, names, jobs=1, threads=1)
     run_rows(names, parallel, names, jobs=2, threads=1)
     for name in names:
@@ -352,10 +357,7 @@ def test_the_environments_list_counts_the_runs_on_each_and_says_where_none_was_r
 def test_rows_re_run_in_one_environment_get_their_own_targets_and_summary_line(settings):
     from msq_fx.fidelity import ONE_ENVIRONMENT, SUMMARY_BEGIN, SUMMARY_END
 
-    together = settings.out / ONE_ENVIRONMENT
-    together.mkdir()
-    (together / FLOAT_WEIGHTS).write_bytes((settings.out / FLOAT_WEIGHTS).read_bytes())
-    run_row("uniform-2bit", dataclasses.replace(settings, out=together))
+    run_row("uniform-2bit", settings_beside(settings, settings.out / ONE_ENVIRONMENT))
     readme = settings.out / "README.md"
     readme.write_text(f"{SUMMARY_BEGIN}\n{SUMMARY_END}\n")
     write_table(settings.out, settings.out / "fidelity.md", readme=readme)
@@ -369,10 +371,8 @@ def test_rows_re_run_in_one_environment_get_their_own_targets_and_summary_line(s
 def test_distilled_rows_get_their_own_targets_and_summary_line(settings):
     from msq_fx.fidelity import DISTILLED, SUMMARY_BEGIN, SUMMARY_END
 
-    taught = settings.out / DISTILLED
-    taught.mkdir()
-    (taught / FLOAT_WEIGHTS).write_bytes((settings.out / FLOAT_WEIGHTS).read_bytes())
-    result = run_row("uniform-2bit", dataclasses.replace(settings, out=taught, distill=1.0))
+    result = run_row("uniform-2bit",
+                     settings_beside(settings, settings.out / DISTILLED, distill=1.0))
     assert result["distill"] == {"weight": 1.0, "temperature": 1.0}
     readme = settings.out / "README.md"
     readme.write_text(f"{SUMMARY_BEGIN}\n{SUMMARY_END}\n")
@@ -526,10 +526,7 @@ def test_a_run_without_the_cpu_name_keeps_its_line_where_two_named_cpus_are_like
 
 def test_distilling_from_the_float_start_changes_the_run(settings, tmp_path):
     run_row("uniform-2bit", settings)
-    distilled_settings = dataclasses.replace(settings, out=tmp_path / "distill", distill=1.0)
-    distilled_settings.out.mkdir()
-    (distilled_settings.out / FLOAT_WEIGHTS).write_bytes((settings.out / FLOAT_WEIGHTS)
-                                                         .read_bytes())
+    distilled_settings = settings_beside(settings, tmp_path / "distill", distill=1.0)
     run_row("uniform-2bit", distilled_settings)
     plain = torch.load(settings.out / "rows" / "uniform-2bit.pt", weights_only=False)
     distilled = torch.load(distilled_settings.out / "rows" / "uniform-2bit.pt",
