@@ -114,3 +114,61 @@ def test_act_bits_quantize_the_inputs_of_the_quantized_layers(tool, archive, tmp
     activation_bits = [value for key, value in state.items()
                        if key.endswith("input_quantizer.bits")]
     assert len(activation_bits) == 20 and all(int(bits) == 3 for bits in activation_bits)
+
+
+@pytest.fixture(scope="module")
+def float_start(tmp_path_factory) -> Path:
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("start") / "resnet20_float.pt"
+    torch.save(msq_fx.resnet20().state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def swa_run(tool, archive, float_start, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("swa")
+    run(tool, archive, out, "--run", "swa", "--start", str(float_start))
+    return out
+
+
+def test_a_swa_run_writes_the_mean_of_its_epoch_end_weights(tool, archive, float_start,
+                                                            swa_run, tmp_path):
+    run(tool, archive, tmp_path, "--run", "swa", "--start", str(float_start), "--stop-after", "1")
+    after_one = torch.load(tmp_path / "swa.pt", weights_only=False)["model"]
+    after_two = torch.load(swa_run / "swa.pt", weights_only=False)["model"]
+    averaged = torch.load(swa_run / "resnet20_swa.pt", weights_only=True)
+    learned = [name for name, _ in msq_fx.resnet20().named_parameters()]
+    assert not torch.equal(after_one["conv1.weight"], after_two["conv1.weight"])
+    for name in learned:
+        torch.testing.assert_close(averaged[name], (after_one[name] + after_two[name]) / 2)
+
+
+def test_a_swa_average_carries_batch_norm_statistics_of_its_own_activations(archive, swa_run):
+    from msq_fx.data import load_npz
+    model = msq_fx.resnet20()
+    model.load_state_dict(torch.load(swa_run / "resnet20_swa.pt", weights_only=True))
+    with torch.no_grad():
+        first_conv = model.conv1(load_npz(archive, "train").images)
+    torch.testing.assert_close(model.bn1.running_mean, first_conv.mean(dim=(0, 2, 3)))
+
+
+def test_a_swa_run_stopped_and_continued_averages_what_an_uninterrupted_run_does(
+        tool, archive, float_start, swa_run, tmp_path):
+    run(tool, archive, tmp_path, "--run", "swa", "--start", str(float_start), "--stop-after", "1")
+    run(tool, archive, tmp_path, "--run", "swa", "--start", str(float_start))
+    resumed = torch.load(tmp_path / "resnet20_swa.pt", weights_only=True)
+    uninterrupted = torch.load(swa_run / "resnet20_swa.pt", weights_only=True)
+    assert all(torch.equal(resumed[name], uninterrupted[name]) for name in resumed)
+
+
+def test_a_swa_run_reports_the_average_and_the_current_weights(swa_run):
+    rows = json.loads((swa_run / "swa.json").read_text())["epochs"]
+    assert [row["epoch"] for row in rows] == [1, 2]
+    assert all({"test_acc", "test_exact_acc", "iterate_test_acc"} <= row.keys() for row in rows)
+
+
+@pytest.mark.parametrize("arguments", [["--run", "swa"], ["--run", "float", "--start", "x.pt"]])
+def test_start_is_given_with_a_swa_run_and_only_then(tool, arguments, capsys):
+    with pytest.raises(SystemExit):
+        tool.parse_args(arguments)
+    assert "--start" in capsys.readouterr().err
