@@ -180,6 +180,19 @@ def test_a_bad_pruning_override_is_refused_by_the_command_line(text, capsys):
     assert "--pruning" in capsys.readouterr().err
 
 
+def test_a_row_at_another_learning_rate_records_it_and_trains_otherwise(settings):
+    plain = run_row("uniform-2bit", settings)
+    faster = run_row("uniform-2bit", settings_beside(settings, settings.out / "faster", lr=0.05))
+    assert faster["lr"] == 0.05 and "lr" not in plain
+    assert faster["epochs"][0]["loss"] != plain["epochs"][0]["loss"]
+
+
+def test_a_learning_rate_that_is_not_positive_is_refused_by_the_command_line(capsys):
+    with pytest.raises(SystemExit):
+        main(["row", "uniform-2bit", "--lr", "0"])
+    assert "lr is the peak learning rate" in capsys.readouterr().err
+
+
 def test_the_table_of_rows_run_elsewhere_goes_beside_them_not_into_the_docs(tmp_path):
     from msq_fx.fidelity import DEFAULT_DOC, DEFAULT_OUT, table_path
 

@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="seed of the data order and of everything random in a row; rows "
                              "under a seed other than 0 are written beside the table's own "
                              "(<row>.seed<N>.json) and summarised in its seeds table")
+    parser.add_argument("--lr", type=float, default=Settings.lr,
+                        help=f"every row's peak learning rate (SGD, momentum 0.9, cosine to zero; "
+                             f"default {Settings.lr})")
     parser.add_argument("--distill", type=float, default=Settings.distill, metavar="WEIGHT",
                         help="distil from the float start: every row's loss is (1 - WEIGHT) * "
                              "cross-entropy + WEIGHT * KL(float start || model); 0 (default): "
@@ -88,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings(data=args.data, out=args.out, epochs=args.epochs,
                             train_size=args.train_size, scale=args.scale,
-                            pruning=tuple(args.pruning), seed=args.seed, distill=args.distill,
+                            pruning=tuple(args.pruning), seed=args.seed, lr=args.lr,
+                            distill=args.distill,
                             distill_temperature=args.distill_temperature)
     except ValueError as error:
         parser.error(str(error))
@@ -128,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides = "".join(f" --pruning {field}={json.dumps(value)}"
                             for field, value in args.pruning)
         overrides += f" --seed {args.seed}" if args.seed else ""
+        overrides += f" --lr {args.lr}" if args.lr != Settings.lr else ""
         overrides += (f" --distill {args.distill} --distill-temperature "
                       f"{args.distill_temperature}" if args.distill else "")
         commands = [f"tools/fidelity row {name} --epochs {args.epochs} --scale {args.scale}"

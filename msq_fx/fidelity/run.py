@@ -62,6 +62,8 @@ class Settings:
     distill_temperature: float = 1.0
 
     def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"lr is the peak learning rate, > 0; got {self.lr}")
         if not 0.0 <= self.distill <= 1.0:
             raise ValueError(f"distill is the distillation term's weight, in [0, 1]; got "
                              f"{self.distill}")
@@ -222,6 +224,8 @@ def _result(name, spec, model, controller, built, test, state, command, settings
               "seconds": state["seconds"], "epochs": state["epochs"],
               "command": command or " ".join(shlex.quote(a) for a in sys.argv),
               "environment": run_environment()}
+    if settings.lr != Settings.lr:  # results from before this field have the default
+        result["lr"] = settings.lr
     if settings.distill:
         result["distill"] = {"weight": settings.distill,
                              "temperature": settings.distill_temperature}
