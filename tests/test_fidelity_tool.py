@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import msq_fx
-from msq_fx.fidelity import (ROWS, TABLE_END, Settings, main, run_row, run_rows,
-                             write_table)
+from msq_fx.fidelity import (DISTILLED, LARGER_RATE, ROWS, TABLE_END, Settings, main, run_row,
+                             run_rows, write_table)
 from msq_fx.fidelity.rows import TARGETS, build_row
 from msq_fx.fidelity.run import FLOAT_WEIGHTS, _row_loss
 
@@ -436,18 +436,25 @@ def test_rows_re_run_in_one_environment_get_their_own_targets_and_summary_line(s
     assert "| 16x      | 1 epochs, one environment |" in readme.read_text()
 
 
-def test_distilled_rows_get_their_own_targets_and_summary_line(settings):
-    from msq_fx.fidelity import DISTILLED, SUMMARY_BEGIN, SUMMARY_END
+@pytest.mark.parametrize("subdirectory, changes, recorded, intro, heading, label", [
+    (DISTILLED, {"distill": 1.0}, ("distill", {"weight": 1.0, "temperature": 1.0}),
+     "distilled from the float", "The targets over the distilled runs", "distilled"),
+    (LARGER_RATE, {"lr": 0.03}, ("lr", 0.03),
+     "learning rate of 0.03", "The targets over the runs at lr 0.03", "lr 0.03"),
+], ids=["distilled", "larger rate"])
+def test_rows_run_with_other_settings_beside_the_table_get_their_own_targets_and_summary_line(
+        settings, subdirectory, changes, recorded, intro, heading, label):
+    from msq_fx.fidelity import SUMMARY_BEGIN, SUMMARY_END
 
     result = run_row("uniform-2bit",
-                     settings_beside(settings, settings.out / DISTILLED, distill=1.0))
-    assert result["distill"] == {"weight": 1.0, "temperature": 1.0}
+                     settings_beside(settings, settings.out / subdirectory, **changes))
+    assert result[recorded[0]] == recorded[1]
     readme = settings.out / "README.md"
     readme.write_text(f"{SUMMARY_BEGIN}\n{SUMMARY_END}\n")
     write_table(settings.out, settings.out / "fidelity.md", readme=readme)
-    section = (settings.out / "fidelity.md").read_text().partition("distilled from the float")[2]
-    assert "| uniform-2bit " in section and "The targets over the distilled runs" in section
-    assert "| 16x      | 1 epochs, distilled |" in readme.read_text()
+    section = (settings.out / "fidelity.md").read_text().partition(intro)[2]
+    assert "| uniform-2bit " in section and heading in section
+    assert f"| 16x      | 1 epochs, {label} |" in readme.read_text()
 
 
 def test_a_budget_s_runs_table_lists_every_run_in_row_order_then_by_seed(settings):

@@ -31,7 +31,8 @@ from .table import (environments_text, load_results, load_seeds, markdown_table,
 __all__ = ["ROWS", "RowSpec", "build_row", "Settings", "run_row", "load_results", "load_seeds",
            "markdown_table", "runs_table", "seeds_table", "targets_table", "main", "run_rows",
            "table_path", "targets_summary", "write_table", "write_summary", "DEFAULT_OUT",
-           "DEFAULT_DOC", "DEFAULT_README", "ONE_ENVIRONMENT", "DISTILLED", "AVERAGED_START",
+           "DEFAULT_DOC", "DEFAULT_README", "ONE_ENVIRONMENT", "DISTILLED", "LARGER_RATE",
+           "AVERAGED_START",
            "environments_text", "float_start_row"]
 
 DEFAULT_OUT = Path("results/fidelity")
@@ -284,6 +285,9 @@ TABLE_END = "<!-- end of the generated table -->"
 ONE_ENVIRONMENT = "one-environment"
 # The targets' rows with every row distilled from the float start (``--distill``).
 DISTILLED = "distill"
+# The targets' rows with a larger peak learning rate (``--lr 0.03``): binary layers train more
+# slowly than 2-bit ones at the table's rate.
+LARGER_RATE = "lr-0.03"
 # The targets' rows from another float start: the table's start continued by weight averaging
 # (tools/cifar10_resnet20 --run swa); the directory holds that start as resnet20_float.pt and its
 # training record as float.json.
@@ -300,6 +304,10 @@ SETS_BESIDE = (
      "a copy of\nthe float start): the same settings and budget, every row's loss taking the "
      "float start's\nclass probabilities as its target (`--distill WEIGHT`, in each command).",
      "The targets over the distilled runs"),
+    (LARGER_RATE, "lr 0.03",
+     "The targets' rows at a peak learning rate of 0.03 (rows under `{directory}`, which holds "
+     "a copy of\nthe float start): the same settings and budget otherwise (`--lr 0.03`, in each "
+     "command).", "The targets over the runs at lr 0.03"),
     (AVERAGED_START, "averaged float start",
      "The targets' rows from another float start (rows under `{directory}`, which holds it): the "
      "same\nsettings and budget as the table's rows.", "The targets over the runs from that start"),
