@@ -317,61 +317,6 @@ def test_the_targets_summary_gives_each_target_under_each_budget_and_its_verdict
                 ).rstrip(" |").endswith("not run")
 
 
-def test_a_budget_from_a_start_of_its_own_is_measured_against_that_start():
-    from msq_fx.fidelity import targets_summary
-
-    sixteen = next(target for target in TARGETS if target.label == "16x")
-    runs = {sixteen.msq_row: _runs({0: 81.0, 1: 80.0}, 16.04),
-            sixteen.uniform_row: _runs({0: 80.0, 1: 81.0})}
-    lines = targets_summary({"3 epochs": runs, "3 epochs, averaged": runs}, 81.0,
-                            {"3 epochs, averaged": 83.0}).splitlines()
-
-    def cells(budget: str) -> list[str]:
-        line = next(line for line in lines if line.startswith("| 16x") and f"| {budget} " in line)
-        return [cell.strip() for cell in line.strip("|").split("|")]
-    assert cells("3 epochs")[-2:] == ["-0.50", "yes"]
-    assert cells("3 epochs, averaged")[-2:] == ["-2.50", "no"]  # past the 2.0 margin
-
-
-def _start_record(directory: Path, run: str, epochs_run: int, planned: int) -> None:
-    args = {"run": run, "epochs": str(planned), "lr": "0.05", "out": str(directory),
-            "start": "results/fidelity/resnet20_float.pt" if run == "swa" else "None"}
-    epochs = [{"epoch": epoch, "test_acc": 80.0 + epoch, "test_exact_acc": 90.0 + epoch}
-              for epoch in range(1, epochs_run + 1)]
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "float.json").write_text(json.dumps({"args": args, "epochs": epochs}))
-
-
-def test_a_weight_averaged_start_is_described_by_its_record_with_the_command_that_makes_it(
-        tmp_path):
-    from msq_fx.fidelity import float_start_row
-
-    _start_record(tmp_path, "swa", 2, 20)
-    row = float_start_row(tmp_path)
-    assert (row["test_acc"], row["exact_acc"]) == (82.0, 92.0)
-    assert row["what"].startswith("the float start's weights averaged over 2 of 20 epochs")
-    assert "(training; resumes with the same command)" in row["what"]
-    assert row["command"] == (f"`tools/cifar10_resnet20 --run swa --epochs 20 --lr 0.05 --start "
-                              f"results/fidelity/resnet20_float.pt --threads 1 --out {tmp_path}`")
-    assert float_start_row(tmp_path / "absent") is None
-
-
-def test_rows_from_another_float_start_get_their_own_section_and_summary_line(settings):
-    from msq_fx.fidelity import AVERAGED_START, SUMMARY_BEGIN, SUMMARY_END
-
-    directory = settings.out / AVERAGED_START
-    run_row("uniform-2bit", settings_beside(settings, directory))
-    _start_record(directory, "swa", 20, 20)
-    readme = settings.out / "README.md"
-    readme.write_text(f"{SUMMARY_BEGIN}\n{SUMMARY_END}\n")
-    write_table(settings.out, settings.out / "fidelity.md", readme=readme)
-    section = (settings.out / "fidelity.md").read_text().partition("another float start")[2]
-    assert "Their float start: the float start's weights averaged over 20 of 20" in section
-    assert "100.00 on all 10k and 110.0 on the exact 1k" in section
-    assert "| uniform-2bit " in section
-    assert "| 16x      | 1 epochs, averaged float start |" in readme.read_text()
-
-
 def test_the_readme_summary_is_rewritten_between_its_markers_and_the_rest_kept(settings):
     from msq_fx.fidelity import SUMMARY_BEGIN, SUMMARY_END
 

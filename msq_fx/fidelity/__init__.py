@@ -32,8 +32,7 @@ __all__ = ["ROWS", "RowSpec", "build_row", "Settings", "run_row", "load_results"
            "markdown_table", "runs_table", "seeds_table", "targets_table", "main", "run_rows",
            "table_path", "targets_summary", "write_table", "write_summary", "DEFAULT_OUT",
            "DEFAULT_DOC", "DEFAULT_README", "ONE_ENVIRONMENT", "DISTILLED", "LARGER_RATE",
-           "AVERAGED_START",
-           "environments_text", "float_start_row"]
+           "environments_text"]
 
 DEFAULT_OUT = Path("results/fidelity")
 DEFAULT_DOC = Path("docs/fidelity.md")
@@ -186,7 +185,16 @@ def run_rows(names: list[str], settings: Settings, commands: list[str], jobs: in
 def write_table(out: Path, doc: Path, readme: Path | None = None) -> None:
     """Write the table of every row run so far to ``doc`` (Markdown) and, given ``readme``,
     the targets in brief into its summary block (:func:`write_summary`)."""
-    float_row = float_start_row(out)
+    float_json = out / "float.json"
+    float_row = None
+    if float_json.exists():
+        record = json.loads(float_json.read_text())
+        epochs, planned = record["epochs"], int(record["args"]["epochs"])
+        float_row = {"test_acc": epochs[-1]["test_acc"], "exact_acc": epochs[-1].get(
+            "test_exact_acc"), "what": f"float ResNet-20 after epoch {len(epochs)} of {planned}"
+            + ("" if len(epochs) == planned else " (training; resumes with the same command)"),
+            "command": f"`tools/cifar10_resnet20 --run float --epochs {planned} --threads 1 "
+                       f"--out {out}`"}
     doc.parent.mkdir(parents=True, exist_ok=True)
     # What follows the table (measurements, notes) is kept as written.
     rest = doc.read_text().partition(TABLE_END)[2] if doc.exists() else "\n"
@@ -205,51 +213,18 @@ def write_table(out: Path, doc: Path, readme: Path | None = None) -> None:
             f"Fine-tuned for {name} (rows under `{budget.parent}`, which holds a copy of the "
             f"float start;\nthe same settings, the cosine schedule stretched to the longer run):",
             longer, "The same targets over that budget", float_acc)
-    starts = {}  # the float accuracy of each budget whose runs have a start of their own
     for subdirectory, label, intro, targets_intro in SETS_BESIDE:
         directory = out / subdirectory
         if not (directory / "rows").is_dir():
             continue
         runs = load_seeds(directory)
-        budget = f"{_epochs_text(_epochs_run(runs))}, {label}"
-        budgets[budget] = runs
-        own_start = float_start_row(directory)
-        set_float_acc = float_acc
-        if own_start is not None:
-            set_float_acc = starts[budget] = own_start["test_acc"]
-            intro += (f" Their float start: {own_start['what']}, {own_start['test_acc']:.2f} "
-                      f"on all 10k and {own_start['exact_acc']:.1f} on the exact 1k\n"
-                      f"({own_start['command']}).")
+        budgets[f"{_epochs_text(_epochs_run(runs))}, {label}"] = runs
         targets += _set_section(f"{intro.format(directory=directory)} What they ran on:\n\n"
-                                f"{environments_text(runs)}", runs, targets_intro, set_float_acc)
+                                f"{environments_text(runs)}", runs, targets_intro, float_acc)
     doc.write_text(HEADER + markdown_table(table_runs, float_row) + seeds + targets + "\n\n"
                    + TABLE_END + rest)
     if readme is not None:
-        write_summary(readme, targets_summary(budgets, float_acc, starts))
-
-
-def float_start_row(directory: Path) -> dict | None:
-    """The float start of the rows under ``directory`` as its training record
-    (``<directory>/float.json``, written by tools/cifar10_resnet20) gives it: its accuracies after
-    the last epoch, what it is and the command that trains it; None without a record."""
-    record_path = directory / "float.json"
-    if not record_path.exists():
-        return None
-    record = json.loads(record_path.read_text())
-    epochs, args = record["epochs"], record["args"]
-    planned, run = int(args["epochs"]), args.get("run", "float")
-    if run == "swa":
-        what = (f"the float start's weights averaged over {len(epochs)} of {planned} epochs at "
-                f"lr {args['lr']}")
-        options = f" --lr {args['lr']} --start {args['start']}"
-    else:
-        what, options = f"float ResNet-20 after epoch {len(epochs)} of {planned}", ""
-    if len(epochs) != planned:
-        what += " (training; resumes with the same command)"
-    return {"test_acc": epochs[-1]["test_acc"], "exact_acc": epochs[-1].get("test_exact_acc"),
-            "what": what,
-            "command": f"`tools/cifar10_resnet20 --run {run} --epochs {planned}{options} "
-                       f"--threads 1 --out {args.get('out', directory)}`"}
+        write_summary(readme, targets_summary(budgets, float_acc))
 
 
 def _set_section(intro: str, by_row: dict[str, dict[int, dict]], targets_intro: str,
@@ -288,10 +263,6 @@ DISTILLED = "distill"
 # The targets' rows with a larger peak learning rate (``--lr 0.03``): binary layers train more
 # slowly than 2-bit ones at the table's rate.
 LARGER_RATE = "lr-0.03"
-# The targets' rows from another float start: the table's start continued by weight averaging
-# (tools/cifar10_resnet20 --run swa); the directory holds that start as resnet20_float.pt and its
-# training record as float.json.
-AVERAGED_START = "averaged-start"
 #: Sets of runs of the table's rows set beside it, each with its own targets and README line:
 #: (subdirectory of the results, budget label, the set's introduction, its targets' heading).
 SETS_BESIDE = (
@@ -308,9 +279,6 @@ SETS_BESIDE = (
      "The targets' rows at a peak learning rate of 0.03 (rows under `{directory}`, which holds "
      "a copy of\nthe float start): the same settings and budget otherwise (`--lr 0.03`, in each "
      "command).", "The targets over the runs at lr 0.03"),
-    (AVERAGED_START, "averaged float start",
-     "The targets' rows from another float start (rows under `{directory}`, which holds it): the "
-     "same\nsettings and budget as the table's rows.", "The targets over the runs from that start"),
 )
 SUMMARY_BEGIN = "<!-- the fidelity targets, written by tools/fidelity table -->"
 SUMMARY_END = "<!-- end of the fidelity targets -->"
