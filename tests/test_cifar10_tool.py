@@ -172,3 +172,11 @@ def test_start_is_given_with_a_swa_run_and_only_then(tool, arguments, capsys):
     with pytest.raises(SystemExit):
         tool.parse_args(arguments)
     assert "--start" in capsys.readouterr().err
+
+
+def test_a_start_that_is_not_float_resnet20_weights_is_refused_by_name(tool, archive, tmp_path):
+    start = tmp_path / "other.pt"
+    torch.save({"weight": torch.zeros(3)}, start)
+    with pytest.raises(SystemExit, match="other.pt: not the weights of a float ResNet-20"):
+        run(tool, archive, tmp_path / "out", "--run", "swa", "--start", str(start))
+    assert not (tmp_path / "out").exists()
