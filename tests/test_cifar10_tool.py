@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import msq_fx
+from msq_fx.data import load_npz
 from conftest import load_tool
 
 TOOL_PATH = Path(__file__).resolve().parents[1] / "tools" / "cifar10_resnet20"
@@ -144,7 +145,6 @@ def test_a_swa_run_writes_the_mean_of_its_epoch_end_weights(tool, archive, float
 
 
 def test_a_swa_average_carries_batch_norm_statistics_of_its_own_activations(archive, swa_run):
-    from msq_fx.data import load_npz
     model = msq_fx.resnet20()
     model.load_state_dict(torch.load(swa_run / "resnet20_swa.pt", weights_only=True))
     with torch.no_grad():
