@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["TensorDataset", "random_crop_flip", "load_npz", "synthetic_patterns"]
+__all__ = ["TensorDataset", "random_crop_flip", "random_erase", "load_npz",
+           "synthetic_patterns"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,41 @@ def random_crop_flip(images: Tensor, generator: torch.Generator | None = None,
     # Advanced indexing puts the sample, row and column axes first and the channels last.
     crops = padded.permute(0, 2, 3, 1)[samples, rows[:, :, None], columns[:, None, :]]
     return crops.permute(0, 3, 1, 2).contiguous()
+
+
+def random_erase(images: Tensor, generator: torch.Generator | None = None,
+                 probability: float = 0.5, area: tuple[float, float] = (0.02, 0.4),
+                 aspect: tuple[float, float] = (0.3, 1 / 0.3)) -> Tensor:
+    """Random erasing (Zhong et al., 2020) on a whole batch at once: each image, with
+    ``probability``, has one rectangle set to zero, the dataset mean after ``load_npz``'s
+    standardization (the paper also fills with noise; the mean keeps the image statistics).
+
+    The rectangle covers a fraction of the image drawn uniformly from ``area``, with a height to
+    width ratio drawn log-uniformly from ``aspect``; a side longer than the image is cut to the
+    image (the paper draws again), so a rectangle never leaves the image. ``images`` is
+    (N, C, H, W); the result is a new tensor of the same shape.
+    """
+    if not 0.0 <= probability <= 1.0:
+        raise ValueError(f"random_erase: probability must be in [0, 1], got {probability}")
+    if not 0.0 < area[0] <= area[1] <= 1.0 or not 0.0 < aspect[0] <= aspect[1]:
+        raise ValueError(f"random_erase: area must satisfy 0 < low <= high <= 1 and aspect "
+                         f"0 < low <= high; got area {area}, aspect {aspect}")
+    count, _, height, width = images.shape
+    erased = torch.rand(count, generator=generator) < probability
+    fraction = area[0] + (area[1] - area[0]) * torch.rand(count, generator=generator)
+    log_low, log_high = torch.tensor(aspect).log()
+    ratio = (log_low + (log_high - log_low) * torch.rand(count, generator=generator)).exp()
+    pixels = fraction * height * width
+    box_height = (pixels * ratio).sqrt().round().clamp(1, height).long()
+    box_width = (pixels / ratio).sqrt().round().clamp(1, width).long()
+    top = (torch.rand(count, generator=generator) * (height - box_height + 1)).long()
+    left = (torch.rand(count, generator=generator) * (width - box_width + 1)).long()
+    rows = torch.arange(height)[None, :]
+    columns = torch.arange(width)[None, :]
+    in_rows = (rows >= top[:, None]) & (rows < (top + box_height)[:, None])
+    in_columns = (columns >= left[:, None]) & (columns < (left + box_width)[:, None])
+    mask = in_rows[:, :, None] & in_columns[:, None, :] & erased[:, None, None]
+    return images.masked_fill(mask[:, None], 0.0)
 
 
 def load_npz(path: str | Path, split: str = "train") -> TensorDataset:

@@ -109,6 +109,37 @@ def test_a_finished_float_run_keeps_its_weights_for_the_fidelity_rows(tool, arch
     assert all(torch.equal(weights[name], checkpoint[name]) for name in weights)
 
 
+def test_erase_adds_random_erasing_to_the_training_batches_only(tool, archive):
+    plain = tool.parse_args(["--run", "float", "--data", str(archive), *TINY])
+    erasing = tool.parse_args(["--run", "float", "--data", str(archive), *TINY, "--erase", "1"])
+    train_set = load_npz(archive, "train")
+    # The first batch is cropped and mirrored by the same draws in both runs (the erasing draws
+    # come after them), so the two differ by the erased rectangles alone.
+    images, labels = next(tool.epoch_batches(train_set, plain, 1))
+    erased, same_labels = next(tool.epoch_batches(train_set, erasing, 1))
+    assert torch.equal(labels, same_labels)
+    changed = (images != erased).any(dim=1, keepdim=True).expand_as(images)
+    assert changed.flatten(1).any(dim=1).all()
+    assert (erased[changed] == 0).all()
+
+
+def test_an_erasing_run_stopped_and_continued_computes_what_an_uninterrupted_run_does(
+        tool, archive, tmp_path):
+    run(tool, archive, tmp_path / "whole", "--run", "float", "--erase", "0.5")
+    run(tool, archive, tmp_path / "parts", "--run", "float", "--erase", "0.5", "--stop-after", "1")
+    run(tool, archive, tmp_path / "parts", "--run", "float", "--erase", "0.5")
+    whole, parts = (torch.load(tmp_path / part / "resnet20_float.pt", weights_only=True)
+                    for part in ("whole", "parts"))
+    assert all(torch.equal(whole[name], parts[name]) for name in whole)
+
+
+@pytest.mark.parametrize("probability", ["0", "1.5"])
+def test_an_erase_probability_out_of_range_is_a_usage_error(tool, probability, capsys):
+    with pytest.raises(SystemExit):
+        tool.parse_args(["--run", "float", "--erase", probability])
+    assert "--erase" in capsys.readouterr().err
+
+
 def test_act_bits_quantize_the_inputs_of_the_quantized_layers(tool, archive, tmp_path):
     run(tool, archive, tmp_path, "--run", "msq", "--act-bits", "3", "--epochs", "1")
     state = torch.load(tmp_path / "msq.pt", weights_only=False)["model"]
