@@ -14,7 +14,7 @@ import msq_fx
 from msq_fx.fidelity import (DISTILLED, LARGER_RATE, ROWS, TABLE_END, Settings, main, run_row,
                              run_rows, write_table)
 from msq_fx.fidelity.rows import TARGETS, build_row
-from msq_fx.fidelity.run import FLOAT_WEIGHTS, _row_loss
+from msq_fx.fidelity.run import FLOAT_WEIGHTS, _row_loss, float_weights, start_digest
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -121,6 +121,54 @@ def test_a_checkpoint_from_other_settings_is_refused(settings):
     run_row("uniform-2bit", settings)
     with pytest.raises(SystemExit, match="other settings"):
         run_row("uniform-2bit", Settings(**{**settings.__dict__, "lr": 0.5}))
+
+
+def another_float_start(settings: Settings) -> None:
+    """Replace the float start under ``settings.out`` with other weights."""
+    torch.manual_seed(1)
+    torch.save(msq_fx.resnet20().state_dict(), settings.out / FLOAT_WEIGHTS)
+
+
+def test_a_row_records_the_digest_of_the_float_start_it_ran_from(settings):
+    result = run_row("uniform-2bit", settings)
+    assert result["float_start"] == start_digest(float_weights(settings.out))
+    another_float_start(settings)
+    assert start_digest(float_weights(settings.out)) != result["float_start"]
+
+
+def test_the_start_digest_names_the_values_not_the_file(settings):
+    weights = float_weights(settings.out)
+    copy = {name: tensor.clone() for name, tensor in reversed(list(weights.items()))}
+    assert start_digest(copy) == start_digest(weights)
+    copy["fc.bias"][0] += 1e-6
+    assert start_digest(copy) != start_digest(weights)
+
+
+def test_a_checkpoint_from_another_float_start_is_refused_and_kept(settings):
+    run_row("uniform-2bit", settings)
+    checkpoint = settings.out / "rows" / "uniform-2bit.pt"
+    before = checkpoint.read_bytes()
+    another_float_start(settings)
+    with pytest.raises(SystemExit, match="another float start"):
+        run_row("uniform-2bit", settings)
+    assert checkpoint.read_bytes() == before
+
+
+def test_the_table_refuses_runs_from_another_float_start_and_names_them(settings):
+    run_row("uniform-2bit", settings)
+    another_float_start(settings)
+    with pytest.raises(SystemExit, match=r"uniform-2bit seed 0 \(start [0-9a-f]{16}\)"):
+        write_table(settings.out, settings.out / "fidelity.md")
+    assert not (settings.out / "fidelity.md").exists()
+
+
+def test_the_table_takes_runs_that_recorded_no_float_start(settings):
+    result = run_row("uniform-2bit", settings)
+    del result["float_start"]
+    (settings.out / "rows" / "uniform-2bit.json").write_text(json.dumps(result))
+    another_float_start(settings)
+    write_table(settings.out, settings.out / "fidelity.md")
+    assert "| uniform-2bit " in (settings.out / "fidelity.md").read_text()
 
 
 def test_the_brevitas_row_trains_the_peer(settings):

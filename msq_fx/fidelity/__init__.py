@@ -24,15 +24,16 @@ import torch
 from ..config import PruningConfig
 from ..utils import replace_marked_block
 from .rows import ROWS, RowSpec, build_row
-from .run import Settings, run_row
-from .table import (environments_text, load_results, load_seeds, markdown_table, runs_table,
-                    seeds_table, targets_summary, targets_table)
+from .run import FLOAT_CHECKPOINT, FLOAT_WEIGHTS, Settings, float_weights, run_row, start_digest
+from .table import (environments_text, load_results, load_seeds, markdown_table,
+                    runs_from_other_starts, runs_table, seeds_table, targets_summary,
+                    targets_table)
 
 __all__ = ["ROWS", "RowSpec", "build_row", "Settings", "run_row", "load_results", "load_seeds",
            "markdown_table", "runs_table", "seeds_table", "targets_table", "main", "run_rows",
            "table_path", "targets_summary", "write_table", "write_summary", "DEFAULT_OUT",
            "DEFAULT_DOC", "DEFAULT_README", "ONE_ENVIRONMENT", "DISTILLED", "LARGER_RATE",
-           "environments_text"]
+           "environments_text", "runs_of_one_start"]
 
 DEFAULT_OUT = Path("results/fidelity")
 DEFAULT_DOC = Path("docs/fidelity.md")
@@ -198,7 +199,7 @@ def write_table(out: Path, doc: Path, readme: Path | None = None) -> None:
     doc.parent.mkdir(parents=True, exist_ok=True)
     # What follows the table (measurements, notes) is kept as written.
     rest = doc.read_text().partition(TABLE_END)[2] if doc.exists() else "\n"
-    by_row = load_seeds(out)
+    by_row = runs_of_one_start(out)
     table_runs = {name: runs[0] for name, runs in by_row.items() if 0 in runs}
     seeds = seeds_table(by_row)
     seeds = f"\n\n{SEEDS_HEADER}{seeds}" if seeds else ""
@@ -206,7 +207,7 @@ def write_table(out: Path, doc: Path, readme: Path | None = None) -> None:
     targets = f"\n\n{TARGETS_HEADER}{targets_table(by_row, float_acc)}"
     budgets = {_epochs_text(_epochs_run(by_row)): by_row}
     for budget in sorted(out.glob("budget*/rows")):
-        longer = load_seeds(budget.parent)
+        longer = runs_of_one_start(budget.parent)
         name = _epochs_text(_epochs_run(longer))
         budgets[name] = longer
         targets += _set_section(
@@ -217,7 +218,7 @@ def write_table(out: Path, doc: Path, readme: Path | None = None) -> None:
         directory = out / subdirectory
         if not (directory / "rows").is_dir():
             continue
-        runs = load_seeds(directory)
+        runs = runs_of_one_start(directory)
         budgets[f"{_epochs_text(_epochs_run(runs))}, {label}"] = runs
         targets += _set_section(f"{intro.format(directory=directory)} What they ran on:\n\n"
                                 f"{environments_text(runs)}", runs, targets_intro, float_acc)
@@ -225,6 +226,22 @@ def write_table(out: Path, doc: Path, readme: Path | None = None) -> None:
                    + TABLE_END + rest)
     if readme is not None:
         write_summary(readme, targets_summary(budgets, float_acc))
+
+
+def runs_of_one_start(directory: Path) -> dict[str, dict[int, dict]]:
+    """Every run under ``directory`` (:func:`load_seeds`), refused with the runs named if any
+    of them records another float start than the one ``directory`` holds: a table that
+    mixed two starts would compare runs that did not start alike."""
+    by_row = load_seeds(directory)
+    if not ((directory / FLOAT_WEIGHTS).exists() or (directory / FLOAT_CHECKPOINT).exists()):
+        return by_row
+    digest = start_digest(float_weights(directory))
+    others = runs_from_other_starts(by_row, digest)
+    if others:
+        raise SystemExit(f"{directory}: runs from another float start than the one it holds "
+                         f"({digest}): {', '.join(others)}. Run them again from this start, or "
+                         f"move them under a directory holding theirs")
+    return by_row
 
 
 def _set_section(intro: str, by_row: dict[str, dict[int, dict]], targets_intro: str,
@@ -311,6 +328,8 @@ at its new width, its LSB penalty in weight units (lambda 1e-2); MSQ at 16x and 
 use binary 1-bit layers (literal grid). "all 10k" is the whole test set, "exact 1k" its
 bit-exact images; "steps to target" counts optimizer steps until the target compression was
 reached; "wall time" is as measured with two or three rows sharing the machine's two cores.
-Written by `tools/fidelity table` from `results/fidelity/rows/*.json`.
+Written by `tools/fidelity table` from `results/fidelity/rows/*.json`. A run records a digest
+of the float start it began from (`float_start`; runs made before that field record none),
+and the table refuses a directory whose runs record another start than the one it holds.
 
 """

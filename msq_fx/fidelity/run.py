@@ -11,6 +11,7 @@ Its result goes to ``<out>/rows/<row>.json`` (read by :mod:`msq_fx.fidelity.tabl
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import shlex
@@ -31,7 +32,8 @@ from ..models import resnet20
 from ..training import accuracy, cosine_schedule, distillation_loss
 from .rows import ROWS, build_row, result_stem
 
-__all__ = ["Settings", "run_row", "run_environment", "float_weights", "FLOAT_WEIGHTS"]
+__all__ = ["Settings", "run_row", "run_environment", "float_weights", "start_digest",
+           "FLOAT_WEIGHTS"]
 
 #: The float ResNet-20 every row starts from (state_dict only), and the training checkpoint it
 #: is taken from while that training is unfinished.
@@ -88,6 +90,18 @@ def float_weights(out: Path) -> dict:
                      f"`tools/cifar10_resnet20 --run float --epochs 100 --threads 1 --out {out}`")
 
 
+def start_digest(weights: dict) -> str:
+    """A name for the float start ``weights`` (a state_dict): the first 16 hex digits of a
+    SHA-256 over every entry's name, dtype, shape and values, in key order. It names the
+    values, not a file, so a copy or a re-save of the same weights has the same digest."""
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        tensor = weights[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def _datasets(settings: Settings):
     train = load_npz(settings.data, "train").subset(settings.train_size)
     test = load_npz(settings.data, "test")
@@ -114,6 +128,7 @@ def run_row(name: str, settings: Settings, command: str | None = None) -> dict:
                    train.subset(settings.calibration_batches * settings.batch_size)
                    .batches(settings.batch_size)]
     float_start = float_weights(settings.out)
+    digest = start_digest(float_start)
     built = build_row(spec, float_start, train.images[:2], calibration,
                       settings.seed, scale=settings.scale)
     model, controller = built.model, built.controller
@@ -129,12 +144,18 @@ def run_row(name: str, settings: Settings, command: str | None = None) -> dict:
     stem = result_stem(name, settings.seed)
     checkpoint = rows_dir / f"{stem}.pt"
     state = {"epochs": [], "target_step": 0 if controller is None or controller.done else None,
-             "seconds": 0.0}
+             "seconds": 0.0, "float_start": digest}
     if checkpoint.exists():
         saved = torch.load(checkpoint, weights_only=False)
         if saved["settings"] != settings.result_settings():
             raise SystemExit(f"{checkpoint}: written with other settings ({saved['settings']}); "
                              f"use them to continue, or delete it to start afresh")
+        # A checkpoint written before runs recorded their start has none to compare.
+        if saved["state"].get("float_start", digest) != digest:
+            raise SystemExit(f"{checkpoint}: started from another float start (digest "
+                             f"{saved['state']['float_start']}; {settings.out} now holds "
+                             f"{digest}); put that start back to continue, or delete the "
+                             f"checkpoint to start afresh from this one")
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
@@ -224,6 +245,8 @@ def _result(name, spec, model, controller, built, test, state, command, settings
               "seconds": state["seconds"], "epochs": state["epochs"],
               "command": command or " ".join(shlex.quote(a) for a in sys.argv),
               "environment": run_environment()}
+    if "float_start" in state:
+        result["float_start"] = state["float_start"]
     if settings.lr != Settings.lr:  # results from before this field have the default
         result["lr"] = settings.lr
     if settings.distill:

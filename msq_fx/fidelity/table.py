@@ -14,7 +14,8 @@ from .rows import ROWS, TARGETS, Target, result_stem
 
 __all__ = ["load_results", "load_seeds", "markdown_table", "runs_table", "seeds_table",
            "targets_table", "targets_summary", "paired_runs", "PairedRuns", "target_shortfall",
-           "target_verdict", "mean_with_standard_error", "environments_text"]
+           "target_verdict", "mean_with_standard_error", "environments_text",
+           "runs_from_other_starts"]
 
 
 def load_results(out: Path, seed: int = 0) -> dict[str, dict]:
@@ -36,6 +37,15 @@ def load_seeds(out: Path) -> dict[str, dict[int, dict]]:
         for name, result in load_results(out, seed).items():
             by_row.setdefault(name, {})[seed] = result
     return by_row
+
+
+def runs_from_other_starts(by_row: dict[str, dict[int, dict]], digest: str) -> list[str]:
+    """The runs in ``by_row`` that record a float start other than ``digest``, as "row seed N
+    (start D)". A result written before runs recorded their start (no ``float_start``) is not
+    among them: there is nothing to compare."""
+    return [f"{name} seed {seed} (start {result['float_start']})"
+            for name, runs in by_row.items() for seed, result in sorted(runs.items())
+            if result.get("float_start", digest) != digest]
 
 
 def markdown_table(results: dict[str, dict], float_row: dict | None) -> str:
