@@ -198,6 +198,19 @@ def test_the_table_lists_every_row_and_says_which_have_not_run(settings):
     assert rows_table.count("not run") == len(ROWS) - 1
 
 
+@pytest.mark.parametrize("recorded, option", [({"erase": "0.5"}, " --erase 0.5"),
+                                               ({"erase": "None"}, ""), ({}, "")],
+                         ids=["erasing", "no erasing", "recorded before --erase"])
+def test_the_float_start_row_gives_the_command_that_trained_it(settings, recorded, option):
+    epochs = [{"epoch": 1, "loss": 1.0, "test_acc": 80.0, "test_exact_acc": 90.0}]
+    (settings.out / "float.json").write_text(json.dumps(
+        {"args": {"epochs": "1", **recorded}, "epochs": epochs}))
+    write_table(settings.out, settings.out / "fidelity.md")
+    command = (f"`tools/cifar10_resnet20 --run float --epochs 1{option} --threads 1 "
+               f"--out {settings.out}`")
+    assert command in (settings.out / "fidelity.md").read_text()
+
+
 def test_rewriting_the_table_keeps_the_notes_written_below_it(settings):
     doc = settings.out / "fidelity.md"
     write_table(settings.out, doc)
@@ -212,8 +225,8 @@ def test_rewriting_the_table_keeps_the_notes_written_below_it(settings):
 def test_rows_run_in_parallel_processes_give_what_one_after_another_gives(settings, tmp_path):
     names = ["uniform-2bit", "uniform-4bit"]
     parallel = settings_beside(settings, tmp_path / "parallel")
-    run_rows(names, settings, names, jobs=1, threads=1)
-    run_rows(names, parallel, names, jobs=2, threads=1)
+    run_rows([(name, settings, name) for name in names], jobs=1, threads=1)
+    run_rows([(name, parallel, name) for name in names], jobs=2, threads=1)
     for name in names:
         one, other = (json.loads((out / "rows" / f"{name}.json").read_text())
                       for out in (settings.out, parallel.out))
@@ -291,6 +304,31 @@ def test_all_under_a_seed_runs_the_rows_that_seed_lacks_and_records_the_seed_in_
           "--out", str(settings.out), "--train-size", "64"])
     written = json.loads((settings.out / "rows" / "uniform-2bit.seed3.json").read_text())
     assert written["seed"] == 3 and written["command"].endswith("--seed 3")
+
+
+def test_all_over_seeds_runs_what_each_seed_lacks_seed_by_seed(settings, monkeypatch):
+    import msq_fx.fidelity as fidelity
+
+    run_row("uniform-2bit", dataclasses.replace(settings, seed=1))
+    asked = []
+    monkeypatch.setattr(fidelity, "run_row", lambda name, row_settings, command:
+                        asked.append((name, row_settings.seed, command)))
+    main(["all", "uniform-2bit", "uniform-3bit", "--seeds", "0-1,3", "--data",
+          str(settings.data), "--out", str(settings.out), "--doc", str(settings.out / "t.md")])
+    assert [(name, seed) for name, seed, _ in asked] == [
+        ("uniform-2bit", 0), ("uniform-3bit", 0), ("uniform-3bit", 1), ("uniform-2bit", 3),
+        ("uniform-3bit", 3)]
+    assert asked[2][2].endswith("--seed 1") and "--seed" not in asked[0][2]
+
+
+@pytest.mark.parametrize("arguments", [["all", "--seeds", "2-1"], ["all", "--seeds", "0,0"],
+                                       ["all", "--seeds", "a"], ["row", "--seeds", "0-3"],
+                                       ["all", "--seeds", "0-3", "--seed", "2"]])
+def test_a_seed_list_that_is_empty_repeats_or_is_not_for_all_is_a_usage_error(arguments,
+                                                                              capsys):
+    with pytest.raises(SystemExit):
+        main(arguments)
+    assert "--seeds" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("target", TARGETS, ids=lambda target: target.label)

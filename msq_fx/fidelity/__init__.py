@@ -7,6 +7,7 @@ CIFAR-10 ResNet-20, from one float start with one fine-tuning budget (``tools/fi
     tools/fidelity table                 # docs/fidelity.md from the rows written so far
     tools/fidelity no-training           # the float start quantized without training
     tools/fidelity row msq-8x --seed 1   # the same row under another seed (data order, init)
+    tools/fidelity all ROW... --seeds 0-7 --jobs 2   # those rows at eight seeds, seed by seed
     tools/fidelity compare ROW_A ROW_B   # seed by seed: what each ended with, the traces taken
     tools/fidelity repeats --out A --against B   # the runs both hold: the same run or not
 """
@@ -17,6 +18,7 @@ import json
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -66,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="seed of the data order and of everything random in a row; rows "
                              "under a seed other than 0 are written beside the table's own "
                              "(<row>.seed<N>.json) and summarised in its seeds table")
+    parser.add_argument("--seeds", type=_seed_list, default=None, metavar="LIST",
+                        help="with `all`: every seed in LIST (e.g. 0-7 or 0,2,5), seed after "
+                             "seed, each row that seed lacks; in place of --seed")
     parser.add_argument("--lr", type=float, default=Settings.lr,
                         help=f"every row's peak learning rate (SGD, momentum 0.9, cosine to zero; "
                              f"default {Settings.lr})")
@@ -85,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.jobs < 1 or args.threads < 1 or args.seed < 0:
         parser.error("--jobs and --threads take an integer >= 1, --seed one >= 0")
+    if args.seeds is not None and (args.action != "all" or args.seed != Settings.seed):
+        parser.error("--seeds is for `all`, in place of --seed: give one or the other")
     unknown = [row for row in args.rows if row not in ROWS]
     if unknown:
         parser.error(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
@@ -128,17 +135,21 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.rows or parser.error("name the rows to run"):
             run_row(name, settings)
     elif args.action == "all":
-        done = load_results(args.out, args.seed)
-        pending = [name for name in args.rows or list(ROWS) if name not in done]
         overrides = "".join(f" --pruning {field}={json.dumps(value)}"
                             for field, value in args.pruning)
-        overrides += f" --seed {args.seed}" if args.seed else ""
         overrides += f" --lr {args.lr}" if args.lr != Settings.lr else ""
         overrides += (f" --distill {args.distill} --distill-temperature "
                       f"{args.distill_temperature}" if args.distill else "")
-        commands = [f"tools/fidelity row {name} --epochs {args.epochs} --scale {args.scale}"
-                    f"{overrides}" for name in pending]
-        run_rows(pending, settings, commands, args.jobs, args.threads)
+        # Seed after seed, so a stopped sweep leaves whole seeds, which the targets pair.
+        runs = []
+        for seed in args.seeds or (args.seed,):
+            done = load_results(args.out, seed)
+            seed_option = f" --seed {seed}" if seed else ""
+            runs += [(name, replace(settings, seed=seed),
+                      f"tools/fidelity row {name} --epochs {args.epochs} --scale {args.scale}"
+                      f"{overrides}{seed_option}")
+                     for name in args.rows or list(ROWS) if name not in done]
+        run_rows(runs, args.jobs, args.threads)
     doc = args.doc or table_path(args.out)
     # The README's summary follows the committed table only, not trial runs elsewhere.
     write_table(args.out, doc, readme=DEFAULT_README if doc == DEFAULT_DOC else None)
@@ -167,20 +178,36 @@ def _pruning_field(text: str) -> tuple[str, Any]:
     return field, parsed
 
 
-def run_rows(names: list[str], settings: Settings, commands: list[str], jobs: int,
-             threads: int) -> None:
-    """Run rows one after another, or ``jobs`` at a time in processes of ``threads`` torch
-    threads each (one per core is the fastest on a small CPU: a row barely uses a second
-    thread)."""
+def run_rows(runs: list[tuple[str, Settings, str]], jobs: int, threads: int) -> None:
+    """Run each (row, settings, command) of ``runs``, one after another, or ``jobs`` at a time
+    in processes of ``threads`` torch threads each (one per core is the fastest on a small
+    CPU: a row barely uses a second thread)."""
     if jobs == 1:
-        for name, command in zip(names, commands):
+        for name, settings, command in runs:
             run_row(name, settings, command=command)
         return
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(jobs, mp_context=context, initializer=torch.set_num_threads,
                              initargs=(threads,)) as pool:
-        for _ in pool.map(run_row, names, [settings] * len(names), commands):
+        for _ in pool.map(run_row, *zip(*runs)) if runs else ():
             pass
+
+
+def _seed_list(text: str) -> tuple[int, ...]:
+    """``--seeds``: "0-7" (a range, both ends in) or "0,2,5", each seed >= 0, none twice."""
+    seeds: list[int] = []
+    try:
+        for part in text.split(","):
+            low, dash, high = part.strip().partition("-")
+            if dash and int(high) < int(low):
+                raise ValueError
+            seeds += range(int(low), int(high) + 1) if dash else [int(low)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give seeds as 0-7 (low to high) or "
+                                         f"0,2,5") from None
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"{text!r}: give each seed once")
+    return tuple(seeds)
 
 
 def write_table(out: Path, doc: Path, readme: Path | None = None) -> None:
@@ -191,11 +218,14 @@ def write_table(out: Path, doc: Path, readme: Path | None = None) -> None:
     if float_json.exists():
         record = json.loads(float_json.read_text())
         epochs, planned = record["epochs"], int(record["args"]["epochs"])
+        # The tool records its arguments as text; a run from before --erase has none.
+        erase = record["args"].get("erase", "None")
+        erase_option = "" if erase == "None" else f" --erase {erase}"
         float_row = {"test_acc": epochs[-1]["test_acc"], "exact_acc": epochs[-1].get(
             "test_exact_acc"), "what": f"float ResNet-20 after epoch {len(epochs)} of {planned}"
             + ("" if len(epochs) == planned else " (training; resumes with the same command)"),
-            "command": f"`tools/cifar10_resnet20 --run float --epochs {planned} --threads 1 "
-                       f"--out {out}`"}
+            "command": f"`tools/cifar10_resnet20 --run float --epochs {planned}{erase_option} "
+                       f"--threads 1 --out {out}`"}
     doc.parent.mkdir(parents=True, exist_ok=True)
     # What follows the table (measurements, notes) is kept as written.
     rest = doc.read_text().partition(TABLE_END)[2] if doc.exists() else "\n"
