@@ -17,8 +17,8 @@ import argparse
 import json
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
