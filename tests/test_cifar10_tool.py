@@ -79,6 +79,25 @@ def test_a_run_stopped_and_continued_computes_what_an_uninterrupted_run_does(
     assert comparable(tmp_path) == comparable(msq_run)
 
 
+def test_a_run_records_the_environment_it_ran_in_once(tool, archive, tmp_path):
+    run(tool, archive, tmp_path, "--run", "float", "--stop-after", "1")
+    run(tool, archive, tmp_path, "--run", "float")
+    environments = json.loads((tmp_path / "float.json").read_text())["environments"]
+    assert [entry["first_epoch"] for entry in environments] == [1]
+    assert environments[0]["environment"]["torch"] == torch.__version__
+
+
+def test_a_run_continued_in_another_environment_says_from_which_epoch(tool, archive, tmp_path,
+                                                                      monkeypatch):
+    run(tool, archive, tmp_path, "--run", "float", "--stop-after", "1")
+    elsewhere = {**tool.run_environment(), "processor": "another CPU"}
+    monkeypatch.setattr(tool, "run_environment", lambda: elsewhere)
+    run(tool, archive, tmp_path, "--run", "float")
+    environments = json.loads((tmp_path / "float.json").read_text())["environments"]
+    assert [entry["first_epoch"] for entry in environments] == [1, 2]
+    assert environments[1]["environment"] == elsewhere
+
+
 def test_a_checkpoint_of_other_settings_is_refused_and_kept(tool, archive, tmp_path):
     run(tool, archive, tmp_path, "--run", "float", "--stop-after", "1")
     before = (tmp_path / "float.pt").read_bytes()
