@@ -31,6 +31,8 @@ class WeightFakeQuant(CachesItsWeight):
     """RoundClamp fake quantization of one weight tensor during training.
 
     Buffers: ``bits`` (current width q), ``prune_step`` (p, LSBs removed at the next prune).
+    ``static_bits`` is ``bits`` as a Python int, for ``torch.compile`` (:meth:`set_bits` and
+    ``load_state_dict`` keep the two together; an eager read refreshes it).
     Parameter ``scale`` (learned scale modes only): S, one per tensor ("tensor") or per output
     channel ("channel"), trained with the weights; the n-bit step is S / 2^(n-1), so dropping
     zero LSBs never moves a value. With ``scale_mode="max"`` there is no parameter and S is
@@ -63,6 +65,7 @@ class WeightFakeQuant(CachesItsWeight):
             self.scale = nn.Parameter(quant.best_clip(latent, int(bits), grid, shape))
         self.scale_mode = scale_mode
         self.register_buffer("bits", torch.tensor(int(bits), dtype=torch.int64))
+        self.static_bits = int(bits)
         self.register_buffer("prune_step", torch.tensor(1, dtype=torch.int64))
         self.kind = kind
         self.names = tuple(names)
@@ -80,7 +83,22 @@ class WeightFakeQuant(CachesItsWeight):
 
     @property
     def num_bits(self) -> int:
-        return int(self.bits)
+        if torch.compiler.is_compiling():
+            # Reading a tensor's value breaks a compiled graph (one break per layer); the graph
+            # specializes on this Python copy instead, and is traced again when it changes.
+            return self.__dict__["static_bits"]
+        bits = int(self.bits)
+        self.__dict__["static_bits"] = bits  # the buffer is the truth: keep the copy with it
+        return bits
+
+    def set_bits(self, bits: int) -> None:
+        """Set the width (the ``bits`` buffer and its Python copy ``static_bits``)."""
+        self.bits.fill_(int(bits))
+        self.__dict__["static_bits"] = int(bits)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.__dict__["static_bits"] = int(self.bits)
 
     @property
     def learned_scale(self) -> Tensor | None:

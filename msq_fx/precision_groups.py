@@ -58,7 +58,7 @@ class PrecisionGroup:
 
     def set_bits(self, bits: int) -> None:
         for member in self.members:
-            member.quantizer.bits.fill_(bits)
+            member.quantizer.set_bits(bits)
 
     def set_prune_step(self, p: int) -> None:
         for member in self.members:

@@ -72,6 +72,40 @@ def test_weight_fake_quant_state_dict_round_trips_bits_and_prune_step():
     assert (target.num_bits, int(target.prune_step)) == (5, 2)
 
 
+def test_a_quantized_layer_compiles_into_one_graph():
+    torch._dynamo.reset()
+    layer = quantized_linear(bits=4)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)  # a break would raise
+    assert torch.equal(compiled(inputs(2, 5)), layer(inputs(2, 5)))
+
+
+def test_a_compiled_layer_follows_a_width_set_after_it_was_compiled():
+    torch._dynamo.reset()
+    layer = quantized_linear(bits=4)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    compiled(inputs(2, 5))
+    layer.weight_quantizer.set_bits(2)
+    expected = F.linear(inputs(2, 5), quant.fake_quantize(layer.weight.detach(), 2), layer.bias)
+    assert torch.equal(compiled(inputs(2, 5)), expected)
+
+
+def test_a_compiled_layer_follows_a_width_loaded_from_a_state_dict():
+    torch._dynamo.reset()
+    layer, narrower = quantized_linear(bits=4), quantized_linear(bits=4)
+    narrower.weight_quantizer.set_bits(2)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    compiled(inputs(2, 5))
+    layer.load_state_dict(narrower.state_dict())
+    assert layer.weight_quantizer.static_bits == 2
+    assert torch.equal(compiled(inputs(2, 5)), narrower(inputs(2, 5)))
+
+
+def test_the_width_s_python_copy_follows_the_buffer_once_read_eagerly():
+    quantizer = WeightFakeQuant(8, "conv", ("conv.weight",))
+    quantizer.bits.fill_(3)  # not through set_bits
+    assert quantizer.num_bits == 3 and quantizer.static_bits == 3
+
+
 def test_weight_fake_quant_lsb_l1_is_the_sum_of_lsb_magnitudes_at_the_prune_step():
     w = latent_weight(6, 4)
     quantizer = WeightFakeQuant(6, "linear", ("fc.weight",))
