@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import msq_fx.bench
+from msq_fx.bench.doc import block_key
 from msq_fx.owners import iter_quantized_weights
 from conftest import load_tool
 
@@ -148,6 +149,30 @@ def test_autocast_runs_every_contenders_forward_in_that_dtype(bench):
 def test_grad_checkpointing_needs_a_model_that_offers_it(bench):
     with pytest.raises(SystemExit, match="resnet20 has no set_grad_checkpointing"):
         bench.main(TINY_RUN + ["--grad-checkpointing"])
+
+
+def test_compile_times_every_contender_under_torch_compile(bench, monkeypatch):
+    import torch
+
+    compiled = []
+    real_compile = torch.compile
+    # aot_eager traces as the default backend does, without generating kernels: a faster test.
+    monkeypatch.setattr(torch, "compile", lambda model: compiled.append(model)
+                        or real_compile(model, backend="aot_eager"))
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert bench.main(TINY_RUN + ["--compile"]) == 0
+    report = json.loads(stdout.getvalue())
+    assert report["compile"] is True and set(report["results"]) == {"FP32", "MSQ"}
+    assert len(compiled) == 2
+    assert block_key(report).endswith("batch 8 compiled")
+
+
+@pytest.mark.parametrize("other", ["--peers", "--eval", "--hessian"])
+def test_compile_with_the_modes_it_does_not_time_is_a_usage_error(bench, other, capsys):
+    with pytest.raises(SystemExit):
+        bench.main(TINY_RUN + ["--compile", other])
+    assert "--compile" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

@@ -50,6 +50,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--grad-checkpointing", action="store_true",
                         help="activation checkpointing in every contender (a timm model's "
                              "set_grad_checkpointing)")
+    parser.add_argument("--compile", action="store_true",
+                        help="run every contender's model under torch.compile (the warm-up steps "
+                             "compile it; not with --peers, --eval or --hessian)")
     parser.add_argument("--eval", action="store_true",
                         help="also time an eval-mode forward: float, fake-quant and converted, "
                              "the latter two also with cached weights")
@@ -75,7 +78,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "load) into PATH, replacing the block of the same model, input, "
                              "batch and options or adding one at the end")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.compile and (args.peers or args.eval or args.hessian):
+        parser.error("--compile times the training steps of float and MSQ only; run --peers, "
+                     "--eval and --hessian without it")
+    if args.compile and args.warmup < 1:
+        parser.error("--compile needs --warmup of at least 1: the first step compiles")
+    return args
 
 
 def _int_at_least(minimum: int) -> Callable[[str], int]:

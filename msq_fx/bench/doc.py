@@ -29,6 +29,7 @@ def block_key(report: dict) -> str:
                                       report.get("autocast")),
                                      ("activation checkpointing",
                                       report.get("grad_checkpointing")),
+                                     ("compiled", report.get("compile")),
                                      (f"{report.get('clock')} clock",
                                       report.get("clock", "wall") != "wall"),
                                      ("freed heap kept", report.get("keep_freed_heap"))) if on]

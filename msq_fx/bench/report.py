@@ -60,7 +60,8 @@ def header_line(report: dict) -> str:
             + (f", {report['clock']} clock" if report.get("clock", "wall") != "wall" else "")
             + (", freed heap kept" if report.get("keep_freed_heap") else "")
             + (f", autocast {report['autocast']}" if report.get("autocast") else "")
-            + (", activation checkpointing" if report.get("grad_checkpointing") else ""))
+            + (", activation checkpointing" if report.get("grad_checkpointing") else "")
+            + (", torch.compile" if report.get("compile") else ""))
 
 
 def conditions_line(report: dict) -> str:

@@ -41,6 +41,9 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         contenders += peers
     if args.grad_checkpointing:
         enable_grad_checkpointing(contenders, args.model)
+    if args.compile:
+        for contender in contenders:
+            contender.model = torch.compile(contender.model)
     for contender in contenders:
         for _ in range(args.warmup):
             train_step(contender, *batch)
@@ -62,6 +65,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "batch_size": args.batch_size,
         "autocast": args.autocast,
         "grad_checkpointing": args.grad_checkpointing,
+        "compile": args.compile,
         "repeats": args.repeats,
         "steps": args.steps,
         "warmup": args.warmup,
