@@ -270,15 +270,37 @@ class ActivationFakeQuant(nn.Module):
         self.register_buffer("signed", torch.tensor(False))
         self.register_buffer("initialized", torch.tensor(False))
         self.clip = nn.Parameter(torch.tensor(1.0))
+        # The buffers as Python values, for torch.compile (see ``settings``).
+        self.static_settings = (int(bits), False, False)
 
+    @property
+    def settings(self) -> tuple[int, bool, bool]:
+        """``(bits, signed, initialized)``. Reading a tensor's value breaks a compiled graph, so
+        a compiled forward reads their Python copy, ``static_settings``, which every eager read,
+        the calibration and ``load_state_dict`` keep with the buffers."""
+        if torch.compiler.is_compiling():
+            return self.__dict__["static_settings"]
+        settings = (int(self.bits), bool(self.signed), bool(self.initialized))
+        self.__dict__["static_settings"] = settings
+        return settings
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.__dict__["static_settings"] = (int(self.bits), bool(self.signed),
+                                            bool(self.initialized))
+
+    # Once per quantizer, from the first input: a compiled forward runs it eagerly.
+    @torch.compiler.disable
     @torch.no_grad()
     def _calibrate(self, x: Tensor) -> None:
         self.clip.fill_(float(x.detach().abs().amax().clamp_min(1e-6)))
-        self.signed.fill_(bool((x.detach() < 0).any()))
+        signed = bool((x.detach() < 0).any())
+        self.signed.fill_(signed)
         self.initialized.fill_(True)
+        self.__dict__["static_settings"] = (self.__dict__["static_settings"][0], signed, True)
 
     def forward(self, x: Tensor) -> Tensor:
-        if not bool(self.initialized):
+        if not self.settings[2]:
             self._calibrate(x)
         low, high, step = self.grid()
         clipped = torch.minimum(torch.maximum(x, low), high)
@@ -287,9 +309,9 @@ class ActivationFakeQuant(nn.Module):
     def grid(self) -> tuple[Tensor, Tensor, Tensor]:
         """``(low, high, step)``: inputs are clamped to [low, high] and rounded to multiples of
         step (the clip is learned, so these follow it)."""
-        bits, high = int(self.bits), self.clip.abs().clamp_min(1e-8)
-        levels = float(2 ** (bits - 1) - 1) if bool(self.signed) else float(2**bits - 1)
-        low = -high if bool(self.signed) else torch.zeros_like(high)
+        (bits, signed, _), high = self.settings, self.clip.abs().clamp_min(1e-8)
+        levels = float(2 ** (bits - 1) - 1) if signed else float(2**bits - 1)
+        low = -high if signed else torch.zeros_like(high)
         return low, high, high / levels
 
     def extra_repr(self) -> str:

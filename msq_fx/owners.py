@@ -48,7 +48,7 @@ def _forward_with_input_quantizer(self: nn.Module, *args, **kwargs):
     if input_quantizer is not None:
         # Bind by name so keyword inputs (``value=``, ``input=``) are quantized like positional
         # ones; attention's query/key/value are often one tensor: quantize each distinct one once.
-        bound = _forward_signature(self._msq_base).bind(self, *args, **kwargs)
+        bound = self._msq_forward_signature.bind(self, *args, **kwargs)
         names = list(bound.arguments)[1:]
         inputs = names[:3] if isinstance(self, nn.MultiheadAttention) else names[:1]
         seen: dict[int, Tensor] = {}
@@ -61,11 +61,6 @@ def _forward_with_input_quantizer(self: nn.Module, *args, **kwargs):
         with recomputed_quantized_weights():
             return self._msq_base.forward(self, *args, **kwargs)
     return self._msq_base.forward(self, *args, **kwargs)
-
-
-@functools.lru_cache(maxsize=None)
-def _forward_signature(base: type) -> inspect.Signature:
-    return inspect.signature(base.forward)
 
 
 def _reduce_quantized(self: nn.Module, protocol):
@@ -88,6 +83,8 @@ def quantized_class(base: type, names: tuple[str, ...]) -> type:
     attrs.update(
         _msq_base=base,
         _msq_names=names,
+        # Bound once here: a cached lookup inside the forward is one torch.compile warns about.
+        _msq_forward_signature=inspect.signature(base.forward),
         forward=_forward_with_input_quantizer,
         __reduce_ex__=_reduce_quantized,
         __module__=__name__,

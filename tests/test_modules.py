@@ -313,6 +313,36 @@ def test_activation_quant_uses_a_signed_range_when_the_first_input_has_negatives
     assert float(out.max()) == pytest.approx(3.0)
 
 
+def test_a_layer_quantizing_its_input_compiles_into_one_graph_once_calibrated():
+    torch._dynamo.reset()
+    layer = quantized_linear(bits=4)
+    layer.add_module("input_quantizer", ActivationFakeQuant(3))
+    expected = layer(inputs(4, 5))  # calibrates
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(inputs(4, 5)), expected)
+
+
+def test_a_compiled_activation_quantizer_calibrates_on_its_first_input_as_an_eager_one_does():
+    torch._dynamo.reset()
+    compiled_one, eager_one = ActivationFakeQuant(4), ActivationFakeQuant(4)
+    compiled = torch.compile(compiled_one, backend="aot_eager")
+    first, later = torch.tensor([-0.5, 2.0, 1.0]), torch.tensor([-3.0, 0.3, 9.0])
+    assert torch.equal(compiled(first), eager_one(first))
+    assert torch.equal(compiled(later), eager_one(later))
+    assert compiled_one.settings == eager_one.settings == (4, True, True)
+
+
+def test_an_activation_quantizer_loaded_from_a_state_dict_compiles_to_the_loaded_range():
+    torch._dynamo.reset()
+    calibrated, fresh = ActivationFakeQuant(4), ActivationFakeQuant(4)
+    calibrated(torch.tensor([-1.0, 2.0]))
+    fresh.load_state_dict(calibrated.state_dict())
+    assert fresh.static_settings == (4, True, True)
+    compiled = torch.compile(fresh, backend="aot_eager", fullgraph=True)
+    x = torch.linspace(-3.0, 3.0, 61)
+    assert torch.equal(compiled(x), calibrated(x))
+
+
 @pytest.mark.parametrize("bits", range(2, 9))
 @pytest.mark.parametrize("low", [0.0, -1.0], ids=["unsigned", "signed"])
 def test_activation_quant_outputs_at_most_2_pow_bits_levels(bits, low):
