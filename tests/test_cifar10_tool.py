@@ -95,7 +95,22 @@ def test_a_run_continued_in_another_environment_says_from_which_epoch(tool, arch
     run(tool, archive, tmp_path, "--run", "float")
     environments = json.loads((tmp_path / "float.json").read_text())["environments"]
     assert [entry["first_epoch"] for entry in environments] == [1, 2]
-    assert environments[1]["environment"] == elsewhere
+    assert environments[1]["environment"] == {**elsewhere, "compiled": False}
+
+
+def test_a_run_may_continue_compiled_and_says_from_which_epoch(tool, archive, tmp_path,
+                                                               monkeypatch):
+    compiled = []
+    real_compile = torch.compile
+    # aot_eager traces as the default backend does, without generating kernels: a faster test.
+    monkeypatch.setattr(torch, "compile", lambda model, dynamic: compiled.append(model)
+                        or real_compile(model, backend="aot_eager", dynamic=dynamic))
+    run(tool, archive, tmp_path, "--run", "float", "--stop-after", "1")
+    run(tool, archive, tmp_path, "--run", "float", "--compile")
+    record = json.loads((tmp_path / "float.json").read_text())
+    assert len(compiled) == 1 and len(record["epochs"]) == 2
+    assert [(entry["first_epoch"], entry["environment"]["compiled"])
+            for entry in record["environments"]] == [(1, False), (2, True)]
 
 
 def test_a_checkpoint_of_other_settings_is_refused_and_kept(tool, archive, tmp_path):
