@@ -28,6 +28,21 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def compiled_models(monkeypatch) -> list:
+    """torch.compile on its aot_eager backend, which traces as the default backend does without
+    generating kernels (a faster test); the list of the models it was given."""
+    compiled = []
+    real_compile = torch.compile
+
+    def compile_quickly(model, **options):
+        compiled.append(model)
+        return real_compile(model, **{**options, "backend": "aot_eager"})
+
+    monkeypatch.setattr(torch, "compile", compile_quickly)
+    return compiled
+
+
 def load_tool(path, module_name: str):
     """Import an executable script from tools/ (no .py suffix, so the loader is named explicitly).
 

@@ -99,16 +99,11 @@ def test_a_run_continued_in_another_environment_says_from_which_epoch(tool, arch
 
 
 def test_a_run_may_continue_compiled_and_says_from_which_epoch(tool, archive, tmp_path,
-                                                               monkeypatch):
-    compiled = []
-    real_compile = torch.compile
-    # aot_eager traces as the default backend does, without generating kernels: a faster test.
-    monkeypatch.setattr(torch, "compile", lambda model, dynamic: compiled.append(model)
-                        or real_compile(model, backend="aot_eager", dynamic=dynamic))
+                                                               compiled_models):
     run(tool, archive, tmp_path, "--run", "float", "--stop-after", "1")
     run(tool, archive, tmp_path, "--run", "float", "--compile")
     record = json.loads((tmp_path / "float.json").read_text())
-    assert len(compiled) == 1 and len(record["epochs"]) == 2
+    assert len(compiled_models) == 1 and len(record["epochs"]) == 2
     assert [(entry["first_epoch"], entry["environment"]["compiled"])
             for entry in record["environments"]] == [(1, False), (2, True)]
 

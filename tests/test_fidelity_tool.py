@@ -171,6 +171,34 @@ def test_the_table_takes_runs_that_recorded_no_float_start(settings):
     assert "| uniform-2bit " in (settings.out / "fidelity.md").read_text()
 
 
+def test_a_compiled_msq_row_prunes_converts_exactly_and_says_it_ran_compiled(settings,
+                                                                              compiled_models):
+    pruning = (("interval", 1), ("threshold", 1.0))  # a prune after every step
+    result = run_row("msq-8x", dataclasses.replace(settings, compile=True, pruning=pruning))
+    assert len(compiled_models) == 1 and result["environment"]["compiled"] is True
+    assert len({record["step"] for record in result["history"]}) > 1
+    assert result["converted_max_abs_diff"] == 0.0
+
+
+def test_a_row_begun_eagerly_continues_compiled(settings, compiled_models):
+    run_row("uniform-2bit", settings)
+    longer = dataclasses.replace(settings, epochs=2)
+    with pytest.raises(SystemExit, match="other settings"):  # the budget is a result setting
+        run_row("uniform-2bit", dataclasses.replace(longer, compile=True))
+    result = run_row("uniform-2bit", dataclasses.replace(settings, compile=True))
+    assert len(result["epochs"]) == 1 and result["environment"]["compiled"] is True
+
+
+def test_the_environments_list_says_which_runs_ran_compiled():
+    from msq_fx.fidelity.table import environments_text
+
+    environment = {"torch": "2.14.1", "cpu_capability": "AVX512", "threads": 1}
+    text = environments_text({"uniform-2bit": {0: {"environment": environment},
+                                               1: {"environment": {**environment,
+                                                                   "compiled": True}}}})
+    assert text.count("compiled") == 1 and text.count("- 1 run:") == 2
+
+
 def test_the_brevitas_row_trains_the_peer(settings):
     pytest.importorskip("brevitas")
     result = run_row("brevitas-2bit", settings)

@@ -85,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="with `repeats`: the other results directory, whose runs of the "
                              "same row and seed are set beside those under --out")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per row")
+    parser.add_argument("--compile", action="store_true",
+                        help="train and score each row through torch.compile (about 0.8x the "
+                             "eager time; results record it in their environment)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="with `all`: rows run at once, each in its own process")
     args = parser.parse_args(argv)
@@ -101,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                             train_size=args.train_size, scale=args.scale,
                             pruning=tuple(args.pruning), seed=args.seed, lr=args.lr,
                             distill=args.distill,
-                            distill_temperature=args.distill_temperature)
+                            distill_temperature=args.distill_temperature, compile=args.compile)
     except ValueError as error:
         parser.error(str(error))
     if args.action == "compare":
@@ -140,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides += f" --lr {args.lr}" if args.lr != Settings.lr else ""
         overrides += (f" --distill {args.distill} --distill-temperature "
                       f"{args.distill_temperature}" if args.distill else "")
+        overrides += " --compile" if args.compile else ""
         # Seed after seed, so a stopped sweep leaves whole seeds, which the targets pair.
         runs = []
         for seed in args.seeds or (args.seed,):

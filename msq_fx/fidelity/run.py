@@ -62,6 +62,9 @@ class Settings:
     #: loss is (1 - distill) * cross-entropy + distill * KL(float start || model). 0: none.
     distill: float = 0.0
     distill_temperature: float = 1.0
+    #: Train and score through torch.compile (``--compile``). Like the thread count it is not a
+    #: result setting (a run may be continued either way); the result's environment says it.
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
@@ -75,7 +78,8 @@ class Settings:
     def result_settings(self) -> dict:
         # Without distillation its two fields are left out, so checkpoints written before
         # they existed still resume.
-        skipped = {"out"} | ({"distill", "distill_temperature"} if not self.distill else set())
+        skipped = {"out", "compile"} | ({"distill", "distill_temperature"} if not self.distill
+                                        else set())
         return {k: str(v) for k, v in asdict(self).items() if k not in skipped}
 
 
@@ -162,13 +166,16 @@ def run_row(name: str, settings: Settings, command: str | None = None) -> dict:
         if controller is not None:
             controller.load_state_dict(saved["controller"])
         state = saved["state"]
+    # One graph per batch shape; a prune that changes a width traces it again.
+    runner = torch.compile(model, dynamic=False) if settings.compile else model
     for epoch in range(len(state["epochs"]) + 1, settings.epochs + 1):
         start = time.perf_counter()
-        loss = _train_epoch(model, controller, train, settings, epoch, steps_per_epoch,
+        loss = _train_epoch(runner, controller, train, settings, epoch, steps_per_epoch,
                             optimizer, scheduler, calibration, state, teacher)
         row = {"epoch": epoch, "loss": loss, "compression": built.compression(),
-               "test_acc": accuracy(model, test.batches(1000)),
-               "exact_acc": None if exact_set is None else accuracy(model, exact_set.batches(1000)),
+               "test_acc": accuracy(runner, test.batches(1000)),
+               "exact_acc": None if exact_set is None else accuracy(runner,
+                                                                     exact_set.batches(1000)),
                "seconds": time.perf_counter() - start}
         state["epochs"].append(row)
         state["seconds"] += row["seconds"]
@@ -245,6 +252,8 @@ def _result(name, spec, model, controller, built, test, state, command, settings
               "seconds": state["seconds"], "epochs": state["epochs"],
               "command": command or " ".join(shlex.quote(a) for a in sys.argv),
               "environment": run_environment()}
+    if settings.compile:  # results from before this field ran eagerly
+        result["environment"]["compiled"] = True
     if "float_start" in state:
         result["float_start"] = state["float_start"]
     if settings.lr != Settings.lr:  # results from before this field have the default

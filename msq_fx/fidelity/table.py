@@ -297,7 +297,8 @@ def _environment_line(environment: dict, with_name: bool = True) -> str:
                  f"{cpu.get('stepping')} ({' '.join(cpu.get('flags', [])) or 'no vector flags'})")
     return (f"torch {environment.get('torch', 'not recorded')}, "
             f"{environment.get('cpu_capability', 'kernels not recorded')} kernels, "
-            f"{environment.get('threads', '?')} thread(s), {where}")
+            f"{environment.get('threads', '?')} thread(s), {where}"
+            + (", compiled" if environment.get("compiled") else ""))
 
 
 def _standard_error(values: list[float]) -> float:
