@@ -126,7 +126,7 @@ def check(args: argparse.Namespace) -> int:
                                  steps=args.steps, seed=args.seed, config=config,
                                  exports=args.export,
                                  offload_activations=args.offload_activations,
-                                 lean_retry=args.lean_retry)
+                                 lean_retry=args.lean_retry, torch_compile=args.compile)
         except ValueError as error:  # the model declares no input size and none was given
             print(f"msq-fx check: error: {error}", file=sys.stderr)
             return 2
@@ -276,6 +276,10 @@ def _add_check_parser(commands) -> None:
     add_export_option(parser, help="also export the converted model (torch: torch.export; onnx: "
                                    "msq_fx.export_onnx run by ONNX Runtime) and compare its "
                                    "outputs; repeatable")
+    parser.add_argument("--compile", action="store_true",
+                        help="also run the prepared model at its mixed widths through "
+                             "torch.compile (aot_eager backend): it must give the eager "
+                             "outputs; its graphs and graph breaks are reported")
     parser.add_argument("--json", action="store_true",
                         help="one JSON object per model and line, no tables")
     parser.add_argument("--junit-xml", type=Path, default=None, metavar="PATH",

@@ -126,20 +126,45 @@ def out_of_memory_then_broken() -> nn.Module:
     return OutOfMemoryAboveOneSampleThenBroken()
 
 
-class ExportsDifferently(nn.Module):
-    """Gives another output once exported: what a wrong export would look like."""
+class ShiftedWhile(nn.Module):
+    """Adds 1 to its output while ``condition()`` holds: what a wrong export or compiled graph
+    would look like."""
 
-    def __init__(self) -> None:
+    def __init__(self, condition) -> None:
         super().__init__()
         self.fc = nn.Linear(3, 10)
+        self.condition = condition
 
     def forward(self, x):
-        shift = 1.0 if torch.compiler.is_exporting() else 0.0
+        shift = 1.0 if self.condition() else 0.0
         return self.fc(x.mean((2, 3))) + shift
 
 
 def exports_differently() -> nn.Module:
-    return ExportsDifferently()
+    return ShiftedWhile(torch.compiler.is_exporting)
+
+
+def compiles_differently() -> nn.Module:
+    return ShiftedWhile(torch.compiler.is_compiling)
+
+
+class BreaksTheGraph(nn.Module):
+    """Prints a value it computed: one graph break under torch.compile, the same output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x):
+        features = self.conv(x).mean((2, 3))
+        if float(features.detach().abs().sum()) < 0:  # never true: reading it is the break
+            print("negative")
+        return self.fc(features)
+
+
+def breaks_the_graph() -> nn.Module:
+    return BreaksTheGraph()
 
 
 class DataDependentBranch(nn.Module):
@@ -285,6 +310,35 @@ def test_without_exports_the_check_exports_nothing():
 def test_an_unknown_export_format_is_refused():
     with pytest.raises(ValueError, match=r"unknown export format\(s\) \['tflite'\]"):
         check_model("msq_fx.models:resnet20", input_size=32, exports=("tflite",))
+
+
+def test_the_compile_stage_runs_the_prepared_model_compiled_in_one_graph():
+    result = check_model("msq_fx.models:resnet20", input_size=32, torch_compile=True)
+    assert (result.status, result.reason) == ("PASS", "")
+    assert result.compiled == {"graphs": 1, "graph_breaks": 0, "break_reasons": [],
+                               "max_abs_diff": 0.0, "rel_diff": 0.0}
+    assert "compile" in result.stage_seconds
+    assert "compiled in 1 graph" in result.summary_line()
+
+
+def test_a_graph_break_is_reported_with_its_place_and_is_not_a_failure():
+    result = check_model(f"{THIS_MODULE}:breaks_the_graph", input_size=8, torch_compile=True)
+    assert result.status == "PASS"
+    assert result.compiled["graph_breaks"] >= 1 and result.compiled["graphs"] >= 2
+    assert f"{THIS_MODULE}.py:" in result.compiled["break_reasons"][0]
+
+
+def test_a_compiled_model_that_changes_the_output_fails_at_the_compile_stage():
+    result = check_model(f"{THIS_MODULE}:compiles_differently", input_size=8,
+                         torch_compile=True)
+    assert (result.status, result.stage) == ("FAIL", "compile")
+    assert result.reason.startswith("compile: the compiled model's output differs")
+    assert result.compiled["max_abs_diff"] == pytest.approx(1.0)
+
+
+def test_without_compile_the_check_compiles_nothing():
+    result = check_model(f"{THIS_MODULE}:compiles_differently", input_size=8)
+    assert result.status == "PASS" and result.compiled is None
 
 
 def test_the_peak_memory_rises_at_the_stage_that_needed_the_memory():
@@ -610,6 +664,14 @@ def test_cli_export_adds_each_export_to_the_json_row(capsys):
     assert code == 0
     row = json.loads(capsys.readouterr().out)
     assert row["status"] == "PASS" and set(row["exports"]) == {"onnx", "torch"}
+
+
+def test_cli_compile_adds_the_compiled_run_to_the_json_row(capsys):
+    code = cli.main(["check", "--json", "--input-size", "3x8x8", "--steps", "1", "--compile",
+                     f"{THIS_MODULE}:breaks_the_graph"])
+    assert code == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["status"] == "PASS" and row["compiled"]["graph_breaks"] >= 1
 
 
 def test_cli_act_bits_checks_with_quantized_activations_and_exports_them(capsys, monkeypatch):

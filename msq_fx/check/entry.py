@@ -36,7 +36,8 @@ def check_model(spec_or_model: str | nn.Module, *, input_size: int | Sequence[in
                 batch_size: int = 2, steps: int = 3, seed: int = 0,
                 config: MSQConfig | None = None, exports: Sequence[str] = (),
                 example_inputs: Tensor | tuple | None = None,
-                offload_activations: bool = False, lean_retry: bool = False) -> CheckResult:
+                offload_activations: bool = False, lean_retry: bool = False,
+                torch_compile: bool = False) -> CheckResult:
     """Run prepare -> train -> prune -> convert on one model and compare the converted output.
 
     Args:
@@ -66,6 +67,10 @@ def check_model(spec_or_model: str | nn.Module, *, input_size: int | Sequence[in
             in effect (the finite-difference Hessian, activations on disk), instead of only
             naming them in ``note``. Call ``msq_fx.offload.release_freed_memory()`` once
             before, as for ``offload_activations``.
+        torch_compile: also run the prepared model, at its mixed widths, through
+            ``torch.compile`` (the ``aot_eager`` backend: the graphs and their autograd, no
+            kernels generated); it must give the eager eval outputs, and ``compiled`` records
+            its graphs and graph breaks (a break is not a failure).
 
     Returns:
         A CheckResult: PASS, FAIL (with the stage and the reason) or SKIP (the model itself
@@ -111,7 +116,7 @@ def check_model(spec_or_model: str | nn.Module, *, input_size: int | Sequence[in
     run = functools.partial(checked_run, name, spec, spec_or_model, input_size,
                             steps=steps, seed=seed, config=config,
                             exports=tuple(dict.fromkeys(exports)), example_inputs=example_inputs,
-                            offload=offload_activations)
+                            offload=offload_activations, torch_compile=torch_compile)
     return with_less_memory_retries(run, batch_size, config, offload_activations, lean_retry)
 
 

@@ -4,8 +4,9 @@
           -> prune (one Algorithm 1 step, Hessian included) -> convert -> compare
           [-> export:torch / export:onnx, when asked for]
 
-Each stage records what it finds in the run's :class:`~.stages.Findings`; the first failure ends
-the run.
+and with ``torch_compile`` a ``compile`` stage between the prune and the conversion
+(:mod:`.compiled`). Each stage records what it finds in the run's
+:class:`~.stages.Findings`; the first failure ends the run.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from ..report import report
 from ..zoo.outputs import task_loss
 from ..zoo.specs import ModelSpec, normalize_input_size
 from .compare import compare, eval_outputs
+from .compiled import check_compiled
 from .coverage import check_coverage, expected_weight_names
 from .exports import check_export
 from .inputs import first_rows, inputs_to_check, model_and_inputs, random_labels
@@ -37,14 +39,14 @@ __all__ = ["checked_run"]
 def checked_run(name: str, spec: ModelSpec | None, given: Any, input_size: Any,
                 batch_size: int, *, steps: int, seed: int, config: MSQConfig,
                 exports: tuple[str, ...], example_inputs: Tensor | tuple | None,
-                offload: bool) -> Findings:
+                offload: bool, torch_compile: bool = False) -> Findings:
     """Run the pipeline on the model ``spec`` builds (else on ``given``, a module) at
     ``batch_size``; the findings, whether it passed or stopped at a failure."""
     findings = Findings(name)
     findings.fields["batch_size"] = batch_size
     try:
         _run_pipeline(findings, spec, given, input_size, batch_size, steps, seed, config,
-                      exports, example_inputs, offload)
+                      exports, example_inputs, offload, torch_compile)
     except StageFailed:
         pass
     return findings
@@ -53,7 +55,8 @@ def checked_run(name: str, spec: ModelSpec | None, given: Any, input_size: Any,
 def _run_pipeline(findings: Findings, spec: ModelSpec | None, given: Any,
                   input_size: Any, batch_size: int, steps: int, seed: int,
                   config: MSQConfig, exports: tuple[str, ...] = (),
-                  example_inputs: Tensor | tuple | None = None, offload: bool = False) -> None:
+                  example_inputs: Tensor | tuple | None = None, offload: bool = False,
+                  torch_compile: bool = False) -> None:
     requested = normalize_input_size(input_size, None) if input_size is not None else None
     torch.manual_seed(seed)
     with in_stage(findings, "build", SKIP, "model cannot be built: "):
@@ -91,6 +94,8 @@ def _run_pipeline(findings: Findings, spec: ModelSpec | None, given: Any,
     findings.fields["table"] = report(qmodel).table()  # the widths after the prune
     del controller  # it holds every latent weight, which the conversion is to let go
     fake_quant = eval_outputs(findings, qmodel, inputs)
+    if torch_compile:
+        check_compiled(findings, qmodel, inputs, fake_quant)
     with in_stage(findings, "convert"):
         # The fake-quant model is not needed any more, and a check that fails midway discards
         # the model anyway: each latent goes as soon as its codes exist.

@@ -9,7 +9,8 @@ __all__ = ["PASS", "FAIL", "SKIP", "STAGES", "CheckResult", "junit_xml"]
 
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 
-#: The stages of every check, in order; ``export:<format>`` follow for the exports asked for.
+#: The stages of every check, in order; ``compile`` comes before ``convert`` when asked for,
+#: and ``export:<format>`` follow for the exports asked for.
 STAGES = ("build", "forward", "trace", "prepare", "train", "prune", "convert", "compare")
 
 
@@ -55,6 +56,9 @@ class CheckResult:
         exports: per export format asked for, ``max_abs_diff`` / ``rel_diff`` of the exported
             model's outputs against the converted model's, and for ONNX the number of weights
             stored as INT4, INT8 and float and the file's size.
+        compiled: with ``torch_compile``, the prepared model under ``torch.compile``:
+            ``graphs``, ``graph_breaks``, the first ``break_reasons`` and ``max_abs_diff`` /
+            ``rel_diff`` of its eval outputs against the eager ones; None without.
     """
 
     model: str
@@ -81,6 +85,7 @@ class CheckResult:
     offloaded_mib: float | None = None
     table: str = ""
     exports: dict[str, dict[str, Any]] = field(default_factory=dict)
+    compiled: dict[str, Any] | None = None
 
     @property
     def passed(self) -> bool:
@@ -93,6 +98,9 @@ class CheckResult:
             note = f"; {self.note}" if self.note else ""
             exported = "".join(f", {target} export max |diff| {found['max_abs_diff']:.3g}"
                                for target, found in self.exports.items())
+            if self.compiled is not None:
+                exported += (f", compiled in {self.compiled['graphs']} graph"
+                             f"{'s' if self.compiled['graphs'] != 1 else ''}")
             return (f"PASS {self.model} ({self.quantized_weights} weights quantized, "
                     f"max |diff| {self.max_abs_diff:.3g}{exported}{note})")
         return f"{self.status} {self.model}: {self.reason}" + (f" ({self.note})" if self.note
