@@ -1,8 +1,8 @@
 """The check's ``compile`` stage (``compile=True``, ``msq-fx check --compile``): the prepared
 model, at the mixed widths the prune left, run through ``torch.compile``.
 
-TorchDynamo traces it on the check's inputs and the ``aot_eager`` backend builds the graphs and
-their autograd as the default backend would, without generating kernels (so the stage takes
+TorchDynamo traces its eval forward on the check's inputs and the ``aot_eager`` backend builds
+the graphs as the default backend would, without generating kernels (so the stage takes
 seconds and needs no C++ compiler). Its eval outputs must equal the eager fake-quant model's
 within the compare stage's tolerance; graph breaks are recorded, with their first reasons, and
 are not a failure: a break costs speed, not correctness.

@@ -68,7 +68,7 @@ def check_model(spec_or_model: str | nn.Module, *, input_size: int | Sequence[in
             naming them in ``note``. Call ``msq_fx.offload.release_freed_memory()`` once
             before, as for ``offload_activations``.
         torch_compile: also run the prepared model, at its mixed widths, through
-            ``torch.compile`` (the ``aot_eager`` backend: the graphs and their autograd, no
+            ``torch.compile`` (the ``aot_eager`` backend: the graphs of its eval forward, no
             kernels generated); it must give the eager eval outputs, and ``compiled`` records
             its graphs and graph breaks (a break is not a failure).
 
