@@ -217,6 +217,48 @@ def test_sweep_export_passes_each_format_to_every_check():
     assert "--export" not in runner.check_command("timm:a", runner.Limits(60, 2**30, 1, None))
 
 
+def test_sweep_compile_passes_it_to_every_check():
+    args = sweep.parse_args(["--compile"])
+    limits = runner.Limits(60, 2**30, 1, None, compile=args.compile)
+    assert runner.check_command("timm:a", limits)[-1] == "--compile"
+    assert "--compile" not in runner.check_command("timm:a", runner.Limits(60, 2**30, 1, None))
+
+
+@pytest.mark.parametrize("compiled, text", [
+    (None, ""),
+    ({"graphs": 1, "graph_breaks": 0, "break_reasons": []}, "1 graph"),
+    ({"graphs": 3, "graph_breaks": 2, "break_reasons": ["print (net.py:9)", "item (net.py:12)"]},
+     "3 graphs, 2 breaks: print (net.py:9)")])
+def test_sweep_row_gives_the_compiled_graphs_and_the_first_break(compiled, text):
+    result = check_model("msq_fx.models:resnet20", input_size=32, steps=1)
+    row = runner._result_row({**result.to_dict(include_table=False), "compiled": compiled}, 0.0)
+    assert row["compiled"] == text
+
+
+def test_sweep_markdown_has_a_compiled_column_and_says_so_only_when_asked():
+    def row(model, compiled):
+        return {**{c: "" for c in runner.COLUMNS}, "model": model, "status": "PASS",
+                "compiled": compiled}
+
+    assert "| compiled" in sweep_report.markdown_report([row("a", "1 graph")], "t", "s")
+    assert "compiled" not in sweep_report.markdown_report([row("a", "")], "t", "s")
+    assert "Compiled: the prepared model" in sweep_report.settings_text(
+        sweep.parse_args(["--compile"]))
+    assert "Compiled" not in sweep_report.settings_text(sweep.parse_args([]))
+
+
+def test_a_sweep_csv_written_before_the_compiled_column_reads_and_writes_again(tmp_path):
+    old_columns = [c for c in runner.COLUMNS if c != "compiled"]
+    path = tmp_path / "zoo.csv"
+    path.write_text(",".join(old_columns) + "\n" + ",".join(
+        "timm:a" if c == "model" else "PASS" if c == "status" else "" for c in old_columns)
+        + "\n")
+    rows = sweep_report.read_rows(path)
+    assert rows[0]["model"] == "timm:a" and not rows[0].get("compiled")
+    sweep_report.write_rows(path, rows)
+    assert path.read_text().splitlines()[0].endswith(",compiled")
+
+
 def test_sweep_row_gives_each_exports_relative_difference():
     result = check_model("msq_fx.models:resnet20", input_size=32, steps=1, exports=("torch",))
     row = runner._result_row(result.to_dict(include_table=False), 0.0)

@@ -22,7 +22,7 @@ __all__ = ["COLUMNS", "CHECK_STATUSES", "SWEEP_STATUSES", "Limits", "LEAN_RETRY"
 #: The columns of a sweep's CSV, one row per model (see msq_fx.zoo.sweep for what each holds).
 COLUMNS = ["model", "graph_nodes", "leaves", "quantized_weights", "float_leftovers", "seconds",
            "status", "reason", "stage", "max_abs_diff", "input_size", "float_details",
-           "peak_mib", "hessian", "note", "exports", "stage_seconds", "limits"]
+           "peak_mib", "hessian", "note", "exports", "stage_seconds", "limits", "compiled"]
 #: A row's status: the check's own, or what the sweep saw of a check that gave no result.
 CHECK_STATUSES = ("PASS", "FAIL", "SKIP")
 SWEEP_STATUSES = ("TIMEOUT", "OOM", "CRASH")
@@ -32,13 +32,15 @@ STDERR_LINES_KEPT = 40
 
 @dataclass(frozen=True)
 class Limits:
-    """What every check of a sweep runs with: its limits, input size and exports."""
+    """What every check of a sweep runs with: its limits, input size, exports and whether it
+    runs the prepared model through torch.compile."""
 
     timeout: float
     memory_bytes: int
     threads: int
     input_size: str | None
     exports: tuple[str, ...] = ()
+    compile: bool = False
 
     def describe(self) -> str:
         """``900 s, 10 GiB, 1 thread``: what a row was checked under (column limits)."""
@@ -96,6 +98,8 @@ def check_command(spec: str, limits: Limits, options: tuple[str, ...] = ()) -> l
         command += ["--input-size", limits.input_size]
     for target in limits.exports:
         command += ["--export", target]
+    if limits.compile:
+        command.append("--compile")
     return command
 
 
@@ -225,6 +229,7 @@ def _result_row(result: dict, start: float) -> dict:
         hessian=result.get("hessian_method") or "",
         note=result.get("note") or "",
         exports=_exports_text(result.get("exports") or {}),
+        compiled=_compiled_text(result.get("compiled")),
         stage_seconds="; ".join(f"{stage} {seconds:.1f}" for stage, seconds
                                 in (result.get("stage_seconds") or {}).items()),
         float_details="; ".join(f"{f['name']} [{f['kind']}]: {f['reason']}" for f in floats))
@@ -233,6 +238,17 @@ def _result_row(result: dict, start: float) -> dict:
 def _exports_text(exports: dict[str, dict]) -> str:
     """``torch 0; onnx 1.3e-06``: each export's max |exported - converted| / max |converted|."""
     return "; ".join(f"{target} {found['rel_diff']:.2g}" for target, found in exports.items())
+
+
+def _compiled_text(compiled: dict | None) -> str:
+    """``1 graph`` or ``3 graphs, 2 breaks: <first break>``; "" where it was not asked for."""
+    if not compiled:
+        return ""
+    graphs, breaks = compiled["graphs"], compiled["graph_breaks"]
+    text = f"{graphs} graph{'s' if graphs != 1 else ''}"
+    if breaks:
+        text += f", {breaks} break{'s' if breaks != 1 else ''}: {compiled['break_reasons'][0]}"
+    return text
 
 
 def _peak_mib(per_stage: dict[str, float]) -> str:

@@ -95,6 +95,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="likewise for timm models whose parameters x input pixels (the cost "
                              "--order size sorts by) reach COST, e.g. 8e13 (300 M parameters at "
                              "512 px): this also catches small models at a large input")
+    parser.add_argument("--compile", action="store_true",
+                        help="each check also runs the prepared model through torch.compile "
+                             "(msq-fx check --compile); column compiled: its graphs and the "
+                             "first graph break")
     add_export_option(parser, help="each check also exports the converted model (msq-fx check "
                                    "--export: torch.export, or ONNX run by ONNX Runtime) and "
                                    "compares its outputs; repeatable; column exports")
@@ -176,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
           f"{len(todo)} to check", file=sys.stderr, flush=True)
     todo_set = set(todo)
     limits = Limits(args.timeout, int(args.memory_gib * 2**30), args.threads, args.input_size,
-                    tuple(args.export))
+                    tuple(args.export), args.compile)
     sweep.save()
     counts = Counter(sweep.rows[s]["status"] for s in specs
                      if s in sweep.rows and s not in todo_set)

@@ -73,6 +73,7 @@ def markdown_report(rows: list[dict], title: str, settings: str,
                   tabulate(limits.most_common(), headers=["limits", "models"],
                            tablefmt="github")]
     exported = ["exports"] if any(r.get("exports") for r in rows) else []
+    exported += ["compiled"] if any(r.get("compiled") for r in rows) else []
     parts += ["## Weights left in float", _float_leftovers(rows),
               "## All models", _table(rows, ["model", "status", "graph_nodes", "leaves",
                                              "quantized_weights", "float_leftovers",
@@ -199,6 +200,10 @@ def settings_text(args: argparse.Namespace) -> str:
                f"column exports giving max |exported - converted| / max |converted| (a FAIL "
                f"above 1e-5 for torch.export, 1e-3 for ONNX Runtime). "
                if args.export else "")
+            + ("Compiled: the prepared model at its mixed widths run through torch.compile "
+               "(aot_eager backend), column compiled giving its graphs and its first graph "
+               "break (a FAIL where its output leaves the eager one by more than 1e-5). "
+               if args.compile else "")
             + ", ".join(f"{name} {installed_version(name)}"
                         for name in ("torch", "torchvision", "timm"))
             + ".")
