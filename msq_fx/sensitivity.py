@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -87,6 +88,19 @@ def group_traces(model: nn.Module, members: Sequence, batches: Iterable,
             result = estimate(method)
         else:
             method = "autograd"
+            not_finite = [m.name for m, t in zip(members, result.traces) if not math.isfinite(t)]
+            if not_finite:
+                # The double backward can be NaN where the first-order gradients are finite: the
+                # norm of a zero vector (Swin V2's cosine attention on the zero tokens of padded
+                # windows). Batches that are themselves not finite stay so by finite differences,
+                # and the controller then refuses the prune.
+                logger.warning(
+                    "epoch_end: the double backward gave a non-finite Hessian trace for %s; "
+                    "taking the Hessian by finite differences instead (first-order gradients "
+                    "stay finite where only a second derivative is not, e.g. at the norm of a "
+                    "zero vector)", ", ".join(not_finite))
+                method = "finite_difference"
+                result = estimate(method)
     margin = config.hessian.trace_margin
     traces = result.traces + margin * result.stderr if margin else result.traces
     return {id(m.latent): float(t) for m, t in zip(members, traces)}, method

@@ -776,6 +776,34 @@ def test_auto_falls_back_to_finite_differences_for_torchvision_roi_align():
     assert any(r.hessian_trace != 0 for r in records)
 
 
+class NormOfZeroVectors(nn.Module):
+    """Normalizes what a bias-free linear makes of its input, as cosine attention does: where
+    the input is zero (a padded token) the norm's second derivative is NaN, its first
+    derivative finite."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4, bias=False)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(F.normalize(self.fc(x), dim=-1))
+
+
+def test_auto_falls_back_to_finite_differences_where_the_double_backward_is_not_finite(caplog):
+    torch.manual_seed(0)
+    inputs, targets = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    inputs[::2] = 0  # padded tokens
+    config = msq_fx.MSQConfig(pruning=dict(threshold=1.0, interval=1))
+    qmodel = msq_fx.prepare(NormOfZeroVectors(), (inputs,), config)
+    with caplog.at_level("WARNING", logger="msq_fx"):
+        records = msq_fx.MSQController(qmodel, config).epoch_end(1, [(inputs, targets)],
+                                                                 F.cross_entropy)
+    assert {r.hessian_method for r in records} == {"finite_difference"}
+    assert all(math.isfinite(r.hessian_trace) for r in records)
+    assert "non-finite Hessian trace for fc.weight" in caplog.text
+
+
 class LossInTrainMode(nn.Module):
     """Like a torchvision detector: ``model(x, targets)`` returns its losses in train mode and
     its predictions in eval mode."""
