@@ -739,6 +739,8 @@ CI_SUBSET = [
     pytest.param("torchvision:mobilenet_v3_small", 64, id="depthwise-mobilenet_v3-hardsigmoid"),
     # Caches graph tensors on itself in the eval-mode Hessian forward; convert must still copy it.
     pytest.param("timm:efficientvit_m0", 64, id="eval-cache-efficientvit_m0"),
+    # Cosine attention on padded windows: the double backward is NaN at the zero tokens.
+    pytest.param("torchvision:swin_v2_t", 64, id="non-finite-double-backward-swin_v2_t"),
 ]
 
 
