@@ -60,8 +60,9 @@ def markdown_report(rows: list[dict], title: str, settings: str,
                   _table(skipped, ["model", "stage", "reason"])]
     by_differences = [r for r in rows if r.get("hessian") == "finite_difference"]
     if by_differences:
-        parts += ["## Hessian by finite differences (the double backward did not fit or had no "
-                  "second derivative)", _table(by_differences, ["model", "status", "peak_mib"])]
+        parts += ["## Hessian by finite differences (the double backward did not fit, had no "
+                  "second derivative, or gave a trace that is not finite)",
+                  _table(by_differences, ["model", "status", "peak_mib"])]
     noted = [r for r in rows if r.get("note")]
     if noted:
         parts += ["## Notes (e.g. checked at batch 1 because batch 2 ran out of memory)",
@@ -192,7 +193,8 @@ def settings_text(args: argparse.Namespace) -> str:
             f"then LSB regularization, each parameter stepped as "
             f"its gradient lands), one pruning step "
             f"with the Hessian (one probe, first sample; by double backward, or finite "
-            f"differences where that runs out of memory: column hessian), "
+            f"differences where that runs out of memory, has no second derivative or is not "
+            f"finite: column hessian), "
             f"convert, compare eval outputs (PASS: max |converted - fake-quant| <= 1e-5 max "
             f"|output|). Input size: {size}. "
             + limits
