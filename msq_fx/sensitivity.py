@@ -93,7 +93,8 @@ def group_traces(model: nn.Module, members: Sequence, batches: Iterable,
                 # The double backward can be NaN where the first-order gradients are finite: the
                 # norm of a zero vector (Swin V2's cosine attention on the zero tokens of padded
                 # windows). Batches that are themselves not finite stay so by finite differences,
-                # and the controller then refuses the prune.
+                # and the controller then refuses the prune. The traces are averaged over the
+                # ranks, so under torch.distributed every rank falls back together.
                 logger.warning(
                     "epoch_end: the double backward gave a non-finite Hessian trace for %s; "
                     "taking the Hessian by finite differences instead (first-order gradients "
