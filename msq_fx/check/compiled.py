@@ -1,4 +1,4 @@
-"""The check's ``compile`` stage (``compile=True``, ``msq-fx check --compile``): the prepared
+"""The check's ``compile`` stage (``torch_compile=True``, ``msq-fx check --compile``): the prepared
 model, at the mixed widths the prune left, run through ``torch.compile``.
 
 TorchDynamo traces its eval forward on the check's inputs and the ``aot_eager`` backend builds
