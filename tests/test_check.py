@@ -25,6 +25,7 @@ from torch import nn
 import msq_fx
 from msq_fx import cli
 from msq_fx.check import CheckResult, SpecError, check_model
+from msq_fx.check.compare import difference_fields, require_same_shapes
 from msq_fx.check.train import sgd_steps_in_backward
 from msq_fx.zoo import describe_error
 
@@ -271,6 +272,28 @@ def test_a_cause_the_message_already_quotes_is_not_repeated():
 def test_terminal_colour_codes_are_removed_from_a_description():
     assert describe_error(RuntimeError("\x1b[96mstep 1/3\x1b[0m failed")) == \
         "RuntimeError: step 1/3 failed"
+
+
+def test_outputs_of_other_shapes_are_refused_naming_both_sides_and_their_shapes():
+    with pytest.raises(ValueError, match=r"output shapes differ: eager \[\(2, 3\)\], "
+                                         r"compiled \[\(2, 4\)\]"):
+        require_same_shapes(("eager", [torch.zeros(2, 3)]), ("compiled", [torch.zeros(2, 4)]))
+
+
+def test_outputs_of_another_number_are_refused():
+    with pytest.raises(ValueError, match="output shapes differ"):
+        require_same_shapes(("converted", [torch.zeros(1)]),
+                            ("exported", [torch.zeros(1), torch.zeros(1)]))
+
+
+def test_no_outputs_at_all_are_refused():
+    with pytest.raises(ValueError, match="output shapes differ: fake-quant \\[\\]"):
+        require_same_shapes(("fake-quant", []), ("converted", []))
+
+
+def test_a_difference_is_recorded_absolute_and_relative_to_the_largest_output():
+    assert difference_fields(0.5, 4.0) == {"max_abs_diff": 0.5, "rel_diff": 0.125}
+    assert difference_fields(0.5, 0.0) == {"max_abs_diff": 0.5, "rel_diff": 0.5}
 
 
 def test_exports_asked_for_are_run_and_compared_with_the_converted_model():

@@ -11,7 +11,8 @@ from ..utils import call_model, eval_mode
 from ..zoo.outputs import output_tensors
 from .stages import Findings, in_stage
 
-__all__ = ["RELATIVE_TOLERANCE", "eval_outputs", "largest_difference", "compare"]
+__all__ = ["RELATIVE_TOLERANCE", "eval_outputs", "require_same_shapes", "largest_difference",
+           "difference_fields", "compare"]
 
 #: Converted and fake-quant outputs may differ by at most this fraction of the largest output.
 RELATIVE_TOLERANCE = 1e-5
@@ -24,6 +25,18 @@ def eval_outputs(findings: Findings, model: nn.Module, inputs: Tensor | tuple) -
         return output_tensors(call_model(model, inputs))
 
 
+def require_same_shapes(reference: tuple[str, list[Tensor]],
+                        other: tuple[str, list[Tensor]]) -> None:
+    """Raise ValueError, naming both sides (``(name, outputs)`` each) and their shapes, unless
+    they hold the same number of outputs with the same shapes, at least one."""
+    (reference_name, reference_outputs), (other_name, other_outputs) = reference, other
+    if not reference_outputs or ([t.shape for t in reference_outputs]
+                                 != [t.shape for t in other_outputs]):
+        raise ValueError(f"output shapes differ: {reference_name} "
+                         f"{[tuple(t.shape) for t in reference_outputs]}, {other_name} "
+                         f"{[tuple(t.shape) for t in other_outputs]}")
+
+
 def largest_difference(reference: list[Tensor], other: list[Tensor]) -> tuple[float, float]:
     """max |reference - other| over all outputs, and max |reference|."""
     scale = max(float(t.detach().abs().max()) for t in reference)
@@ -31,15 +44,18 @@ def largest_difference(reference: list[Tensor], other: list[Tensor]) -> tuple[fl
     return diff, scale
 
 
+def difference_fields(diff: float, scale: float) -> dict[str, float]:
+    """What a result records of a difference: the largest absolute one and its fraction of the
+    largest reference output (the absolute one again when that output is zero)."""
+    return {"max_abs_diff": diff, "rel_diff": diff / scale if scale > 0 else diff}
+
+
 def compare(findings: Findings, fake_quant: list[Tensor], lowered: list[Tensor]) -> None:
     """Eval outputs of the converted and fake-quant models must match and be finite."""
     with in_stage(findings, "compare"):
-        if not fake_quant or [t.shape for t in fake_quant] != [t.shape for t in lowered]:
-            raise ValueError(f"output structures differ: fake-quant "
-                             f"{[tuple(t.shape) for t in fake_quant]}, converted "
-                             f"{[tuple(t.shape) for t in lowered]}")
+        require_same_shapes(("fake-quant", fake_quant), ("converted", lowered))
     diff, scale = largest_difference(fake_quant, lowered)
-    findings.fields.update(max_abs_diff=diff, rel_diff=diff / scale if scale > 0 else diff)
+    findings.fields.update(difference_fields(diff, scale))
     if not all(bool(torch.isfinite(t).all()) for t in fake_quant + lowered):
         findings.problem("compare", "compare: eval output is not finite")
     elif not diff <= RELATIVE_TOLERANCE * scale or math.isnan(diff):

@@ -14,7 +14,8 @@ from torch import Tensor, nn
 
 from ..utils import call_model, eval_mode
 from ..zoo.outputs import output_tensors
-from .compare import RELATIVE_TOLERANCE, largest_difference
+from .compare import (RELATIVE_TOLERANCE, difference_fields, largest_difference,
+                      require_same_shapes)
 from .stages import Findings, in_stage
 
 __all__ = ["check_compiled", "BREAK_REASONS_KEPT"]
@@ -38,11 +39,9 @@ def check_compiled(findings: Findings, qmodel: nn.Module, inputs: Tensor | tuple
         compiled = torch.compile(qmodel, backend="aot_eager")
         outputs = output_tensors(call_model(compiled, inputs))
         torch._dynamo.reset()
-        if [t.shape for t in outputs] != [t.shape for t in fake_quant]:
-            raise ValueError(f"output shapes differ: compiled {[tuple(t.shape) for t in outputs]},"
-                             f" eager {[tuple(t.shape) for t in fake_quant]}")
+        require_same_shapes(("eager", fake_quant), ("compiled", outputs))
     diff, scale = largest_difference(fake_quant, outputs)
-    found.update(max_abs_diff=diff, rel_diff=diff / scale if scale > 0 else diff)
+    found.update(difference_fields(diff, scale))
     findings.fields["compiled"] = found
     if not diff <= RELATIVE_TOLERANCE * scale:
         findings.problem("compile", f"compile: the compiled model's output differs from the "

@@ -12,7 +12,8 @@ from torch import Tensor, nn
 
 from ..utils import eval_mode
 from ..zoo.outputs import output_tensors
-from .compare import RELATIVE_TOLERANCE, largest_difference
+from .compare import (RELATIVE_TOLERANCE, difference_fields, largest_difference,
+                      require_same_shapes)
 from .stages import Findings, in_stage
 
 __all__ = ["EXPORT_FORMATS", "EXPORT_TOLERANCE", "check_export", "add_export_option"]
@@ -39,11 +40,9 @@ def check_export(findings: Findings, target: str, int_model: nn.Module,
             exported = output_tensors(torch.export.export(int_model, args).module()(*args))
         else:
             exported = _onnx_outputs(int_model, inputs, found)
-        if [t.shape for t in exported] != [t.shape for t in converted]:
-            raise ValueError(f"output shapes differ: exported {[tuple(t.shape) for t in exported]},"
-                             f" converted {[tuple(t.shape) for t in converted]}")
+        require_same_shapes(("converted", converted), ("exported", exported))
     diff, scale = largest_difference(converted, exported)
-    found.update(max_abs_diff=diff, rel_diff=diff / scale if scale > 0 else diff)
+    found.update(difference_fields(diff, scale))
     findings.fields.setdefault("exports", {})[target] = found
     allowed = EXPORT_TOLERANCE[target]
     if not diff <= allowed * scale:
