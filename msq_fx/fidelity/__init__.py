@@ -10,6 +10,7 @@ CIFAR-10 ResNet-20, from one float start with one fine-tuning budget (``tools/fi
     tools/fidelity all ROW... --seeds 0-7 --jobs 2   # those rows at eight seeds, seed by seed
     tools/fidelity compare ROW_A ROW_B   # seed by seed: what each ended with, the traces taken
     tools/fidelity repeats --out A --against B   # the runs both hold: the same run or not
+    tools/fidelity choose-start RUN_DIR... --into DIR   # the float start, by the fixed rule
 """
 from __future__ import annotations
 
@@ -47,9 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tools/fidelity", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("action",
-                        choices=("row", "all", "table", "no-training", "compare", "repeats"))
+                        choices=("row", "all", "table", "no-training", "compare", "repeats",
+                                 "choose-start"))
     parser.add_argument("rows", nargs="*",
-                        help=f"rows to run (with compare: the two to compare): {', '.join(ROWS)}")
+                        help=f"rows to run (with compare: the two to compare; with "
+                             f"choose-start: the float runs' directories): {', '.join(ROWS)}")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--doc", type=Path, default=None,
@@ -84,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--against", type=Path, default=None,
                         help="with `repeats`: the other results directory, whose runs of the "
                              "same row and seed are set beside those under --out")
+    parser.add_argument("--into", type=Path, default=None,
+                        help="with `choose-start`: where the kept run's weights and record go "
+                             "when it reaches the bar (the --out of the rows run from it)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per row")
     parser.add_argument("--compile", action="store_true",
                         help="train and score each row through torch.compile (0.76x the eager "
@@ -96,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--jobs and --threads take an integer >= 1, --seed one >= 0")
     if args.seeds is not None and (args.action != "all" or args.seed != Settings.seed):
         parser.error("--seeds is for `all`, in place of --seed: give one or the other")
+    if args.action == "choose-start":
+        return _choose_start([Path(run) for run in args.rows], args.into, parser)
     unknown = [row for row in args.rows if row not in ROWS]
     if unknown:
         parser.error(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
@@ -158,6 +166,41 @@ def main(argv: list[str] | None = None) -> int:
     doc = args.doc or table_path(args.out)
     # The README's summary follows the committed table only, not trial runs elsewhere.
     write_table(args.out, doc, readme=DEFAULT_README if doc == DEFAULT_DOC else None)
+    return 0
+
+
+def _choose_start(directories: list[Path], into: Path | None,
+                  parser: argparse.ArgumentParser) -> int:
+    """``choose-start``: the float runs side by side, the one the rule keeps, and, when it
+    reaches the bar and ``into`` is given, its weights copied there. Exit status 0 when a start
+    qualifies, 1 when none does yet or the kept run falls short of the bar."""
+    from .start import (FLOAT_START_BAR, choose_float_start, float_runs_table,
+                        install_float_start, read_float_run)
+    if not directories:
+        parser.error("choose-start takes the directories of the float runs to choose from")
+    try:
+        runs = [read_float_run(directory) for directory in directories]
+    except ValueError as error:
+        parser.error(str(error))
+    try:
+        kept = choose_float_start(runs)
+    except ValueError as error:
+        print(float_runs_table(runs, None), end="\n\n")
+        print(f"not decided: {error}")
+        return 1
+    print(float_runs_table(runs, kept), end="\n\n")
+    if kept.exact_1k < FLOAT_START_BAR:
+        print(f"{kept.directory} is kept and scores {kept.exact_1k:.1f} on the exact 1k, under "
+              f"{FLOAT_START_BAR}: the rows keep their present start")
+        return 1
+    if into is None:
+        print(f"{kept.directory} qualifies; give --into DIR to copy it where its rows will run")
+        return 0
+    try:
+        target = install_float_start(kept, into)
+    except ValueError as error:
+        parser.error(str(error))
+    print(f"{kept.directory} qualifies; its weights are now {target}")
     return 0
 
 
