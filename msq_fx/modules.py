@@ -27,12 +27,26 @@ __all__ = ["WeightFakeQuant", "Prefetched", "LoweredWeight", "ActivationFakeQuan
 KINDS = ("conv", "depthwise", "linear", "attention")
 
 
+def _int_of_buffer(module: nn.Module, buffer: str, copy: str) -> int:
+    """The value of the one-element ``buffer`` as a Python int, kept in ``module``'s plain
+    attribute ``copy``. Under ``torch.compile`` the copy is read instead: reading a tensor's
+    value breaks the graph (once per layer), while a Python int is specialized on, and the
+    graph traced again when it changes. The buffer is the truth (it is what state_dict saves),
+    so every eager read refreshes the copy."""
+    if torch.compiler.is_compiling():
+        return module.__dict__[copy]
+    value = int(module._buffers[buffer])
+    module.__dict__[copy] = value
+    return value
+
+
 class WeightFakeQuant(CachesItsWeight):
     """RoundClamp fake quantization of one weight tensor during training.
 
     Buffers: ``bits`` (current width q), ``prune_step`` (p, LSBs removed at the next prune).
-    ``static_bits`` is ``bits`` as a Python int, for ``torch.compile`` (:meth:`set_bits` and
-    ``load_state_dict`` keep the two together; an eager read refreshes it).
+    ``static_bits`` and ``static_prune_step`` are the two as Python ints, for ``torch.compile``
+    (:meth:`set_bits`, :meth:`set_prune_step` and ``load_state_dict`` keep each with its
+    buffer; an eager read through :attr:`num_bits` or :attr:`prune_lsbs` refreshes it).
     Parameter ``scale`` (learned scale modes only): S, one per tensor ("tensor") or per output
     channel ("channel"), trained with the weights; the n-bit step is S / 2^(n-1), so dropping
     zero LSBs never moves a value. With ``scale_mode="max"`` there is no parameter and S is
@@ -67,6 +81,7 @@ class WeightFakeQuant(CachesItsWeight):
         self.register_buffer("bits", torch.tensor(int(bits), dtype=torch.int64))
         self.static_bits = int(bits)
         self.register_buffer("prune_step", torch.tensor(1, dtype=torch.int64))
+        self.static_prune_step = 1
         self.kind = kind
         self.names = tuple(names)
         self.grid = grid
@@ -83,22 +98,28 @@ class WeightFakeQuant(CachesItsWeight):
 
     @property
     def num_bits(self) -> int:
-        if torch.compiler.is_compiling():
-            # Reading a tensor's value breaks a compiled graph (one break per layer); the graph
-            # specializes on this Python copy instead, and is traced again when it changes.
-            return self.__dict__["static_bits"]
-        bits = int(self.bits)
-        self.__dict__["static_bits"] = bits  # the buffer is the truth: keep the copy with it
-        return bits
+        """The width q as a Python int."""
+        return _int_of_buffer(self, "bits", "static_bits")
+
+    @property
+    def prune_lsbs(self) -> int:
+        """p, the LSBs the next prune removes, as a Python int."""
+        return _int_of_buffer(self, "prune_step", "static_prune_step")
 
     def set_bits(self, bits: int) -> None:
         """Set the width (the ``bits`` buffer and its Python copy ``static_bits``)."""
         self.bits.fill_(int(bits))
         self.__dict__["static_bits"] = int(bits)
 
+    def set_prune_step(self, p: int) -> None:
+        """Set p (the ``prune_step`` buffer and its Python copy ``static_prune_step``)."""
+        self.prune_step.fill_(int(p))
+        self.__dict__["static_prune_step"] = int(p)
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.__dict__["static_bits"] = int(self.bits)
+        self.__dict__["static_prune_step"] = int(self.prune_step)
 
     @property
     def learned_scale(self) -> Tensor | None:
@@ -143,7 +164,7 @@ class WeightFakeQuant(CachesItsWeight):
     def lsb_l1(self, latent: Tensor, k: int | None = None, units: str = "code") -> Tensor:
         """``sum |B_k|`` over the tensor in step units, or times the step with
         ``units="weight"`` (:func:`msq_fx.quant.lsb_l1`); k defaults to the prune step p."""
-        k = int(self.prune_step) if k is None else k
+        k = self.prune_lsbs if k is None else k
         k = min(k, self.num_bits - 1)
         if k < 1:
             return latent.new_zeros(())
@@ -173,7 +194,7 @@ class WeightFakeQuant(CachesItsWeight):
         return quant.weight_scale(latent) if scale is None else scale.detach()
 
     def extra_repr(self) -> str:
-        return (f"bits={self.num_bits}, p={int(self.prune_step)}, kind={self.kind}, "
+        return (f"bits={self.num_bits}, p={self.prune_lsbs}, kind={self.kind}, "
                 f"grid={self.grid}, scale={self.scale_mode}")
 
 

@@ -54,7 +54,7 @@ class PrecisionGroup:
 
     @property
     def prune_step(self) -> int:
-        return int(self.members[0].quantizer.prune_step)
+        return self.members[0].quantizer.prune_lsbs
 
     def set_bits(self, bits: int) -> None:
         for member in self.members:
@@ -62,7 +62,7 @@ class PrecisionGroup:
 
     def set_prune_step(self, p: int) -> None:
         for member in self.members:
-            member.quantizer.prune_step.fill_(p)
+            member.quantizer.set_prune_step(p)
 
     def droppable_lsbs(self, min_bits: int) -> int:
         """The LSBs the next prune would drop: p, clipped so the width stays >= ``min_bits``."""

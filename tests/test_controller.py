@@ -1246,3 +1246,17 @@ def test_a_plan_holds_while_no_prune_changes_a_width(monkeypatch):
     ctl.epoch_end(2, batches(SCOPE_WIDTHS), F.mse_loss)
     assert bits_of(qmodel) == [7, 7, 7, 7] and not ctl.done
     assert ctl.penalized == {"layers.3.weight"}
+
+
+def test_the_controller_s_penalty_compiles_into_one_graph_with_the_model_s_loss():
+    torch._dynamo.reset()
+    config = msq_fx.MSQConfig(target_compression=8.0)
+    qmodel = msq_fx.prepare(msq_fx.resnet20(), torch.randn(2, 3, 32, 32), config)
+    controller = msq_fx.MSQController(qmodel, config)
+    images, labels = torch.randn(2, 3, 32, 32), torch.tensor([0, 1])
+
+    def loss(images, labels):
+        return F.cross_entropy(qmodel(images), labels) + controller.regularization()
+
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)  # a break would raise
+    torch.testing.assert_close(compiled(images, labels), loss(images, labels))

@@ -106,6 +106,29 @@ def test_the_width_s_python_copy_follows_the_buffer_once_read_eagerly():
     assert quantizer.num_bits == 3 and quantizer.static_bits == 3
 
 
+def test_p_s_python_copy_follows_the_buffer_once_read_eagerly():
+    quantizer = WeightFakeQuant(8, "conv", ("conv.weight",))
+    quantizer.prune_step.fill_(2)  # not through set_prune_step
+    assert quantizer.prune_lsbs == 2 and quantizer.static_prune_step == 2
+
+
+def test_p_loaded_from_a_state_dict_reaches_its_python_copy():
+    source, target = (WeightFakeQuant(8, "conv", ("conv.weight",)) for _ in range(2))
+    source.set_prune_step(2)
+    target.load_state_dict(source.state_dict())
+    assert target.static_prune_step == 2
+
+
+def test_the_lsb_penalty_compiles_into_one_graph_that_follows_p():
+    torch._dynamo.reset()
+    w = latent_weight(6, 4)
+    quantizer = WeightFakeQuant(6, "linear", ("fc.weight",))
+    compiled = torch.compile(quantizer.lsb_l1, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(w), quant.lsb_value(w, 6, 1).abs().sum())
+    quantizer.set_prune_step(2)
+    assert torch.equal(compiled(w), quant.lsb_value(w, 6, 2).abs().sum())
+
+
 def test_weight_fake_quant_lsb_l1_is_the_sum_of_lsb_magnitudes_at_the_prune_step():
     w = latent_weight(6, 4)
     quantizer = WeightFakeQuant(6, "linear", ("fc.weight",))
