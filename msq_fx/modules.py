@@ -53,7 +53,8 @@ class WeightFakeQuant(CachesItsWeight):
     max|w| at every forward.
     Plain attributes (re-created by ``prepare``): ``kind``, ``names`` (every FQN of the tensor),
     ``grid``, ``binary_gradient`` (how a binary width passes the gradient with a learned
-    scale, :data:`msq_fx.quant.BINARY_GRADIENTS`), ``prunable`` (False for layers whose width
+    scale, :data:`msq_fx.quant.BINARY_GRADIENTS`), ``binary_gain`` (what a binary width's
+    latent gradient is multiplied by), ``prunable`` (False for layers whose width
     a policy fixes), ``recompute`` (the
     owner's forward lets ops save how to recompute the quantized weight instead of a copy),
     ``cache`` (inside ``cached_quantized_weights``: the last quantized tensor and what it was
@@ -63,7 +64,8 @@ class WeightFakeQuant(CachesItsWeight):
 
     def __init__(self, bits: int, kind: str, names: tuple[str, ...], grid: str = "nested",
                  prunable: bool = True, recompute: bool = False, scale_mode: str = "max",
-                 latent: Tensor | None = None, binary_gradient: str = "inside_clip") -> None:
+                 latent: Tensor | None = None, binary_gradient: str = "inside_clip",
+                 binary_gain: float = 1.0) -> None:
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -86,6 +88,7 @@ class WeightFakeQuant(CachesItsWeight):
         self.names = tuple(names)
         self.grid = grid
         self.binary_gradient = binary_gradient
+        self.binary_gain = float(binary_gain)
         self.prunable = prunable
         self.recompute = recompute
         self.group = self.names[0]
@@ -140,7 +143,8 @@ class WeightFakeQuant(CachesItsWeight):
         return self._quantize(latent, bits, scale)
 
     def _quantize(self, latent: Tensor, bits: int, scale: Tensor | None) -> Tensor:
-        return quant.fake_quantize(latent, bits, self.grid, scale, self.binary_gradient)
+        return quant.fake_quantize(latent, bits, self.grid, scale, self.binary_gradient,
+                                   self.__dict__.get("binary_gain", 1.0))
 
     def prefetch(self, latent: Tensor) -> bool:
         """Quantize ``latent`` now for this quantizer's next call, which returns that tensor if
