@@ -72,8 +72,9 @@ def choose_float_start(runs: list[FloatRun]) -> FloatRun:
     unfinished = [f"{run.directory} ({run.epochs_done} of {run.epochs_planned} epochs)"
                   for run in runs if not run.finished]
     if unfinished:
-        raise ValueError(f"not every run has finished: {', '.join(unfinished)}; continue them "
-                         f"with the command in their float.json, then choose")
+        raise ValueError(f"not every run has finished: {', '.join(unfinished)}; the command "
+                         f"that started a run resumes it from its checkpoint (float.json "
+                         f"records its arguments), then choose")
     return max(runs, key=lambda run: run.other_9k)  # max keeps the first of equals
 
 
