@@ -53,6 +53,8 @@ BINARY_GRADIENT_EVERY_WEIGHT = {**BELOW_TWO_BITS, "binary_gradient": "every_weig
 #: Binary layers' latents stepped three times as far (the rate that took uniform 2-bit QAT down
 #: a point, docs/fidelity.md "A larger learning rate", given to the binary layers alone).
 BINARY_GAIN_3 = {**BELOW_TWO_BITS, "binary_gradient_gain": 3.0}
+#: And a third as far, the other side of 1.
+BINARY_GAIN_THIRD = {**BELOW_TWO_BITS, "binary_gradient_gain": 1 / 3}
 #: Variants measured against the rows above (docs/fidelity.md, "What the table shows").
 FROM_4_BITS = {"init_bits": 4}
 FROM_3_BITS = {"init_bits": 3}
@@ -234,6 +236,10 @@ ROWS: dict[str, RowSpec] = {row.name: row for row in [
          "prune by Omega growth closed by the cheapest drop; binary layers' latent gradient "
          "times 3 (binary_gradient_gain 3; min_bits 1, literal grid)",
          quantization={**BINARY_GAIN_3, **FROM_3_BITS}, pruning=CHEAPEST_FINISH),
+    _msq("msq-18x-from-3bit-binary-gain-third", 18.0, "MSQ, target 18x, from 3 bits, the "
+         "last prune by Omega growth closed by the cheapest drop; binary layers' latent "
+         "gradient times 1/3 (binary_gradient_gain 1/3; min_bits 1, literal grid)",
+         quantization={**BINARY_GAIN_THIRD, **FROM_3_BITS}, pruning=CHEAPEST_FINISH),
     _msq("msq-16x-from-3bit-average-trace", 16.0, "MSQ, target 16x, from 3 bits, Omega by the "
          "average trace for p, the drop order and the last prune (min_bits 1, literal grid)",
          quantization={**BELOW_TWO_BITS, **FROM_3_BITS}, pruning=AVERAGE_TRACE),
