@@ -102,7 +102,9 @@ class QuantizationConfig(_SubConfig):
         slowly than 2-bit ones in a short fine-tuning; a gain above 1 gives their latents (not
         their scale) a larger step, as a larger learning rate for those layers alone would.
         The Hessian's trace of a binary layer scales alike; a binary layer is at the width
-        floor, so no prune decision reads it.
+        floor, so no prune decision reads it. Measured fine-tuning ResNet-20 to 18.5x (seed 0):
+        0.32 points worse at 3 and 0.53 at 1/3 than at 1, the training loss higher both ways
+        (docs/fidelity.md).
     first_last: "quantize" the first and last quantized layer like any other, keep them "fixed"
         at ``first_last_bits`` (never pruned), or leave them "float".
     first_last_bits: the width "fixed" holds the first and last layer at; None (default):
