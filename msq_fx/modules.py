@@ -33,8 +33,10 @@ def _int_of_buffer(module: nn.Module, buffer: str, copy: str) -> int:
     value breaks the graph (once per layer), while a Python int is specialized on, and the
     graph traced again when it changes. The buffer is the truth (it is what state_dict saves),
     so every eager read refreshes the copy."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() and copy in module.__dict__:
         return module.__dict__[copy]
+    # Eager, or compiling a module unpickled from before the copy existed and not read since:
+    # reading the buffer costs that graph a break, not a wrong value.
     value = int(module._buffers[buffer])
     module.__dict__[copy] = value
     return value
@@ -53,9 +55,9 @@ class WeightFakeQuant(CachesItsWeight):
     max|w| at every forward.
     Plain attributes (re-created by ``prepare``): ``kind``, ``names`` (every FQN of the tensor),
     ``grid``, ``binary_gradient`` (how a binary width passes the gradient with a learned
-    scale, :data:`msq_fx.quant.BINARY_GRADIENTS`), ``binary_gain`` (what a binary width's
-    latent gradient is multiplied by), ``prunable`` (False for layers whose width
-    a policy fixes), ``recompute`` (the
+    scale, :data:`msq_fx.quant.BINARY_GRADIENTS`), ``binary_gradient_gain`` (what a binary
+    width's latent gradient is multiplied by), ``prunable`` (False for layers whose width a
+    policy fixes), ``recompute`` (the
     owner's forward lets ops save how to recompute the quantized weight instead of a copy),
     ``cache`` (inside ``cached_quantized_weights``: the last quantized tensor and what it was
     computed from, else None), ``prefetched`` (a ``Prefetched`` weight for the next call, set by
@@ -65,7 +67,7 @@ class WeightFakeQuant(CachesItsWeight):
     def __init__(self, bits: int, kind: str, names: tuple[str, ...], grid: str = "nested",
                  prunable: bool = True, recompute: bool = False, scale_mode: str = "max",
                  latent: Tensor | None = None, binary_gradient: str = "inside_clip",
-                 binary_gain: float = 1.0) -> None:
+                 binary_gradient_gain: float = 1.0) -> None:
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -88,7 +90,7 @@ class WeightFakeQuant(CachesItsWeight):
         self.names = tuple(names)
         self.grid = grid
         self.binary_gradient = binary_gradient
-        self.binary_gain = float(binary_gain)
+        self.binary_gradient_gain = float(binary_gradient_gain)
         self.prunable = prunable
         self.recompute = recompute
         self.group = self.names[0]
@@ -143,8 +145,9 @@ class WeightFakeQuant(CachesItsWeight):
         return self._quantize(latent, bits, scale)
 
     def _quantize(self, latent: Tensor, bits: int, scale: Tensor | None) -> Tensor:
-        return quant.fake_quantize(latent, bits, self.grid, scale, self.binary_gradient,
-                                   self.__dict__.get("binary_gain", 1.0))
+        # A quantizer pickled before the gain existed has none: it passed the plain gradient.
+        gain = self.__dict__.get("binary_gradient_gain", 1.0)
+        return quant.fake_quantize(latent, bits, self.grid, scale, self.binary_gradient, gain)
 
     def prefetch(self, latent: Tensor) -> bool:
         """Quantize ``latent`` now for this quantizer's next call, which returns that tensor if

@@ -255,8 +255,8 @@ class _StraightThrough(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w: Tensor, bits: int, grid: str,  # noqa: D102
-                binary_gain: float = 1.0) -> Tensor:
-        ctx.gain = binary_gain if is_binary(bits, grid) else 1.0
+                binary_gradient_gain: float = 1.0) -> Tensor:
+        ctx.gain = binary_gradient_gain if is_binary(bits, grid) else 1.0
         # A compiled graph saves what its own partitioner decides; the recipe (and the tensor
         # version it reads, which the compiler cannot trace) is for eager autograd only.
         scale = weight_scale(w)
@@ -290,12 +290,12 @@ class _LearnedScale(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w: Tensor, scale: Tensor, bits: int, grid: str,  # noqa: D102
-                every_weight: bool = False, binary_gain: float = 1.0) -> Tensor:
+                every_weight: bool = False, binary_gradient_gain: float = 1.0) -> Tensor:
         scale = scale.detach()
         ctx.save_for_backward(w, scale)
         ctx.bits, ctx.grid = bits, grid
         ctx.every_weight = every_weight and is_binary(bits, grid)
-        ctx.gain = binary_gain if is_binary(bits, grid) else 1.0
+        ctx.gain = binary_gradient_gain if is_binary(bits, grid) else 1.0
         ctx.recipe = (None if torch.compiler.is_compiling()
                       else Recipe(w, bits, grid, w._version, scale, scale_version=scale._version))
         return quantize_value(w, bits, grid, scale)
@@ -334,20 +334,20 @@ def _reduce_to(values: Tensor, shape: torch.Size) -> Tensor:
 
 def fake_quantize(w: Tensor, bits: int, grid: str = "nested",
                   scale: Tensor | None = None, binary_gradient: str = "inside_clip",
-                  binary_gain: float = 1.0) -> Tensor:
+                  binary_gradient_gain: float = 1.0) -> Tensor:
     """RoundClamp fake quantization with a straight-through gradient (paper Eq. 2 and 4).
 
     ``scale`` None: the scale is max|w| (detached). A tensor: a learned scale (of the shape
     :func:`scale_shape` gives) that receives an LSQ gradient; weights past it clamp, except
     binary weights under ``binary_gradient="every_weight"`` (see :data:`BINARY_GRADIENTS`).
-    ``binary_gain`` multiplies the gradient a binary weight (:func:`is_binary`) passes to its
-    latent; other widths ignore it.
+    ``binary_gradient_gain`` multiplies the gradient a binary weight (:func:`is_binary`)
+    passes to its latent; other widths ignore it.
     """
     if scale is None:
-        return _StraightThrough.apply(w, bits, grid, binary_gain)
+        return _StraightThrough.apply(w, bits, grid, binary_gradient_gain)
     _check_binary_gradient(binary_gradient)
     return _LearnedScale.apply(w, scale, bits, grid, binary_gradient == "every_weight",
-                               binary_gain)
+                               binary_gradient_gain)
 
 
 def is_binary(bits: int, grid: str) -> bool:

@@ -79,7 +79,8 @@ def rewrite(model: nn.Module, discovery: Discovery, config: MSQConfig,
                                           recompute=quantization.recompute_quantized_weights,
                                           scale_mode=quantization.scale,
                                           binary_gradient=quantization.binary_gradient,
-                                          binary_gain=quantization.binary_gradient_gain,
+                                          binary_gradient_gain=(
+                                              quantization.binary_gradient_gain),
                                           latent=_latent(model, t.name))
                   for t in discovery.targets}
     for name, quantizer in quantizers.items():

@@ -333,11 +333,11 @@ GAINS = st.sampled_from([0.5, 2.0, 3.0])
 
 @PROPERTY
 @given(binary_cases(), GAINS, st.sampled_from(quant.BINARY_GRADIENTS))
-def test_a_binary_gain_multiplies_the_latent_gradient_and_leaves_the_value_and_scale(
+def test_a_binary_gradient_gain_multiplies_the_latent_gradient_and_leaves_the_value_and_scale(
         case, gain, binary_gradient):
     plain_w, plain_scale, plain_value = binary_differentiated(case, binary_gradient)
     w, scale = case.w.clone().requires_grad_(), case.scale.clone().requires_grad_()
-    value = quant.fake_quantize(w, 1, "literal", scale, binary_gradient, binary_gain=gain)
+    value = quant.fake_quantize(w, 1, "literal", scale, binary_gradient, binary_gradient_gain=gain)
     value.backward(case.grad)
     assert torch.equal(value, plain_value)
     assert torch.equal(w.grad, plain_w.grad * gain)
@@ -346,37 +346,38 @@ def test_a_binary_gain_multiplies_the_latent_gradient_and_leaves_the_value_and_s
 
 @PROPERTY
 @given(binary_cases(), GAINS)
-def test_a_binary_gain_reaches_a_binary_latent_under_the_max_scale_too(case, gain):
+def test_a_binary_gradient_gain_reaches_a_binary_latent_under_the_max_scale_too(case, gain):
     w = case.w.clone().requires_grad_()
-    quant.fake_quantize(w, 1, "literal", binary_gain=gain).backward(case.grad)
+    quant.fake_quantize(w, 1, "literal", binary_gradient_gain=gain).backward(case.grad)
     assert torch.equal(w.grad, case.grad * gain)
 
 
 @PROPERTY
 @given(binary_cases(), GAINS, st.sampled_from([(1, "nested"), (2, "literal"), (2, "nested")]))
-def test_a_binary_gain_leaves_every_other_width_alone(case, gain, width):
+def test_a_binary_gradient_gain_leaves_every_other_width_alone(case, gain, width):
     bits, grid = width
     gradients = []
-    for binary_gain in (1.0, gain):
+    for each_gain in (1.0, gain):
         for scale in (None, case.scale):
             w = case.w.clone().requires_grad_()
             learned = None if scale is None else scale.clone().requires_grad_()
-            quant.fake_quantize(w, bits, grid, learned, binary_gain=binary_gain).backward(
-                case.grad)
+            value = quant.fake_quantize(w, bits, grid, learned, binary_gradient_gain=each_gain)
+            value.backward(case.grad)
             gradients.append(w.grad)
     assert torch.equal(gradients[0], gradients[2]) and torch.equal(gradients[1], gradients[3])
 
 
-def test_prepare_gives_every_quantizer_the_configured_binary_gain():
+def test_prepare_gives_every_quantizer_the_configured_binary_gradient_gain():
     config = msq_fx.MSQConfig(quantization={"grid": "literal", "min_bits": 1,
                                             "binary_gradient_gain": 3.0})
     qmodel = msq_fx.prepare(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)),
                             torch.randn(3, 4), config)
-    assert {m.binary_gain for m in qmodel.modules() if isinstance(m, WeightFakeQuant)} == {3.0}
+    gains = {m.binary_gradient_gain for m in qmodel.modules() if isinstance(m, WeightFakeQuant)}
+    assert gains == {3.0}
 
 
 @pytest.mark.parametrize("gain", [0, -1.0, float("inf"), float("nan"), True, "2"])
-def test_a_binary_gain_that_is_not_a_positive_number_is_refused(gain):
+def test_a_binary_gradient_gain_that_is_not_a_positive_number_is_refused(gain):
     with pytest.raises(ValueError, match="binary_gradient_gain"):
         msq_fx.MSQConfig(quantization={"binary_gradient_gain": gain})
 

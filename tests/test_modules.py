@@ -129,6 +129,17 @@ def test_the_lsb_penalty_compiles_into_one_graph_that_follows_p():
     assert torch.equal(compiled(w), quant.lsb_value(w, 6, 2).abs().sum())
 
 
+def test_a_quantizer_without_the_python_copies_still_compiles_to_the_right_penalty():
+    """As one unpickled from before the copies existed: the buffers are read instead."""
+    torch._dynamo.reset()
+    w = latent_weight(6, 4)
+    quantizer = WeightFakeQuant(6, "linear", ("fc.weight",))
+    quantizer.set_prune_step(2)
+    del quantizer.__dict__["static_prune_step"], quantizer.__dict__["static_bits"]
+    compiled = torch.compile(quantizer.lsb_l1, backend="aot_eager")
+    assert torch.equal(compiled(w), quant.lsb_value(w, 6, 2).abs().sum())
+
+
 def test_weight_fake_quant_lsb_l1_is_the_sum_of_lsb_magnitudes_at_the_prune_step():
     w = latent_weight(6, 4)
     quantizer = WeightFakeQuant(6, "linear", ("fc.weight",))
