@@ -349,6 +349,37 @@ def test_all_over_seeds_runs_what_each_seed_lacks_seed_by_seed(settings, monkeyp
     assert asked[2][2].endswith("--seed 1") and "--seed" not in asked[0][2]
 
 
+def test_all_over_the_table_rows_runs_each_of_them(settings, monkeypatch):
+    import msq_fx.fidelity as fidelity
+    from msq_fx.fidelity.rows import TABLE_ROWS
+
+    asked = []
+    monkeypatch.setattr(fidelity, "run_row", lambda name, row_settings, command:
+                        asked.append(name))
+    main(["all", "--table-rows", "--data", str(settings.data), "--out", str(settings.out),
+          "--doc", str(settings.out / "t.md")])
+    assert asked == list(TABLE_ROWS)
+
+
+def test_the_table_rows_hold_every_target_the_p_comparison_the_peer_and_the_control():
+    from msq_fx.fidelity.rows import TABLE_ROWS
+
+    assert set(TABLE_ROWS) <= set(ROWS) and len(set(TABLE_ROWS)) == len(TABLE_ROWS)
+    for target in TARGETS:
+        assert {target.msq_row, target.uniform_row} <= set(TABLE_ROWS)
+    assert {"msq-16x", "msq-16x-fixed-p", "float-fine-tuned"} <= set(TABLE_ROWS)
+    assert {ROWS[name].method for name in TABLE_ROWS} == {"uniform", "msq", "oneshot",
+                                                         "brevitas", "float"}
+
+
+@pytest.mark.parametrize("arguments", [["all", "--table-rows", "uniform-2bit"],
+                                       ["row", "--table-rows"]])
+def test_table_rows_beside_named_rows_or_outside_all_is_a_usage_error(arguments, capsys):
+    with pytest.raises(SystemExit):
+        main(arguments)
+    assert "--table-rows" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("arguments", [["all", "--seeds", "2-1"], ["all", "--seeds", "0,0"],
                                        ["all", "--seeds", "a"], ["row", "--seeds", "0-3"],
                                        ["all", "--seeds", "0-3", "--seed", "2"]])

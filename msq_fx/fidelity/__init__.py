@@ -8,6 +8,7 @@ CIFAR-10 ResNet-20, from one float start with one fine-tuning budget (``tools/fi
     tools/fidelity no-training           # the float start quantized without training
     tools/fidelity row msq-8x --seed 1   # the same row under another seed (data order, init)
     tools/fidelity all ROW... --seeds 0-7 --jobs 2   # those rows at eight seeds, seed by seed
+    tools/fidelity all --table-rows      # the rows a float start's table is made of
     tools/fidelity compare ROW_A ROW_B   # seed by seed: what each ended with, the traces taken
     tools/fidelity repeats --out A --against B   # the runs both hold: the same run or not
     tools/fidelity choose-start RUN_DIR... --into DIR   # the float start, by the fixed rule
@@ -26,7 +27,7 @@ import torch
 
 from ..config import PruningConfig
 from ..utils import replace_marked_block
-from .rows import ROWS, RowSpec, build_row
+from .rows import ROWS, TABLE_ROWS, RowSpec, build_row
 from .run import FLOAT_CHECKPOINT, FLOAT_WEIGHTS, Settings, float_weights, run_row, start_digest
 from .table import (environments_text, load_results, load_seeds, markdown_table,
                     runs_from_other_starts, runs_table, seeds_table, targets_summary,
@@ -74,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=_seed_list, default=None, metavar="LIST",
                         help="with `all`: every seed in LIST (e.g. 0-7 or 0,2,5), seed after "
                              "seed, each row that seed lacks; in place of --seed")
+    parser.add_argument("--table-rows", action="store_true",
+                        help=f"with `all`, in place of naming rows: the rows a float start's "
+                             f"table is made of ({', '.join(TABLE_ROWS)})")
     parser.add_argument("--lr", type=float, default=Settings.lr,
                         help=f"every row's peak learning rate (SGD, momentum 0.9, cosine to zero; "
                              f"default {Settings.lr})")
@@ -104,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--seeds is for `all`, in place of --seed: give one or the other")
     if args.action == "choose-start":
         return _choose_start([Path(run) for run in args.rows], args.into, parser)
+    if args.table_rows:
+        if args.action != "all" or args.rows:
+            parser.error("--table-rows is for `all`, in place of naming rows")
+        args.rows = list(TABLE_ROWS)
     unknown = [row for row in args.rows if row not in ROWS]
     if unknown:
         parser.error(f"unknown rows {unknown}; known: {', '.join(ROWS)}")

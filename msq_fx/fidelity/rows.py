@@ -322,6 +322,21 @@ TARGETS = (
 )
 
 
+#: The rows a float start's table is made of (run at seed 0 from a new start; docs/fidelity.md,
+#: "A 200-epoch float start"): uniform QAT at 4 / 3 / 2 bits, the four targets' presets, the
+#: Hessian's p (msq-16x) against p fixed at 1, the one-shot allocations, the peer at 4 / 3 / 2
+#: bits, and the float control.
+TABLE_ROWS = (
+    "uniform-4bit", "uniform-3bit", "uniform-2bit",
+    *(target.msq_row for target in TARGETS),
+    "msq-16x", "msq-16x-fixed-p",
+    "oneshot-10.67x", "oneshot-8x-per-weight", "oneshot-10.67x-per-weight",
+    "oneshot-16x-per-weight",
+    "brevitas-4bit", "brevitas-3bit", "brevitas-2bit",
+    "float-fine-tuned",
+)
+
+
 def result_stem(name: str, seed: int = 0) -> str:
     """The file name (without suffix) of row ``name``'s checkpoint and result under ``seed``:
     seed 0 is the table's own run, other seeds repeat it to show how far a seed moves it."""
