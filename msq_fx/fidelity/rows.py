@@ -228,10 +228,6 @@ ROWS: dict[str, RowSpec] = {row.name: row for row in [
          "every latent (min_bits 1, literal grid)",
          quantization={**BINARY_GRADIENT_EVERY_WEIGHT, **FROM_3_BITS},
          pruning=CHEAPEST_FINISH),
-    _msq("msq-16x-from-3bit-binary-gain-3", 16.0, "MSQ, target 16x, from 3 bits, the last "
-         "prune by Omega growth closed by the cheapest drop; binary layers' latent gradient "
-         "times 3 (binary_gradient_gain 3; min_bits 1, literal grid)",
-         quantization={**BINARY_GAIN_3, **FROM_3_BITS}, pruning=CHEAPEST_FINISH),
     _msq("msq-18x-from-3bit-binary-gain-3", 18.0, "MSQ, target 18x, from 3 bits, the last "
          "prune by Omega growth closed by the cheapest drop; binary layers' latent gradient "
          "times 3 (binary_gradient_gain 3; min_bits 1, literal grid)",
