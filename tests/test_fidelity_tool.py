@@ -462,6 +462,50 @@ def test_the_targets_summary_gives_each_target_under_each_budget_and_its_verdict
                 ).rstrip(" |").endswith("not run")
 
 
+def test_a_budget_with_its_own_float_start_is_judged_against_that_start():
+    from msq_fx.fidelity import targets_summary
+
+    eight = next(target for target in TARGETS if target.label == "8x")
+    by_row = {eight.msq_row: _runs({0: 91.0, 1: 91.0}, 8.0),
+              eight.uniform_row: _runs({0: 90.0, 1: 90.0}, 8.0)}
+    lines = targets_summary({"3 epochs": by_row, "3 epochs, new start": by_row}, 91.2,
+                            {"3 epochs, new start": 92.0}).splitlines()
+    cells = {line.split("|")[2].strip(): [cell.strip() for cell in line.split("|")[-3:-1]]
+             for line in lines if line.startswith("| 8x")}
+    assert cells["3 epochs"] == ["-0.20", "yes"]
+    assert cells["3 epochs, new start"] == ["-1.00", "no"]  # 1.00 under it, margin 0.5
+
+
+def test_a_set_beside_the_table_holding_its_own_float_start_names_it(settings):
+    from msq_fx.fidelity import START_200
+
+    beside = settings_beside(settings, settings.out / START_200)
+    directory = beside.out
+    epochs = [{"epoch": 1, "loss": 0.2, "test_acc": 70.0, "test_exact_acc": 80.0},
+              {"epoch": 2, "loss": 0.1, "test_acc": 83.25, "test_exact_acc": 92.4}]
+    (directory / "float.json").write_text(json.dumps(
+        {"args": {"epochs": "2", "compile": "True", "out": "results/fidelity/float-200"},
+         "epochs": epochs}))
+    run_row("uniform-2bit", beside)
+    write_table(settings.out, settings.out / "fidelity.md")
+    section = (settings.out / "fidelity.md").read_text().partition("200-epoch float start")[2]
+    assert ("Its float start (float ResNet-20 after epoch 2 of 2): 83.25% on all 10k, 92.4% "
+            "on the exact 1k, trained by "
+            "`tools/cifar10_resnet20 --run float --epochs 2 --compile --threads 1 --out "
+            "results/fidelity/float-200`") in " ".join(section.split())
+
+
+def test_a_float_start_trained_under_the_working_directory_is_named_relative_to_it(
+        tmp_path, monkeypatch):
+    from msq_fx.fidelity import float_start_row
+
+    monkeypatch.chdir(tmp_path)
+    epochs = [{"epoch": 1, "loss": 1.0, "test_acc": 80.0, "test_exact_acc": 90.0}]
+    (tmp_path / "float.json").write_text(json.dumps(
+        {"args": {"epochs": "1", "out": str(tmp_path / "runs" / "float")}, "epochs": epochs}))
+    assert float_start_row(tmp_path)["command"].endswith("--out runs/float`")
+
+
 def test_the_readme_summary_is_rewritten_between_its_markers_and_the_rest_kept(settings):
     from msq_fx.fidelity import SUMMARY_BEGIN, SUMMARY_END
 

@@ -37,7 +37,7 @@ __all__ = ["ROWS", "RowSpec", "build_row", "Settings", "run_row", "load_results"
            "markdown_table", "runs_table", "seeds_table", "targets_table", "main", "run_rows",
            "table_path", "targets_summary", "write_table", "write_summary", "DEFAULT_OUT",
            "DEFAULT_DOC", "DEFAULT_README", "ONE_ENVIRONMENT", "DISTILLED", "LARGER_RATE",
-           "environments_text", "runs_of_one_start"]
+           "START_200", "environments_text", "runs_of_one_start", "float_start_row"]
 
 DEFAULT_OUT = Path("results/fidelity")
 DEFAULT_DOC = Path("docs/fidelity.md")
@@ -269,19 +269,7 @@ def _seed_list(text: str) -> tuple[int, ...]:
 def write_table(out: Path, doc: Path, readme: Path | None = None) -> None:
     """Write the table of every row run so far to ``doc`` (Markdown) and, given ``readme``,
     the targets in brief into its summary block (:func:`write_summary`)."""
-    float_json = out / "float.json"
-    float_row = None
-    if float_json.exists():
-        record = json.loads(float_json.read_text())
-        epochs, planned = record["epochs"], int(record["args"]["epochs"])
-        # The tool records its arguments as text; a run from before --erase has none.
-        erase = record["args"].get("erase", "None")
-        erase_option = "" if erase == "None" else f" --erase {erase}"
-        float_row = {"test_acc": epochs[-1]["test_acc"], "exact_acc": epochs[-1].get(
-            "test_exact_acc"), "what": f"float ResNet-20 after epoch {len(epochs)} of {planned}"
-            + ("" if len(epochs) == planned else " (training; resumes with the same command)"),
-            "command": f"`tools/cifar10_resnet20 --run float --epochs {planned}{erase_option} "
-                       f"--threads 1 --out {out}`"}
+    float_row = float_start_row(out)
     doc.parent.mkdir(parents=True, exist_ok=True)
     # What follows the table (measurements, notes) is kept as written.
     rest = doc.read_text().partition(TABLE_END)[2] if doc.exists() else "\n"
@@ -292,6 +280,7 @@ def write_table(out: Path, doc: Path, readme: Path | None = None) -> None:
     float_acc = None if float_row is None else float_row["test_acc"]
     targets = f"\n\n{TARGETS_HEADER}{targets_table(by_row, float_acc)}"
     budgets = {_epochs_text(_epochs_run(by_row)): by_row}
+    float_by_budget: dict[str, float | None] = {}
     for budget in sorted(out.glob("budget*/rows")):
         longer = runs_of_one_start(budget.parent)
         name = _epochs_text(_epochs_run(longer))
@@ -305,13 +294,59 @@ def write_table(out: Path, doc: Path, readme: Path | None = None) -> None:
         if not (directory / "rows").is_dir():
             continue
         runs = runs_of_one_start(directory)
-        budgets[f"{_epochs_text(_epochs_run(runs))}, {label}"] = runs
-        targets += _set_section(f"{intro.format(directory=directory)} What they ran on:\n\n"
-                                f"{environments_text(runs)}", runs, targets_intro, float_acc)
+        name = f"{_epochs_text(_epochs_run(runs))}, {label}"
+        budgets[name] = runs
+        # A set trained from a start of its own is judged against that start.
+        own_start = float_start_row(directory)
+        float_by_budget[name] = float_acc if own_start is None else own_start["test_acc"]
+        start_text = "" if own_start is None else f" {_start_text(own_start)}"
+        targets += _set_section(f"{intro.format(directory=directory)}{start_text} What they "
+                                f"ran on:\n\n{environments_text(runs)}", runs, targets_intro,
+                                float_by_budget[name])
     doc.write_text(HEADER + markdown_table(table_runs, float_row) + seeds + targets + "\n\n"
                    + TABLE_END + rest)
     if readme is not None:
-        write_summary(readme, targets_summary(budgets, float_acc))
+        write_summary(readme, targets_summary(budgets, float_acc, float_by_budget))
+
+
+def float_start_row(out: Path) -> dict | None:
+    """The float start ``out`` holds, as the table's first row, from its ``float.json``
+    (None where there is none): its accuracies after the last epoch, what it is, and the
+    command that trained it (in the directory it was trained in, which ``choose-start``
+    records when it copies a start elsewhere)."""
+    float_json = out / "float.json"
+    if not float_json.exists():
+        return None
+    record = json.loads(float_json.read_text())
+    args, epochs = record["args"], record["epochs"]
+    planned = int(args["epochs"])
+    # The tool records its arguments as text; runs from before --erase / --compile have none.
+    options = "" if args.get("erase", "None") == "None" else f" --erase {args['erase']}"
+    options += " --compile" if args.get("compile") == "True" else ""
+    return {"test_acc": epochs[-1]["test_acc"], "exact_acc": epochs[-1].get("test_exact_acc"),
+            "what": f"float ResNet-20 after epoch {len(epochs)} of {planned}"
+                    + ("" if len(epochs) == planned else
+                       " (training; resumes with the same command)"),
+            "command": f"`tools/cifar10_resnet20 --run float --epochs {planned}{options} "
+                       f"--threads 1 --out {_trained_in(args, out)}`"}
+
+
+def _trained_in(args: dict, out: Path) -> str:
+    """The directory a float start was trained in, relative to the working directory where
+    it lies under it (records hold the path as given, which may be absolute)."""
+    trained = Path(args.get("out", out))
+    try:
+        return str(trained.relative_to(Path.cwd())) if trained.is_absolute() else str(trained)
+    except ValueError:
+        return str(trained)
+
+
+def _start_text(start: dict) -> str:
+    """A set's own float start in a sentence (its accuracies and the command that trained
+    it), for the set's introduction."""
+    exact = "" if start["exact_acc"] is None else f", {start['exact_acc']:.1f}% on the exact 1k"
+    return (f"Its float start ({start['what']}): {start['test_acc']:.2f}% on all 10k{exact}, "
+            f"trained by {start['command']}; each target's margin is taken from it.")
 
 
 def runs_of_one_start(directory: Path) -> dict[str, dict[int, dict]]:
@@ -366,6 +401,9 @@ DISTILLED = "distill"
 # The targets' rows with a larger peak learning rate (``--lr 0.03``): binary layers train more
 # slowly than 2-bit ones at the table's rate.
 LARGER_RATE = "lr-0.03"
+# The rows run again from the 200-epoch float start, which ``choose-start`` copies there when
+# it qualifies (docs/fidelity.md, "A 200-epoch float start"); judged against that start.
+START_200 = "start-200"
 #: Sets of runs of the table's rows set beside it, each with its own targets and README line:
 #: (subdirectory of the results, budget label, the set's introduction, its targets' heading).
 SETS_BESIDE = (
@@ -382,6 +420,11 @@ SETS_BESIDE = (
      "The targets' rows at a peak learning rate of 0.03 (rows under `{directory}`, which holds "
      "a copy of\nthe float start): the same settings and budget otherwise (`--lr 0.03`, in each "
      "command).", "The targets over the runs at lr 0.03"),
+    (START_200, "200-epoch start",
+     "The table's rows run again from the 200-epoch float start (rows under `{directory}`, "
+     "which\nholds that start, copied there by `tools/fidelity choose-start` under the rule "
+     "fixed before\nit finished): the same settings and budget, every run compiled.",
+     "The targets over the runs from the 200-epoch start"),
 )
 SUMMARY_BEGIN = "<!-- the fidelity targets, written by tools/fidelity table -->"
 SUMMARY_END = "<!-- end of the fidelity targets -->"
