@@ -8,6 +8,9 @@
 
     msq_fx.assert_quantizes(model, input_size=64)   # in a test suite: does it quantize?
 
+    tuned = msq_fx.fine_tune(model, example_inputs, train_loader, target=8.0)  # a trained model
+    int_model = msq_fx.convert(tuned.model)
+
 The names below are the package's surface; everything else is imported from its module
 (``msq_fx.weight_cache.cached_quantized_weights``, ``msq_fx.hessian.hutchinson_traces``, ...).
 """
@@ -16,6 +19,7 @@ from .check import assert_quantizes, check_model
 from .config import HessianConfig, MSQConfig, PruningConfig, QuantizationConfig
 from .controller import MSQController
 from .errors import MSQError
+from .fine_tune import FineTuneConfig, FineTuned, fine_tune
 from .io import load, save, saved_config, saved_report
 from .models import SmallCNN, resnet20
 from .onnx_export import export_onnx
@@ -26,5 +30,6 @@ __all__ = [
     "prepare", "convert", "MSQConfig", "QuantizationConfig", "PruningConfig", "HessianConfig",
     "MSQController", "MSQError", "report", "save", "load", "saved_config", "saved_report",
     "export_onnx", "check_model", "assert_quantizes", "plot_history", "resnet20", "SmallCNN",
+    "fine_tune", "FineTuneConfig", "FineTuned",
 ]
 __version__ = "0.1.0"

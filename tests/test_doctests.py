@@ -8,9 +8,9 @@ import pytest
 import torch
 
 #: The modules of prepare / convert, MSQController, save / load, report, export_onnx and
-#: check_model / assert_quantizes.
+#: check_model / assert_quantizes, fine_tune.
 MODULES = ("msq_fx.api", "msq_fx.controller", "msq_fx.io", "msq_fx.report", "msq_fx.onnx_export",
-           "msq_fx.check.entry")
+           "msq_fx.check.entry", "msq_fx.fine_tune")
 
 
 @pytest.mark.parametrize("name", MODULES)

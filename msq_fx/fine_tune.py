@@ -1,0 +1,221 @@
+"""Quantize a trained network in one call: ``msq_fx.fine_tune``.
+
+The recipe is the one measured in docs/fidelity.md: ``MSQConfig.fine_tuning(target)`` (a start
+one bit above the target's uniform width, a prune every 25 optimizer steps on a few fixed
+batches, learned per-channel scales), SGD with momentum, the learning rate annealed by a cosine
+to zero over the whole budget, a few epochs. It is the loop a user would otherwise write around
+``prepare``, ``MSQController.step_end`` and ``epoch_end``, with a checkpoint per epoch to resume
+from after a crash.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .api import prepare
+from .config import MSQConfig
+from .controller import MSQController
+from .io import atomic_write
+from .training import cosine_schedule, train_epoch
+
+__all__ = ["FineTuneConfig", "FineTuned", "fine_tune"]
+
+
+@dataclass(frozen=True)
+class FineTuneConfig:
+    """The budget and optimizer of :func:`fine_tune` (the defaults are the measured ones:
+    CIFAR-10 ResNet-20 from a trained float model, docs/fidelity.md).
+
+    Attributes:
+        epochs: passes over the training batches.
+        lr: the peak learning rate of SGD, annealed by a cosine to zero at the last step.
+        momentum, weight_decay: SGD's.
+        warmup_steps: optimizer steps of linear warm-up before the cosine (0: none).
+        prune_batches: how many of the first training batches every prune reads (Hessian
+            traces, BatchNorm re-estimation, the measured finish); taken once and kept, so
+            the decisions do not follow the data order.
+        compile: run the training forward through ``torch.compile`` (one graph; a prune that
+            changes a width traces it again).
+    """
+
+    epochs: int = 3
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_steps: int = 0
+    prune_batches: int = 4
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        checks = {"epochs": self.epochs >= 1, "lr": self.lr > 0,
+                  "momentum": 0 <= self.momentum < 1, "weight_decay": self.weight_decay >= 0,
+                  "warmup_steps": self.warmup_steps >= 0,
+                  "prune_batches": self.prune_batches >= 1}
+        expected = {"epochs": "an int >= 1", "lr": "a number > 0", "momentum": "in [0, 1)",
+                    "weight_decay": ">= 0", "warmup_steps": "an int >= 0",
+                    "prune_batches": "an int >= 1"}
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"FineTuneConfig.{name}={getattr(self, name)!r} is invalid: "
+                                 f"expected {expected[name]}.")
+
+
+@dataclass
+class FineTuned:
+    """What :func:`fine_tune` returns.
+
+    Attributes:
+        model: the prepared model, trained (fake-quantized weights); ``msq_fx.convert(model)``
+            lowers it to integer codes with the same outputs.
+        controller: its MSQ controller (bit widths, compression, ``history_table()``).
+        epochs: one record per epoch: ``epoch``, mean training ``loss``, ``compression``,
+            ``bits`` (per group), and ``metric`` where an ``evaluate`` function was given.
+        target_step: the optimizer step at which the target compression was reached (None if
+            it was not).
+    """
+
+    model: nn.Module
+    controller: MSQController
+    epochs: list[dict[str, Any]] = field(default_factory=list)
+    target_step: int | None = None
+
+
+def fine_tune(model: nn.Module, example_inputs: Any, train_batches: Iterable,
+              target: float | None = None, *, config: MSQConfig | None = None,
+              schedule: FineTuneConfig = FineTuneConfig(),
+              loss_fn: Callable[[Any, Tensor], Tensor] = F.cross_entropy,
+              evaluate: Callable[[nn.Module], Any] | None = None,
+              checkpoint: str | Path | None = None) -> FineTuned:
+    """Quantize a trained ``model`` with MSQ in a few epochs of training.
+
+    ``model`` is prepared on a copy (it is not changed) with ``MSQConfig.fine_tuning(target)``,
+    or with ``config``, and trained by SGD on ``train_batches`` for ``schedule.epochs``, the
+    prunes due after every optimizer step (``interval_unit="step"``) or epoch taking the first
+    ``schedule.prune_batches`` batches.
+
+    Args:
+        model: a trained float model.
+        example_inputs: as for :func:`msq_fx.prepare`.
+        train_batches: ``(inputs, targets)`` pairs on the model's device, iterated once per
+            epoch: a DataLoader or a list, not a one-shot iterator; ``len()`` must give the
+            batches per epoch (the cosine runs over the whole budget).
+        target: the compression to reach (8.0 for 4 bits on average); give it or ``config``.
+        config: the full MSQ configuration, in place of the preset for ``target``.
+        schedule: the budget and the optimizer.
+        loss_fn: ``loss_fn(model(inputs), targets)``, the task loss.
+        evaluate: called with the model after each epoch (in train mode; switch it as you
+            need); what it returns is kept in that epoch's record as ``metric``.
+        checkpoint: a file written after each epoch (model, optimizer, schedule, controller);
+            if it exists, training resumes from it, so a run stopped at any point continues
+            with the same decisions. Refused if it was written with other settings.
+
+    Returns:
+        A :class:`FineTuned`: the trained prepared model, its controller, the epoch records.
+
+    Example:
+        >>> import torch, msq_fx
+        >>> from torch import nn
+        >>> _ = torch.manual_seed(0)
+        >>> net = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(288, 10))
+        >>> batches = [(torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,)))] * 4
+        >>> config = msq_fx.MSQConfig.fine_tuning(8.0, pruning={"interval": 2, "threshold": 1.0})
+        >>> tuned = msq_fx.fine_tune(net, batches[0][0], batches, config=config,
+        ...                          schedule=msq_fx.FineTuneConfig(epochs=2))
+        >>> tuned.controller.done, tuned.target_step, tuned.epochs[-1]["compression"]
+        (True, 2, 8.0)
+        >>> int_model = msq_fx.convert(tuned.model)
+    """
+    config = _config_for(target, config)
+    steps_per_epoch = _batches_per_epoch(train_batches)
+    prune_batches = list(itertools.islice(train_batches, schedule.prune_batches))
+    qmodel = prepare(model, example_inputs, config)
+    controller = MSQController(qmodel, config)
+    optimizer = torch.optim.SGD(qmodel.parameters(), lr=schedule.lr, momentum=schedule.momentum,
+                                weight_decay=schedule.weight_decay)
+    scheduler = cosine_schedule(optimizer, schedule.epochs * steps_per_epoch,
+                                warmup_steps=schedule.warmup_steps)
+    result = FineTuned(qmodel, controller, target_step=0 if controller.done else None)
+    settings = {"config": config.to_dict(), "schedule": dataclasses.asdict(schedule),
+                "steps_per_epoch": steps_per_epoch}
+    path = None if checkpoint is None else Path(checkpoint)
+    if path is not None and path.exists():
+        _resume(path, settings, qmodel, optimizer, scheduler, controller, result)
+    runner = torch.compile(qmodel, dynamic=False) if schedule.compile else qmodel
+    for epoch in range(len(result.epochs) + 1, schedule.epochs + 1):
+        loss = train_epoch(runner, train_batches, optimizer, controller, loss_fn, scheduler,
+                           prune_batches=prune_batches)
+        controller.epoch_end(epoch, prune_batches, loss_fn)
+        if result.target_step is None and controller.done:
+            # The last prune reached it; a prune counted in epochs runs after the epoch's last
+            # step.
+            result.target_step = controller.history[-1].step or epoch * steps_per_epoch
+        record = {"epoch": epoch, "loss": loss, "compression": controller.compression(),
+                  "bits": controller.bit_widths()}
+        if evaluate is not None:
+            record["metric"] = evaluate(qmodel)
+            qmodel.train()
+        result.epochs.append(record)
+        if path is not None:
+            _save(path, settings, qmodel, optimizer, scheduler, controller, result)
+    return result
+
+
+def _config_for(target: float | None, config: MSQConfig | None) -> MSQConfig:
+    if target is not None and config is not None:
+        raise ValueError("fine_tune: give target (the fine-tuning preset for it) or config, "
+                         "not both")
+    if config is not None:
+        if not isinstance(config, MSQConfig):
+            raise TypeError(f"fine_tune: config must be an MSQConfig, got "
+                            f"{type(config).__name__}")
+        return config
+    return MSQConfig.fine_tuning(8.0 if target is None else target)
+
+
+def _batches_per_epoch(train_batches: Iterable) -> int:
+    if iter(train_batches) is train_batches:
+        raise ValueError("fine_tune: train_batches is a one-shot iterator, which would be empty "
+                         "after the first epoch; pass something iterated afresh each epoch (a "
+                         "DataLoader, a list of (inputs, targets) batches)")
+    try:
+        count = len(train_batches)  # type: ignore[arg-type]
+    except TypeError:
+        raise ValueError(f"fine_tune: train_batches ({type(train_batches).__name__}) has no "
+                         f"len(), which the learning-rate schedule needs to span the whole "
+                         f"budget; pass a DataLoader or a list") from None
+    if count < 1:
+        raise ValueError("fine_tune: train_batches is empty")
+    return count
+
+
+def _save(path: Path, settings: dict, qmodel: nn.Module, optimizer, scheduler,
+          controller: MSQController, result: FineTuned) -> None:
+    snapshot = {"settings": settings, "model": qmodel.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "controller": controller.state_dict(), "epochs": result.epochs,
+                "target_step": result.target_step}
+    # A crash while writing leaves the previous epoch's checkpoint whole.
+    atomic_write(path, lambda tmp: torch.save(snapshot, tmp))
+
+
+def _resume(path: Path, settings: dict, qmodel: nn.Module, optimizer, scheduler,
+            controller: MSQController, result: FineTuned) -> None:
+    saved = torch.load(path, weights_only=True)
+    if saved["settings"] != settings:
+        differing = sorted(key for key in settings if saved["settings"].get(key) != settings[key])
+        raise ValueError(f"fine_tune: {path} was written by a run with other settings (what "
+                         f"differs: {', '.join(differing)}); give the same ones to resume it, "
+                         f"or another checkpoint path to start afresh")
+    qmodel.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    controller.load_state_dict(saved["controller"])
+    result.epochs[:] = saved["epochs"]
+    result.target_step = saved["target_step"]

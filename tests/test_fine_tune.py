@@ -1,0 +1,173 @@
+"""msq_fx.fine_tune: quantizing a trained network in one call, resumable."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+import msq_fx
+from msq_fx import FineTuneConfig, MSQConfig, fine_tune
+
+
+def small_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(288, 10))
+
+
+def batches(count: int = 6) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(1)
+    return [(torch.randn(16, 1, 8, 8, generator=generator),
+             torch.randint(0, 10, (16,), generator=generator)) for _ in range(count)]
+
+
+#: Prunes every 2 steps, every layer pruned (alpha 1): decisions that do not wait for LSBs
+#: to empty, so a few steps reach the target.
+EVERY_LAYER = {"interval": 2, "threshold": 1.0}
+
+
+def test_the_preset_for_the_target_is_what_trains_by_default():
+    tuned = fine_tune(small_net(), batches()[0][0], batches(), target=16.0,
+                      schedule=FineTuneConfig(epochs=1))
+    assert tuned.controller.config == MSQConfig.fine_tuning(16.0)
+
+
+def test_the_model_given_is_left_as_it_was():
+    net = small_net()
+    before = {name: value.clone() for name, value in net.state_dict().items()}
+    fine_tune(net, batches()[0][0], batches(), target=8.0, schedule=FineTuneConfig(epochs=1))
+    after = net.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[name], after[name]) for name in before)
+
+
+def test_the_target_step_is_the_optimizer_step_of_the_prune_that_reached_it():
+    config = MSQConfig.fine_tuning(8.0, pruning=EVERY_LAYER)  # from 5 bits: one prune to 4
+    tuned = fine_tune(small_net(), batches()[0][0], batches(), config=config,
+                      schedule=FineTuneConfig(epochs=2))
+    assert tuned.controller.done and tuned.target_step == 2
+    assert [record.step for record in tuned.controller.history] == [2, 2]  # conv and linear
+    assert [record["compression"] for record in tuned.epochs] == [8.0, 8.0]
+
+
+def test_a_target_not_reached_in_the_budget_has_no_target_step():
+    config = MSQConfig.fine_tuning(8.0, pruning={"interval": 100})
+    tuned = fine_tune(small_net(), batches()[0][0], batches(), config=config,
+                      schedule=FineTuneConfig(epochs=1))
+    assert not tuned.controller.done and tuned.target_step is None
+
+
+def test_the_trained_model_converts_to_the_same_outputs():
+    config = MSQConfig.fine_tuning(8.0, pruning=EVERY_LAYER)
+    tuned = fine_tune(small_net(), batches()[0][0], batches(), config=config,
+                      schedule=FineTuneConfig(epochs=1))
+    inputs = batches()[0][0]
+    tuned.model.eval()
+    with torch.no_grad():
+        assert torch.equal(tuned.model(inputs), msq_fx.convert(tuned.model)(inputs))
+
+
+def test_each_epoch_records_the_loss_widths_and_what_evaluate_returned():
+    seen_modes = []
+
+    def evaluate(model):
+        seen_modes.append(model.training)
+        return len(seen_modes) * 10.0
+
+    tuned = fine_tune(small_net(), batches()[0][0], batches(), target=8.0,
+                      schedule=FineTuneConfig(epochs=2), evaluate=evaluate)
+    assert [record["metric"] for record in tuned.epochs] == [10.0, 20.0]
+    assert [record["epoch"] for record in tuned.epochs] == [1, 2]
+    assert all(record["bits"] == tuned.controller.bit_widths() for record in tuned.epochs[-1:])
+    assert all(record["loss"] > 0 for record in tuned.epochs)
+    assert tuned.model.training
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def test_a_run_stopped_by_a_crash_resumes_from_its_checkpoint_to_the_same_weights(tmp_path):
+    config = MSQConfig.fine_tuning(8.0, pruning={"interval": 3})
+    schedule = FineTuneConfig(epochs=3)
+    whole = fine_tune(small_net(), batches()[0][0], batches(), config=config, schedule=schedule)
+
+    def crash_in_epoch_2(model):
+        if crash_in_epoch_2.calls == 1:
+            raise Crash
+        crash_in_epoch_2.calls += 1
+    crash_in_epoch_2.calls = 0
+    path = tmp_path / "run.ckpt"
+    with pytest.raises(Crash):
+        fine_tune(small_net(), batches()[0][0], batches(), config=config, schedule=schedule,
+                  evaluate=crash_in_epoch_2, checkpoint=path)
+    epochs_trained = []
+    resumed = fine_tune(small_net(), batches()[0][0], batches(), config=config,
+                        schedule=schedule, checkpoint=path,
+                        evaluate=lambda model: epochs_trained.append(model) or "scored")
+    assert len(epochs_trained) == 2  # epochs 2 and 3: epoch 1 came from the checkpoint
+    assert [record["epoch"] for record in resumed.epochs] == [1, 2, 3]
+    assert [record["metric"] for record in resumed.epochs] == [None, "scored", "scored"]
+    assert resumed.target_step == whole.target_step
+    assert resumed.controller.bit_widths() == whole.controller.bit_widths()
+    expected = whole.model.state_dict()
+    assert all(torch.equal(value, expected[name])
+               for name, value in resumed.model.state_dict().items())
+
+
+def test_a_checkpoint_from_other_settings_is_refused_and_left_as_it_was(tmp_path):
+    path = tmp_path / "run.ckpt"
+    fine_tune(small_net(), batches()[0][0], batches(), target=8.0,
+              schedule=FineTuneConfig(epochs=1), checkpoint=path)
+    written = path.read_bytes()
+    with pytest.raises(ValueError, match=r"run.ckpt was written by a run with other settings "
+                                         r"\(what differs: schedule\)"):
+        fine_tune(small_net(), batches()[0][0], batches(), target=8.0,
+                  schedule=FineTuneConfig(epochs=1, lr=0.05), checkpoint=path)
+    assert path.read_bytes() == written
+
+
+def test_a_one_shot_iterator_is_refused_before_anything_trains():
+    with pytest.raises(ValueError, match="one-shot iterator"):
+        fine_tune(small_net(), batches()[0][0], iter(batches()), target=8.0)
+
+
+def test_batches_without_a_length_are_refused_with_what_to_pass_instead():
+    class Stream:
+        def __iter__(self):
+            return iter(batches())
+
+    with pytest.raises(ValueError, match=r"\(Stream\) has no len\(\).*pass a DataLoader"):
+        fine_tune(small_net(), batches()[0][0], Stream(), target=8.0)
+
+
+def test_a_target_and_a_config_together_are_refused():
+    with pytest.raises(ValueError, match="give target .* or config, not both"):
+        fine_tune(small_net(), batches()[0][0], batches(), target=8.0,
+                  config=MSQConfig.fine_tuning(8.0))
+
+
+@pytest.mark.parametrize("field, value", [("epochs", 0), ("lr", 0.0), ("momentum", 1.0),
+                                          ("weight_decay", -1e-4), ("warmup_steps", -1),
+                                          ("prune_batches", 0)])
+def test_a_schedule_out_of_range_is_refused_by_field(field, value):
+    with pytest.raises(ValueError, match=rf"FineTuneConfig\.{field}="):
+        FineTuneConfig(**{field: value})
+
+
+def test_the_schedule_is_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        FineTuneConfig().epochs = 5
+
+
+@pytest.mark.slow
+def test_a_compiled_run_trains_as_the_eager_one_decides():
+    config = MSQConfig.fine_tuning(8.0, pruning=EVERY_LAYER)
+    runs = [fine_tune(small_net(), batches()[0][0], batches(), config=config,
+                      schedule=FineTuneConfig(epochs=1, compile=compiled))
+            for compiled in (False, True)]
+    assert runs[0].controller.bit_widths() == runs[1].controller.bit_widths()
+    assert runs[0].target_step == runs[1].target_step == 2
+    assert runs[1].epochs[0]["loss"] == pytest.approx(runs[0].epochs[0]["loss"], rel=1e-3)
