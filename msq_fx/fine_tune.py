@@ -113,8 +113,9 @@ def fine_tune(model: nn.Module, example_inputs: Any, train_batches: Iterable,
         evaluate: called with the model after each epoch (in train mode; switch it as you
             need); what it returns is kept in that epoch's record as ``metric``.
         checkpoint: a file written after each epoch (model, optimizer, schedule, controller);
-            if it exists, training resumes from it, so a run stopped at any point continues
-            with the same decisions. Refused if it was written with other settings.
+            if it exists, training resumes from it after the last epoch it holds (with
+            ``train_batches`` giving each epoch the same data as before, the run ends as an
+            uninterrupted one would). Refused if it was written with other settings.
 
     Returns:
         A :class:`FineTuned`: the trained prepared model, its controller, the epoch records.

@@ -5,6 +5,9 @@ import importlib.machinery
 import importlib.util
 import os
 import sys
+from pathlib import Path
+
+import numpy as np
 
 import pytest
 import torch
@@ -53,6 +56,18 @@ def load_tool(path, module_name: str):
     sys.modules[loader.name] = module
     loader.exec_module(module)
     return module
+
+
+def write_cifar_like(path: Path, train: int, test: int, exact: int) -> Path:
+    """A CIFAR-10-shaped ``.npz`` at ``path`` (random pixels and labels, seeded), its first
+    ``exact`` test images marked bit-exact: what the CIFAR tools read, with no data needed."""
+    generator = np.random.default_rng(0)
+    np.savez(path, x_train=generator.integers(0, 256, (train, 32, 32, 3), dtype=np.uint8),
+             y_train=generator.integers(0, 10, train, dtype=np.uint8),
+             x_test=generator.integers(0, 256, (test, 32, 32, 3), dtype=np.uint8),
+             y_test=generator.integers(0, 10, test, dtype=np.uint8),
+             test_exact=np.arange(test) < exact)
+    return path
 
 
 def expected_weight_names(model: nn.Module) -> set[str]:

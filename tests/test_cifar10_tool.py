@@ -6,13 +6,12 @@ import io
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 import msq_fx
 from msq_fx.data import load_npz
-from conftest import load_tool
+from conftest import load_tool, write_cifar_like
 
 TOOL_PATH = Path(__file__).resolve().parents[1] / "tools" / "cifar10_resnet20"
 TINY = ["--train-size", "64", "--batch-size", "32", "--epochs", "2", "--prune-interval", "1",
@@ -27,14 +26,8 @@ def tool():
 
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory) -> Path:
-    generator = np.random.default_rng(0)
-    path = tmp_path_factory.mktemp("data") / "cifar_like.npz"
-    np.savez(path, x_train=generator.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8),
-             y_train=generator.integers(0, 10, 64, dtype=np.uint8),
-             x_test=generator.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8),
-             y_test=generator.integers(0, 10, 40, dtype=np.uint8),
-             test_exact=np.arange(40) < 10)
-    return path
+    return write_cifar_like(tmp_path_factory.mktemp("data") / "cifar_like.npz", train=64,
+                            test=40, exact=10)
 
 
 def run(tool, archive: Path, out: Path, *extra: str) -> str:

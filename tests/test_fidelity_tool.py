@@ -6,7 +6,6 @@ import dataclasses
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -15,6 +14,7 @@ from msq_fx.fidelity import (DISTILLED, LARGER_RATE, ROWS, TABLE_END, Settings, 
                              run_rows, write_table)
 from msq_fx.fidelity.rows import TARGETS, build_row
 from msq_fx.fidelity.run import FLOAT_WEIGHTS, _row_loss, float_weights, start_digest
+from conftest import write_cifar_like
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -24,13 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def settings(tmp_path):
     """A 256-image CIFAR-shaped archive (random pixels) and a float ResNet-20 start."""
-    generator = np.random.default_rng(0)
-    data = tmp_path / "cifar.npz"
-    np.savez(data, x_train=generator.integers(0, 256, (256, 32, 32, 3), dtype=np.uint8),
-             y_train=generator.integers(0, 10, 256, dtype=np.uint8),
-             x_test=generator.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8),
-             y_test=generator.integers(0, 10, 64, dtype=np.uint8),
-             test_exact=np.arange(64) < 16)
+    data = write_cifar_like(tmp_path / "cifar.npz", train=256, test=64, exact=16)
     torch.manual_seed(0)
     torch.save(msq_fx.resnet20().state_dict(), tmp_path / FLOAT_WEIGHTS)
     return Settings(data=data, out=tmp_path, epochs=1, batch_size=32, calibration_batches=1)
