@@ -146,8 +146,24 @@ def fine_tune(model: nn.Module, example_inputs: Any, train_batches: Iterable,
     settings = {"config": config.to_dict(), "schedule": dataclasses.asdict(schedule),
                 "steps_per_epoch": steps_per_epoch}
     path = None if checkpoint is None else Path(checkpoint)
+
+    def save() -> None:
+        if path is not None:
+            _save(path, settings, qmodel, optimizer, scheduler, controller, result)
+
+    def score_last_epoch() -> None:
+        # The training state is saved before ``evaluate`` runs, so a failing evaluation loses
+        # no training; a resumed run scores the epoch it was missing (the model is as that
+        # epoch left it).
+        if evaluate is not None and "metric" not in result.epochs[-1]:
+            result.epochs[-1]["metric"] = evaluate(qmodel)
+            qmodel.train()
+            save()
+
     if path is not None and path.exists():
         _resume(path, settings, qmodel, optimizer, scheduler, controller, result)
+        if result.epochs:
+            score_last_epoch()
     runner = torch.compile(qmodel, dynamic=False) if schedule.compile else qmodel
     for epoch in range(len(result.epochs) + 1, schedule.epochs + 1):
         loss = train_epoch(runner, train_batches, optimizer, controller, loss_fn, scheduler,
@@ -157,14 +173,11 @@ def fine_tune(model: nn.Module, example_inputs: Any, train_batches: Iterable,
             # The last prune reached it; a prune counted in epochs runs after the epoch's last
             # step.
             result.target_step = controller.history[-1].step or epoch * steps_per_epoch
-        record = {"epoch": epoch, "loss": loss, "compression": controller.compression(),
-                  "bits": controller.bit_widths()}
-        if evaluate is not None:
-            record["metric"] = evaluate(qmodel)
-            qmodel.train()
-        result.epochs.append(record)
-        if path is not None:
-            _save(path, settings, qmodel, optimizer, scheduler, controller, result)
+        result.epochs.append({"epoch": epoch, "loss": loss,
+                              "compression": controller.compression(),
+                              "bits": controller.bit_widths()})
+        save()
+        score_last_epoch()
     return result
 
 

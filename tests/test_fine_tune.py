@@ -89,6 +89,21 @@ class Crash(RuntimeError):
     pass
 
 
+class CountedPasses:
+    """``items`` iterated afresh each time, counting the passes run to their end (an
+    epoch's; the prune batches are the first few of a pass left unfinished)."""
+
+    def __init__(self, items: list) -> None:
+        self.items, self.count = items, 0
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self):
+        yield from self.items
+        self.count += 1
+
+
 def test_a_run_stopped_by_a_crash_resumes_from_its_checkpoint_to_the_same_weights(tmp_path):
     config = MSQConfig.fine_tuning(8.0, pruning={"interval": 3})
     schedule = FineTuneConfig(epochs=3)
@@ -103,11 +118,13 @@ def test_a_run_stopped_by_a_crash_resumes_from_its_checkpoint_to_the_same_weight
     with pytest.raises(Crash):
         fine_tune(small_net(), batches()[0][0], batches(), config=config, schedule=schedule,
                   evaluate=crash_in_epoch_2, checkpoint=path)
-    epochs_trained = []
-    resumed = fine_tune(small_net(), batches()[0][0], batches(), config=config,
+    scored, passes = [], CountedPasses(batches())
+    resumed = fine_tune(small_net(), batches()[0][0], passes, config=config,
                         schedule=schedule, checkpoint=path,
-                        evaluate=lambda model: epochs_trained.append(model) or "scored")
-    assert len(epochs_trained) == 2  # epochs 2 and 3: epoch 1 came from the checkpoint
+                        evaluate=lambda model: scored.append(model) or "scored")
+    # Epoch 2 had trained and was saved before its evaluation failed: it is scored, not
+    # trained again, then epoch 3 trains: one whole pass.
+    assert len(scored) == 2 and passes.count == 1
     assert [record["epoch"] for record in resumed.epochs] == [1, 2, 3]
     assert [record["metric"] for record in resumed.epochs] == [None, "scored", "scored"]
     assert resumed.target_step == whole.target_step
