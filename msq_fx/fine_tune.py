@@ -111,7 +111,8 @@ def fine_tune(model: nn.Module, example_inputs: Any, train_batches: Iterable,
         schedule: the budget and the optimizer.
         loss_fn: ``loss_fn(model(inputs), targets)``, the task loss.
         evaluate: called with the model after each epoch (in train mode; switch it as you
-            need); what it returns is kept in that epoch's record as ``metric``.
+            need); what it returns is kept in that epoch's record as ``metric``, as plain
+            data (tensors and NumPy values become numbers or lists).
         checkpoint: a file written after each epoch (model, optimizer, schedule, controller);
             if it exists, training resumes from it after the last epoch it holds (with
             ``train_batches`` giving each epoch the same data as before, the run ends as an
@@ -156,7 +157,7 @@ def fine_tune(model: nn.Module, example_inputs: Any, train_batches: Iterable,
         # no training; a resumed run scores the epoch it was missing (the model is as that
         # epoch left it).
         if evaluate is not None and "metric" not in result.epochs[-1]:
-            result.epochs[-1]["metric"] = evaluate(qmodel)
+            result.epochs[-1]["metric"] = _plain(evaluate(qmodel))
             qmodel.train()
             save()
 
@@ -179,6 +180,18 @@ def fine_tune(model: nn.Module, example_inputs: Any, train_batches: Iterable,
         save()
         score_last_epoch()
     return result
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as plain data (tensors and NumPy values as numbers or lists, inside dicts,
+    lists and tuples too), so the checkpoint loads with ``weights_only=True``."""
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(item) for item in value)
+    if isinstance(value, torch.Tensor) or type(value).__module__ == "numpy":
+        return value.tolist() if hasattr(value, "tolist") else value
+    return value
 
 
 def _config_for(target: float | None, config: MSQConfig | None) -> MSQConfig:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -132,6 +133,18 @@ def test_a_run_stopped_by_a_crash_resumes_from_its_checkpoint_to_the_same_weight
     expected = whole.model.state_dict()
     assert all(torch.equal(value, expected[name])
                for name, value in resumed.model.state_dict().items())
+
+
+def test_tensor_and_numpy_scores_are_kept_as_numbers_and_their_checkpoint_resumes(tmp_path):
+    path = tmp_path / "run.ckpt"
+    first = fine_tune(small_net(), batches()[0][0], batches(), target=8.0,
+                      schedule=FineTuneConfig(epochs=1), checkpoint=path,
+                      evaluate=lambda model: {"top1": torch.tensor(0.5), "top5": np.float64(0.75),
+                                              "per_class": np.array([1, 2])})
+    assert first.epochs[0]["metric"] == {"top1": 0.5, "top5": 0.75, "per_class": [1, 2]}
+    resumed = fine_tune(small_net(), batches()[0][0], batches(), target=8.0,
+                        schedule=FineTuneConfig(epochs=1), checkpoint=path)
+    assert resumed.epochs == first.epochs
 
 
 def test_a_checkpoint_from_other_settings_is_refused_and_left_as_it_was(tmp_path):
