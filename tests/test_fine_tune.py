@@ -159,6 +159,36 @@ def test_a_checkpoint_from_other_settings_is_refused_and_left_as_it_was(tmp_path
     assert path.read_bytes() == written
 
 
+def test_an_optimizer_of_the_users_trains_the_prepared_parameters_from_its_own_peak_rate():
+    made = []
+
+    def adamw(params):
+        made.append(params)
+        return torch.optim.AdamW(params, lr=1e-3)
+
+    config = MSQConfig.fine_tuning(8.0, pruning=EVERY_LAYER)
+    tuned = fine_tune(small_net(), batches()[0][0], batches(), config=config,
+                      schedule=FineTuneConfig(epochs=1), make_optimizer=adamw)
+    assert [id(param) for param in made[0]] == [id(param) for param in tuned.model.parameters()]
+    assert tuned.controller.done
+
+
+def test_a_make_optimizer_that_returns_no_optimizer_is_refused():
+    with pytest.raises(TypeError, match="make_optimizer returned list, not a torch.optim"):
+        fine_tune(small_net(), batches()[0][0], batches(), target=8.0,
+                  make_optimizer=lambda params: params)
+
+
+def test_a_checkpoint_is_not_resumed_with_another_optimizer(tmp_path):
+    path = tmp_path / "run.ckpt"
+    fine_tune(small_net(), batches()[0][0], batches(), target=8.0,
+              schedule=FineTuneConfig(epochs=1), checkpoint=path)
+    with pytest.raises(ValueError, match=r"what differs: optimizer"):
+        fine_tune(small_net(), batches()[0][0], batches(), target=8.0,
+                  schedule=FineTuneConfig(epochs=1), checkpoint=path,
+                  make_optimizer=lambda params: torch.optim.AdamW(params, lr=0.01))
+
+
 def test_a_one_shot_iterator_is_refused_before_anything_trains():
     with pytest.raises(ValueError, match="one-shot iterator"):
         fine_tune(small_net(), batches()[0][0], iter(batches()), target=8.0)
