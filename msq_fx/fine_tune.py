@@ -100,7 +100,9 @@ def fine_tune(model: nn.Module, example_inputs: Any, train_batches: Iterable,
     ``model`` is prepared on a copy (it is not changed) with ``MSQConfig.fine_tuning(target)``,
     or with ``config``, and trained by SGD on ``train_batches`` for ``schedule.epochs``, the
     prunes due after every optimizer step (``interval_unit="step"``) or epoch taking the first
-    ``schedule.prune_batches`` batches.
+    ``schedule.prune_batches`` batches. It runs in one process; under ``torch.distributed``
+    write the loop (``prepare``, ``MSQController`` with the DDP-wrapped model, ``step_end``),
+    which averages the Hessian traces across ranks.
 
     Args:
         model: a trained float model.
