@@ -154,7 +154,11 @@ def fine_tune(model: nn.Module, example_inputs: Any, train_batches: Iterable,
     scheduler = cosine_schedule(optimizer, schedule.epochs * steps_per_epoch,
                                 warmup_steps=schedule.warmup_steps)
     result = FineTuned(qmodel, controller, target_step=0 if controller.done else None)
-    settings = {"config": config.to_dict(), "schedule": dataclasses.asdict(schedule),
+    # What a resumed run must share with the run that wrote the checkpoint. Compiling is left
+    # out: a run stopped eagerly may continue compiled, and the other way round.
+    budget = {key: value for key, value in dataclasses.asdict(schedule).items()
+              if key != "compile"}
+    settings = {"config": config.to_dict(), "schedule": budget,
                 "steps_per_epoch": steps_per_epoch,
                 # SGD's settings are the schedule's; a user's optimizer records its own.
                 "optimizer": "sgd" if make_optimizer is None else _optimizer_settings(optimizer)}

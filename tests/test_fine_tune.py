@@ -189,6 +189,21 @@ def test_a_checkpoint_is_not_resumed_with_another_optimizer(tmp_path):
                   make_optimizer=lambda params: torch.optim.AdamW(params, lr=0.01))
 
 
+def test_a_run_stopped_eagerly_may_resume_compiled(tmp_path, monkeypatch):
+    def crash(model):
+        raise Crash
+
+    path = tmp_path / "run.ckpt"
+    with pytest.raises(Crash):  # after epoch 1 was saved
+        fine_tune(small_net(), batches()[0][0], batches(), target=8.0,
+                  schedule=FineTuneConfig(epochs=2), checkpoint=path, evaluate=crash)
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda model, **_: compiled.append(model) or model)
+    resumed = fine_tune(small_net(), batches()[0][0], batches(), target=8.0,
+                        schedule=FineTuneConfig(epochs=2, compile=True), checkpoint=path)
+    assert len(compiled) == 1 and [record["epoch"] for record in resumed.epochs] == [1, 2]
+
+
 def test_a_one_shot_iterator_is_refused_before_anything_trains():
     with pytest.raises(ValueError, match="one-shot iterator"):
         fine_tune(small_net(), batches()[0][0], iter(batches()), target=8.0)
