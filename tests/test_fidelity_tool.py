@@ -489,6 +489,26 @@ def test_a_set_beside_the_table_holding_its_own_float_start_names_it(settings):
             "results/fidelity/float-200`") in " ".join(section.split())
 
 
+def test_a_start_chosen_into_its_directory_gets_its_rows_a_summary_line_of_their_own(
+        settings, capsys):
+    from msq_fx.fidelity import START_200, SUMMARY_BEGIN, SUMMARY_END
+
+    trained = settings.out / "float-200"
+    trained.mkdir()
+    (trained / FLOAT_WEIGHTS).write_bytes((settings.out / FLOAT_WEIGHTS).read_bytes())
+    (trained / "float.json").write_text(json.dumps(
+        {"args": {"run": "float", "epochs": "1"},
+         "epochs": [{"epoch": 1, "loss": 0.1, "test_acc": 82.5, "test_exact_acc": 92.0}]}))
+    assert main(["choose-start", str(trained), "--into", str(settings.out / START_200)]) == 0
+    run_row("uniform-2bit", dataclasses.replace(settings, out=settings.out / START_200))
+    readme = settings.out / "README.md"
+    readme.write_text(f"{SUMMARY_BEGIN}\n{SUMMARY_END}\n")
+    write_table(settings.out, settings.out / "fidelity.md", readme=readme)
+    assert "| 16x      | 1 epochs, 200-epoch start |" in readme.read_text()
+    section = (settings.out / "fidelity.md").read_text().partition("200-epoch float start")[2]
+    assert "82.50% on all 10k, 92.0% on the exact 1k" in " ".join(section.split())
+
+
 def test_a_float_start_trained_under_the_working_directory_is_named_relative_to_it(
         tmp_path, monkeypatch):
     from msq_fx.fidelity import float_start_row
