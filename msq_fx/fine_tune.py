@@ -94,15 +94,16 @@ def fine_tune(model: nn.Module, example_inputs: Any, train_batches: Iterable,
               evaluate: Callable[[nn.Module], Any] | None = None,
               checkpoint: str | Path | None = None,
               make_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
-              ) -> FineTuned:
+              wrap_model: Callable[[nn.Module], nn.Module] | None = None) -> FineTuned:
     """Quantize a trained ``model`` with MSQ in a few epochs of training.
 
     ``model`` is prepared on a copy (it is not changed) with ``MSQConfig.fine_tuning(target)``,
     or with ``config``, and trained by SGD on ``train_batches`` for ``schedule.epochs``, the
     prunes due after every optimizer step (``interval_unit="step"``) or epoch taking the first
-    ``schedule.prune_batches`` batches. It runs in one process; under ``torch.distributed``
-    write the loop (``prepare``, ``MSQController`` with the DDP-wrapped model, ``step_end``),
-    which averages the Hessian traces across ranks.
+    ``schedule.prune_batches`` batches. Under ``torch.distributed`` every rank calls it with
+    its own batches and ``wrap_model`` (DistributedDataParallel): the Hessian traces are
+    averaged across ranks, so every rank makes the same decisions, and rank 0 alone writes
+    the checkpoint.
 
     Args:
         model: a trained float model.
@@ -126,6 +127,10 @@ def fine_tune(model: nn.Module, example_inputs: Any, train_batches: Iterable,
             momentum and weight decay; its learning rates are the peaks the cosine anneals
             (for example ``lambda params: torch.optim.AdamW(params, lr=1e-4)``; the
             recipe's SGD settings were measured on a CNN only).
+        wrap_model: wraps the prepared model for training, e.g.
+            ``lambda m: DistributedDataParallel(m)``; required under ``torch.distributed``,
+            where ranks would otherwise train apart. ``FineTuned.model`` stays the unwrapped
+            prepared model.
 
     Returns:
         A :class:`FineTuned`: the trained prepared model, its controller, the epoch records.
@@ -145,6 +150,10 @@ def fine_tune(model: nn.Module, example_inputs: Any, train_batches: Iterable,
     """
     config = _config_for(target, config)
     steps_per_epoch = _batches_per_epoch(train_batches)
+    if wrap_model is None and _distributed():
+        raise ValueError("fine_tune: torch.distributed is initialized but wrap_model is not "
+                         "given, so each rank would train its own copy; pass wrap_model="
+                         "lambda m: torch.nn.parallel.DistributedDataParallel(m)")
     prune_batches = list(itertools.islice(train_batches, schedule.prune_batches))
     qmodel = prepare(model, example_inputs, config)
     controller = MSQController(qmodel, config)
@@ -165,7 +174,7 @@ def fine_tune(model: nn.Module, example_inputs: Any, train_batches: Iterable,
     path = None if checkpoint is None else Path(checkpoint)
 
     def save() -> None:
-        if path is not None:
+        if path is not None and _rank() == 0:
             _save(path, settings, qmodel, optimizer, scheduler, controller, result)
 
     def score_last_epoch() -> None:
@@ -181,7 +190,8 @@ def fine_tune(model: nn.Module, example_inputs: Any, train_batches: Iterable,
         _resume(path, settings, qmodel, optimizer, scheduler, controller, result)
         if result.epochs:
             score_last_epoch()
-    runner = torch.compile(qmodel, dynamic=False) if schedule.compile else qmodel
+    runner = qmodel if wrap_model is None else wrap_model(qmodel)
+    runner = torch.compile(runner, dynamic=False) if schedule.compile else runner
     for epoch in range(len(result.epochs) + 1, schedule.epochs + 1):
         loss = train_epoch(runner, train_batches, optimizer, controller, loss_fn, scheduler,
                            prune_batches=prune_batches)
@@ -196,6 +206,14 @@ def fine_tune(model: nn.Module, example_inputs: Any, train_batches: Iterable,
         save()
         score_last_epoch()
     return result
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if _distributed() else 0
 
 
 def _made_optimizer(make_optimizer: Callable, qmodel: nn.Module) -> torch.optim.Optimizer:

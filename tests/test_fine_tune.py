@@ -246,3 +246,74 @@ def test_a_compiled_run_trains_as_the_eager_one_decides():
     assert runs[0].controller.bit_widths() == runs[1].controller.bit_widths()
     assert runs[0].target_step == runs[1].target_step == 2
     assert runs[1].epochs[0]["loss"] == pytest.approx(runs[0].epochs[0]["loss"], rel=1e-3)
+
+
+# ------------------------------------------------------------------ under torch.distributed
+
+def _distributed_worker(rank: int, port: int, out_dir: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        result: dict = {}
+        own_batches = batches(8)[rank * 4:rank * 4 + 4]  # different data on every rank
+        try:
+            fine_tune(small_net(), own_batches[0][0], own_batches, target=8.0)
+        except ValueError as error:
+            result["unwrapped_error"] = str(error)
+        config = MSQConfig.fine_tuning(8.0, pruning={"interval": 2})
+        # Buffers not broadcast, so each rank's widths come from its own controller.
+        tuned = fine_tune(small_net(), own_batches[0][0], own_batches, config=config,
+                          schedule=FineTuneConfig(epochs=2, prune_batches=2),
+                          checkpoint=os.path.join(out_dir, "run.ckpt"),
+                          wrap_model=lambda model: nn.parallel.DistributedDataParallel(
+                              model, broadcast_buffers=False))
+        result["history"] = [dataclasses.asdict(record) for record in tuned.controller.history]
+        result["bits"] = tuned.controller.bit_widths()
+        result["weights"] = {name: value.detach().clone()
+                             for name, value in tuned.model.named_parameters()}
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
+        pytest.skip("torch.distributed with the gloo backend is not available")
+    out_dir = tmp_path_factory.mktemp("fine_tune_ddp")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_distributed_worker, args=(port, str(out_dir)), nprocs=2, join=True)
+    return out_dir, [torch.load(out_dir / f"rank{rank}.pt", weights_only=True)
+                     for rank in range(2)]
+
+
+def test_under_torch_distributed_every_rank_decides_alike_and_trains_the_same_weights(
+        two_ranks):
+    _, (first, second) = two_ranks
+    assert first["history"] and first["history"] == second["history"]
+    assert first["bits"] == second["bits"]
+    assert all(torch.equal(first["weights"][name], second["weights"][name])
+               for name in first["weights"])
+
+
+def test_under_torch_distributed_one_checkpoint_is_written(two_ranks):
+    out_dir, _ = two_ranks
+    assert sorted(path.name for path in out_dir.iterdir()) == ["rank0.pt", "rank1.pt",
+                                                               "run.ckpt"]
+
+
+def test_under_torch_distributed_an_unwrapped_model_is_refused_with_the_fix(two_ranks):
+    _, ranks = two_ranks
+    assert all("pass wrap_model=lambda m: torch.nn.parallel.DistributedDataParallel(m)"
+               in rank["unwrapped_error"] for rank in ranks)
