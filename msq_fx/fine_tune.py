@@ -54,17 +54,24 @@ class FineTuneConfig:
     compile: bool = False
 
     def __post_init__(self) -> None:
-        checks = {"epochs": self.epochs >= 1, "lr": self.lr > 0,
-                  "momentum": 0 <= self.momentum < 1, "weight_decay": self.weight_decay >= 0,
-                  "warmup_steps": self.warmup_steps >= 0,
-                  "prune_batches": self.prune_batches >= 1}
-        expected = {"epochs": "an int >= 1", "lr": "a number > 0", "momentum": "in [0, 1)",
-                    "weight_decay": ">= 0", "warmup_steps": "an int >= 0",
-                    "prune_batches": "an int >= 1"}
-        for name, ok in checks.items():
-            if not ok:
-                raise ValueError(f"FineTuneConfig.{name}={getattr(self, name)!r} is invalid: "
-                                 f"expected {expected[name]}.")
+        counts = {"epochs": 1, "warmup_steps": 0, "prune_batches": 1}  # name: least value
+        for name, least in counts.items():
+            value = getattr(self, name)
+            _require(isinstance(value, int) and not isinstance(value, bool) and value >= least,
+                     name, value, f"an int >= {least}")
+        rates = {"lr": (lambda v: v > 0, "a number > 0"),
+                 "momentum": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+                 "weight_decay": (lambda v: v >= 0, "a number >= 0")}
+        for name, (in_range, expected) in rates.items():
+            value = getattr(self, name)
+            _require(isinstance(value, (int, float)) and not isinstance(value, bool)
+                     and in_range(value), name, value, expected)
+        _require(isinstance(self.compile, bool), "compile", self.compile, "True or False")
+
+
+def _require(ok: bool, name: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"FineTuneConfig.{name}={value!r} is invalid: expected {expected}.")
 
 
 @dataclass

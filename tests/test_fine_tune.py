@@ -224,9 +224,10 @@ def test_a_target_and_a_config_together_are_refused():
                   config=MSQConfig.fine_tuning(8.0))
 
 
-@pytest.mark.parametrize("field, value", [("epochs", 0), ("lr", 0.0), ("momentum", 1.0),
+@pytest.mark.parametrize("field, value", [("epochs", 0), ("epochs", 2.5), ("epochs", True),
+                                          ("lr", 0.0), ("lr", "0.01"), ("momentum", 1.0),
                                           ("weight_decay", -1e-4), ("warmup_steps", -1),
-                                          ("prune_batches", 0)])
+                                          ("prune_batches", 0), ("compile", "yes")])
 def test_a_schedule_out_of_range_is_refused_by_field(field, value):
     with pytest.raises(ValueError, match=rf"FineTuneConfig\.{field}="):
         FineTuneConfig(**{field: value})
