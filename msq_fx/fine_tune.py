@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .api import prepare
-from .config import MSQConfig
+from .config import MSQConfig, _is_int, _is_number
 from .controller import MSQController
 from .io import atomic_write
 from .training import cosine_schedule, train_epoch
@@ -57,15 +57,14 @@ class FineTuneConfig:
         counts = {"epochs": 1, "warmup_steps": 0, "prune_batches": 1}  # name: least value
         for name, least in counts.items():
             value = getattr(self, name)
-            _require(isinstance(value, int) and not isinstance(value, bool) and value >= least,
+            _require(_is_int(value) and value >= least,
                      name, value, f"an int >= {least}")
         rates = {"lr": (lambda v: v > 0, "a number > 0"),
                  "momentum": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
                  "weight_decay": (lambda v: v >= 0, "a number >= 0")}
         for name, (in_range, expected) in rates.items():
             value = getattr(self, name)
-            _require(isinstance(value, (int, float)) and not isinstance(value, bool)
-                     and in_range(value), name, value, expected)
+            _require(_is_number(value) and in_range(value), name, value, expected)
         _require(isinstance(self.compile, bool), "compile", self.compile, "True or False")
 
 
