@@ -58,7 +58,7 @@ from .errors import MSQError
 from .finish import cheapest_cover, measured_drop_costs
 from .modules import WeightFakeQuant
 from .owners import QuantizedWeight, iter_quantized_weights
-from .precision_groups import PrecisionGroup, PruneRecord
+from .precision_groups import PrecisionGroup, PruneRecord, saved_widths
 from .sensitivity import distributed_mean, group_traces, warn_of_negative_traces
 from .state import prepared_state
 from .utils import take
@@ -280,6 +280,38 @@ class MSQController:
         _require_finite_measures(where, betas, {g.name: g.trace(traces) for g in groups}
                                  if traces else {}, omegas)
         before = {g.name: g.bits for g in groups}
+        restore = self._restore_point(groups)
+        try:
+            measured = self._change_widths(where, groups, chosen, loss_fn, betas, traces, omegas)
+        except BaseException:
+            # A prune that fails part-way (a batch that only the BatchNorm re-estimate reads, an
+            # interrupt) leaves widths, p, scales and the plan as they were, so the call can be
+            # run again and prunes once.
+            restore()
+            raise
+        self.prune_count += 1
+        records = [PruneRecord(
+            epoch=epoch, group=g.name, kind=g.kind, params=g.params, beta=betas[g.name],
+            hessian_trace=g.trace(traces) if traces else None,
+            omega=omegas.get(g.name), lsbs_dropped=before[g.name] - g.bits,
+            bits_before=before[g.name], bits_after=g.bits, next_prune_step=g.prune_step,
+            compression=self.compression(), hessian_method=hessian_method, step=step,
+            drop_loss_increase=_measured_cost(measured.get(g.name), before[g.name] - g.bits))
+            for g in groups]
+        self.history.extend(records)
+        logger.info("%s %d: pruned %d of %d groups, compression %.2fx%s",
+                    "epoch" if step is None else "step", epoch if step is None else step,
+                    sum(r.lsbs_dropped > 0 for r in records), len(groups), self.compression(),
+                    " (target reached: plain QAT from here)" if self.done else "")
+        return records
+
+    def _change_widths(self, where: str, groups: list[PrecisionGroup], chosen: list, loss_fn,
+                       betas: dict[str, float], traces: dict[int, float],
+                       omegas: dict[str, float]) -> dict[str, list[float]]:
+        """The part of a prune that changes the model: the new widths and p, the plan, the
+        re-fitted scales and the re-estimated BatchNorm statistics. Returns the measured
+        finish's loss increases (empty unless it ran)."""
+        before = {g.name: g.bits for g in groups}
         measured: dict[str, list[float]] = {}
         if self.config.pruning.schedule == "one_shot":
             lower_widths_by_omega(groups, traces, self.config, self.compression)
@@ -314,23 +346,21 @@ class MSQController:
         if self.config.pruning.scale_after_prune == "refit":
             for member in (m for g in pruned for m in g.members):
                 member.quantizer.refit_scale(member.latent)
+        recalibration = self.config.pruning.bn_recalibration_batches
         if recalibration and pruned:
             self._recalibrate_batchnorm(chosen[:recalibration])
-        self.prune_count += 1
-        records = [PruneRecord(
-            epoch=epoch, group=g.name, kind=g.kind, params=g.params, beta=betas[g.name],
-            hessian_trace=g.trace(traces) if traces else None,
-            omega=omegas.get(g.name), lsbs_dropped=before[g.name] - g.bits,
-            bits_before=before[g.name], bits_after=g.bits, next_prune_step=g.prune_step,
-            compression=self.compression(), hessian_method=hessian_method, step=step,
-            drop_loss_increase=_measured_cost(measured.get(g.name), before[g.name] - g.bits))
-            for g in groups]
-        self.history.extend(records)
-        logger.info("%s %d: pruned %d of %d groups, compression %.2fx%s",
-                    "epoch" if step is None else "step", epoch if step is None else step,
-                    sum(r.lsbs_dropped > 0 for r in records), len(groups), self.compression(),
-                    " (target reached: plain QAT from here)" if self.done else "")
-        return records
+        return measured
+
+    def _restore_point(self, groups: list[PrecisionGroup]) -> Callable[[], None]:
+        """What :meth:`_change_widths` may change, copied, and a function that puts it back
+        (the BatchNorm statistics put themselves back when their re-estimate fails)."""
+        restore_widths = saved_widths(groups)
+        done, penalized = self.done, self.penalized
+
+        def restore() -> None:
+            restore_widths()
+            self.done, self.penalized = done, penalized
+        return restore
 
     def _recalibrate_batchnorm(self, batches: list) -> None:
         """Re-estimate the BN statistics after a prune; batches too small for BatchNorm's train
@@ -391,6 +421,12 @@ class MSQController:
         whose LSBs resist the pull (the first conv and fc, 1,072 weights) would otherwise force
         a whole 2,304-36,864-weight layer to 1 bit to close a gap of about 1,100 bits."""
         pruning, floor = self.config.pruning, self.config.quantization.min_bits
+        if not batches:
+            raise MSQError(f"MSQController.{where}: the prune that reaches the target measures "
+                           f"the loss of each drop (pruning.last_prune='measured') on the "
+                           f"batches given to this call, and none were given. Nothing was "
+                           f"pruned; pass at least one (inputs, targets) batch, then call "
+                           f"{where[:-1]}, ...) again.")
         costs = measured_drop_costs(
             self.model, groups, floor, batches, loss_fn,
             refit=pruning.scale_after_prune == "refit",

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .batchnorm import recalibrate_batchnorm, saved_statistics, tracking_batchnorms
-from .precision_groups import PrecisionGroup
+from .precision_groups import PrecisionGroup, saved_widths
 from .utils import call_model, model_mode
 
 __all__ = ["cheapest_cover", "measured_drop_costs"]
@@ -133,22 +133,16 @@ def _mean_loss(model: nn.Module, batches: list, loss_fn: Callable) -> float:
 
 
 class _restored:
-    """On exit, put back the widths and learned scales of ``groups`` and the running statistics
-    of ``norms`` as they were on entry."""
+    """On exit, put back the widths, p and learned scales of ``groups`` and the running
+    statistics of ``norms`` as they were on entry."""
 
     def __init__(self, groups: Sequence[PrecisionGroup], norms: Sequence[nn.Module]) -> None:
         self.groups, self.norms = groups, norms
 
     def __enter__(self) -> None:
-        self.widths = [group.bits for group in self.groups]
-        self.scales = [(scale, scale.detach().clone()) for group in self.groups
-                       for member in group.members
-                       if (scale := member.quantizer.learned_scale) is not None]
+        self.restore_widths = saved_widths(self.groups)
         self.restore_statistics = saved_statistics(self.norms)
 
     def __exit__(self, *exc_info) -> None:
-        for group, width in zip(self.groups, self.widths):
-            group.set_bits(width)
-        for scale, saved in self.scales:
-            scale.data.copy_(saved)
+        self.restore_widths()
         self.restore_statistics()

@@ -7,12 +7,14 @@ for all of them at once. :class:`PruneRecord` is what one pruning step decided f
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
 
 from .owners import QuantizedWeight
 
-__all__ = ["PrecisionGroup", "PruneRecord"]
+__all__ = ["PrecisionGroup", "PruneRecord", "saved_widths"]
 
 
 @dataclass(frozen=True)
@@ -104,3 +106,20 @@ class PrecisionGroup:
         """Omega_g = sum over members of Tr(H_l) * ||W_q - W||^2 at the group's width."""
         return sum(traces[id(m.latent)] * m.quantizer.quantization_error(m.latent, self.bits)
                    for m in self.members)
+
+
+def saved_widths(groups: Sequence[PrecisionGroup]) -> Callable[[], None]:
+    """Copy each group's width and p and its members' learned scales; the returned function
+    puts them back (what a prune, or a trial drop, changes in the model besides BatchNorm)."""
+    widths = [(group, group.bits, group.prune_step) for group in groups]
+    scales = [(scale, scale.detach().clone()) for group in groups for member in group.members
+              if (scale := member.quantizer.learned_scale) is not None]
+
+    def restore() -> None:
+        for group, bits, prune_step in widths:
+            group.set_bits(bits)
+            group.set_prune_step(prune_step)
+        with torch.no_grad():
+            for scale, saved in scales:
+                scale.copy_(saved)
+    return restore

@@ -263,6 +263,55 @@ def test_nan_latent_at_a_prune_names_the_group_and_the_fix():
     assert controller.last_epoch == 0 and controller.bit_widths()["2.weight"] == 8
 
 
+def _bn_net_and_controller(target=10.0, **pruning):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(144, 3))
+    config = msq_fx.MSQConfig(target_compression=target, quantization={"scale": "channel"},
+                              pruning={"interval": 1, "threshold": 1.0,
+                                       "bn_recalibration_batches": 2, **pruning})
+    qmodel = msq_fx.prepare(net, torch.randn(2, 1, 8, 8), config)
+    return qmodel, msq_fx.MSQController(qmodel, config)
+
+
+IMAGES = (torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(4)),
+          torch.randint(0, 3, (8,), generator=torch.Generator().manual_seed(5)))
+WRONG_SIZE = (torch.randn(8, 1, 9, 9), torch.randint(0, 3, (8,)))
+
+
+def test_prune_failing_after_the_widths_changed_leaves_model_and_controller_as_they_were():
+    # The Hessian reads the first batch only; the second, of the wrong size, is read by the
+    # BatchNorm re-estimate after the new widths and scales are set.
+    qmodel, controller = _bn_net_and_controller()
+    before = {name: value.clone() for name, value in qmodel.state_dict().items()}
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        controller.epoch_end(1, [IMAGES, WRONG_SIZE], F.cross_entropy)
+    after = qmodel.state_dict()
+    changed = [name for name in before if not torch.equal(before[name], after[name])]
+    assert changed == []
+    assert (controller.last_epoch, controller.prune_count, controller.history) == (0, 0, [])
+
+
+def test_prune_retried_after_a_failure_prunes_once():
+    _, controller = _bn_net_and_controller()
+    with pytest.raises(RuntimeError):
+        controller.epoch_end(1, [IMAGES, WRONG_SIZE], F.cross_entropy)
+    controller.epoch_end(1, [IMAGES, IMAGES], F.cross_entropy)
+    assert [(r.bits_before, r.bits_after) for r in controller.history] == [(8, 7), (8, 7)]
+
+
+def test_measured_finish_without_batches_names_the_call_and_the_fix():
+    # 4.5x: the first prune (8 to 7 bits) reaches it, so it is the measured one.
+    _, controller = _bn_net_and_controller(4.5, step_policy="fixed", last_prune="measured")
+    with pytest.raises(msq_fx.MSQError) as info:
+        controller.epoch_end(1, [], F.cross_entropy)
+    message = str(info.value)
+    assert message.startswith("MSQController.epoch_end(epoch=1): the prune that reaches the "
+                              "target measures the loss of each drop")
+    assert "pass at least one (inputs, targets) batch" in message
+    assert controller.bit_widths() == {"0.weight": 8, "4.weight": 8}
+
+
 def test_controller_load_state_dict_missing_keys_names_them(prepared):
     controller = msq_fx.MSQController(prepared)
     with pytest.raises(KeyError, match=r"MSQController.load_state_dict: missing \['done', "
