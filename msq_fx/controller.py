@@ -550,8 +550,9 @@ class MSQController:
             tablefmt: a ``tabulate`` table format ("simple", "github", ...).
 
         Returns:
-            The table as text: epoch, group, kind, params, beta, Omega, bits before and after,
-            the next p and the compression after the prune.
+            The table as text: epoch (completed epochs, for a prune counted in steps), step
+            (for prunes counted in steps), group, kind, params, beta, Omega, bits before and
+            after, the next p and the compression after the prune.
 
         Example:
             >>> import msq_fx
@@ -560,11 +561,15 @@ class MSQController:
             >>> controller.history_table().split()[:6]  # nothing pruned yet: the header
             ['epoch', 'group', 'kind', 'params', 'beta', 'Omega']
         """
-        rows = [(r.epoch, r.group, r.kind, r.params, f"{r.beta:.3f}",
-                 "-" if r.omega is None else f"{r.omega:.3g}", r.bits_before, r.bits_after,
-                 r.next_prune_step, f"{r.compression:.2f}") for r in self.history]
-        return tabulate(rows, headers=["epoch", "group", "kind", "params", "beta", "Omega",
-                                       "bits before", "bits after", "next p", "compression"],
+        # Prunes counted in steps record the epochs completed before them, so several rows
+        # can share an epoch: their step tells them apart.
+        steps = any(r.step is not None for r in self.history)
+        rows = [(r.epoch, *([r.step] if steps else []), r.group, r.kind, r.params,
+                 f"{r.beta:.3f}", "-" if r.omega is None else f"{r.omega:.3g}", r.bits_before,
+                 r.bits_after, r.next_prune_step, f"{r.compression:.2f}") for r in self.history]
+        return tabulate(rows, headers=["epoch", *(["step"] if steps else []), "group", "kind",
+                                       "params", "beta", "Omega", "bits before", "bits after",
+                                       "next p", "compression"],
                         tablefmt=tablefmt, disable_numparse=True)
 
     def bit_widths(self) -> dict[str, int]:

@@ -21,7 +21,7 @@ __all__ = ["PrecisionGroup", "PruneRecord", "saved_widths"]
 class PruneRecord:
     """What one pruning step decided for one group."""
 
-    epoch: int
+    epoch: int  # the epoch it ran after; for a prune counted in steps, the epochs completed
     group: str
     kind: str
     params: int

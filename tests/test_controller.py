@@ -585,6 +585,17 @@ def test_history_table_shows_a_dash_for_omega_without_hessian_and_honours_tablef
     assert ctl.history_table(tablefmt="github").splitlines()[0].startswith("|")
 
 
+def test_history_table_of_prunes_counted_in_steps_has_a_step_column():
+    qmodel, ctl = prepared([8], target_compression=16.0,
+                           pruning={"interval": 2, "interval_unit": "step",
+                                    "step_policy": "fixed", "threshold": 1.0})
+    for step in (1, 2, 3, 4):
+        ctl.step_end(step, [], F.mse_loss)
+    lines = ctl.history_table().splitlines()
+    assert lines[0].split()[:3] == ["epoch", "step", "group"]
+    assert [line.split()[:2] for line in lines[2:]] == [["0", "2"], ["0", "4"]]
+
+
 def test_history_is_empty_before_the_first_prune():
     qmodel, ctl = prepared([8], prune_interval=5)
     ctl.epoch_end(1, [], F.mse_loss)
