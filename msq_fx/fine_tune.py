@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import random
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -84,7 +86,8 @@ class FineTuned:
         epochs: one record per epoch: ``epoch``, mean training ``loss``, ``compression``,
             ``bits`` (per group), and ``metric`` where an ``evaluate`` function was given.
         target_step: the optimizer step at which the target compression was reached (None if
-            it was not).
+            it was not, also when pruning stopped short of it because no layer could lose
+            more bits).
     """
 
     model: nn.Module
@@ -123,11 +126,13 @@ def fine_tune(model: nn.Module, example_inputs: Any, train_batches: Iterable,
         loss_fn: ``loss_fn(model(inputs), targets)``, the task loss.
         evaluate: called with the model after each epoch (in train mode; switch it as you
             need); what it returns is kept in that epoch's record as ``metric``, as plain
-            data (tensors and NumPy values become numbers or lists).
-        checkpoint: a file written after each epoch (model, optimizer, schedule, controller);
-            if it exists, training resumes from it after the last epoch it holds (with
-            ``train_batches`` giving each epoch the same data as before, the run ends as an
-            uninterrupted one would). Refused if it was written with other settings.
+            data (tensors and NumPy values become numbers or lists, named tuples dicts).
+        checkpoint: a file written after each epoch (model, optimizer, schedule, controller,
+            and the random state of torch, Python and NumPy, which dropout, a shuffling
+            DataLoader and augmentations draw from); if it exists, training resumes from it
+            after the last epoch it holds, and ends as an uninterrupted run would. Refused if
+            it was written with other settings. Under ``torch.distributed`` it must be on a
+            file system every rank reads (rank 0 writes it; each rank's random state is in it).
         make_optimizer: builds the optimizer from the prepared model's parameters (latent
             weights, learned scales and the rest), in place of SGD with ``schedule``'s lr,
             momentum and weight decay; its learning rates are the peaks the cosine anneals
@@ -180,8 +185,10 @@ def fine_tune(model: nn.Module, example_inputs: Any, train_batches: Iterable,
     path = None if checkpoint is None else Path(checkpoint)
 
     def save() -> None:
-        if path is not None and _rank() == 0:
-            _save(path, settings, qmodel, optimizer, scheduler, controller, result)
+        if path is not None:
+            rng = _gathered(_rng_state())  # every rank takes part; rank 0 writes
+            if _rank() == 0:
+                _save(path, settings, qmodel, optimizer, scheduler, controller, result, rng)
 
     def score_last_epoch() -> None:
         # The training state is saved before ``evaluate`` runs, so a failing evaluation loses
@@ -192,7 +199,7 @@ def fine_tune(model: nn.Module, example_inputs: Any, train_batches: Iterable,
             qmodel.train()
             save()
 
-    if path is not None and path.exists():
+    if path is not None and _checkpoint_exists(path):
         _resume(path, settings, qmodel, optimizer, scheduler, controller, result)
         if result.epochs:
             score_last_epoch()
@@ -202,10 +209,9 @@ def fine_tune(model: nn.Module, example_inputs: Any, train_batches: Iterable,
         loss = train_epoch(runner, train_batches, optimizer, controller, loss_fn, scheduler,
                            prune_batches=prune_batches)
         controller.epoch_end(epoch, prune_batches, loss_fn)
-        if result.target_step is None and controller.done:
-            # The last prune reached it; a prune counted in epochs runs after the epoch's last
-            # step.
-            result.target_step = controller.history[-1].step or epoch * steps_per_epoch
+        if result.target_step is None \
+                and controller.compression() >= config.target_compression:
+            result.target_step = _target_step(controller, epoch * steps_per_epoch)
         result.epochs.append({"epoch": epoch, "loss": loss,
                               "compression": controller.compression(),
                               "bits": controller.bit_widths()})
@@ -214,12 +220,66 @@ def fine_tune(model: nn.Module, example_inputs: Any, train_batches: Iterable,
     return result
 
 
+def _target_step(controller: MSQController, epoch_end_step: int) -> int:
+    """The optimizer step of the prune that reached the target: the last that lowered a
+    width. A prune counted in epochs runs after the epoch's last step, ``epoch_end_step``."""
+    last = next(record for record in reversed(controller.history) if record.lsbs_dropped > 0)
+    return last.step or epoch_end_step
+
+
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def _rank() -> int:
     return torch.distributed.get_rank() if _distributed() else 0
+
+
+def _gathered(value: Any) -> list:
+    """``value`` of every rank, in rank order (``[value]`` outside torch.distributed)."""
+    if not _distributed():
+        return [value]
+    values: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(values, value)
+    return values
+
+
+def _checkpoint_exists(path: Path) -> bool:
+    """Whether to resume from ``path``; under torch.distributed every rank must see the same
+    answer, or the ranks would start from different epochs and wait on each other."""
+    seen = _gathered(path.exists())
+    if any(seen) and not all(seen):
+        missing = [rank for rank, there in enumerate(seen) if not there]
+        raise ValueError(f"fine_tune: the checkpoint {path} exists on some ranks and not on "
+                         f"rank(s) {', '.join(map(str, missing))}; rank 0 writes it and every "
+                         f"rank resumes from it, so put it on a file system all ranks share")
+    return seen[0]
+
+
+def _rng_state() -> dict[str, Any]:
+    """The random state the rest of a run draws from (dropout, a shuffling DataLoader,
+    augmentations), as data a checkpoint loads with ``weights_only=True``."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        kind, keys, position, has_gauss, cached = numpy.random.get_state()
+        state["numpy"] = (kind, keys.tolist(), position, has_gauss, cached)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy
+        kind, keys, position, has_gauss, cached = state["numpy"]
+        numpy.random.set_state((kind, numpy.array(keys, dtype=numpy.uint32), position,
+                                has_gauss, cached))
 
 
 def _made_optimizer(make_optimizer: Callable, qmodel: nn.Module) -> torch.optim.Optimizer:
@@ -246,8 +306,10 @@ def _plain(value: Any) -> Any:
     lists and tuples too), so the checkpoint loads with ``weights_only=True``."""
     if isinstance(value, dict):
         return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, tuple) and hasattr(value, "_asdict"):  # a named tuple
+        return _plain(dict(value._asdict()))
     if isinstance(value, (list, tuple)):
-        return type(value)(_plain(item) for item in value)
+        return (list if isinstance(value, list) else tuple)(_plain(item) for item in value)
     if isinstance(value, torch.Tensor) or type(value).__module__ == "numpy":
         return value.tolist() if hasattr(value, "tolist") else value
     return value
@@ -282,11 +344,11 @@ def _batches_per_epoch(train_batches: Iterable) -> int:
 
 
 def _save(path: Path, settings: dict, qmodel: nn.Module, optimizer, scheduler,
-          controller: MSQController, result: FineTuned) -> None:
+          controller: MSQController, result: FineTuned, rng: list[dict[str, Any]]) -> None:
     snapshot = {"settings": settings, "model": qmodel.state_dict(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "controller": controller.state_dict(), "epochs": result.epochs,
-                "target_step": result.target_step}
+                "target_step": result.target_step, "rng": rng}
     # A crash while writing leaves the previous epoch's checkpoint whole.
     atomic_write(path, lambda tmp: torch.save(snapshot, tmp))
 
@@ -305,3 +367,6 @@ def _resume(path: Path, settings: dict, qmodel: nn.Module, optimizer, scheduler,
     controller.load_state_dict(saved["controller"])
     result.epochs[:] = saved["epochs"]
     result.target_step = saved["target_step"]
+    rng = saved.get("rng", [])  # one per rank; ranks beyond those saved keep their own
+    if _rank() < len(rng):
+        _set_rng_state(rng[_rank()])

@@ -60,6 +60,32 @@ def test_a_target_not_reached_in_the_budget_has_no_target_step():
     assert not tuned.controller.done and tuned.target_step is None
 
 
+def test_a_target_the_layers_cannot_reach_has_no_target_step_and_the_run_completes(tmp_path):
+    # The first conv and the last linear held at 8 bits, a middle conv alone pruned to its
+    # floor: 7.15x at most, short of 8x.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(64, 10))
+    config = MSQConfig.fine_tuning(8.0, quantization={"first_last": "fixed"},
+                                   pruning=EVERY_LAYER)
+    tuned = fine_tune(net, batches()[0][0], batches(), config=config,
+                      schedule=FineTuneConfig(epochs=2), checkpoint=tmp_path / "run.ckpt")
+    assert tuned.controller.done and tuned.controller.compression() < 8.0
+    assert tuned.target_step is None
+    assert [record["epoch"] for record in tuned.epochs] == [1, 2]
+
+
+def test_a_model_with_no_layer_to_prune_trains_its_budget_and_writes_its_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 10))
+    config = MSQConfig.fine_tuning(8.0, quantization={"first_last": "fixed"},
+                                   pruning=EVERY_LAYER)
+    tuned = fine_tune(net, batches()[0][0], batches(), config=config,
+                      schedule=FineTuneConfig(epochs=1), checkpoint=tmp_path / "run.ckpt")
+    assert tuned.target_step is None and tuned.controller.history == []
+    assert (tmp_path / "run.ckpt").exists()
+
+
 def test_the_trained_model_converts_to_the_same_outputs():
     config = MSQConfig.fine_tuning(8.0, pruning=EVERY_LAYER)
     tuned = fine_tune(small_net(), batches()[0][0], batches(), config=config,
@@ -133,6 +159,56 @@ def test_a_run_stopped_by_a_crash_resumes_from_its_checkpoint_to_the_same_weight
     expected = whole.model.state_dict()
     assert all(torch.equal(value, expected[name])
                for name, value in resumed.model.state_dict().items())
+
+
+def dropout_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Dropout(0.3), nn.Flatten(),
+                         nn.Linear(288, 10))
+
+
+def shuffled_loader() -> torch.utils.data.DataLoader:
+    inputs, targets = (torch.cat(parts) for parts in zip(*batches()))
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(inputs, targets),
+                                       batch_size=16, shuffle=True)
+
+
+def test_a_run_with_dropout_and_a_shuffling_loader_resumes_to_the_same_weights(tmp_path):
+    # Both draw from torch's random state, which the checkpoint carries across the crash.
+    config = MSQConfig.fine_tuning(8.0, pruning={"interval": 100})
+    schedule = FineTuneConfig(epochs=2)
+    torch.manual_seed(7)
+    whole = fine_tune(dropout_net(), batches()[0][0], shuffled_loader(), config=config,
+                      schedule=schedule)
+
+    def crash(model):
+        raise Crash
+    path = tmp_path / "run.ckpt"
+    torch.manual_seed(7)
+    with pytest.raises(Crash):
+        fine_tune(dropout_net(), batches()[0][0], shuffled_loader(), config=config,
+                  schedule=schedule, checkpoint=path, evaluate=crash)
+    torch.manual_seed(123)  # whatever ran between the crash and the resume
+    resumed = fine_tune(dropout_net(), batches()[0][0], shuffled_loader(), config=config,
+                        schedule=schedule, checkpoint=path)
+    assert [record["loss"] for record in resumed.epochs] == \
+        [record["loss"] for record in whole.epochs]
+    expected = whole.model.state_dict()
+    assert all(torch.equal(value, expected[name])
+               for name, value in resumed.model.state_dict().items())
+
+
+def test_named_tuple_scores_are_kept_as_dicts_and_their_checkpoint_resumes(tmp_path):
+    from collections import namedtuple
+    Scores = namedtuple("Scores", "top1 top5")
+    path = tmp_path / "run.ckpt"
+    first = fine_tune(small_net(), batches()[0][0], batches(), target=8.0,
+                      schedule=FineTuneConfig(epochs=1), checkpoint=path,
+                      evaluate=lambda model: Scores(torch.tensor(0.5), (0.75, 0.5)))
+    assert first.epochs[0]["metric"] == {"top1": 0.5, "top5": (0.75, 0.5)}
+    resumed = fine_tune(small_net(), batches()[0][0], batches(), target=8.0,
+                        schedule=FineTuneConfig(epochs=1), checkpoint=path)
+    assert resumed.epochs == first.epochs
 
 
 def test_tensor_and_numpy_scores_are_kept_as_numbers_and_their_checkpoint_resumes(tmp_path):
@@ -274,6 +350,15 @@ def _distributed_worker(rank: int, port: int, out_dir: str) -> None:
                           wrap_model=lambda model: nn.parallel.DistributedDataParallel(
                               model, broadcast_buffers=False))
         result["history"] = [dataclasses.asdict(record) for record in tuned.controller.history]
+        # A checkpoint only rank 0 can see (as on a file system that is not shared).
+        seen_by_rank_0 = os.path.join(out_dir, "run.ckpt" if rank == 0 else "absent.ckpt")
+        try:
+            fine_tune(small_net(), own_batches[0][0], own_batches, config=config,
+                      schedule=FineTuneConfig(epochs=2, prune_batches=2),
+                      checkpoint=seen_by_rank_0,
+                      wrap_model=lambda model: nn.parallel.DistributedDataParallel(model))
+        except ValueError as error:
+            result["unshared_error"] = str(error)
         result["bits"] = tuned.controller.bit_widths()
         result["weights"] = {name: value.detach().clone()
                              for name, value in tuned.model.named_parameters()}
@@ -312,6 +397,14 @@ def test_under_torch_distributed_one_checkpoint_is_written(two_ranks):
     out_dir, _ = two_ranks
     assert sorted(path.name for path in out_dir.iterdir()) == ["rank0.pt", "rank1.pt",
                                                                "run.ckpt"]
+
+
+def test_under_torch_distributed_a_checkpoint_not_every_rank_sees_is_refused(two_ranks):
+    _, ranks = two_ranks
+    assert all(rank["unshared_error"].startswith(
+        "fine_tune: the checkpoint ") and "exists on some ranks and not on rank(s) 1" in
+        rank["unshared_error"] and "a file system all ranks share" in rank["unshared_error"]
+        for rank in ranks)
 
 
 def test_under_torch_distributed_an_unwrapped_model_is_refused_with_the_fix(two_ranks):
