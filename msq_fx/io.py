@@ -59,7 +59,7 @@ from torch import nn
 from .config import MSQConfig
 from .errors import MSQError
 from .modules import LoweredActivation, LoweredWeight, WeightFakeQuant
-from .packing import pack_codes, packed_size, unpack_codes
+from .packing import codes_outside_width, pack_codes, packed_size, unpack_codes
 from .report import FloatRow, LayerRow, Report, report
 from .state import prepared_state
 
@@ -240,7 +240,12 @@ def _loaded(path: str | os.PathLike, model: nn.Module | None, trusted: bool,
     """``load``'s work."""
     payload = _read(path, trusted, map_location)
     if payload["format"] == PICKLED_FORMAT:
-        return _fill_codes(payload["model"], payload["codes"], path)
+        rebuilt = _fill_codes(payload["model"], payload["codes"], path)
+        if model is None:
+            return rebuilt
+        activations = {name: {"bits": m.bits, "signed": m.signed}
+                       for name, m in rebuilt.named_modules() if isinstance(m, LoweredActivation)}
+        return _load_into(model, rebuilt.state_dict(), activations, path)
     contents = _contents(payload, path)
     if model is not None:
         return _load_into(model, contents.state(), contents.activations, path)
@@ -407,6 +412,11 @@ class _Blobs:
             # Held for the whole save: a PackedWeight unpacks its codes on demand and gives this
             # same tensor (to state_dict and to the structure's pickle) while it lives.
             codes = lowered.codes
+            problem = codes_outside_width(codes, lowered.num_bits)
+            if problem is not None:
+                raise ValueError(f"msq_fx.save: {name or 'the model'}: {problem}, its width; the "
+                                 f"width was changed after convert. Convert again from the "
+                                 f"prepared model (set widths there, through its controller)")
             blobs.refs[id(codes)] = ("codes", len(blobs.codes))
             blobs.codes.append([name, list(codes.shape), lowered.num_bits,
                                 _memory_format(codes)])
@@ -423,7 +433,8 @@ class _Blobs:
         nbytes = tensor.numel() * tensor.element_size()
         if nbytes >= _OWN_RECORD_BYTES or not _plain_bytes(tensor):
             found = ("own", len(self.own))
-            self.own[str(found[1])] = tensor.detach()
+            # From the CPU, as every other tensor: a load without map_location reads it there.
+            self.own[str(found[1])] = tensor.detach().cpu()
         else:
             found = ("tensors", len(self.tensors))
             start = _aligned(self._tensor_end, tensor.element_size())
@@ -694,6 +705,7 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor], activations: di
     modules = dict(model.named_modules())
     problems += [f"{name}: the file has a quantized activation here, the model does not"
                  for name in activations if not isinstance(modules.get(name), LoweredActivation)]
+    problems += _codes_outside_their_width(model, state) if not problems else []
     if problems:
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more"
                                             if len(problems) > 5 else "")
@@ -705,6 +717,20 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor], activations: di
     for name, settings in activations.items():
         modules[name].bits, modules[name].signed = settings["bits"], settings["signed"]
     return model
+
+
+def _codes_outside_their_width(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """Each quantized weight whose codes in ``state`` do not fit the width ``state`` gives it
+    (checked before anything is copied, so a refused load leaves the model as it was)."""
+    problems = []
+    for name, _ in _lowered_modules(model):
+        prefix = f"{name}." if name else ""
+        codes, bits = state.get(prefix + "codes"), state.get(prefix + "bits")
+        if codes is not None and bits is not None:
+            problem = codes_outside_width(codes, int(bits))
+            if problem is not None:
+                problems.append(f"{prefix}codes: {problem}, the width the file gives them")
+    return problems
 
 
 def _read(path: str | os.PathLike, trusted: bool, map_location) -> dict[str, Any]:

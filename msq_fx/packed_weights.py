@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from .modules import KINDS, LoweredWeight
+from .packing import codes_outside_width
 from .weight_cache import CachesItsWeight, WeightCache, from_cache, serves_from_cache
 
 __all__ = ["PackedWeight", "KERNELS", "CONTAINERS", "container_bits", "use_kernels",
@@ -236,6 +237,12 @@ class PackedWeight(LoweredWeight):
                               unexpected_keys, error_msgs) -> None:
         key = prefix + "codes"
         codes = state_dict.get(key)
+        bits = state_dict.get(prefix + "bits")
+        problem = None if codes is None or bits is None else codes_outside_width(codes, int(bits))
+        if problem is not None:
+            # Refused before anything is copied: the module keeps its width, step and codes.
+            error_msgs.append(f"{key}: {problem}, the width loaded with them")
+            return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         if key in unexpected_keys:

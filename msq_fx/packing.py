@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["packed_size", "pack_codes", "unpack_codes"]
+__all__ = ["packed_size", "pack_codes", "unpack_codes", "codes_outside_width"]
 
 
 def packed_size(numel: int, bits: int) -> int:
@@ -60,8 +60,17 @@ def _check_range(codes: Tensor, bits: int) -> None:
         raise ValueError(f"bits must be in 1..8 for int8 codes, got {bits}")
     if codes.is_floating_point():
         raise TypeError(f"codes must be an integer tensor, got {codes.dtype}")
-    if codes.numel():
-        low, high = int(codes.min()), int(codes.max())
-        if low < -(2 ** (bits - 1)) or high >= 2 ** (bits - 1):
-            raise ValueError(f"codes in [{low}, {high}] do not fit {bits}-bit two's complement "
-                             f"[{-(2 ** (bits - 1))}, {2 ** (bits - 1) - 1}]")
+    problem = codes_outside_width(codes, bits)
+    if problem is not None:
+        raise ValueError(problem)
+
+
+def codes_outside_width(codes: Tensor, bits: int) -> str | None:
+    """Why integer ``codes`` do not fit ``bits``-bit two's complement, or None when they do."""
+    if not codes.numel():
+        return None
+    low, high = int(codes.min()), int(codes.max())
+    if low < -(2 ** (bits - 1)) or high >= 2 ** (bits - 1):
+        return (f"codes in [{low}, {high}] do not fit {bits}-bit two's complement "
+                f"[{-(2 ** (bits - 1))}, {2 ** (bits - 1) - 1}]")
+    return None

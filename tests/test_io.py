@@ -175,6 +175,43 @@ def test_a_model_of_another_architecture_is_refused_and_left_unchanged(tmp_path)
     assert all(torch.equal(other.state_dict()[key], value) for key, value in before.items())
 
 
+def _file_of_the_older_format(int_model, path, bits=None) -> None:
+    """``int_model`` saved as the older pickled format did (``bits``: widths to record in the
+    structure in place of the model's, by module name)."""
+    skeleton = msq_fx.utils.copy_module(int_model)
+    codes = {}
+    for name, module in skeleton.named_modules():
+        if isinstance(module, LoweredWeight):
+            codes[name] = {"shape": tuple(module.codes.shape), "bits": module.num_bits,
+                           "packed": pack_codes(module.codes, module.num_bits)}
+            module.codes = torch.empty(0, dtype=torch.int8)
+            if bits and name in bits:
+                module.bits.fill_(bits[name])
+    torch.save({"format": msq_fx.io.PICKLED_FORMAT, "model": skeleton, "codes": codes}, path)
+
+
+def test_a_file_whose_codes_do_not_fit_their_width_is_refused_and_the_model_kept(tmp_path):
+    int_model, inputs = _converted_cnn({0: 3})
+    _file_of_the_older_format(int_model, tmp_path / "old.msq",
+                              bits={"features.0.weight_quantizer": 2})  # its codes need 3
+    skeleton = _converted_cnn({0: 3})[0]
+    before = {key: value.clone() for key, value in skeleton.state_dict().items()}
+    with pytest.raises(ValueError, match=r"features\.0\.weight_quantizer\.codes: codes in "
+                                         r"\[-4, 3\] do not fit 2-bit"):
+        msq_fx.load(tmp_path / "old.msq", model=skeleton, trusted=True)
+    assert all(torch.equal(skeleton.state_dict()[key], value) for key, value in before.items())
+
+
+def test_saving_codes_that_no_longer_fit_their_width_names_the_layer_and_the_fix(tmp_path):
+    int_model, _ = _converted_cnn({})
+    int_model.features[0].weight_quantizer.bits.fill_(3)  # 8-bit codes, now said to be 3-bit
+    with pytest.raises(ValueError, match=r"msq_fx\.save: features\.0\.weight_quantizer: codes "
+                                         r"in .* do not fit 3-bit .*Convert again from the "
+                                         r"prepared model"):
+        msq_fx.save(int_model, tmp_path / "model.msq")
+    assert not (tmp_path / "model.msq").exists()
+
+
 class TiedLayers(torch.nn.Module):
     def __init__(self):
         super().__init__()
@@ -220,21 +257,18 @@ def test_the_saved_report_and_config_are_read_without_the_model(tmp_path):
 
 def test_a_file_of_the_older_pickled_format_loads_only_when_trusted(tmp_path):
     int_model, inputs = _converted_cnn({0: 3})
-    skeleton = msq_fx.utils.copy_module(int_model)
-    codes = {}
-    for name, module in skeleton.named_modules():
-        if isinstance(module, LoweredWeight):
-            codes[name] = {"shape": tuple(module.codes.shape), "bits": module.num_bits,
-                           "packed": pack_codes(module.codes, module.num_bits)}
-            module.codes = torch.empty(0, dtype=torch.int8)
-    torch.save({"format": msq_fx.io.PICKLED_FORMAT, "model": skeleton, "codes": codes},
-               tmp_path / "old.msq")
+    _file_of_the_older_format(int_model, tmp_path / "old.msq")
     with pytest.raises(ValueError, match="trusted=True"):
         msq_fx.load(tmp_path / "old.msq")
     with pytest.raises(ValueError, match="trusted=True"):
         msq_fx.saved_report(tmp_path / "old.msq")
     loaded = msq_fx.load(tmp_path / "old.msq", trusted=True)
     assert torch.equal(eval_output(loaded, inputs), eval_output(int_model, inputs))
+    torch.manual_seed(1)  # other weights than the saved ones
+    given = msq_fx.convert(msq_fx.prepare(msq_fx.SmallCNN(in_channels=1, width=16), inputs))
+    given.features[0].weight_quantizer.bits.fill_(3)
+    assert msq_fx.load(tmp_path / "old.msq", model=given, trusted=True) is given
+    assert torch.equal(eval_output(given, inputs), eval_output(int_model, inputs))
 
 
 def test_saving_does_not_change_the_model_in_memory(tmp_path):

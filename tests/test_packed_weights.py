@@ -148,6 +148,18 @@ def test_a_mismatched_state_is_refused_and_the_module_kept():
     assert torch.equal(module.codes, before)
 
 
+def test_a_state_whose_codes_do_not_fit_its_width_leaves_width_and_step_as_they_were():
+    module = packed_modules(msq_fx.convert(prepared_cnn(), kernels="packed"))[1]  # 3 bits
+    before = {key: value.clone() for key, value in module.state_dict().items()}
+    narrower = {**before, "bits": torch.tensor(2), "step": before["step"] * 2,
+                "codes": torch.full_like(before["codes"], 3)}
+    with pytest.raises(RuntimeError, match="do not fit 2-bit"):
+        module.load_state_dict(narrower)
+    after = module.state_dict()
+    assert all(torch.equal(after[key], value) for key, value in before.items())
+    assert module.num_bits == 3
+
+
 def test_torch_export_traces_the_unpacking_from_the_packed_codes():
     qmodel = prepared_cnn()
     packed = msq_fx.convert(qmodel, kernels="packed", keep_float=True).eval()
