@@ -133,6 +133,7 @@ def test_a_controller_state_without_last_step_still_loads():
     resumed.load_state_dict(state)
     assert (resumed.last_epoch, resumed.last_step) == (1, 0)
     resumed.step_end(1, batches(1), F.cross_entropy)  # counting starts afresh
+    assert resumed.last_step == 1
 
 
 # ---------------------------------------------------------------- BatchNorm recalibration

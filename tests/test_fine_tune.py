@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -236,17 +237,25 @@ def test_a_checkpoint_from_other_settings_is_refused_and_left_as_it_was(tmp_path
 
 
 def test_an_optimizer_of_the_users_trains_the_prepared_parameters_from_its_own_peak_rate():
-    made = []
+    made, rates = [], []
+
+    class RecordedAdamW(torch.optim.AdamW):
+        def step(self, closure=None):
+            rates.append(self.param_groups[0]["lr"])
+            return super().step(closure)
 
     def adamw(params):
         made.append(params)
-        return torch.optim.AdamW(params, lr=1e-3)
+        return RecordedAdamW(params, lr=1e-3)
 
     config = MSQConfig.fine_tuning(8.0, pruning=EVERY_LAYER)
     tuned = fine_tune(small_net(), batches()[0][0], batches(), config=config,
                       schedule=FineTuneConfig(epochs=1), make_optimizer=adamw)
     assert [id(param) for param in made[0]] == [id(param) for param in tuned.model.parameters()]
     assert tuned.controller.done
+    # Its own rate is the cosine's peak, annealed over the budget's 6 steps.
+    assert rates == pytest.approx([1e-3 * 0.5 * (1 + math.cos(math.pi * step / 6))
+                                   for step in range(6)])
 
 
 def test_a_make_optimizer_that_returns_no_optimizer_is_refused():
