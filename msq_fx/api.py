@@ -56,8 +56,9 @@ def prepare(model: nn.Module, example_inputs: Any = None, config: MSQConfig | No
         inplace: rewrite and return ``model`` itself instead of a copy.
 
     Returns:
-        The prepared model: the same module tree, forward and ``state_dict`` keys, with each
-        quantized weight read through a ``WeightFakeQuant`` (msq_fx.modules).
+        The prepared model: the same module tree and forward, and every ``state_dict`` key it
+        had (each quantizer adds its own: width, p, learned scale), with each quantized weight
+        read through a ``WeightFakeQuant`` (msq_fx.modules).
 
     Example:
         >>> import torch
@@ -109,7 +110,8 @@ def _prepare(qmodel: nn.Module, inputs: tuple | None, config: MSQConfig,
              capture: _Capture) -> nn.Module:
     """prepare's passes on ``qmodel`` itself (a copy of the user's model unless in place)."""
     from msq_fx.passes.discover import discover
-    from msq_fx.passes.group import assign_groups, build_sensitivity_graph
+    from msq_fx.passes.group import (assign_groups, build_sensitivity_graph,
+                                     groups_across_fixed_widths)
     from msq_fx.passes.rewrite import RewriteError, rewrite, unrewritable
     from msq_fx.passes.trace import trace
 
@@ -131,8 +133,14 @@ def _prepare(qmodel: nn.Module, inputs: tuple | None, config: MSQConfig,
     discovery = discovery.leave_in_float(refused)
     _refuse_non_finite(qmodel, discovery.targets)
     sensitivity_graph = build_sensitivity_graph(discovery.targets, captured.graph_module, config)
+    groups = assign_groups(sensitivity_graph)
+    mixed = groups_across_fixed_widths(groups, discovery.fixed_width)
+    if mixed:
+        raise MSQError("MSQConfig.quantization.groups: " + "; ".join(mixed) + ". A group shares "
+                       "one width, so the fixed layer would move or its partners never prune; "
+                       "leave the fixed layers out of the groups, or set first_last='quantize'.")
     try:
-        rewrite(qmodel, discovery, config, assign_groups(sensitivity_graph))
+        rewrite(qmodel, discovery, config, groups)
     except RewriteError as error:
         raise MSQError(str(error)) from error
     attach_state(qmodel, PreparedState(config=config.to_dict(),

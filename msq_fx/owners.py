@@ -54,7 +54,7 @@ def _forward_with_input_quantizer(self: nn.Module, *args, **kwargs):
         seen: dict[int, Tensor] = {}
         for name in inputs:
             value = bound.arguments[name]
-            if isinstance(value, Tensor):
+            if isinstance(value, Tensor) and value.is_floating_point():  # not ids or masks
                 bound.arguments[name] = seen.setdefault(id(value), input_quantizer(value))
         args, kwargs = bound.args[1:], bound.kwargs
     if recomputes_weights(self._modules[name + QUANTIZER_SUFFIX] for name in self._msq_names):

@@ -20,7 +20,7 @@ from msq_fx.config import MSQConfig
 
 from .discover import WeightTarget
 
-__all__ = ["build_sensitivity_graph", "assign_groups"]
+__all__ = ["build_sensitivity_graph", "assign_groups", "groups_across_fixed_widths"]
 
 DECLARED, DATAFLOW = "declared", "dataflow"
 
@@ -95,3 +95,21 @@ def _next_weight_nodes(start: fx.Node, weight_nodes: dict[fx.Node, str]) -> set[
         else:
             frontier.extend(node.users)
     return found
+
+
+def groups_across_fixed_widths(groups: dict[str, str], fixed_width: set[str]) -> list[str]:
+    """Each group that joins a weight whose width a policy fixes (``first_last="fixed"``) with
+    weights that prune, described. Reads ``assign_groups``' output and the discovery's
+    ``fixed_width``; changes nothing. A group shares one width and one decision, so such a
+    group would either move the fixed layer or stop its partners from pruning."""
+    members: dict[str, list[str]] = {}
+    for weight, group in groups.items():
+        members.setdefault(group, []).append(weight)
+    mixed = []
+    for group, names in members.items():
+        fixed = [name for name in names if name in fixed_width]
+        if fixed and len(fixed) < len(names):
+            others = [name for name in names if name not in fixed_width]
+            mixed.append(f"group {group!r} joins {', '.join(fixed)} (held by "
+                         f"first_last='fixed') with {', '.join(others)}")
+    return mixed

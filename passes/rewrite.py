@@ -89,7 +89,10 @@ def rewrite(model: nn.Module, discovery: Discovery, config: MSQConfig,
         owner.__class__ = quantized_class(type(owner), tuple(a for a, _ in attrs))
         for attr, target in attrs:
             owner.add_module(attr + QUANTIZER_SUFFIX, quantizers[target.name])
-        if config.quantization.act_bits is not None:
+        # An embedding's input is token ids, not an activation (it owns a weight tied to a
+        # head, whose own input quantizer covers the activation).
+        if config.quantization.act_bits is not None \
+                and not isinstance(owner, (nn.Embedding, nn.EmbeddingBag)):
             owner.add_module(INPUT_QUANTIZER, ActivationFakeQuant(config.quantization.act_bits))
     if config.quantization.recompute_quantized_weights and quantizers:
         install_model_recompute(model)

@@ -287,6 +287,14 @@ def test_sibling_layers_have_no_dataflow_edges():
     assert graph.number_of_edges() == 0
 
 
+def test_with_quantized_activations_an_embedding_tied_to_the_head_reads_its_token_ids():
+    qmodel = prepare(TiedEmbedding, inputs=TOKENS, quantization={"act_bits": 8})
+    assert not hasattr(qmodel.emb, "input_quantizer") and hasattr(qmodel.head, "input_quantizer")
+    qmodel.eval()
+    with torch.no_grad():
+        assert torch.equal(qmodel(TOKENS), msq_fx.convert(qmodel)(TOKENS))
+
+
 def test_a_shared_parameter_is_one_tied_node_without_a_self_loop():
     graph = prepared_state(prepare(SharedParameter)).sensitivity_graph
     assert list(graph.nodes) == ["a.weight", "head.weight"]
@@ -308,3 +316,15 @@ def test_excluded_weights_are_not_nodes_of_the_sensitivity_graph():
     assert list(graph.nodes) == ["l0.weight", "l2.weight"]
     # data flow is traced through the float layer to the next quantized one
     assert edges(graph) == {frozenset(("l0.weight", "l2.weight")): "dataflow"}
+
+
+def test_a_declared_group_joining_a_fixed_first_layer_with_a_pruned_one_is_refused():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    config = msq_fx.MSQConfig(quantization={"init_bits": 6, "first_last": "fixed",
+                                            "first_last_bits": 8,
+                                            "groups": ((r"^0\.", r"^2\."),)})
+    with pytest.raises(msq_fx.MSQError, match=r"group '0\.weight' joins 0\.weight \(held by "
+                                              r"first_last='fixed'\) with 2\.weight.*leave the "
+                                              r"fixed layers out of the groups"):
+        msq_fx.prepare(model, torch.randn(3, 4), config)
