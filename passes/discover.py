@@ -38,6 +38,7 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Mapping, Sequence
 
+import torch
 from torch import fx, nn
 
 from msq_fx.config import MSQConfig
@@ -137,6 +138,7 @@ def discover(model: nn.Module, graph_module: fx.GraphModule | None, config: MSQC
     order = _execution_order(model, graph_module, names_of, probed or {})
     found = _merge_tied(model, kinds, names_of, order)
     discovery = _apply_policies(model, found, config, filter_fn)
+    discovery.float_weights.extend(_computed_weights(model))
     if probed is None:
         discovery.notes.extend(_unseen_uses_note(model, graph_module, leaves, found, names_of))
     if transformed is None and graph_module is not None:
@@ -147,7 +149,9 @@ def discover(model: nn.Module, graph_module: fx.GraphModule | None, config: MSQC
 
 # --------------------------------------------------------------------------- module walk
 
-def _kinds_from_modules(model: nn.Module) -> dict[str, str]:
+def _kinds_from_modules(model: nn.Module, *, parameters_only: bool = True) -> dict[str, str]:
+    """FQN -> kind of each conv / linear / attention module's weight; with
+    ``parameters_only=False`` also the weights that are not Parameters (computed)."""
     kinds: dict[str, str] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         prefix = f"{name}." if name else ""
@@ -161,7 +165,33 @@ def _kinds_from_modules(model: nn.Module) -> dict[str, str]:
             kinds[prefix + "out_proj.weight"] = "attention"
         elif isinstance(module, nn.Linear):
             kinds.setdefault(prefix + "weight", "linear")
+    if not parameters_only:
+        return kinds
     return {k: v for k, v in kinds.items() if _resolve_parameter(model, k) is not None}
+
+
+def _computed_weights(model: nn.Module) -> list[FloatWeight]:
+    """The conv / linear / attention weights that are computed, not Parameters (a
+    parametrization such as weight_norm or spectral_norm, a hook that sets them): there is no
+    tensor to quantize in place, so they stay float, said so rather than skipped silently."""
+    reason = ("computed from other Parameters (a parametrization such as weight_norm or "
+              "spectral_norm, or a hook), not a Parameter of its own, so it cannot be quantized "
+              "in place; to quantize it, fold it into a plain weight first "
+              "(torch.nn.utils.parametrize.remove_parametrizations, or "
+              "torch.nn.utils.remove_weight_norm) and prepare that model")
+    return [FloatWeight(name, kind, reason)
+            for name, kind in _kinds_from_modules(model, parameters_only=False).items()
+            if _resolve_parameter(model, name) is None
+            and isinstance(_attribute(model, name), torch.Tensor)]
+
+
+def _attribute(model: nn.Module, qualname: str):
+    """What ``model.<qualname>`` reads (None where it does not exist)."""
+    owner_name, _, attr = qualname.rpartition(".")
+    try:
+        return getattr(model.get_submodule(owner_name), attr, None)
+    except (AttributeError, RuntimeError):
+        return None
 
 
 # --------------------------------------------------------------------------- graph

@@ -423,3 +423,21 @@ def test_prepare_does_not_modify_a_model_with_functional_and_unrewritable_weight
     msq_fx.prepare(model, X)
     assert [type(m) for m in model.modules()] == [type(m) for m in ContainerOwned().modules()]
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("wrap", [
+    torch.nn.utils.parametrizations.weight_norm,
+    torch.nn.utils.parametrizations.spectral_norm,
+    pytest.param(torch.nn.utils.weight_norm, marks=pytest.mark.filterwarnings(
+        "ignore:.*weight_norm.* is deprecated:FutureWarning")),
+], ids=["weight_norm", "spectral_norm", "old_weight_norm"])
+def test_a_computed_weight_is_reported_in_float_with_how_to_quantize_it(wrap):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), wrap(nn.Linear(8, 8)), nn.ReLU(),
+                          nn.Linear(8, 2))
+    qmodel = msq_fx.prepare(model, torch.randn(3, 8))
+    report = msq_fx.report(qmodel)
+    assert sorted(layers(qmodel)) == ["0.weight", "4.weight"]
+    assert [(f.name, f.kind) for f in report.float_weights] == [("2.weight", "linear")]
+    assert "not a Parameter of its own" in report.float_weights[0].reason
+    assert "remove_parametrizations" in report.float_weights[0].reason
