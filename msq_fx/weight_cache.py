@@ -55,8 +55,10 @@ def from_cache(module: nn.Module, sources: tuple[Tensor, ...], settings: tuple,
     """``module.cache``'s value if it was computed from ``sources`` as they are now and from
     ``settings``, else ``compute()``, stored as the new cache."""
     # The version counter moves with every in-place update (optimizer steps, load_state_dict),
-    # and the address with a rebinding (``.data = ...``, ``.to()``), so a stale value is never
-    # returned. A tensor made under inference mode cannot enter autograd outside it.
+    # and the address with a rebinding (``.data = ...``, ``.to()``). An in-place change through
+    # ``.data`` (``w.data.add_(...)``) moves neither: ``.data`` has a counter of its own, so
+    # such a change inside a block is not seen (the docstring says so). A tensor made under
+    # inference mode cannot enter autograd outside it.
     key = tuple((s.data_ptr(), _version(s), tuple(s.shape), s.stride(), s.dtype, s.device)
                 for s in sources) + settings + (torch.is_inference_mode_enabled(),)
     cache = module.cache
@@ -84,8 +86,11 @@ def cached_quantized_weights(model: nn.Module) -> Iterator[nn.Module]:
     the block ends, and is used only where no gradient is needed (``torch.no_grad()``,
     ``torch.inference_mode()``, frozen latents): a training step inside the block quantizes
     afresh and trains as usual. A value is recomputed when what it came from changes (an
-    in-place update of the latent or the codes, a new tensor, a prune of the width), so it is
-    never stale. Nested blocks share the outer block's cache. Yields ``model``.
+    in-place update of the latent, its scale or the codes, a new tensor, a prune of the width);
+    the one change it cannot see is one made through ``.data`` (``w.data.add_(...)``, which
+    torch does not count as a change of ``w``): change weights that way outside the block, or
+    with ``torch.no_grad(): w.add_(...)``. Nested blocks share the outer block's cache. Yields
+    ``model``.
     """
     started = []
     try:
