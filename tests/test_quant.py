@@ -315,10 +315,11 @@ def test_lsb_value_gradient_is_zero_for_the_largest_positive_weight(n, k):
 
 
 @PROPERTY
-@given(weight_cases())
-def test_lsb_nonzero_rate_is_a_fraction(case):
-    n, k, w = case
-    assert 0.0 <= quant.lsb_nonzero_rate(w, n, k) <= 1.0
+@given(grid_cases())
+def test_lsb_nonzero_rate_is_the_fraction_of_codes_with_a_nonzero_low_bit(case):
+    n, k, codes, w = case
+    with_low_bits = sum(int(code) % 2**k != 0 for code in codes.tolist())
+    assert quant.lsb_nonzero_rate(w, n, k) == pytest.approx(with_low_bits / len(codes))
 
 
 @PROPERTY
