@@ -226,15 +226,16 @@ def test_container_owning_a_used_weight_leaves_it_in_float_with_the_reason():
     assert [(f.name, f.kind) for f in report.float_weights] == [("seq.proj", "linear")]
     assert "'seq' (Sequential) is a container" in report.float_weights[0].reason
     assert set(layers(qmodel)) == {"fc.weight"}
-    assert type(model.fc) is nn.Linear and type(qmodel.seq) is nn.Sequential
+    assert type(qmodel.seq) is nn.Sequential
     assert torch.equal(qmodel.seq.proj, model.seq.proj)
 
 
 def test_on_unquantizable_error_raises_naming_the_weight_and_the_reason():
     model = ContainerOwned()
     with pytest.raises(msq_fx.MSQError, match=r"seq\.proj: .*container"):
-        msq_fx.prepare(model, X, msq_fx.MSQConfig(quantization=dict(on_unquantizable="error")))
-    assert type(model.fc) is nn.Linear
+        msq_fx.prepare(model, X, msq_fx.MSQConfig(quantization=dict(on_unquantizable="error")),
+                       inplace=True)
+    assert type(model.fc) is nn.Linear and not hasattr(model.fc, "weight_quantizer")
 
 
 class PropertyOwned(nn.Module):
