@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 __all__ = ["prepare", "convert"]
 
 logger = logging.getLogger("msq_fx")
+PREPARED = "the MSQ-prepared model"  # what _run_or_explain names after the rewrite
 
 
 def prepare(model: nn.Module, example_inputs: Any = None, config: MSQConfig | None = None, *,
@@ -156,7 +157,7 @@ def _prepare(qmodel: nn.Module, inputs: tuple | None, config: MSQConfig,
                 name, len(discovery.targets), len(discovery.float_weights),
                 captured.num_nodes, len(captured.leaves))
     if inputs is not None:
-        _run_or_explain(qmodel, inputs, "the MSQ-prepared model")
+        _run_or_explain(qmodel, inputs, PREPARED)
     return qmodel
 
 
@@ -279,14 +280,47 @@ def _probe_or_explain(model: nn.Module, inputs: tuple) -> ProbeResult | None:
         return None
 
 
+def _module_stack_hooks(model: nn.Module, entered: list[str]) -> list:
+    """Hooks that keep ``entered`` as the names of the modules a forward is inside (a module
+    that takes no hooks, as a scripted one, is left out)."""
+    def leave(*_) -> None:  # a forward hook returning a value would replace the output
+        entered.pop()
+
+    hooks = []
+    for name, module in model.named_modules():
+        try:
+            hooks.append(module.register_forward_pre_hook(
+                lambda *_, name=name: entered.append(name)))
+            hooks.append(module.register_forward_hook(leave))
+        except RuntimeError:
+            while len(hooks) % 2:  # not half of a pair: the pop would have no push
+                hooks.pop().remove()
+    return hooks
+
+
 def _run_or_explain(model: nn.Module, inputs: tuple, what: str) -> None:
     """Run ``model(*inputs)`` without changing it (eval mode, no grad), or raise a clear error."""
+    entered: list[str] = []  # the modules the forward is inside, outermost first
+    hooks = _module_stack_hooks(model, entered)
     try:
         with torch.no_grad(), eval_mode(model):
             model(*inputs)
     except Exception as error:  # any failure of user code is reported, then re-raised as MSQError
         shapes = ", ".join(str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
                            for x in inputs)
-        raise MSQError(f"example_inputs do not run {what} ({type(model).__name__}): "
+        inside = next((name for name in reversed(entered) if name), None)
+        where = f" in module '{inside}'" if inside else ""
+        if what == PREPARED:
+            # The float model ran these inputs a moment before (the probe), so the rewrite
+            # is what fails, not the inputs.
+            raise MSQError(f"the float model runs example_inputs, but {what} "
+                           f"({type(model).__name__}) fails on them{where}: "
+                           f"{type(error).__name__}: {error}. Keep that module's weights in "
+                           f"float (prepare's filter_fn, or MSQConfig.quantization.exclude) and "
+                           f"prepare again.") from error
+        raise MSQError(f"example_inputs do not run {what} ({type(model).__name__}){where}: "
                        f"{type(error).__name__}: {error}. Inputs were ({shapes}); pass a tuple of "
                        f"the positional inputs model(*example_inputs) accepts.") from error
+    finally:
+        for handle in hooks:
+            handle.remove()

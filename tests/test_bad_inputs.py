@@ -86,6 +86,50 @@ def test_example_inputs_of_the_wrong_type_name_the_type_and_the_fix(inputs):
         msq_fx.prepare(mlp(), inputs)
 
 
+class ChecksItsLayerType(nn.Module):
+    """Runs in float; quantizing ``inner.0`` swaps its class, which its forward refuses."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.inner = nn.Sequential(nn.Linear(4, 4))
+
+    def forward(self, x):
+        if type(self.inner[0]) is not nn.Linear:
+            raise TypeError("inner.0 must be an nn.Linear")
+        return self.inner(self.fc(x))
+
+
+def test_inputs_that_run_the_float_model_but_not_the_prepared_one_blame_the_rewrite():
+    with pytest.raises(msq_fx.MSQError) as info:
+        msq_fx.prepare(ChecksItsLayerType(), X)
+    message = str(info.value)
+    assert message.startswith("the float model runs example_inputs, but the MSQ-prepared model "
+                              "(ChecksItsLayerType) fails on them: TypeError: inner.0 must be")
+    assert "Keep that module's weights in float" in message
+    assert "pass a tuple of the positional inputs" not in message
+
+
+def test_the_module_an_example_input_fails_in_is_named():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(4, 2))  # 8 features into 4
+    with pytest.raises(msq_fx.MSQError, match=r"example_inputs do not run the model given to "
+                                              r"prepare\(\) \(Sequential\) in module '2'"):
+        msq_fx.prepare(model, X)
+
+
+def test_a_prepared_model_runs_unchanged_after_the_checks_that_watch_its_modules():
+    config = msq_fx.MSQConfig(quantization={"exclude": (r"^inner",)})
+    qmodel = msq_fx.prepare(ChecksItsLayerType(), X, config)
+    unchecked = msq_fx.prepare(ChecksItsLayerType(), None, config)  # no inputs: no run
+
+    def hooks(model):
+        return [(name, len(m._forward_pre_hooks), len(m._forward_hooks))
+                for name, m in model.named_modules()]
+    assert hooks(qmodel) == hooks(unchecked)
+    with torch.no_grad():
+        assert qmodel(X).shape == (3, 4)
+
+
 def test_prepared_model_to_prepare_says_pass_the_float_model(prepared):
     with pytest.raises(msq_fx.MSQError, match=r"already MSQ-prepared or converted \(Sequential "
                                               r"holds MSQ quantizers\)\. Pass the original float "
