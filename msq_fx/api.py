@@ -89,6 +89,15 @@ def prepare(model: nn.Module, example_inputs: Any = None, config: MSQConfig | No
                        f"({type(model).__name__} holds MSQ quantizers). Pass the original float "
                        f"model, or keep training the prepared one.")
     inputs = _as_tuple(example_inputs)
+    if inputs is None and config.quantization.act_bits is not None \
+            and torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Each input quantizer takes its clip from the first tensor it sees; without example
+        # inputs that is each rank's own first batch, after DistributedDataParallel has copied
+        # rank 0's parameters, so the ranks would train with different clips for good.
+        raise MSQError("prepare: under torch.distributed, quantized activations (act_bits="
+                       f"{config.quantization.act_bits}) need example_inputs, so the clips are "
+                       "set before DistributedDataParallel copies rank 0's to every rank; pass "
+                       "example_inputs (a batch of rank 0's data, or any batch of the same kind)")
     if not inplace:
         return _prepare(copy_module(model), inputs, config, capture)
     try:

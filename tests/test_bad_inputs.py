@@ -571,6 +571,15 @@ def single_process_group():
     dist.destroy_process_group()
 
 
+def test_quantized_activations_without_example_inputs_under_distributed_ask_for_them(
+        single_process_group):
+    config = msq_fx.MSQConfig(quantization={"act_bits": 8})
+    with pytest.raises(msq_fx.MSQError, match=r"under torch\.distributed, quantized activations "
+                                              r"\(act_bits=8\) need example_inputs"):
+        msq_fx.prepare(mlp(), None, config)
+    assert msq_fx.prepare(mlp(), X, config)[0].input_quantizer.initialized
+
+
 def test_ddp_wrapped_model_is_prepared_trained_and_converted(single_process_group):
     qmodel = msq_fx.prepare(nn.parallel.DistributedDataParallel(mlp()), X)
     assert isinstance(qmodel, nn.parallel.DistributedDataParallel)
