@@ -12,7 +12,7 @@ from .errors import MSQError
 from .modules import LoweredWeight, WeightFakeQuant
 from .packed_weights import check_kernels
 from .state import PreparedState, attach_state, detach_state
-from .utils import copy_module, eval_mode
+from .utils import copy_module, eval_mode, is_distributed
 
 if TYPE_CHECKING:
     from msq_fx.passes.discover import WeightTarget
@@ -89,8 +89,7 @@ def prepare(model: nn.Module, example_inputs: Any = None, config: MSQConfig | No
                        f"({type(model).__name__} holds MSQ quantizers). Pass the original float "
                        f"model, or keep training the prepared one.")
     inputs = _as_tuple(example_inputs)
-    if inputs is None and config.quantization.act_bits is not None \
-            and torch.distributed.is_available() and torch.distributed.is_initialized():
+    if inputs is None and config.quantization.act_bits is not None and is_distributed():
         # Each input quantizer takes its clip from the first tensor it sees; without example
         # inputs that is each rank's own first batch, after DistributedDataParallel has copied
         # rank 0's parameters, so the ranks would train with different clips for good.

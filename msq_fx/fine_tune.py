@@ -26,6 +26,7 @@ from .config import MSQConfig, _is_int, _is_number
 from .controller import MSQController
 from .io import atomic_write
 from .training import cosine_schedule, train_epoch
+from .utils import is_distributed
 
 __all__ = ["FineTuneConfig", "FineTuned", "fine_tune"]
 
@@ -161,7 +162,7 @@ def fine_tune(model: nn.Module, example_inputs: Any, train_batches: Iterable,
     """
     config = _config_for(target, config)
     steps_per_epoch = _batches_per_epoch(train_batches)
-    if wrap_model is None and _distributed():
+    if wrap_model is None and is_distributed():
         raise ValueError("fine_tune: torch.distributed is initialized but wrap_model is not "
                          "given, so each rank would train its own copy; pass wrap_model="
                          "lambda m: torch.nn.parallel.DistributedDataParallel(m)")
@@ -227,17 +228,13 @@ def _target_step(controller: MSQController, epoch_end_step: int) -> int:
     return last.step or epoch_end_step
 
 
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
 def _rank() -> int:
-    return torch.distributed.get_rank() if _distributed() else 0
+    return torch.distributed.get_rank() if is_distributed() else 0
 
 
 def _gathered(value: Any) -> list:
     """``value`` of every rank, in rank order (``[value]`` outside torch.distributed)."""
-    if not _distributed():
+    if not is_distributed():
         return [value]
     values: list = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(values, value)

@@ -27,7 +27,7 @@ from .hessian import (HessianTraces, NoSecondDerivative, finite_difference_trace
                       hutchinson_traces)
 from .recompute import displaced
 from .second_order import twice_differentiable
-from .utils import call_model, is_out_of_memory, model_mode, take
+from .utils import call_model, is_distributed, is_out_of_memory, model_mode, take
 
 __all__ = ["group_traces", "displaced_quantized_weights", "warn_of_negative_traces",
            "distributed_mean", "NO_SECOND_DERIVATIVE"]
@@ -265,7 +265,7 @@ def _rows(value: Any, start: int, stop: int, size: int) -> Any:
 
 def distributed_mean() -> Callable[[Tensor], Tensor] | None:
     """Average across ranks under torch.distributed, so every rank makes the same decisions."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if not is_distributed():
         return None
     world = torch.distributed.get_world_size()
 

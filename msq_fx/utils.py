@@ -8,13 +8,18 @@ from typing import Any, ContextManager, Iterable, Iterator
 import torch
 from torch import Tensor, nn
 
-__all__ = ["is_out_of_memory", "take", "call_model", "eval_mode", "model_mode", "copy_module",
-           "replace_marked_block", "OUT_OF_MEMORY_MESSAGES"]
+__all__ = ["is_distributed", "is_out_of_memory", "take", "call_model", "eval_mode", "model_mode",
+           "copy_module", "replace_marked_block", "OUT_OF_MEMORY_MESSAGES"]
 
 #: Substrings of the errors an allocation failure raises on the CPU: torch's allocator, the C++
 #: runtime, Python, and the OS refusing an address-space request.
 OUT_OF_MEMORY_MESSAGES = ("can't allocate memory", "not enough memory", "Cannot allocate memory",
                           "std::bad_alloc", "MemoryError")
+
+
+def is_distributed() -> bool:
+    """Whether a torch.distributed process group is running (ranks must then agree)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def is_out_of_memory(error: BaseException) -> bool:
