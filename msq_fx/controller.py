@@ -282,7 +282,8 @@ class MSQController:
         before = {g.name: g.bits for g in groups}
         restore = self._restore_point(groups)
         try:
-            measured = self._change_widths(where, groups, chosen, loss_fn, betas, traces, omegas)
+            measured = self._change_widths(where, groups, chosen, loss_fn, betas, traces, omegas,
+                                           before)
         except BaseException:
             # A prune that fails part-way (a batch that only the BatchNorm re-estimate reads, an
             # interrupt) leaves widths, p, scales and the plan as they were, so the call can be
@@ -307,11 +308,11 @@ class MSQController:
 
     def _change_widths(self, where: str, groups: list[PrecisionGroup], chosen: list, loss_fn,
                        betas: dict[str, float], traces: dict[int, float],
-                       omegas: dict[str, float]) -> dict[str, list[float]]:
+                       omegas: dict[str, float], before: dict[str, int]) -> dict[str, list[float]]:
         """The part of a prune that changes the model: the new widths and p, the plan, the
-        re-fitted scales and the re-estimated BatchNorm statistics. Returns the measured
-        finish's loss increases (empty unless it ran)."""
-        before = {g.name: g.bits for g in groups}
+        re-fitted scales and the re-estimated BatchNorm statistics (``before``: each group's
+        width as the prune began). Returns the measured finish's loss increases (empty unless
+        it ran)."""
         measured: dict[str, list[float]] = {}
         if self.config.pruning.schedule == "one_shot":
             lower_widths_by_omega(groups, traces, self.config, self.compression)
